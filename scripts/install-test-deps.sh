@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what vmlock's tests need on Debian 12 (bookworm): QEMU from bookworm-backports (to match
+# the preinstalled qemu-utils 10.x), virtlockd for the side-by-side benchmark, sanlock, etcd and
+# protoc. Idempotent; needs root. Skips the install when everything is already there.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu)
+command -v virtlockd >/dev/null || need+=(qemu)
+command -v sanlock >/dev/null || need+=(other)
+command -v etcd >/dev/null || need+=(other)
+command -v protoc >/dev/null || need+=(other)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+sources=/etc/apt/sources.list.d/debian.sources
+backports=/etc/apt/sources.list.d/bookworm-backports.sources
+if [ ! -f "$backports" ]; then
+  uri=$(awk '/^URIs:/{print $2; exit}' "$sources" 2>/dev/null || true)
+  uri=${uri:-http://deb.debian.org/debian}
+  $SUDO tee "$backports" >/dev/null <<EOT
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOT
+fi
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends -t bookworm-backports \
+  qemu-system-x86 libvirt-daemon-lock
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+  sanlock etcd-server etcd-client protobuf-compiler
