@@ -1,1 +1,67 @@
+//! vmlockd, the local lock daemon, and the `lockd` driver that talks to it.
+//!
+//! - [`server`]: the daemon process (socket, connections, owner watcher, state file);
+//! - [`table`]: the lock table and its rules, on top of OFD locks;
+//! - [`proto`]: the wire protocol;
+//! - [`client`]: request connections and the holder that keeps a VM's lock descriptions;
+//! - [`driver`]: the `lockd` driver of the lock manager API;
+//! - [`runtime`]: the runtime directory and starting the embedded daemon;
+//! - [`sys`]: every Linux call (OFD locks, pidfds, fd passing, `/proc`).
 
+pub mod client;
+pub mod config;
+pub mod driver;
+pub mod holder;
+pub mod proto;
+pub mod runtime;
+pub mod server;
+pub mod sys;
+pub mod table;
+
+/// Runs the daemon with command-line `args` (shared by `vmlockd` and `vmlock daemon`).
+pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMLOCK_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match &args.config {
+        Some(path) => config::Config::load(path)?,
+        None => config::Config::default(),
+    };
+    let runtime = runtime::RuntimeDir::resolve(args.runtime_dir.as_deref())?;
+    let activated = server::activated_listener()?;
+    let (daemon, listener, wake) = server::Daemon::start(runtime.clone(), config, activated)?;
+    tracing::info!(dir = %runtime.path().display(), pid = std::process::id(), "vmlockd serving");
+    if args.notify_stdout {
+        let mut out = std::io::stdout();
+        writeln!(out, "READY")?;
+        out.flush()?;
+        // Detach stdout from whoever waited for READY.
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1)?;
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    daemon.serve(listener, wake)
+}
+
+/// The daemon's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// Runtime directory (socket, pid file, state). Default: /run/vmlock for root,
+    /// $XDG_RUNTIME_DIR/vmlock otherwise.
+    #[arg(long, env = runtime::RUNTIME_DIR_ENV)]
+    pub runtime_dir: Option<std::path::PathBuf>,
+    /// Configuration file (TOML).
+    #[arg(long, short = 'f')]
+    pub config: Option<std::path::PathBuf>,
+    /// Run in the foreground (the default; accepted for familiarity with virtlockd).
+    #[arg(long)]
+    pub foreground: bool,
+    /// Print READY on standard output once serving (used by clients that start the daemon).
+    #[arg(long)]
+    pub notify_stdout: bool,
+}

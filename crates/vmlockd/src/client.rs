@@ -1,0 +1,275 @@
+//! The client side: request connections, and the holder that keeps a VM's lock descriptions and
+//! hands them back to a restarted daemon.
+
+use crate::proto::{
+    read_frame, write_frame, HeldLock, LockKey, Push, ReadError, Reply, Request, VmIdentity,
+    PROTOCOL_VERSION,
+};
+use crate::runtime::{self, RuntimeDir};
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vmlock::Error;
+
+/// How long a client waits for any reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where to find (and how to start) the daemon.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Its runtime directory.
+    pub runtime: RuntimeDir,
+    /// Start a daemon when none answers (the embedded default).
+    pub auto_start: bool,
+    /// Program started then.
+    pub daemon_program: PathBuf,
+    /// Configuration file passed to a started daemon.
+    pub daemon_config: Option<PathBuf>,
+}
+
+impl Endpoint {
+    /// The endpoint for `runtime`, starting `vmlockd` when needed.
+    pub fn new(runtime: RuntimeDir) -> Self {
+        Endpoint {
+            runtime,
+            auto_start: true,
+            daemon_program: runtime::daemon_program(),
+            daemon_config: None,
+        }
+    }
+
+    fn connect_once(&self) -> std::io::Result<UnixStream> {
+        UnixStream::connect(self.runtime.socket())
+    }
+
+    /// A connection that has said hello, starting the daemon first if allowed and needed.
+    pub fn connect(&self) -> Result<Connection, Error> {
+        let stream = match self.connect_once() {
+            Ok(s) => s,
+            Err(e)
+                if self.auto_start
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                runtime::spawn_daemon(
+                    &self.runtime,
+                    &self.daemon_program,
+                    self.daemon_config.as_deref(),
+                )?;
+                self.connect_once()
+                    .map_err(|e| unreachable(&self.runtime, &e))?
+            }
+            Err(e) => return Err(unreachable(&self.runtime, &e)),
+        };
+        Connection::hello(stream)
+    }
+}
+
+fn unreachable(runtime: &RuntimeDir, e: &std::io::Error) -> Error {
+    Error::ServiceUnavailable {
+        reason: format!(
+            "cannot reach vmlockd at {}: {e}",
+            runtime.socket().display()
+        ),
+    }
+}
+
+/// A request connection.
+#[derive(Debug)]
+pub struct Connection {
+    stream: UnixStream,
+    /// The daemon's pid.
+    pub daemon_pid: u32,
+    /// The daemon's host name.
+    pub host: String,
+}
+
+impl Connection {
+    fn hello(stream: UnixStream) -> Result<Self, Error> {
+        let mut conn = Connection {
+            stream,
+            daemon_pid: 0,
+            host: String::new(),
+        };
+        match conn.call(
+            &Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            &[],
+        )? {
+            Reply::Hello { pid, host, .. } => {
+                conn.daemon_pid = pid;
+                conn.host = host;
+                Ok(conn)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends `request` with `fds` and reads its reply; an error reply becomes `Err`.
+    pub fn call(&mut self, request: &Request, fds: &[&OwnedFd]) -> Result<Reply, Error> {
+        write_frame(&self.stream, request, fds)?;
+        self.stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(|e| Error::io("socket", &e))?;
+        match read_frame::<Reply>(&self.stream) {
+            Ok((Reply::Error(e), _)) => Err(e),
+            Ok((reply, _)) => Ok(reply),
+            Err(ReadError::Closed) => Err(Error::ServiceUnavailable {
+                reason: "vmlockd closed the connection".into(),
+            }),
+            Err(ReadError::Failed(e)) => Err(e),
+        }
+    }
+
+    /// The raw socket (tests send malformed frames through it).
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+}
+
+/// A reply that does not fit the request.
+pub fn unexpected(reply: &Reply) -> Error {
+    Error::Protocol {
+        reason: format!("unexpected reply {reply:?}"),
+    }
+}
+
+/// Keeps one VM's lock descriptions for as long as the VM holds them, on a thread of its own.
+///
+/// When the daemon goes away the descriptions stay open here, so the kernel keeps every lock;
+/// the holder reconnects (starting nothing itself) and hands them back to the next daemon.
+#[derive(Debug)]
+pub struct Holder {
+    thread: Option<JoinHandle<()>>,
+    kept: Arc<Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>>,
+}
+
+impl Holder {
+    /// Connects, registers as `vm`'s holder, and starts keeping.
+    pub fn start(endpoint: &Endpoint, vm: VmIdentity) -> Result<Self, Error> {
+        let kept = Arc::new(Mutex::new(BTreeMap::new()));
+        let conn = register(endpoint, &vm, &kept)?;
+        let thread_kept = Arc::clone(&kept);
+        let endpoint = endpoint.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vmlock-holder-{}", vm.name))
+            .spawn(move || hold_loop(conn, endpoint, vm, thread_kept))
+            .map_err(|e| Error::io("starting the lock holder thread", &e))?;
+        Ok(Holder {
+            thread: Some(thread),
+            kept,
+        })
+    }
+
+    /// How many locks it keeps now.
+    pub fn kept(&self) -> usize {
+        self.kept.lock().map(|k| k.len()).unwrap_or(0)
+    }
+
+    /// Whether the VM still holds anything through this holder.
+    pub fn is_active(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Waits until the daemon says the VM holds nothing any more.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn register(
+    endpoint: &Endpoint,
+    vm: &VmIdentity,
+    kept: &Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>,
+) -> Result<UnixStream, Error> {
+    let mut conn = endpoint.connect()?;
+    let kept = kept.lock().map_err(|_| Error::ServiceUnavailable {
+        reason: "holder state poisoned".into(),
+    })?;
+    let adopt: Vec<HeldLock> = kept.values().map(|(l, _)| l.clone()).collect();
+    let fds: Vec<&OwnedFd> = kept.values().map(|(_, fd)| fd).collect();
+    match conn.call(
+        &Request::Hold {
+            vm: vm.clone(),
+            adopt,
+        },
+        &fds,
+    ) {
+        Ok(Reply::Ok) | Err(Error::PartialRelease { .. }) => {}
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(e),
+    }
+    conn.stream
+        .set_read_timeout(None)
+        .map_err(|e| Error::io("socket", &e))?;
+    Ok(conn.stream)
+}
+
+fn hold_loop(
+    mut stream: UnixStream,
+    endpoint: Endpoint,
+    vm: VmIdentity,
+    kept: Arc<Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>>,
+) {
+    let reconnect = Endpoint {
+        auto_start: false,
+        ..endpoint
+    };
+    loop {
+        match read_frame::<Push>(&stream) {
+            Ok((Push::Keep { seq, locks }, fds)) => {
+                if let Ok(mut k) = kept.lock() {
+                    for (lock, fd) in locks.into_iter().zip(fds) {
+                        k.insert(lock.key, (lock, fd));
+                    }
+                }
+                let _ = write_frame(&stream, &Request::Ack { seq }, &[]);
+            }
+            Ok((Push::Close { seq, keys }, _)) => {
+                if let Ok(mut k) = kept.lock() {
+                    for key in keys {
+                        k.remove(&key);
+                    }
+                }
+                let _ = write_frame(&stream, &Request::Ack { seq }, &[]);
+            }
+            Ok((Push::Finished, _)) => {
+                if let Ok(mut k) = kept.lock() {
+                    k.clear();
+                }
+                return;
+            }
+            Err(_) => {
+                // The daemon died or restarts. Keep every description (the kernel keeps the locks)
+                // and wait for the next daemon. Nothing held means nothing to protect.
+                if kept.lock().map(|k| k.is_empty()).unwrap_or(true)
+                    && !crate::client::guest_alive(&vm)
+                {
+                    return;
+                }
+                stream = loop {
+                    if !guest_alive(&vm) {
+                        return; // the guest is gone: its locks may go with us
+                    }
+                    match register(&reconnect, &vm, &kept) {
+                        Ok(s) => break s,
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                };
+            }
+        }
+    }
+}
+
+fn guest_alive(vm: &VmIdentity) -> bool {
+    vmlock::process::is_running(vm.pid)
+}

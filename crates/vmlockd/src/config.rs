@@ -1,0 +1,129 @@
+//! vmlockd's configuration file (TOML), with the options virtlockd and `qemu-lockd.conf` users know.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use vmlock::Error;
+
+/// Daemon configuration. Every key is optional; unknown keys are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Lock every writable disk automatically (`qemu-lockd.conf` `auto_disk_leases`). When false,
+    /// only explicit leases are locked. Default true.
+    pub auto_disk_leases: bool,
+    /// Refuse an acquire with writable exclusive disks but no explicit lease. Default: the
+    /// opposite of `auto_disk_leases`, as in libvirt.
+    pub require_lease_for_disks: Option<bool>,
+    /// Indirect mode: lock a file in this directory named by the SHA-256 of the disk's canonical
+    /// path instead of byte 0 of the disk itself. Needed when the daemon may not open images for
+    /// writing or for block devices shared by several hosts through a common directory.
+    pub file_lockspace_dir: Option<PathBuf>,
+    /// libvirt's LVM lockspace (by LV UUID). Not supported yet: setting it is an error, so
+    /// nobody believes LVM volumes are keyed by UUID when they are not.
+    pub lvm_lockspace_dir: Option<PathBuf>,
+    /// libvirt's SCSI lockspace (by SCSI id). Not supported yet, as `lvm_lockspace_dir`.
+    pub scsi_lockspace_dir: Option<PathBuf>,
+    /// Most simultaneous client connections (each running VM's holder keeps one). Default 4096.
+    pub max_clients: usize,
+    /// Host name reported in holder names. Default: the kernel's host name.
+    pub host_name: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            auto_disk_leases: true,
+            require_lease_for_disks: None,
+            file_lockspace_dir: None,
+            lvm_lockspace_dir: None,
+            scsi_lockspace_dir: None,
+            max_clients: 4096,
+            host_name: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading configuration {}", path.display()), &e))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks TOML text.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config {
+            source_name: source_name.to_owned(),
+            reason: e.message().to_owned(),
+        })?;
+        config.check(source_name)?;
+        Ok(config)
+    }
+
+    fn check(&self, source_name: &str) -> Result<(), Error> {
+        let bad = |reason: String| Error::Config {
+            source_name: source_name.to_owned(),
+            reason,
+        };
+        for (key, value) in [
+            ("lvm_lockspace_dir", &self.lvm_lockspace_dir),
+            ("scsi_lockspace_dir", &self.scsi_lockspace_dir),
+        ] {
+            if value.is_some() {
+                return Err(bad(format!(
+                    "{key} is not supported yet; use file_lockspace_dir"
+                )));
+            }
+        }
+        if let Some(dir) = &self.file_lockspace_dir {
+            if !dir.is_absolute() {
+                return Err(bad(format!(
+                    "file_lockspace_dir {} must be absolute",
+                    dir.display()
+                )));
+            }
+        }
+        if self.max_clients == 0 {
+            return Err(bad("max_clients must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether a start without an explicit lease is refused.
+    pub fn requires_lease(&self) -> bool {
+        self.require_lease_for_disks
+            .unwrap_or(!self.auto_disk_leases)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_parsing() {
+        let c = Config::parse("", "t").unwrap();
+        assert_eq!(c, Config::default());
+        assert!(!c.requires_lease());
+        let c = Config::parse(
+            "auto_disk_leases = false\nfile_lockspace_dir = \"/var/lib/vmlock/files\"",
+            "t",
+        )
+        .unwrap();
+        assert!(c.requires_lease());
+    }
+
+    #[test]
+    fn refuses_unknown_unsupported_and_bad_values() {
+        let e = Config::parse("max_client = 3", "vmlockd.toml").unwrap_err();
+        assert!(
+            e.to_string().contains("vmlockd.toml") && e.to_string().contains("max_client"),
+            "{e}"
+        );
+        assert!(Config::parse("lvm_lockspace_dir = \"/x\"", "t").is_err());
+        assert!(Config::parse("file_lockspace_dir = \"rel\"", "t").is_err());
+        assert!(Config::parse("max_clients = 0", "t").is_err());
+        assert!(Config::parse("max_clients = \"many\"", "t").is_err());
+    }
+}

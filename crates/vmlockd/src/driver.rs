@@ -1,0 +1,278 @@
+//! The `lockd` driver: the lock manager API on top of vmlockd.
+//!
+//! A start registers a [`Holder`] in the calling process (for `vmlock run`, the supervisor), then
+//! acquires through a request connection; the daemon hands each lock's description to the holder.
+//! Dropping the manager releases nothing: locks follow the guest process.
+
+use crate::client::{unexpected, Connection, Endpoint, Holder};
+use crate::proto::{AcquireFlags, HeldResource, Reply, Request, VmIdentity};
+use crate::runtime::RuntimeDir;
+use std::path::PathBuf;
+use std::sync::Arc;
+use vmlock::registry::check_config_keys;
+use vmlock::{
+    AcquireOptions, Capabilities, Driver, DriverConfig, Error, LockState, Resource, Result,
+    Session, StartMode, StateEntry, SupervisorCommand, VmParams,
+};
+
+/// Name of the driver.
+pub const NAME: &str = "lockd";
+
+/// The driver.
+#[derive(Debug)]
+pub struct LockdDriver {
+    endpoint: Endpoint,
+}
+
+impl LockdDriver {
+    /// A driver for the daemon at `endpoint`.
+    pub fn new(endpoint: Endpoint) -> Self {
+        LockdDriver { endpoint }
+    }
+
+    /// Registry factory. Keys: `runtime_dir` (default as `vmlock --runtime-dir`), `auto_start`
+    /// (default true), `daemon` (program), `daemon_config` (file passed to a started daemon).
+    pub fn from_config(config: &DriverConfig) -> Result<Arc<dyn Driver>> {
+        check_config_keys(
+            NAME,
+            config,
+            &["runtime_dir", "auto_start", "daemon", "daemon_config"],
+        )?;
+        let text = |key: &str| -> Result<Option<PathBuf>> {
+            match config.get(key) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => Ok(Some(PathBuf::from(s))),
+                Some(_) => Err(Error::Config {
+                    source_name: "lockd driver configuration".into(),
+                    reason: format!("{key} must be a string"),
+                }),
+            }
+        };
+        let runtime = RuntimeDir::resolve(text("runtime_dir")?.as_deref())?;
+        let mut endpoint = Endpoint::new(runtime);
+        match config.get("auto_start") {
+            None => {}
+            Some(toml::Value::Boolean(b)) => endpoint.auto_start = *b,
+            Some(_) => {
+                return Err(Error::Config {
+                    source_name: "lockd driver configuration".into(),
+                    reason: "auto_start must be true or false".into(),
+                })
+            }
+        }
+        if let Some(p) = text("daemon")? {
+            endpoint.daemon_program = p;
+        }
+        endpoint.daemon_config = text("daemon_config")?;
+        Ok(Arc::new(LockdDriver::new(endpoint)))
+    }
+}
+
+/// Adds `lockd` to a registry.
+pub fn register(registry: &mut vmlock::Registry) {
+    registry.register(NAME, LockdDriver::from_config);
+}
+
+impl Driver for LockdDriver {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            disk_resources: true,
+            leases: true,
+            hotplug: true,
+            migration: false,
+            lock_state: true,
+            exclusion: true,
+            supervisor: true,
+        }
+    }
+
+    fn open(&self, vm: &VmParams, mode: StartMode) -> Result<Box<dyn Session>> {
+        let mut conn = self.endpoint.connect()?;
+        let identity = VmIdentity {
+            uuid: vm.uuid.to_string(),
+            name: vm.name.clone(),
+            id: vm.id,
+            pid: vm.pid.unwrap_or_else(std::process::id),
+        };
+        if mode == StartMode::Attach {
+            match conn.call(
+                &Request::Lookup {
+                    uuid: identity.uuid.clone(),
+                },
+                &[],
+            )? {
+                Reply::Vm(_) => {}
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(Box::new(LockdSession {
+            endpoint: self.endpoint.clone(),
+            conn,
+            vm: identity,
+            holder: None,
+        }))
+    }
+
+    fn supervisor(&self, vm: &VmParams, resources: &[Resource]) -> Option<SupervisorCommand> {
+        let program = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("vmlock")))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("vmlock"));
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--runtime-dir".into(),
+            self.endpoint.runtime.path().into(),
+            "run".into(),
+            "--name".into(),
+            vm.name.clone().into(),
+            "--uuid".into(),
+            vm.uuid.to_string().into(),
+            "--id".into(),
+            vm.id.to_string().into(),
+        ];
+        for r in resources {
+            match r {
+                Resource::Disk { path, mode } => {
+                    args.push("--disk".into());
+                    let flag = match mode {
+                        vmlock::DiskMode::Exclusive => "",
+                        vmlock::DiskMode::Shared => ",shared",
+                        vmlock::DiskMode::ReadOnly => ",readonly",
+                    };
+                    args.push(format!("{}{flag}", path.display()).into());
+                }
+                Resource::Lease(l) => {
+                    args.push("--lease".into());
+                    args.push(
+                        format!(
+                            "{}:{}:{}:{}",
+                            l.lockspace,
+                            l.key,
+                            l.path.display(),
+                            l.offset
+                        )
+                        .into(),
+                    );
+                }
+            }
+        }
+        args.push("--".into());
+        Some(SupervisorCommand { program, args })
+    }
+}
+
+#[derive(Debug)]
+struct LockdSession {
+    endpoint: Endpoint,
+    conn: Connection,
+    vm: VmIdentity,
+    holder: Option<Holder>,
+}
+
+impl LockdSession {
+    fn state(held: Vec<HeldResource>) -> LockState {
+        LockState {
+            driver: NAME.into(),
+            entries: held
+                .into_iter()
+                .map(|h| StateEntry {
+                    resource: h.resource,
+                    version: h.version,
+                })
+                .collect(),
+        }
+    }
+
+    fn held(&mut self, request: &Request) -> Result<LockState> {
+        match self.conn.call(request, &[])? {
+            Reply::Held(h) => Ok(Self::state(h)),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+impl Session for LockdSession {
+    fn acquire(
+        &mut self,
+        resources: &[Resource],
+        options: &AcquireOptions,
+        state: Option<&LockState>,
+    ) -> Result<()> {
+        if let Some(state) = state {
+            state.check_driver(NAME)?;
+        }
+        if self.holder.is_none()
+            && self
+                .conn
+                .call(
+                    &Request::Lookup {
+                        uuid: self.vm.uuid.clone(),
+                    },
+                    &[],
+                )
+                .is_err()
+        {
+            self.holder = Some(Holder::start(&self.endpoint, self.vm.clone())?);
+        }
+        let flags = AcquireFlags {
+            register_only: options.register_only,
+            restrict: options.restrict,
+            on_lock_failure: options.on_lock_failure,
+        };
+        self.held(&Request::Acquire {
+            uuid: self.vm.uuid.clone(),
+            resources: resources.to_vec(),
+            flags,
+        })?;
+        Ok(())
+    }
+
+    fn release(&mut self, resources: &[Resource]) -> Result<LockState> {
+        self.held(&Request::Release {
+            uuid: self.vm.uuid.clone(),
+            resources: Some(resources.to_vec()),
+        })
+    }
+
+    fn inquire(&mut self) -> Result<LockState> {
+        self.held(&Request::Inquire {
+            uuid: self.vm.uuid.clone(),
+        })
+    }
+
+    fn guest_pid(&mut self) -> Result<Option<u32>> {
+        match self.conn.call(
+            &Request::Lookup {
+                uuid: self.vm.uuid.clone(),
+            },
+            &[],
+        ) {
+            Ok(Reply::Vm(vm)) => Ok(Some(vm.pid)),
+            Ok(other) => Err(unexpected(&other)),
+            Err(Error::UnknownOwner { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        match self.conn.call(
+            &Request::Release {
+                uuid: self.vm.uuid.clone(),
+                resources: None,
+            },
+            &[],
+        ) {
+            // A guest that died was already cleaned up by the daemon: nothing is held.
+            Ok(_) | Err(Error::UnknownOwner { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn driver_name(&self) -> &str {
+        NAME
+    }
+}

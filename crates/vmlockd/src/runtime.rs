@@ -1,0 +1,162 @@
+//! The runtime directory (socket, pid file, state file, log) and starting the embedded daemon.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use vmlock::Error;
+
+/// Environment variable naming the runtime directory.
+pub const RUNTIME_DIR_ENV: &str = "VMLOCK_RUNTIME_DIR";
+/// Environment variable naming the daemon program the client starts.
+pub const DAEMON_ENV: &str = "VMLOCKD";
+
+/// Where one daemon keeps its socket and state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    /// `dir` if given, else `$VMLOCK_RUNTIME_DIR`, else `/run/vmlock` for root and
+    /// `$XDG_RUNTIME_DIR/vmlock` for other users.
+    pub fn resolve(dir: Option<&Path>) -> Result<Self, Error> {
+        if let Some(d) = dir {
+            return Self::checked(d.to_path_buf());
+        }
+        if let Some(d) = std::env::var_os(RUNTIME_DIR_ENV).filter(|d| !d.is_empty()) {
+            return Self::checked(PathBuf::from(d));
+        }
+        if nix::unistd::geteuid().is_root() {
+            return Ok(RuntimeDir(PathBuf::from("/run/vmlock")));
+        }
+        match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            Some(d) => Self::checked(PathBuf::from(d).join("vmlock")),
+            None => Err(Error::Config {
+                source_name: "runtime directory".into(),
+                reason: format!("not root and XDG_RUNTIME_DIR is unset: pass --runtime-dir or set {RUNTIME_DIR_ENV}"),
+            }),
+        }
+    }
+
+    fn checked(path: PathBuf) -> Result<Self, Error> {
+        if !path.is_absolute() {
+            return Err(Error::Config {
+                source_name: "runtime directory".into(),
+                reason: format!("{} must be an absolute path", path.display()),
+            });
+        }
+        Ok(RuntimeDir(path))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// The daemon's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.0.join("vmlockd.sock")
+    }
+    /// The pid file, locked by the running daemon.
+    pub fn pid_file(&self) -> PathBuf {
+        self.0.join("vmlockd.pid")
+    }
+    /// The lock table as of the last change.
+    pub fn state_file(&self) -> PathBuf {
+        self.0.join("state.json")
+    }
+    /// Where an embedded daemon logs.
+    pub fn log_file(&self) -> PathBuf {
+        self.0.join("vmlockd.log")
+    }
+
+    /// Creates the directory, private to its user.
+    pub fn create(&self) -> std::io::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.0)?;
+        std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o700))
+    }
+
+    /// The pid in the pid file, if any.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+/// The program that runs the daemon: `$VMLOCKD`, else `vmlockd` beside the current executable,
+/// else `vmlockd` on `PATH`.
+pub fn daemon_program() -> PathBuf {
+    if let Some(p) = std::env::var_os(DAEMON_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(sibling) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("vmlockd")))
+    {
+        if sibling.is_file() {
+            return sibling;
+        }
+    }
+    PathBuf::from("vmlockd")
+}
+
+/// Starts a daemon for `runtime` in the background and waits until it serves (it says so on its
+/// standard output). A daemon already running, or started concurrently, is fine.
+pub fn spawn_daemon(
+    runtime: &RuntimeDir,
+    program: &Path,
+    config: Option<&Path>,
+) -> Result<(), Error> {
+    runtime
+        .create()
+        .map_err(|e| Error::io(format!("creating {}", runtime.path().display()), &e))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(runtime.log_file())
+        .map_err(|e| Error::io(format!("opening {}", runtime.log_file().display()), &e))?;
+    let mut cmd = Command::new(program);
+    cmd.arg("--runtime-dir")
+        .arg(runtime.path())
+        .arg("--notify-stdout");
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    // Its own process group: a Ctrl-C meant for the CLI must not stop the daemon.
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::io(
+            format!("starting the lock daemon {}", program.display()),
+            &e,
+        )
+    })?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() == "READY" {
+        return Ok(());
+    }
+    // It exited: another daemon won the race (fine) or it failed (say why).
+    let status = child
+        .wait()
+        .map_err(|e| Error::io("waiting for the lock daemon", &e))?;
+    if runtime.socket().exists() && runtime.daemon_pid().is_some() {
+        return Ok(());
+    }
+    Err(Error::ServiceUnavailable {
+        reason: format!(
+            "the lock daemon {} exited ({status}); see {}",
+            program.display(),
+            runtime.log_file().display()
+        ),
+    })
+}

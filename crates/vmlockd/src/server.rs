@@ -1,0 +1,450 @@
+//! The daemon process: single-instance guard, socket, one thread per connection, the owner
+//! watcher, and the state file.
+
+use crate::config::Config;
+use crate::holder::HolderLink;
+use crate::proto::{
+    read_frame, write_frame, HeldLock, ReadError, Reply, Request, PROTOCOL_VERSION,
+};
+use crate::runtime::RuntimeDir;
+use crate::sys::ofd::{self, LockKind};
+use crate::table::{Persisted, Table};
+use rustix::event::{poll, PollFd, PollFlags};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use vmlock::Error;
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    table: Mutex<Table>,
+    runtime: RuntimeDir,
+    max_clients: usize,
+    clients: AtomicUsize,
+    wake: Mutex<File>,
+    uid: u32,
+    _pid_lock: File,
+}
+
+impl Daemon {
+    /// Takes the single-instance lock in `runtime`, recovers the state file, and binds the socket
+    /// (or uses `listener` from socket activation). Returns the daemon and its listener.
+    pub fn start(
+        runtime: RuntimeDir,
+        config: Config,
+        listener: Option<UnixListener>,
+    ) -> anyhow::Result<(Arc<Daemon>, UnixListener, File)> {
+        runtime.create()?;
+        let pid_lock = take_pid_lock(&runtime)?;
+        let host = config.host_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        });
+        let max_clients = config.max_clients;
+        let mut table = Table::new(config, host);
+        match std::fs::read(runtime.state_file()) {
+            Ok(bytes) => {
+                match serde_json::from_slice::<Persisted>(&bytes) {
+                    Ok(p) => {
+                        let kept = table.recover(p);
+                        tracing::info!(owners = kept, "recovered lock state; waiting for supervisors to hand their locks back");
+                    }
+                    Err(e) => tracing::error!(
+                        "ignoring unreadable state file {}: {e}",
+                        runtime.state_file().display()
+                    ),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("reading {}: {e}", runtime.state_file().display()),
+        }
+        let listener = match listener {
+            Some(l) => l,
+            None => {
+                let path = runtime.socket();
+                // We hold the pid lock, so any socket file left here belongs to a dead daemon.
+                let _ = std::fs::remove_file(&path);
+                let l = UnixListener::bind(&path)
+                    .map_err(|e| anyhow::anyhow!("binding {}: {e}", path.display()))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                l
+            }
+        };
+        let (wake_rx, wake_tx) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )?;
+        let daemon = Arc::new(Daemon {
+            table: Mutex::new(table),
+            runtime,
+            max_clients,
+            clients: AtomicUsize::new(0),
+            wake: Mutex::new(File::from(wake_tx)),
+            uid: nix::unistd::geteuid().as_raw(),
+            _pid_lock: pid_lock,
+        });
+        daemon.persist(&daemon.lock_table());
+        Ok((daemon, listener, File::from(wake_rx)))
+    }
+
+    fn lock_table(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the table would leave it as it was before the failed request
+        // (grants are committed last), so keep serving.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the state file atomically. Called with the table locked, after every change.
+    fn persist(&self, table: &Table) {
+        let path = self.runtime.state_file();
+        let tmp = path.with_extension("tmp");
+        let result = serde_json::to_vec(&table.persisted())
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(&bytes)?;
+                std::fs::rename(&tmp, &path)
+            });
+        if let Err(e) = result {
+            tracing::error!("writing {}: {e}", path.display());
+        }
+    }
+
+    fn wake_watcher(&self) {
+        if let Ok(mut w) = self.wake.lock() {
+            let _ = w.write(&[1]);
+        }
+    }
+
+    /// Serves until the process is killed. Stopping the daemon never touches a guest: locks stay
+    /// with their holders and a new daemon takes them back.
+    pub fn serve(self: &Arc<Self>, listener: UnixListener, wake_rx: File) -> anyhow::Result<()> {
+        let watcher = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("owner-watcher".into())
+            .spawn(move || watcher.watch_owners(wake_rx))?;
+        for stream in listener.incoming() {
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    continue;
+                }
+            };
+            let daemon = Arc::clone(self);
+            let _ = std::thread::Builder::new()
+                .name("client".into())
+                .spawn(move || daemon.serve_connection(stream));
+        }
+        Ok(())
+    }
+
+    fn serve_connection(self: Arc<Self>, stream: UnixStream) {
+        let count = self.clients.fetch_add(1, Ordering::AcqRel) + 1;
+        let _guard = ClientCount(&self.clients);
+        let peer =
+            match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("peer credentials: {e}");
+                    return;
+                }
+            };
+        let uid = peer.uid();
+        if uid != 0 && uid != self.uid {
+            tracing::warn!(pid = peer.pid(), uid, "refused unauthorised peer");
+            let _ = write_frame(
+                &stream,
+                &Reply::Error(Error::PermissionDenied {
+                    reason: format!(
+                        "uid {uid} may not use this vmlockd (only root and uid {})",
+                        self.uid
+                    ),
+                }),
+                &[],
+            );
+            return;
+        }
+        if count > self.max_clients {
+            let _ = write_frame(
+                &stream,
+                &Reply::Error(Error::ServiceUnavailable {
+                    reason: format!("too many clients (max_clients = {})", self.max_clients),
+                }),
+                &[],
+            );
+            return;
+        }
+        let peer_pid = u32::try_from(peer.pid()).unwrap_or(0);
+        match read_frame::<Request>(&stream) {
+            Ok((Request::Hello { version }, _)) if version == PROTOCOL_VERSION => {
+                let host = self.lock_table().host().to_owned();
+                if write_frame(
+                    &stream,
+                    &Reply::Hello {
+                        version: PROTOCOL_VERSION,
+                        pid: std::process::id(),
+                        host,
+                    },
+                    &[],
+                )
+                .is_err()
+                {
+                    return;
+                }
+            }
+            Ok((Request::Hello { version }, _)) => {
+                let _ = write_frame(&stream, &Reply::Error(Error::Protocol { reason: format!("protocol version {version} is not supported (this vmlockd speaks {PROTOCOL_VERSION})") }), &[]);
+                return;
+            }
+            Ok(_) => {
+                let _ = write_frame(
+                    &stream,
+                    &Reply::Error(Error::Protocol {
+                        reason: "the first message must be Hello".into(),
+                    }),
+                    &[],
+                );
+                return;
+            }
+            Err(ReadError::Closed) => return,
+            Err(ReadError::Failed(e)) => {
+                let _ = write_frame(&stream, &Reply::Error(e), &[]);
+                return;
+            }
+        }
+        let mut restricted = false;
+        loop {
+            let (request, fds) = match read_frame::<Request>(&stream) {
+                Ok(r) => r,
+                Err(ReadError::Closed) => return,
+                Err(ReadError::Failed(e)) => {
+                    // The stream may be out of step now: answer and close.
+                    let _ = write_frame(&stream, &Reply::Error(e), &[]);
+                    return;
+                }
+            };
+            let reply = match request {
+                _ if restricted => Reply::Error(Error::Restricted),
+                Request::Hold { vm, adopt } => {
+                    self.serve_holder(stream, peer_pid, vm, adopt, fds);
+                    return;
+                }
+                Request::Restrict => {
+                    restricted = true;
+                    Reply::Ok
+                }
+                other => self.dispatch(other, &mut restricted),
+            };
+            if write_frame(&stream, &reply, &[]).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn dispatch(&self, request: Request, restricted: &mut bool) -> Reply {
+        let mut table = self.lock_table();
+        let reply = match request {
+            Request::Acquire {
+                uuid,
+                resources,
+                flags,
+            } => match table.acquire(&uuid, &resources, &flags) {
+                Ok(held) => {
+                    *restricted = flags.restrict;
+                    self.persist(&table);
+                    Reply::Held(held)
+                }
+                Err(e) => Reply::Error(e),
+            },
+            Request::Release { uuid, resources } => {
+                let result = table.release(&uuid, resources.as_deref());
+                self.persist(&table);
+                match result {
+                    Ok(held) => Reply::Held(held),
+                    Err(e) => Reply::Error(e),
+                }
+            }
+            Request::Inquire { uuid } => {
+                table.inquire(&uuid).map_or_else(Reply::Error, Reply::Held)
+            }
+            Request::Lookup { uuid } => table.lookup(&uuid).map_or_else(Reply::Error, Reply::Vm),
+            Request::Status => Reply::Status(table.status()),
+            Request::Hello { .. } => Reply::Error(Error::Protocol {
+                reason: "Hello sent twice".into(),
+            }),
+            Request::Ack { .. } => Reply::Error(Error::Protocol {
+                reason: "Ack on a connection that holds nothing".into(),
+            }),
+            Request::Hold { .. } | Request::Restrict => Reply::Error(Error::Protocol {
+                reason: "unexpected request".into(),
+            }),
+        };
+        drop(table);
+        reply
+    }
+
+    fn serve_holder(
+        &self,
+        stream: UnixStream,
+        peer_pid: u32,
+        vm: crate::proto::VmIdentity,
+        adopt: Vec<HeldLock>,
+        fds: Vec<OwnedFd>,
+    ) {
+        let Ok(writer) = stream.try_clone() else {
+            return;
+        };
+        let link = Arc::new(HolderLink::new(writer, peer_pid));
+        let uuid = vm.uuid.clone();
+        let result = if adopt.len() != fds.len() {
+            Err(Error::Protocol {
+                reason: format!(
+                    "{} locks to adopt but {} descriptors",
+                    adopt.len(),
+                    fds.len()
+                ),
+            })
+        } else {
+            let mut table = self.lock_table();
+            let r = table.hold(vm, adopt.into_iter().zip(fds).collect(), Arc::clone(&link));
+            self.persist(&table);
+            r
+        };
+        let registered = !matches!(
+            result,
+            Err(Error::OwnerExists { .. })
+                | Err(Error::Io { .. })
+                | Err(Error::InvalidParameter { .. })
+                | Err(Error::Protocol { .. })
+                | Err(Error::UnknownOwner { .. })
+        );
+        let reply = match result {
+            Ok(()) => Reply::Ok,
+            Err(e) => Reply::Error(e),
+        };
+        self.wake_watcher();
+        if write_frame(&stream, &reply, &[]).is_err() || !registered {
+            link.disconnected();
+            if registered {
+                self.holder_closed(&uuid, &link);
+            }
+            return;
+        }
+        loop {
+            match read_frame::<Request>(&stream) {
+                Ok((Request::Ack { seq }, _)) => link.acked(seq),
+                Ok((other, _)) => {
+                    tracing::warn!(?other, "ignored a request on a holder connection")
+                }
+                Err(_) => break,
+            }
+        }
+        link.disconnected();
+        self.holder_closed(&uuid, &link);
+    }
+
+    fn holder_closed(&self, uuid: &str, link: &Arc<HolderLink>) {
+        let mut table = self.lock_table();
+        if table.holder_closed(uuid, link) {
+            tracing::info!(uuid, "holder closed; released every lock of the VM");
+            self.persist(&table);
+        }
+    }
+
+    /// Waits on every owner's pidfd; a guest that exits loses its locks within the poll's wake-up.
+    fn watch_owners(&self, mut wake_rx: File) {
+        loop {
+            let list = self.lock_table().watch_list();
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(list.len() + 1);
+            fds.push(PollFd::new(&wake_rx, PollFlags::IN));
+            for (_, _, fd) in &list {
+                fds.push(PollFd::new(fd, PollFlags::IN));
+            }
+            if poll(&mut fds, None).is_err() {
+                continue;
+            }
+            let exited: Vec<usize> = fds
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, f)| !f.revents().is_empty())
+                .map(|(i, _)| i - 1)
+                .collect();
+            let woken = !fds[0].revents().is_empty();
+            drop(fds);
+            if woken {
+                let mut buf = [0u8; 64];
+                while matches!(wake_rx.read(&mut buf), Ok(n) if n > 0) {}
+            }
+            if !exited.is_empty() {
+                let mut table = self.lock_table();
+                let mut changed = false;
+                for i in exited {
+                    let (uuid, start, _) = &list[i];
+                    if table.guest_exited(uuid, *start) {
+                        tracing::info!(uuid, "guest exited; released its locks");
+                        changed = true;
+                    }
+                }
+                if changed {
+                    self.persist(&table);
+                }
+            }
+        }
+    }
+}
+
+struct ClientCount<'a>(&'a AtomicUsize);
+
+impl Drop for ClientCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn take_pid_lock(runtime: &RuntimeDir) -> anyhow::Result<File> {
+    let path = runtime.pid_file();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    if !ofd::try_lock(file.as_fd(), LockKind::Exclusive, 0, 1)? {
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        anyhow::bail!(
+            "another vmlockd (pid {}) already serves {}",
+            text.trim(),
+            runtime.path().display()
+        );
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// The listener passed by systemd socket activation, if any.
+pub fn activated_listener() -> anyhow::Result<Option<UnixListener>> {
+    let Some(fd) = sd_notify::listen_fds()?.next() else {
+        return Ok(None);
+    };
+    // SAFETY: systemd passed us this descriptor (LISTEN_FDS/LISTEN_PID matched our pid) and nothing
+    // else in the process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(Some(UnixListener::from(owned)))
+}

@@ -1,0 +1,783 @@
+//! The lock table: which VM holds which lock, and the rules for granting, releasing and
+//! recovering them.
+//!
+//! The kernel's OFD locks are the truth about exclusion; this table names holders, keeps versions,
+//! and maps each grant to the daemon's copy of its open file description. Each grant's description
+//! is also kept by the VM's *holder* (its supervisor process), so the lock survives the daemon.
+
+use crate::config::Config;
+use crate::holder::HolderLink;
+use crate::proto::{AcquireFlags, HeldLock, HeldResource, LockKey, OwnerStatus, VmIdentity};
+use crate::sys::ofd::{self, LockKind};
+use crate::sys::pidfd::ProcessHandle;
+use crate::sys::procfs;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+use vmlock::{DiskMode, Error, ForeignHolder, Holder, Resource, ResourceFailure};
+
+/// One granted lock.
+#[derive(Debug)]
+struct Grant {
+    resource: Resource,
+    /// The daemon's copy of the description; `None` after a restart until the holder hands it back.
+    fd: Option<OwnedFd>,
+    since: SystemTime,
+    version: u64,
+}
+
+/// One VM.
+#[derive(Debug)]
+struct Owner {
+    vm: VmIdentity,
+    process: ProcessHandle,
+    holder: Option<Arc<HolderLink>>,
+    flags: AcquireFlags,
+    grants: BTreeMap<LockKey, Grant>,
+}
+
+impl Owner {
+    fn holder_identity(&self, host: &str) -> Holder {
+        Holder {
+            name: self.vm.name.clone(),
+            uuid: self.vm.uuid.clone(),
+            pid: Some(self.vm.pid),
+            host: host.to_owned(),
+        }
+    }
+}
+
+/// What survives a daemon restart (the state file).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Persisted {
+    owners: Vec<PersistedOwner>,
+    versions: Vec<(LockKey, String, u64)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedOwner {
+    vm: VmIdentity,
+    start_time: u64,
+    flags: AcquireFlags,
+    grants: Vec<(LockKey, Resource, SystemTime, u64)>,
+}
+
+/// The table.
+#[derive(Debug)]
+pub struct Table {
+    config: Config,
+    host: String,
+    owners: HashMap<String, Owner>,
+    /// Which owners hold each key (several for shared locks).
+    index: HashMap<LockKey, Vec<String>>,
+    /// Last owner and version per key: the version grows when another owner takes the key.
+    versions: HashMap<LockKey, (String, u64)>,
+}
+
+/// A lock opened and taken but not yet committed to the table.
+struct Pending {
+    key: LockKey,
+    resource: Resource,
+    file: File,
+}
+
+impl Table {
+    /// An empty table.
+    pub fn new(config: Config, host: String) -> Self {
+        Table {
+            config,
+            host,
+            owners: HashMap::new(),
+            index: HashMap::new(),
+            versions: HashMap::new(),
+        }
+    }
+
+    /// The host name used in holder names.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Registers `link` as the holder of `vm`, adopting descriptions it kept across a restart.
+    pub fn hold(
+        &mut self,
+        vm: VmIdentity,
+        adopt: Vec<(HeldLock, OwnedFd)>,
+        link: Arc<HolderLink>,
+    ) -> Result<(), Error> {
+        vmlock::params::parse_uuid(&vm.uuid)?;
+        vmlock::params::validate_name(&vm.name)?;
+        if let Some(existing) = self.owners.get_mut(&vm.uuid) {
+            if existing.holder.as_ref().is_some_and(|h| h.is_connected())
+                || existing.vm.pid != vm.pid
+            {
+                return Err(Error::OwnerExists {
+                    uuid: vm.uuid.clone(),
+                    holder: existing.holder_identity(&self.host),
+                });
+            }
+            existing.holder = Some(link);
+        } else {
+            let process = ProcessHandle::open(vm.pid, None).map_err(|e| {
+                Error::io(
+                    format!("guest process {} of VM \"{}\"", vm.pid, vm.name),
+                    &e,
+                )
+            })?;
+            self.owners.insert(
+                vm.uuid.clone(),
+                Owner {
+                    vm: vm.clone(),
+                    process,
+                    holder: Some(link),
+                    flags: AcquireFlags::default(),
+                    grants: BTreeMap::new(),
+                },
+            );
+        }
+        let mut failures = Vec::new();
+        for (lock, fd) in adopt {
+            if let Err(e) = self.adopt(&vm.uuid, lock.clone(), fd) {
+                failures.push(ResourceFailure {
+                    resource: lock.resource.label(),
+                    error: Box::new(e),
+                });
+            }
+        }
+        // Grants the holder did not hand back were lost with it: forget them.
+        if let Some(owner) = self.owners.get_mut(&vm.uuid) {
+            let lost: Vec<LockKey> = owner
+                .grants
+                .iter()
+                .filter(|(_, g)| g.fd.is_none())
+                .map(|(k, _)| *k)
+                .collect();
+            for key in lost {
+                owner.grants.remove(&key);
+                unindex(&mut self.index, key, &vm.uuid);
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::PartialRelease { failures })
+        }
+    }
+
+    fn adopt(&mut self, uuid: &str, lock: HeldLock, fd: OwnedFd) -> Result<(), Error> {
+        let meta = File::from(fd.try_clone().map_err(|e| Error::io("dup", &e))?)
+            .metadata()
+            .map_err(|e| {
+                Error::io(
+                    format!("checking the kept description of {}", lock.resource.label()),
+                    &e,
+                )
+            })?;
+        if meta.dev() != lock.key.dev || meta.ino() != lock.key.ino {
+            return Err(Error::InvalidResource {
+                resource: lock.resource.label(),
+                reason: "the kept descriptor is not the locked file".into(),
+            });
+        }
+        // Re-taking a lock on the description that holds it is a no-op; failing means it was lost.
+        let kind = kind_of(&lock.resource);
+        if !ofd::try_lock(fd.as_fd(), kind, lock.key.byte, 1)
+            .map_err(|e| Error::io("re-checking a kept lock", &e))?
+        {
+            return Err(Error::InvalidResource {
+                resource: lock.resource.label(),
+                reason: "the kept lock was lost while the daemon was down".into(),
+            });
+        }
+        let owner = self
+            .owners
+            .get_mut(uuid)
+            .ok_or_else(|| Error::UnknownOwner {
+                uuid: uuid.to_owned(),
+            })?;
+        let grant = owner.grants.entry(lock.key).or_insert_with(|| Grant {
+            resource: lock.resource.clone(),
+            fd: None,
+            since: SystemTime::now(),
+            version: 0,
+        });
+        grant.fd = Some(fd);
+        let holders = self.index.entry(lock.key).or_default();
+        if !holders.iter().any(|u| u == uuid) {
+            holders.push(uuid.to_owned());
+        }
+        Ok(())
+    }
+
+    /// The resolved lock target of a resource: file, byte, and whether to create it.
+    fn target(&self, resource: &Resource) -> Result<(PathBuf, u64, bool), Error> {
+        match resource {
+            Resource::Lease(l) => Ok((l.path.clone(), l.offset, true)),
+            Resource::Disk { path, .. } => match &self.config.file_lockspace_dir {
+                None => Ok((path.clone(), 0, false)),
+                Some(dir) => {
+                    let canonical = std::fs::canonicalize(path)
+                        .map_err(|e| Error::io(format!("resolving disk {}", path.display()), &e))?;
+                    Ok((dir.join(lockspace_name(&canonical)), 0, true))
+                }
+            },
+        }
+    }
+
+    fn open_target(&self, resource: &Resource) -> Result<(File, LockKey), Error> {
+        let (path, byte, create) = self.target(resource)?;
+        let mut options = OpenOptions::new();
+        options.read(true).custom_flags(nix::libc::O_NOCTTY);
+        if kind_of(resource) == LockKind::Exclusive {
+            options.write(true);
+        }
+        if create {
+            options.write(true).create(true).mode(0o600);
+        }
+        let file = options.open(&path).map_err(|e| {
+            Error::io(
+                format!("opening {} to lock {}", path.display(), resource.label()),
+                &e,
+            )
+        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), &e))?;
+        Ok((
+            file,
+            LockKey {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                byte,
+            },
+        ))
+    }
+
+    /// Takes `resources` for VM `uuid`, all or nothing, and hands the descriptions to its holder.
+    pub fn acquire(
+        &mut self,
+        uuid: &str,
+        resources: &[Resource],
+        flags: &AcquireFlags,
+    ) -> Result<Vec<HeldResource>, Error> {
+        let holder = {
+            let owner = self.owners.get(uuid).ok_or_else(|| Error::UnknownOwner {
+                uuid: uuid.to_owned(),
+            })?;
+            owner
+                .holder
+                .clone()
+                .filter(|h| h.is_connected())
+                .ok_or_else(|| Error::ServiceUnavailable {
+                    reason: format!(
+                        "the supervisor keeping the locks of VM \"{}\" is not connected",
+                        owner.vm.name
+                    ),
+                })?
+        };
+        for r in resources {
+            r.validate()?;
+        }
+        if flags.register_only {
+            if let Some(owner) = self.owners.get_mut(uuid) {
+                owner.flags = flags.clone();
+            }
+            return Ok(Vec::new());
+        }
+        if self.config.requires_lease()
+            && resources.iter().any(|r| {
+                matches!(
+                    r,
+                    Resource::Disk {
+                        mode: DiskMode::Exclusive,
+                        ..
+                    }
+                )
+            })
+            && !resources.iter().any(|r| matches!(r, Resource::Lease(_)))
+            && self.owners.get(uuid).is_some_and(|o| {
+                !o.grants
+                    .values()
+                    .any(|g| matches!(g.resource, Resource::Lease(_)))
+            })
+        {
+            return Err(Error::Config {
+                source_name: "vmlockd configuration".into(),
+                reason: "require_lease_for_disks is set and the VM has writable disks but no lease"
+                    .into(),
+            });
+        }
+        let auto_disks = self.config.auto_disk_leases;
+        let wanted = resources
+            .iter()
+            .filter(|r| r.is_locked() && (auto_disks || matches!(r, Resource::Lease(_))));
+        let mut pending: Vec<Pending> = Vec::new();
+        for resource in wanted {
+            let (file, key) = self.open_target(resource)?;
+            if let Some(grant) = self.owners.get(uuid).and_then(|o| o.grants.get(&key)) {
+                if kind_of(&grant.resource) == kind_of(resource) {
+                    continue; // Same owner, same lock: idempotent.
+                }
+                return Err(Error::InvalidResource {
+                    resource: resource.label(),
+                    reason: format!(
+                        "already held by this VM as {}; release it first",
+                        grant.resource
+                    ),
+                });
+            }
+            if pending.iter().any(|p| p.key == key) {
+                continue;
+            }
+            self.take(uuid, resource, &file, key)?;
+            pending.push(Pending {
+                key,
+                resource: resource.clone(),
+                file,
+            });
+        }
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let locks: Vec<HeldLock> = pending
+            .iter()
+            .map(|p| HeldLock {
+                resource: p.resource.clone(),
+                key: p.key,
+            })
+            .collect();
+        let fds: Vec<OwnedFd> = pending.into_iter().map(|p| OwnedFd::from(p.file)).collect();
+        // Until the holder has its copies, a daemon crash would drop these locks: wait for its ack.
+        // On failure the descriptions are closed here, which unlocks them (all or nothing).
+        holder.keep(&locks, &fds)?;
+        let now = SystemTime::now();
+        let mut granted = Vec::new();
+        for (lock, fd) in locks.into_iter().zip(fds) {
+            let version = self.bump_version(lock.key, uuid);
+            let owner = self
+                .owners
+                .get_mut(uuid)
+                .ok_or_else(|| Error::UnknownOwner {
+                    uuid: uuid.to_owned(),
+                })?;
+            owner.grants.insert(
+                lock.key,
+                Grant {
+                    resource: lock.resource.clone(),
+                    fd: Some(fd),
+                    since: now,
+                    version,
+                },
+            );
+            self.index
+                .entry(lock.key)
+                .or_default()
+                .push(uuid.to_owned());
+            granted.push(HeldResource {
+                resource: lock.resource,
+                version,
+                since: now,
+                confirmed: true,
+            });
+        }
+        Ok(granted)
+    }
+
+    fn bump_version(&mut self, key: LockKey, uuid: &str) -> u64 {
+        let entry = self
+            .versions
+            .entry(key)
+            .or_insert_with(|| (uuid.to_owned(), 1));
+        if entry.0 != uuid {
+            entry.0 = uuid.to_owned();
+            entry.1 += 1;
+        }
+        entry.1
+    }
+
+    /// Takes the kernel lock on `file`, clearing dead holders first; names the holder on conflict.
+    fn take(
+        &mut self,
+        uuid: &str,
+        resource: &Resource,
+        file: &File,
+        key: LockKey,
+    ) -> Result<(), Error> {
+        let kind = kind_of(resource);
+        for _ in 0..2 {
+            // The table first: a grant whose description is not back yet after a restart must
+            // still exclude, and a holder that died is cleared now rather than when the watcher runs.
+            let others: Vec<String> = self
+                .index
+                .get(&key)
+                .map(|v| v.iter().filter(|u| *u != uuid).cloned().collect())
+                .unwrap_or_default();
+            let mut blocking = None;
+            let mut cleared = false;
+            for other in others {
+                let Some(owner) = self.owners.get(&other) else {
+                    continue;
+                };
+                if owner.process.has_exited()
+                    || owner
+                        .holder
+                        .as_ref()
+                        .is_some_and(|h| !h.is_connected() && h.is_gone())
+                {
+                    self.remove_owner(&other);
+                    cleared = true;
+                    continue;
+                }
+                let theirs = owner.grants.get(&key).map(|g| kind_of(&g.resource));
+                if kind == LockKind::Exclusive || theirs == Some(LockKind::Exclusive) {
+                    blocking = Some(owner.holder_identity(&self.host));
+                }
+            }
+            if let Some(holder) = blocking {
+                return Err(Error::Busy {
+                    resource: resource.label(),
+                    holder: ForeignHolder::Vm(holder),
+                });
+            }
+            if ofd::try_lock(file.as_fd(), kind, key.byte, 1)
+                .map_err(|e| Error::io(format!("locking {}", resource.label()), &e))?
+            {
+                return Ok(());
+            }
+            if !cleared {
+                return Err(Error::Busy {
+                    resource: resource.label(),
+                    holder: name_foreign_holder(file, key),
+                });
+            }
+        }
+        Err(Error::Busy {
+            resource: resource.label(),
+            holder: name_foreign_holder(file, key),
+        })
+    }
+
+    /// Releases `resources` of VM `uuid` (everything when `None`); every failure is reported.
+    pub fn release(
+        &mut self,
+        uuid: &str,
+        resources: Option<&[Resource]>,
+    ) -> Result<Vec<HeldResource>, Error> {
+        let owner = self
+            .owners
+            .get_mut(uuid)
+            .ok_or_else(|| Error::UnknownOwner {
+                uuid: uuid.to_owned(),
+            })?;
+        let mut keys = Vec::new();
+        let mut failures = Vec::new();
+        match resources {
+            None => keys.extend(owner.grants.keys().copied()),
+            Some(list) => {
+                for r in list.iter().filter(|r| r.is_locked()) {
+                    let found = owner
+                        .grants
+                        .iter()
+                        .find(|(_, g)| g.resource == *r || g.resource.path() == r.path())
+                        .map(|(k, _)| *k);
+                    match found {
+                        Some(k) => keys.push(k),
+                        None => failures.push(ResourceFailure {
+                            resource: r.label(),
+                            error: Box::new(Error::NotHeld {
+                                resource: r.label(),
+                                owner: format!("\"{}\" ({})", owner.vm.name, owner.vm.uuid),
+                            }),
+                        }),
+                    }
+                }
+            }
+        }
+        let mut released = Vec::new();
+        let mut closed = Vec::new();
+        for key in keys {
+            let Some(grant) = owner.grants.get(&key) else {
+                continue;
+            };
+            let Some(fd) = &grant.fd else {
+                failures.push(ResourceFailure {
+                    resource: grant.resource.label(),
+                    error: Box::new(Error::ServiceUnavailable {
+                        reason:
+                            "waiting for the VM's supervisor to reconnect after a daemon restart"
+                                .into(),
+                    }),
+                });
+                continue;
+            };
+            if let Err(e) = ofd::unlock(fd.as_fd(), key.byte, 1) {
+                failures.push(ResourceFailure {
+                    resource: grant.resource.label(),
+                    error: Box::new(Error::io("unlocking", &e)),
+                });
+                continue;
+            }
+            if let Some(grant) = owner.grants.remove(&key) {
+                released.push(HeldResource {
+                    resource: grant.resource,
+                    version: grant.version,
+                    since: grant.since,
+                    confirmed: true,
+                });
+            }
+            closed.push(key);
+            unindex(&mut self.index, key, uuid);
+        }
+        if let Some(holder) = &owner.holder {
+            holder.close(&closed);
+        }
+        if failures.is_empty() {
+            Ok(released)
+        } else {
+            Err(Error::PartialRelease { failures })
+        }
+    }
+
+    /// Forgets VM `uuid`, unlocking everything it held (its guest died, its holder went away, or
+    /// it was shut down).
+    pub fn remove_owner(&mut self, uuid: &str) -> bool {
+        let Some(owner) = self.owners.remove(uuid) else {
+            return false;
+        };
+        for (key, grant) in owner.grants {
+            if let Some(fd) = grant.fd {
+                // The holder may still have a copy of the description: unlock, do not just close.
+                let _ = ofd::unlock(fd.as_fd(), key.byte, 1);
+            }
+            unindex(&mut self.index, key, uuid);
+        }
+        if let Some(holder) = owner.holder {
+            holder.finished();
+        }
+        true
+    }
+
+    /// The holder connection of `uuid` closed: if it is still that VM's holder, the VM is gone.
+    pub fn holder_closed(&mut self, uuid: &str, link: &Arc<HolderLink>) -> bool {
+        let is_current = self
+            .owners
+            .get(uuid)
+            .and_then(|o| o.holder.as_ref())
+            .is_some_and(|h| Arc::ptr_eq(h, link));
+        is_current && self.remove_owner(uuid)
+    }
+
+    /// What VM `uuid` holds.
+    pub fn inquire(&self, uuid: &str) -> Result<Vec<HeldResource>, Error> {
+        let owner = self.owners.get(uuid).ok_or_else(|| Error::UnknownOwner {
+            uuid: uuid.to_owned(),
+        })?;
+        Ok(held(owner))
+    }
+
+    /// VM `uuid`'s identity.
+    pub fn lookup(&self, uuid: &str) -> Result<VmIdentity, Error> {
+        self.owners
+            .get(uuid)
+            .map(|o| o.vm.clone())
+            .ok_or_else(|| Error::UnknownOwner {
+                uuid: uuid.to_owned(),
+            })
+    }
+
+    /// Everything, sorted by VM name.
+    pub fn status(&self) -> Vec<OwnerStatus> {
+        let mut all: Vec<OwnerStatus> = self
+            .owners
+            .values()
+            .map(|o| OwnerStatus {
+                vm: o.vm.clone(),
+                holder_pid: o
+                    .holder
+                    .as_ref()
+                    .filter(|h| h.is_connected())
+                    .map(|h| h.pid()),
+                resources: held(o),
+            })
+            .collect();
+        all.sort_by(|a, b| a.vm.name.cmp(&b.vm.name).then(a.vm.uuid.cmp(&b.vm.uuid)));
+        all
+    }
+
+    /// `(uuid, pidfd copy)` of every owner, for the watcher.
+    pub fn watch_list(&self) -> Vec<(String, u64, OwnedFd)> {
+        self.owners
+            .iter()
+            .filter_map(|(u, o)| {
+                o.process
+                    .fd()
+                    .try_clone()
+                    .ok()
+                    .map(|fd| (u.clone(), o.process.start_time, fd))
+            })
+            .collect()
+    }
+
+    /// The owner `uuid` whose guest started at `start_time` died.
+    pub fn guest_exited(&mut self, uuid: &str, start_time: u64) -> bool {
+        let same = self
+            .owners
+            .get(uuid)
+            .is_some_and(|o| o.process.start_time == start_time && o.process.has_exited());
+        same && self.remove_owner(uuid)
+    }
+
+    /// The state file's content.
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            owners: self
+                .owners
+                .values()
+                .map(|o| PersistedOwner {
+                    vm: o.vm.clone(),
+                    start_time: o.process.start_time,
+                    flags: o.flags.clone(),
+                    grants: o
+                        .grants
+                        .iter()
+                        .map(|(k, g)| (*k, g.resource.clone(), g.since, g.version))
+                        .collect(),
+                })
+                .collect(),
+            versions: self
+                .versions
+                .iter()
+                .map(|(k, (u, v))| (*k, u.clone(), *v))
+                .collect(),
+        }
+    }
+
+    /// Rebuilds the table from a state file after a restart. Owners whose guest is gone (or
+    /// whose pid now names another process) are dropped; the others wait for their holder.
+    pub fn recover(&mut self, persisted: Persisted) -> usize {
+        for (key, uuid, version) in persisted.versions {
+            self.versions.insert(key, (uuid, version));
+        }
+        let mut kept = 0;
+        for p in persisted.owners {
+            let Ok(process) = ProcessHandle::open(p.vm.pid, Some(p.start_time)) else {
+                continue;
+            };
+            if process.has_exited() {
+                continue;
+            }
+            let uuid = p.vm.uuid.clone();
+            let grants = p
+                .grants
+                .into_iter()
+                .map(|(key, resource, since, version)| {
+                    self.index.entry(key).or_default().push(uuid.clone());
+                    (
+                        key,
+                        Grant {
+                            resource,
+                            fd: None,
+                            since,
+                            version,
+                        },
+                    )
+                })
+                .collect();
+            self.owners.insert(
+                uuid,
+                Owner {
+                    vm: p.vm,
+                    process,
+                    holder: None,
+                    flags: p.flags,
+                    grants,
+                },
+            );
+            kept += 1;
+        }
+        kept
+    }
+}
+
+fn held(owner: &Owner) -> Vec<HeldResource> {
+    owner
+        .grants
+        .values()
+        .map(|g| HeldResource {
+            resource: g.resource.clone(),
+            version: g.version,
+            since: g.since,
+            confirmed: g.fd.is_some(),
+        })
+        .collect()
+}
+
+fn unindex(index: &mut HashMap<LockKey, Vec<String>>, key: LockKey, uuid: &str) {
+    if let Some(list) = index.get_mut(&key) {
+        list.retain(|u| u != uuid);
+        if list.is_empty() {
+            index.remove(&key);
+        }
+    }
+}
+
+fn kind_of(resource: &Resource) -> LockKind {
+    match resource.mode() {
+        DiskMode::Shared => LockKind::Shared,
+        _ => LockKind::Exclusive,
+    }
+}
+
+/// The indirect-mode lock file name of a disk: lowercase hex SHA-256 of its canonical path.
+pub fn lockspace_name(canonical: &Path) -> String {
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Names whoever outside vmlock holds a lock on `key`: a POSIX lock's pid (virtlockd), or a process
+/// whose fdinfo shows a lock on that byte.
+fn name_foreign_holder(file: &File, key: LockKey) -> ForeignHolder {
+    if let Ok(Some(conflict)) = ofd::probe(file.as_fd(), LockKind::Exclusive, key.byte, 1) {
+        if let Some(pid) = conflict.posix_pid {
+            return ForeignHolder::Process {
+                pid,
+                command: vmlock::process::command(pid),
+                what: format!("POSIX lock on byte {} (as virtlockd takes)", key.byte),
+            };
+        }
+    }
+    match procfs::lock_holders(key.dev, key.ino, key.byte, key.byte, std::process::id())
+        .into_iter()
+        .next()
+    {
+        Some(h) => ForeignHolder::Process {
+            pid: h.pid,
+            command: vmlock::process::command(h.pid),
+            what: format!("lock on byte {}", key.byte),
+        },
+        None => ForeignHolder::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lockspace_names_are_sha256_hex() {
+        assert_eq!(
+            lockspace_name(Path::new("/var/lib/libvirt/images/a.qcow2")).len(),
+            64
+        );
+        assert_ne!(
+            lockspace_name(Path::new("/a")),
+            lockspace_name(Path::new("/b"))
+        );
+    }
+}
