@@ -1,1 +1,239 @@
-fn main() {}
+//! `vmlock`: run a guest under disk leases, and inspect or change what VMs hold.
+
+mod supervise;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use vmlock::{DriverConfig, Manager, Plugin, Registry, Resource, StartMode, VmParams};
+use vmlockd::client::Endpoint;
+use vmlockd::proto::{Reply, Request};
+use vmlockd::runtime::RuntimeDir;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmlock",
+    version,
+    about = "Keeps every VM disk written by one VM at a time"
+)]
+struct Cli {
+    /// Runtime directory of the lock daemon (socket, pid file, state).
+    #[arg(long, global = true, env = vmlockd::runtime::RUNTIME_DIR_ENV)]
+    runtime_dir: Option<PathBuf>,
+    /// Lock driver.
+    #[arg(long, global = true, default_value = "lockd")]
+    driver: String,
+    /// Driver configuration file (TOML). For lockd it may name the daemon's own configuration
+    /// with `daemon_config`.
+    #[arg(long, global = true)]
+    driver_config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Acquire every lease, run COMMAND as the guest with the leases tied to its life, and exit
+    /// with its exit status.
+    Run(supervise::RunArgs),
+    /// Show every held disk: path, mode, owner, since when.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the lock state of a running VM (releases nothing).
+    Inquire {
+        /// The VM's uuid.
+        #[arg(long)]
+        uuid: String,
+    },
+    /// Lock one more disk for a running VM before hotplugging it.
+    AttachDisk {
+        /// The VM's uuid.
+        #[arg(long)]
+        uuid: String,
+        /// PATH[,shared|,readonly]
+        #[arg(long)]
+        disk: String,
+    },
+    /// Release a disk of a running VM after unplugging it.
+    DetachDisk {
+        /// The VM's uuid.
+        #[arg(long)]
+        uuid: String,
+        /// PATH[,shared|,readonly]
+        #[arg(long)]
+        disk: String,
+    },
+    /// Print the guest pid of a running VM (the seed's GetChild).
+    Pid {
+        /// The VM's uuid.
+        #[arg(long)]
+        uuid: String,
+    },
+}
+
+/// Everything the subcommands share: where the daemon is, and the driver.
+struct Ctx {
+    runtime: RuntimeDir,
+    plugin: Plugin,
+}
+
+impl Ctx {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let runtime = RuntimeDir::resolve(cli.runtime_dir.as_deref())?;
+        let mut registry = Registry::new();
+        vmlockd::driver::register(&mut registry);
+        let mut config = match &cli.driver_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                text.parse::<DriverConfig>()
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => DriverConfig::new(),
+        };
+        if cli.driver == vmlockd::driver::NAME && !config.contains_key("runtime_dir") {
+            config.insert(
+                "runtime_dir".into(),
+                toml::Value::String(runtime.path().display().to_string()),
+            );
+        }
+        let plugin = registry.load(&cli.driver, &config)?;
+        Ok(Ctx { runtime, plugin })
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::new(self.runtime.clone())
+    }
+
+    /// A manager attached to the running VM `uuid`, its identity looked up in the daemon.
+    fn attach(&self, uuid: &str) -> anyhow::Result<Manager> {
+        let uuid = vmlock::params::parse_uuid(uuid)?;
+        let vm = match self.endpoint().connect()?.call(
+            &Request::Lookup {
+                uuid: uuid.to_string(),
+            },
+            &[],
+        )? {
+            Reply::Vm(vm) => vm,
+            other => bail!("unexpected reply {other:?}"),
+        };
+        let params = VmParams::new(vm.id.max(1), uuid, &vm.name)?.with_pid(vm.pid);
+        Ok(Manager::new(&self.plugin, params, StartMode::Attach)?)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmlock: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let ctx = Ctx::new(&cli)?;
+    match cli.command {
+        Command::Run(args) => supervise::run(&ctx.plugin, args),
+        Command::Status { json } => status(&ctx, json).map(|()| 0),
+        Command::Inquire { uuid } => {
+            println!("{}", ctx.attach(&uuid)?.inquire()?);
+            Ok(0)
+        }
+        Command::AttachDisk { uuid, disk } => {
+            let disk: Resource = disk.parse()?;
+            vmlock::domain::disk_attach(&mut ctx.attach(&uuid)?, disk)?;
+            Ok(0)
+        }
+        Command::DetachDisk { uuid, disk } => {
+            let disk: Resource = disk.parse()?;
+            vmlock::domain::disk_detach(&mut ctx.attach(&uuid)?, &disk)?;
+            Ok(0)
+        }
+        Command::Pid { uuid } => match ctx.attach(&uuid)?.guest_pid()? {
+            Some(pid) => {
+                println!("{pid}");
+                Ok(0)
+            }
+            None => bail!("VM {uuid} has no known guest process"),
+        },
+    }
+}
+
+fn status(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
+    let owners = match ctx.endpoint().connect()?.call(&Request::Status, &[])? {
+        Reply::Status(s) => s,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&owners)?);
+        return Ok(());
+    }
+    println!(
+        "{:<48} {:<9} {:<16} {:<36} {:>8}  SINCE",
+        "PATH", "MODE", "VM", "UUID", "PID"
+    );
+    for owner in &owners {
+        for r in &owner.resources {
+            let since = r
+                .since
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let mark = if r.confirmed {
+                ""
+            } else {
+                " (awaiting supervisor)"
+            };
+            println!(
+                "{:<48} {:<9} {:<16} {:<36} {:>8}  {}{mark}",
+                r.resource.label(),
+                r.resource.mode().to_string(),
+                owner.vm.name,
+                owner.vm.uuid,
+                owner.vm.pid,
+                format_unix(since)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date crate.
+fn format_unix(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_times() {
+        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_unix(1_795_000_000), "2026-11-18T08:26:40Z");
+    }
+}

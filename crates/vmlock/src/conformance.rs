@@ -435,29 +435,6 @@ pub fn bad_input_changes_nothing(h: &dyn Harness) {
         .expect("acquire after refusals");
 }
 
-/// Every scenario, in order.
-pub const SCENARIOS: &[(&str, fn(&dyn Harness))] = &[
-    ("start_and_shutdown", start_and_shutdown),
-    ("conflicting_second_vm", conflicting_second_vm),
-    ("shared_disks", shared_disks),
-    ("readonly_disks", readonly_disks),
-    (
-        "idempotent_and_drop_keeps_locks",
-        idempotent_and_drop_keeps_locks,
-    ),
-    ("restart_with_running_guest", restart_with_running_guest),
-    ("hotplug_and_unplug", hotplug_and_unplug),
-    ("owner_death", owner_death),
-    ("migration_success", migration_success),
-    (
-        "migration_cancel_on_destination",
-        migration_cancel_on_destination,
-    ),
-    ("migration_cancel_on_source", migration_cancel_on_source),
-    ("migration_driver_mismatch", migration_driver_mismatch),
-    ("bad_input_changes_nothing", bad_input_changes_nothing),
-];
-
 /// Expands to one `#[test]` per scenario; `$harness` is an expression giving a value whose
 /// reference is a `&dyn Harness` (evaluated once per test).
 #[macro_export]

@@ -88,6 +88,9 @@ pub struct AcquireOptions {
     pub on_lock_failure: LockFailureAction,
     /// A QMP socket of the guest, which makes [`LockFailureAction::Pause`] possible.
     pub qmp_socket: Option<PathBuf>,
+    /// For guests that are not QEMU: also hold QEMU's "writer" lock bytes on exclusive disks so
+    /// that a stray QEMU or `qemu-img` refuses to open them.
+    pub hold_qemu_bytes: bool,
 }
 
 /// How a migration ended, for both sides' `complete_migration`.
@@ -153,6 +156,11 @@ pub trait Session: Send + fmt::Debug {
     /// Either side: finish or cancel a migration.
     fn complete_migration(&mut self, _outcome: MigrationOutcome, _incoming: bool) -> Result<()> {
         Err(Error::unsupported(self.driver_name(), "migration"))
+    }
+    /// The supervisor started the guest process `pid` under the leases it acquired for itself:
+    /// from now on the locks follow that process.
+    fn guest_started(&mut self, _pid: u32) -> Result<()> {
+        Ok(())
     }
     /// The guest is gone: release everything the VM holds.
     fn shutdown(&mut self) -> Result<()>;

@@ -337,6 +337,24 @@ impl Manager {
         Ok(())
     }
 
+    /// A supervisor that acquired before starting the guest reports the guest's pid; the locks
+    /// follow that process from now on, and [`Manager::guest_pid`] returns it.
+    pub fn guest_started(&mut self, pid: u32) -> Result<()> {
+        self.require_phase(
+            "record the guest process",
+            &[Phase::Held, Phase::Registered],
+        )?;
+        if pid == 0 {
+            return Err(Error::InvalidParameter {
+                key: "pid".into(),
+                reason: "must not be 0".into(),
+            });
+        }
+        self.session.guest_started(pid)?;
+        self.vm.pid = Some(pid);
+        Ok(())
+    }
+
     /// The guest has stopped: release everything (the seed's `Shutdown`).
     ///
     /// Refused with [`Error::GuestRunning`] while the guest process still runs, because giving up

@@ -1,5 +1,7 @@
 //! The conformance kit against the built-in `nop` driver.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::path::Path;
 use vmlock::conformance::Harness;
 use vmlock::{DriverConfig, Plugin, Registry};

@@ -222,6 +222,7 @@ impl Session for LockdSession {
             register_only: options.register_only,
             restrict: options.restrict,
             on_lock_failure: options.on_lock_failure,
+            hold_qemu_bytes: options.hold_qemu_bytes,
         };
         self.held(&Request::Acquire {
             uuid: self.vm.uuid.clone(),
@@ -255,6 +256,22 @@ impl Session for LockdSession {
             Ok(other) => Err(unexpected(&other)),
             Err(Error::UnknownOwner { .. }) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    fn guest_started(&mut self, pid: u32) -> Result<()> {
+        match self.conn.call(
+            &Request::GuestStarted {
+                uuid: self.vm.uuid.clone(),
+                pid,
+            },
+            &[],
+        )? {
+            Reply::Ok => {
+                self.vm.pid = pid;
+                Ok(())
+            }
+            other => Err(unexpected(&other)),
         }
     }
 

@@ -64,7 +64,7 @@ impl HolderLink {
             .stream
             .lock()
             .map_err(|_| unavailable("holder link poisoned"))?;
-        write_frame(&*stream, push, fds)
+        write_frame(&stream, push, fds)
     }
 
     /// Hands `fds` (locking `locks`) to the holder and waits until it keeps them.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod driver;
 pub mod holder;
 pub mod proto;
+pub mod qmp;
 pub mod runtime;
 pub mod server;
 pub mod sys;

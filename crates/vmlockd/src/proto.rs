@@ -91,6 +91,10 @@ pub struct AcquireFlags {
     pub restrict: bool,
     /// What to do to the guest when a lease is lost.
     pub on_lock_failure: LockFailureAction,
+    /// Also hold QEMU's "writer" lock bytes on exclusive disks, so that a QEMU or qemu-img started
+    /// outside vmlock refuses to open them (for guests that are not QEMU).
+    #[serde(default)]
+    pub hold_qemu_bytes: bool,
 }
 
 /// Client to daemon.
@@ -134,6 +138,14 @@ pub enum Request {
     Lookup {
         /// The VM.
         uuid: String,
+    },
+    /// The holder (a supervisor) started the guest `pid`, its own child: the VM's locks follow
+    /// that process from now on.
+    GuestStarted {
+        /// The VM.
+        uuid: String,
+        /// The guest process.
+        pid: u32,
     },
     /// Every held lock.
     Status,

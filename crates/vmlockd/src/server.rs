@@ -245,7 +245,7 @@ impl Daemon {
                     restricted = true;
                     Reply::Ok
                 }
-                other => self.dispatch(other, &mut restricted),
+                other => self.dispatch(other, peer_pid, &mut restricted),
             };
             if write_frame(&stream, &reply, &[]).is_err() {
                 return;
@@ -253,7 +253,7 @@ impl Daemon {
         }
     }
 
-    fn dispatch(&self, request: Request, restricted: &mut bool) -> Reply {
+    fn dispatch(&self, request: Request, peer_pid: u32, restricted: &mut bool) -> Reply {
         let mut table = self.lock_table();
         let reply = match request {
             Request::Acquire {
@@ -276,6 +276,15 @@ impl Daemon {
                     Err(e) => Reply::Error(e),
                 }
             }
+            Request::GuestStarted { uuid, pid } => {
+                match table.guest_started(&uuid, pid, peer_pid) {
+                    Ok(()) => {
+                        self.persist(&table);
+                        Reply::Ok
+                    }
+                    Err(e) => Reply::Error(e),
+                }
+            }
             Request::Inquire { uuid } => {
                 table.inquire(&uuid).map_or_else(Reply::Error, Reply::Held)
             }
@@ -292,6 +301,7 @@ impl Daemon {
             }),
         };
         drop(table);
+        self.wake_watcher();
         reply
     }
 

@@ -36,6 +36,8 @@ struct Grant {
 #[derive(Debug)]
 struct Owner {
     vm: VmIdentity,
+    /// The process keeping the descriptions (the supervisor).
+    holder_pid: u32,
     process: ProcessHandle,
     holder: Option<Arc<HolderLink>>,
     flags: AcquireFlags,
@@ -63,6 +65,7 @@ pub struct Persisted {
 #[derive(Debug, Serialize, Deserialize)]
 struct PersistedOwner {
     vm: VmIdentity,
+    holder_pid: u32,
     start_time: u64,
     flags: AcquireFlags,
     grants: Vec<(LockKey, Resource, SystemTime, u64)>,
@@ -114,8 +117,9 @@ impl Table {
         vmlock::params::parse_uuid(&vm.uuid)?;
         vmlock::params::validate_name(&vm.name)?;
         if let Some(existing) = self.owners.get_mut(&vm.uuid) {
+            // After a restart only the process that kept the descriptions may take them back.
             if existing.holder.as_ref().is_some_and(|h| h.is_connected())
-                || existing.vm.pid != vm.pid
+                || existing.holder_pid != link.pid()
             {
                 return Err(Error::OwnerExists {
                     uuid: vm.uuid.clone(),
@@ -134,6 +138,7 @@ impl Table {
                 vm.uuid.clone(),
                 Owner {
                     vm: vm.clone(),
+                    holder_pid: link.pid(),
                     process,
                     holder: Some(link),
                     flags: AcquireFlags::default(),
@@ -336,6 +341,29 @@ impl Table {
                 continue;
             }
             self.take(uuid, resource, &file, key)?;
+            if flags.hold_qemu_bytes
+                && key.byte == 0
+                && matches!(
+                    resource,
+                    Resource::Disk {
+                        mode: DiskMode::Exclusive,
+                        ..
+                    }
+                )
+            {
+                for byte in QEMU_WRITER_BYTES {
+                    // Shared locks, exactly as a read-write QEMU holds them; a failure closes
+                    // `file` on return, which drops whatever it took (all or nothing).
+                    if !ofd::try_lock(file.as_fd(), LockKind::Shared, byte, 1)
+                        .map_err(|e| Error::io("locking QEMU's bytes", &e))?
+                    {
+                        return Err(Error::Busy {
+                            resource: resource.label(),
+                            holder: name_foreign_holder(&file, LockKey { byte, ..key }),
+                        });
+                    }
+                }
+            }
             pending.push(Pending {
                 key,
                 resource: resource.clone(),
@@ -448,6 +476,13 @@ impl Table {
             if ofd::try_lock(file.as_fd(), kind, key.byte, 1)
                 .map_err(|e| Error::io(format!("locking {}", resource.label()), &e))?
             {
+                if let Some(holder) = self.foreign_qemu_writer(resource) {
+                    let _ = ofd::unlock(file.as_fd(), key.byte, 1);
+                    return Err(Error::Busy {
+                        resource: resource.label(),
+                        holder,
+                    });
+                }
                 return Ok(());
             }
             if !cleared {
@@ -516,7 +551,7 @@ impl Table {
                 });
                 continue;
             };
-            if let Err(e) = ofd::unlock(fd.as_fd(), key.byte, 1) {
+            if let Err(e) = ofd::unlock(fd.as_fd(), 0, 0) {
                 failures.push(ResourceFailure {
                     resource: grant.resource.label(),
                     error: Box::new(Error::io("unlocking", &e)),
@@ -553,7 +588,7 @@ impl Table {
         for (key, grant) in owner.grants {
             if let Some(fd) = grant.fd {
                 // The holder may still have a copy of the description: unlock, do not just close.
-                let _ = ofd::unlock(fd.as_fd(), key.byte, 1);
+                let _ = ofd::unlock(fd.as_fd(), 0, 0);
             }
             unindex(&mut self.index, key, uuid);
         }
@@ -571,6 +606,31 @@ impl Table {
             .and_then(|o| o.holder.as_ref())
             .is_some_and(|h| Arc::ptr_eq(h, link));
         is_current && self.remove_owner(uuid)
+    }
+
+    /// The holder of `uuid` (pid `holder_pid`) started the guest `pid`: locks follow it from now on.
+    /// Only the holder's own child may be named, so no client can tie a VM to a stranger's process.
+    pub fn guest_started(&mut self, uuid: &str, pid: u32, caller_pid: u32) -> Result<(), Error> {
+        let owner = self
+            .owners
+            .get_mut(uuid)
+            .ok_or_else(|| Error::UnknownOwner {
+                uuid: uuid.to_owned(),
+            })?;
+        let holder_pid = owner.holder.as_ref().map(|h| h.pid());
+        let parent = vmlock::process::stat(pid).map(|s| s.ppid);
+        if parent.is_none() || (parent != holder_pid && parent != Some(caller_pid)) {
+            return Err(Error::PermissionDenied {
+                reason: format!(
+                    "process {pid} is not a child of the supervisor of VM \"{}\"",
+                    owner.vm.name
+                ),
+            });
+        }
+        owner.process = ProcessHandle::open(pid, None)
+            .map_err(|e| Error::io(format!("guest process {pid}"), &e))?;
+        owner.vm.pid = pid;
+        Ok(())
     }
 
     /// What VM `uuid` holds.
@@ -641,6 +701,7 @@ impl Table {
                 .values()
                 .map(|o| PersistedOwner {
                     vm: o.vm.clone(),
+                    holder_pid: o.holder_pid,
                     start_time: o.process.start_time,
                     flags: o.flags.clone(),
                     grants: o
@@ -693,6 +754,7 @@ impl Table {
                 uuid,
                 Owner {
                     vm: p.vm,
+                    holder_pid: p.holder_pid,
                     process,
                     holder: None,
                     flags: p.flags,
@@ -734,6 +796,57 @@ fn kind_of(resource: &Resource) -> LockKind {
     }
 }
 
+/// QEMU's per-permission lock bytes (`block/file-posix.c`): 100 + i "holds", 200 + i "does not
+/// share" for consistent-read, write, write-unchanged, resize, graph-mod.
+pub const QEMU_WRITE_BYTE: u64 = 101;
+/// QEMU's "does not share write" byte.
+pub const QEMU_NO_SHARED_WRITE_BYTE: u64 = 201;
+/// The bytes a read-write QEMU holds on its image: what vmlock holds for a non-QEMU guest.
+pub const QEMU_WRITER_BYTES: [u64; 5] = [100, 101, 103, 201, 203];
+
+impl Table {
+    /// A process outside vmlock that writes the disk through QEMU's locks (an active read-write
+    /// open holds byte 101), or forbids writers (byte 201). Names it from `/proc` when it can.
+    fn foreign_qemu_writer(&self, resource: &Resource) -> Option<ForeignHolder> {
+        let Resource::Disk { path, mode } = resource else {
+            return None;
+        };
+        let file = File::open(path).ok()?;
+        let meta = file.metadata().ok()?;
+        for (byte, what) in [
+            (QEMU_WRITE_BYTE, "QEMU write lock (byte 101)"),
+            (
+                QEMU_NO_SHARED_WRITE_BYTE,
+                "QEMU no-shared-write lock (byte 201)",
+            ),
+        ] {
+            // A shared disk tolerates other writers that share write (byte 101) but not byte 201.
+            if *mode == DiskMode::Shared && byte == QEMU_WRITE_BYTE {
+                continue;
+            }
+            if let Ok(Some(_)) = ofd::probe(file.as_fd(), LockKind::Exclusive, byte, 1) {
+                let holder =
+                    procfs::lock_holders(meta.dev(), meta.ino(), byte, byte, std::process::id())
+                        .into_iter()
+                        .next();
+                return Some(match holder {
+                    Some(h) => ForeignHolder::Process {
+                        pid: h.pid,
+                        command: vmlock::process::command(h.pid),
+                        what: what.into(),
+                    },
+                    None => ForeignHolder::Process {
+                        pid: 0,
+                        command: "unknown".into(),
+                        what: what.into(),
+                    },
+                });
+            }
+        }
+        None
+    }
+}
+
 /// The indirect-mode lock file name of a disk: lowercase hex SHA-256 of its canonical path.
 pub fn lockspace_name(canonical: &Path) -> String {
     let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
@@ -768,6 +881,37 @@ fn name_foreign_holder(file: &File, key: LockKey) -> ForeignHolder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn persisted_owner(pid: u32, start_time: u64) -> Persisted {
+        Persisted {
+            owners: vec![PersistedOwner {
+                vm: VmIdentity {
+                    uuid: "7c9e6679-7425-40de-944b-e07fc1f90ae7".into(),
+                    name: "vm".into(),
+                    id: 1,
+                    pid,
+                },
+                holder_pid: pid,
+                start_time,
+                flags: AcquireFlags::default(),
+                grants: Vec::new(),
+            }],
+            versions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn recovery_refuses_a_reused_pid() {
+        let me = std::process::id();
+        let started = vmlock::process::stat(me).unwrap().start_time;
+        let mut table = Table::new(Config::default(), "h".into());
+        // Same pid, another start time: the pid now names a different process.
+        assert_eq!(table.recover(persisted_owner(me, started + 1)), 0);
+        assert!(table.status().is_empty());
+        assert_eq!(table.recover(persisted_owner(me, started)), 1);
+        assert_eq!(table.status().len(), 1);
+        assert!(!table.status()[0].resources.iter().any(|r| r.confirmed));
+    }
 
     #[test]
     fn lockspace_names_are_sha256_hex() {

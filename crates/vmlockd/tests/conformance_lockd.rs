@@ -1,5 +1,7 @@
 //! The conformance kit against the `lockd` driver and a real vmlockd process.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::path::Path;

@@ -55,7 +55,8 @@ pub fn try_lock(fd: BorrowedFd<'_>, kind: LockKind, start: u64, len: u64) -> std
     }
 }
 
-/// Drops this description's lock on `[start, start+len)`, for every copy of the description.
+/// Drops this description's lock on `[start, start+len)` (`len` 0: to the end of any file), for
+/// every copy of the description.
 pub fn unlock(fd: BorrowedFd<'_>, start: u64, len: u64) -> std::io::Result<()> {
     let lock = flock(libc::F_UNLCK, start, len);
     fcntl(fd.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock))?;
