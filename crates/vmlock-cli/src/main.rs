@@ -66,6 +66,12 @@ enum Command {
         #[arg(long)]
         disk: String,
     },
+    /// Run the lock daemon in the foreground (what the CLI starts when none runs).
+    #[command(hide = true)]
+    Daemon {
+        #[command(flatten)]
+        args: vmlockd::DaemonArgs,
+    },
     /// Print the guest pid of a running VM (the seed's GetChild).
     Pid {
         /// The VM's uuid.
@@ -138,6 +144,11 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Daemon { mut args } = cli.command {
+        args.runtime_dir = args.runtime_dir.or(cli.runtime_dir);
+        vmlockd::daemon_main(args)?;
+        return Ok(0);
+    }
     let ctx = Ctx::new(&cli)?;
     match cli.command {
         Command::Run(args) => supervise::run(&ctx.plugin, args),
@@ -156,6 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             vmlock::domain::disk_detach(&mut ctx.attach(&uuid)?, &disk)?;
             Ok(0)
         }
+        Command::Daemon { .. } => Ok(0),
         Command::Pid { uuid } => match ctx.attach(&uuid)?.guest_pid()? {
             Some(pid) => {
                 println!("{pid}");
@@ -234,6 +246,6 @@ mod tests {
     #[test]
     fn formats_times() {
         assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_unix(1_795_000_000), "2026-11-18T08:26:40Z");
+        assert_eq!(format_unix(1_795_000_000), "2026-11-18T11:06:40Z");
     }
 }

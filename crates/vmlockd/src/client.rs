@@ -27,6 +27,8 @@ pub struct Endpoint {
     pub auto_start: bool,
     /// Program started then.
     pub daemon_program: PathBuf,
+    /// Arguments before the daemon's own (`daemon` when the program is `vmlock`).
+    pub daemon_args: Vec<std::ffi::OsString>,
     /// Configuration file passed to a started daemon.
     pub daemon_config: Option<PathBuf>,
 }
@@ -34,10 +36,12 @@ pub struct Endpoint {
 impl Endpoint {
     /// The endpoint for `runtime`, starting `vmlockd` when needed.
     pub fn new(runtime: RuntimeDir) -> Self {
+        let (daemon_program, daemon_args) = runtime::daemon_program();
         Endpoint {
             runtime,
             auto_start: true,
-            daemon_program: runtime::daemon_program(),
+            daemon_program,
+            daemon_args,
             daemon_config: None,
         }
     }
@@ -60,6 +64,7 @@ impl Endpoint {
                 runtime::spawn_daemon(
                     &self.runtime,
                     &self.daemon_program,
+                    &self.daemon_args,
                     self.daemon_config.as_deref(),
                 )?;
                 self.connect_once()

@@ -62,6 +62,7 @@ impl LockdDriver {
         }
         if let Some(p) = text("daemon")? {
             endpoint.daemon_program = p;
+            endpoint.daemon_args.clear();
         }
         endpoint.daemon_config = text("daemon_config")?;
         Ok(Arc::new(LockdDriver::new(endpoint)))

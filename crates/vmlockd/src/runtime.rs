@@ -88,21 +88,26 @@ impl RuntimeDir {
     }
 }
 
-/// The program that runs the daemon: `$VMLOCKD`, else `vmlockd` beside the current executable,
-/// else `vmlockd` on `PATH`.
-pub fn daemon_program() -> PathBuf {
+/// The program (and leading arguments) that runs the daemon: `$VMLOCKD`, else `vmlockd` beside
+/// the current executable, else the `vmlock` command itself (`vmlock daemon`), else `vmlockd` on
+/// `PATH`.
+pub fn daemon_program() -> (PathBuf, Vec<std::ffi::OsString>) {
     if let Some(p) = std::env::var_os(DAEMON_ENV).filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
+        return (PathBuf::from(p), Vec::new());
     }
-    if let Some(sibling) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("vmlockd")))
-    {
-        if sibling.is_file() {
-            return sibling;
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(sibling) = exe
+            .parent()
+            .map(|d| d.join("vmlockd"))
+            .filter(|s| s.is_file())
+        {
+            return (sibling, Vec::new());
+        }
+        if exe.file_name().is_some_and(|n| n == "vmlock") {
+            return (exe, vec!["daemon".into()]);
         }
     }
-    PathBuf::from("vmlockd")
+    (PathBuf::from("vmlockd"), Vec::new())
 }
 
 /// Starts a daemon for `runtime` in the background and waits until it serves (it says so on its
@@ -110,6 +115,7 @@ pub fn daemon_program() -> PathBuf {
 pub fn spawn_daemon(
     runtime: &RuntimeDir,
     program: &Path,
+    leading_args: &[std::ffi::OsString],
     config: Option<&Path>,
 ) -> Result<(), Error> {
     runtime
@@ -121,7 +127,8 @@ pub fn spawn_daemon(
         .open(runtime.log_file())
         .map_err(|e| Error::io(format!("opening {}", runtime.log_file().display()), &e))?;
     let mut cmd = Command::new(program);
-    cmd.arg("--runtime-dir")
+    cmd.args(leading_args)
+        .arg("--runtime-dir")
         .arg(runtime.path())
         .arg("--notify-stdout");
     if let Some(c) = config {

@@ -1,0 +1,422 @@
+//! A real QEMU guest (TCG, no OS) under `vmlock run` through its whole life: start, conflict,
+//! shutdown, daemon restart with the guest running, hotplug and unplug, a foreign QEMU writer.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use vmlockd::qmp::Qmp;
+use vmlockd::sys::pidfd::ProcessHandle;
+
+/// A private runtime directory; the daemon the CLI starts there is killed by pid at the end.
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn vmlock(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmlock"));
+        c.arg("--runtime-dir")
+            .arg(self.run_dir())
+            .env("VMLOCK_LOG", "warn");
+        c
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.vmlock().args(args).output().unwrap()
+    }
+
+    fn qcow2(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        let ok = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        p
+    }
+
+    fn daemon_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.run_dir().join("vmlockd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn kill_daemon(&self) {
+        if let Some(pid) = self.daemon_pid() {
+            kill_and_wait(pid);
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.kill_daemon();
+    }
+}
+
+/// SIGKILL a process that is not our child and wait for it to be gone, through a pidfd.
+fn kill_and_wait(pid: u32) {
+    if let Ok(h) = ProcessHandle::open(pid, None) {
+        let _ = h.signal(rustix::process::Signal::KILL);
+        let mut fds = [rustix::event::PollFd::new(
+            h.fd(),
+            rustix::event::PollFlags::IN,
+        )];
+        let _ = rustix::event::poll(&mut fds, None);
+    }
+}
+
+/// A QEMU guest under `vmlock run`.
+struct Vm {
+    supervisor: Child,
+    stderr: BufReader<ChildStderr>,
+    qemu_pid: u32,
+    qmp_path: PathBuf,
+    uuid: String,
+}
+
+fn qemu_args(disk: &Path, qmp: &Path) -> Vec<String> {
+    vec![
+        "qemu-system-x86_64".into(),
+        "-nodefaults".into(),
+        "-display".into(),
+        "none".into(),
+        "-machine".into(),
+        "q35,accel=tcg".into(),
+        "-m".into(),
+        "32".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+        "-blockdev".into(),
+        format!("driver=file,filename={},node-name=f0", disk.display()),
+        "-blockdev".into(),
+        "driver=qcow2,file=f0,node-name=d0".into(),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0".into(),
+        "-device".into(),
+        "virtio-scsi-pci,id=scsi0".into(),
+    ]
+}
+
+impl Vm {
+    fn start(env: &Env, name: &str, disk: &Path) -> Self {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let qmp_path = env.dir.path().join(format!("{name}.qmp"));
+        let mut supervisor = env
+            .vmlock()
+            .args(["run", "--name", name, "--uuid", &uuid, "--disk"])
+            .arg(disk)
+            .arg("--")
+            .args(qemu_args(disk, &qmp_path))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(supervisor.stderr.take().unwrap());
+        // The supervisor says "... guest pid N" once the leases are held and QEMU is started.
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        let qemu_pid = line
+            .rsplit("guest pid ")
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no guest pid in {line:?}"));
+        Vm {
+            supervisor,
+            stderr,
+            qemu_pid,
+            qmp_path,
+            uuid,
+        }
+    }
+
+    /// QEMU creates its QMP socket shortly after exec; it offers no event to wait on, so retry
+    /// the connection (bounded).
+    fn qmp(&self) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Qmp::connect(&self.qmp_path) {
+                Ok(q) => return q,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP never came up: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    fn wait(mut self) -> i32 {
+        let status = self.supervisor.wait().unwrap();
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.stderr, &mut rest);
+        status.code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        kill_and_wait(self.qemu_pid);
+        let _ = self.supervisor.kill();
+        let _ = self.supervisor.wait();
+    }
+}
+
+fn status_text(env: &Env) -> String {
+    let out = env.output(&["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `vmlock run` of a guest that would leave a mark if it ever started.
+fn try_start(env: &Env, name: &str, disk: &Path) -> (Output, bool) {
+    let marker = env.dir.path().join(format!("{name}.started"));
+    let out = env
+        .vmlock()
+        .args(["run", "--name", name, "--disk"])
+        .arg(disk)
+        .arg("--")
+        .arg("touch")
+        .arg(&marker)
+        .output()
+        .unwrap();
+    (out, marker.exists())
+}
+
+#[test]
+fn start_conflict_and_shutdown_with_qmp_quit() {
+    let env = Env::new();
+    let disk = env.qcow2("a.qcow2");
+    let vm = Vm::start(&env, "web1", &disk);
+    let mut qmp = vm.qmp();
+    assert_eq!(
+        qmp.execute("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+
+    let status = status_text(&env);
+    let line = status
+        .lines()
+        .find(|l| l.contains(disk.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        line.contains("web1")
+            && line.contains(&vm.qemu_pid.to_string())
+            && line.contains("exclusive"),
+        "{line}"
+    );
+
+    let (out, started) = try_start(&env, "web2", &disk);
+    assert!(
+        !out.status.success() && !started,
+        "second VM must not start"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(disk.to_str().unwrap()) && err.contains("\"web1\"") && err.contains(&vm.uuid),
+        "{err}"
+    );
+
+    qmp.execute("quit", json!({})).unwrap_or(json!(null));
+    assert_eq!(vm.wait(), 0);
+    let (out, started) = try_start(&env, "web2", &disk);
+    assert!(
+        out.status.success() && started,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sigkill_of_qemu_frees_the_disk_at_once() {
+    let env = Env::new();
+    let disk = env.qcow2("k.qcow2");
+    let vm = Vm::start(&env, "doomed", &disk);
+    kill_and_wait(vm.qemu_pid);
+    assert_eq!(vm.wait(), 128 + 9);
+    let (out, started) = try_start(&env, "next", &disk);
+    assert!(
+        out.status.success() && started,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn daemon_killed_and_restarted_while_the_guest_runs() {
+    let env = Env::new();
+    let disk = env.qcow2("r.qcow2");
+    let vm = Vm::start(&env, "steady", &disk);
+    let mut qmp = vm.qmp();
+    env.kill_daemon();
+    // Any CLI command starts a new daemon, which knows the guest at once.
+    let status = status_text(&env);
+    assert!(
+        status.contains("steady") && status.contains(disk.to_str().unwrap()),
+        "{status}"
+    );
+    assert_eq!(
+        qmp.execute("query-status", json!({})).unwrap()["status"],
+        "running",
+        "the guest must survive"
+    );
+    let (out, started) = try_start(&env, "intruder", &disk);
+    assert!(!out.status.success() && !started);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"steady\""));
+    let pid = env.output(&["pid", "--uuid", &vm.uuid]);
+    assert_eq!(
+        String::from_utf8_lossy(&pid.stdout).trim(),
+        vm.qemu_pid.to_string()
+    );
+    let state = env.output(&["inquire", "--uuid", &vm.uuid]);
+    assert!(
+        state.status.success(),
+        "{}",
+        String::from_utf8_lossy(&state.stderr)
+    );
+    let state = String::from_utf8_lossy(&state.stdout);
+    assert!(
+        state.starts_with("vmlock1;lockd;d:") && state.contains("r.qcow2"),
+        "{state}"
+    );
+}
+
+#[test]
+fn hotplug_and_unplug_a_disk_of_a_running_guest() {
+    let env = Env::new();
+    let root = env.qcow2("root.qcow2");
+    let hot = env.qcow2("hot.qcow2");
+    let other_root = env.qcow2("other.qcow2");
+    let theirs = env.qcow2("theirs.qcow2");
+    let vm = Vm::start(&env, "host1", &root);
+    let other = Vm::start(&env, "host2", &other_root);
+    let out = env.output(&[
+        "attach-disk",
+        "--uuid",
+        &other.uuid,
+        "--disk",
+        theirs.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A disk another VM holds is refused before QEMU is touched.
+    let out = env.output(&[
+        "attach-disk",
+        "--uuid",
+        &vm.uuid,
+        "--disk",
+        theirs.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"host2\""));
+
+    let out = env.output(&[
+        "attach-disk",
+        "--uuid",
+        &vm.uuid,
+        "--disk",
+        hot.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut qmp = vm.qmp();
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "h0", "file": {"driver": "file", "filename": hot}}),
+    )
+    .unwrap();
+    qmp.execute(
+        "device_add",
+        json!({"driver": "scsi-hd", "drive": "h0", "id": "hd1", "bus": "scsi0.0"}),
+    )
+    .unwrap();
+    let (out, _) = try_start(&env, "thief", &hot);
+    assert!(!out.status.success(), "hotplugged disk is held");
+
+    qmp.execute("device_del", json!({"id": "hd1"})).unwrap();
+    qmp.wait_event("DEVICE_DELETED").unwrap();
+    qmp.execute("blockdev-del", json!({"node-name": "h0"}))
+        .unwrap();
+    let out = env.output(&[
+        "detach-disk",
+        "--uuid",
+        &vm.uuid,
+        "--disk",
+        hot.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (out, started) = try_start(&env, "thief", &hot);
+    assert!(
+        out.status.success() && started,
+        "unplugged disk is free: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (out, _) = try_start(&env, "thief2", &root);
+    assert!(!out.status.success(), "the root disk is still held");
+}
+
+#[test]
+fn a_qemu_started_outside_vmlock_blocks_vmlock_run_and_is_named() {
+    let env = Env::new();
+    let disk = env.qcow2("f.qcow2");
+    let pidfile = env.dir.path().join("foreign.pid");
+    let qmp = env.dir.path().join("foreign.qmp");
+    let mut args = qemu_args(&disk, &qmp);
+    args.extend([
+        "-daemonize".into(),
+        "-pidfile".into(),
+        pidfile.display().to_string(),
+    ]);
+    // -daemonize returns once QEMU is set up with its disk open.
+    assert!(Command::new(&args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap()
+        .success());
+    let foreign: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (out, started) = try_start(&env, "mine", &disk);
+    kill_and_wait(foreign);
+    assert!(!out.status.success() && !started);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("process {foreign}"))
+            && err.contains("qemu")
+            && err.contains("QEMU write lock"),
+        "{err}"
+    );
+}
