@@ -88,6 +88,8 @@ pub fn run(plugin: &Plugin, args: RunArgs) -> anyhow::Result<i32> {
     }
     forwarded.thread_block().context("blocking signals")?;
 
+    // This process keeps one description per lock.
+    vmlockd::raise_fd_limit();
     let mut manager = Manager::new(plugin, vm, StartMode::Start)?;
     for r in resources {
         manager.register_resource(r)?;

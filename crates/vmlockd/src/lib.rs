@@ -33,6 +33,7 @@ pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
         Some(path) => config::Config::load(path)?,
         None => config::Config::default(),
     };
+    raise_fd_limit();
     let runtime = runtime::RuntimeDir::resolve(args.runtime_dir.as_deref())?;
     let activated = server::activated_listener()?;
     let (daemon, listener, wake) = server::Daemon::start(runtime.clone(), config, activated)?;
@@ -65,4 +66,16 @@ pub struct DaemonArgs {
     /// Print READY on standard output once serving (used by clients that start the daemon).
     #[arg(long)]
     pub notify_stdout: bool,
+}
+
+/// Every held lock is an open description: allow as many as the hard limit permits.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("raising the open-file limit to {hard}: {e}");
+            }
+        }
+    }
 }
