@@ -14,12 +14,31 @@ use vmlockd::sys::pidfd::ProcessHandle;
 /// A private runtime directory; the daemon the CLI starts there is killed by pid at the end.
 struct Env {
     dir: tempfile::TempDir,
+    driver_config: Option<PathBuf>,
 }
 
 impl Env {
     fn new() -> Self {
         Env {
             dir: tempfile::tempdir().unwrap(),
+            driver_config: None,
+        }
+    }
+
+    /// An environment whose auto-started daemon uses `daemon_toml`.
+    fn with_daemon_config(daemon_toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = dir.path().join("vmlockd.toml");
+        std::fs::write(&daemon, daemon_toml).unwrap();
+        let driver = dir.path().join("lockd.toml");
+        std::fs::write(
+            &driver,
+            format!("daemon_config = \"{}\"\n", daemon.display()),
+        )
+        .unwrap();
+        Env {
+            dir,
+            driver_config: Some(driver),
         }
     }
 
@@ -32,6 +51,9 @@ impl Env {
         c.arg("--runtime-dir")
             .arg(self.run_dir())
             .env("VMLOCK_LOG", "warn");
+        if let Some(d) = &self.driver_config {
+            c.arg("--driver-config").arg(d);
+        }
         c
     }
 
@@ -118,14 +140,28 @@ fn qemu_args(disk: &Path, qmp: &Path) -> Vec<String> {
 
 impl Vm {
     fn start(env: &Env, name: &str, disk: &Path) -> Self {
+        Self::start_with(env, name, disk, &[])
+    }
+
+    fn start_with(env: &Env, name: &str, disk: &Path, options: &[&str]) -> Self {
         let uuid = uuid::Uuid::new_v4().to_string();
         let qmp_path = env.dir.path().join(format!("{name}.qmp"));
+        // QEMU serves one client per QMP socket: vmlock gets its own, the test keeps the other.
+        let vmlock_qmp = env.dir.path().join(format!("{name}.vmlock.qmp"));
+        let mut qemu = qemu_args(disk, &qmp_path);
+        qemu.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", vmlock_qmp.display()),
+        ]);
         let mut supervisor = env
             .vmlock()
-            .args(["run", "--name", name, "--uuid", &uuid, "--disk"])
+            .args(["run", "--name", name, "--uuid", &uuid, "--qmp"])
+            .arg(&vmlock_qmp)
+            .args(options)
+            .arg("--disk")
             .arg(disk)
             .arg("--")
-            .args(qemu_args(disk, &qmp_path))
+            .args(qemu)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -419,4 +455,84 @@ fn a_qemu_started_outside_vmlock_blocks_vmlock_run_and_is_named() {
             && err.contains("QEMU write lock"),
         "{err}"
     );
+}
+
+const FAST_CHECKS: &str = "lease_check_interval_ms = 50\nlock_failure_grace_ms = 3000\n";
+
+#[test]
+fn lock_file_removed_under_a_running_guest_powers_it_off() {
+    let lockspace = tempfile::tempdir().unwrap();
+    let env = Env::with_daemon_config(&format!(
+        "{FAST_CHECKS}file_lockspace_dir = \"{}\"\n",
+        lockspace.path().display()
+    ));
+    let disk = env.qcow2("p.qcow2");
+    let vm = Vm::start_with(&env, "victim", &disk, &["--on-lock-failure", "poweroff"]);
+    let lock_file = std::fs::read_dir(lockspace.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(&lock_file).unwrap();
+    // QEMU ends on the daemon's SIGTERM; the supervisor exits with it.
+    let code = vm.wait();
+    assert!(code == 0 || code == 128 + 15, "exit code {code}");
+}
+
+#[test]
+fn lease_broken_under_a_running_guest_pauses_it_over_qmp() {
+    let env = Env::with_daemon_config(FAST_CHECKS);
+    let disk = env.qcow2("s.qcow2");
+    let vm = Vm::start_with(&env, "pausable", &disk, &["--on-lock-failure", "pause"]);
+    let mut qmp = vm.qmp();
+    assert_eq!(
+        qmp.execute("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+    // Replace the image under the guest: the path no longer reaches the inode vmlock locked.
+    std::fs::rename(&disk, disk.with_extension("moved")).unwrap();
+    qmp.wait_event("STOP").unwrap();
+    assert_eq!(
+        qmp.execute("query-status", json!({})).unwrap()["status"],
+        "paused"
+    );
+    let out = env.output(&["status", "--json"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"lost\": true"));
+}
+
+#[test]
+fn pause_without_a_qmp_socket_is_refused_before_the_guest_starts() {
+    let env = Env::new();
+    let disk = env.qcow2("n.qcow2");
+    let marker = env.dir.path().join("never");
+    let out = env
+        .vmlock()
+        .args(["run", "--name", "x", "--on-lock-failure", "pause", "--disk"])
+        .arg(&disk)
+        .arg("--")
+        .arg("touch")
+        .arg(&marker)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && !marker.exists());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("QMP"));
+    let out = env
+        .vmlock()
+        .args([
+            "run",
+            "--name",
+            "x",
+            "--on-lock-failure",
+            "restart",
+            "--disk",
+        ])
+        .arg(&disk)
+        .arg("--")
+        .arg("touch")
+        .arg(&marker)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && !marker.exists());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("restart"));
 }

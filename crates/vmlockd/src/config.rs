@@ -27,6 +27,11 @@ pub struct Config {
     pub max_clients: usize,
     /// Host name reported in holder names. Default: the kernel's host name.
     pub host_name: Option<String>,
+    /// How often every held lease is checked for loss (lock file removed or replaced, storage
+    /// gone). Default 1000 ms.
+    pub lease_check_interval_ms: u64,
+    /// After a lost lease with action `poweroff`: time between SIGTERM and SIGKILL. Default 10000 ms.
+    pub lock_failure_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -39,6 +44,8 @@ impl Default for Config {
             scsi_lockspace_dir: None,
             max_clients: 4096,
             host_name: None,
+            lease_check_interval_ms: 1000,
+            lock_failure_grace_ms: 10_000,
         }
     }
 }
@@ -83,6 +90,9 @@ impl Config {
                     dir.display()
                 )));
             }
+        }
+        if self.lease_check_interval_ms == 0 {
+            return Err(bad("lease_check_interval_ms must be at least 1".into()));
         }
         if self.max_clients == 0 {
             return Err(bad("max_clients must be at least 1".into()));

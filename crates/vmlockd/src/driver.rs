@@ -224,6 +224,7 @@ impl Session for LockdSession {
             restrict: options.restrict,
             on_lock_failure: options.on_lock_failure,
             hold_qemu_bytes: options.hold_qemu_bytes,
+            qmp_socket: options.qmp_socket.clone(),
         };
         self.held(&Request::Acquire {
             uuid: self.vm.uuid.clone(),

@@ -49,6 +49,10 @@ pub struct HeldResource {
     pub since: SystemTime,
     /// False while the daemon waits for the holder to hand the description back after a restart.
     pub confirmed: bool,
+    /// The lease was lost under the running guest (its lock file removed or replaced, or its
+    /// storage gone); the VM's lock-failure action was taken.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 /// One VM in `status`.
@@ -95,6 +99,9 @@ pub struct AcquireFlags {
     /// outside vmlock refuses to open them (for guests that are not QEMU).
     #[serde(default)]
     pub hold_qemu_bytes: bool,
+    /// The guest's QMP socket, for the `pause` action.
+    #[serde(default)]
+    pub qmp_socket: Option<std::path::PathBuf>,
 }
 
 /// Client to daemon.

@@ -8,7 +8,8 @@ use crate::proto::{
 };
 use crate::runtime::RuntimeDir;
 use crate::sys::ofd::{self, LockKind};
-use crate::table::{Persisted, Table};
+use crate::sys::pidfd::ProcessHandle;
+use crate::table::{LostLease, Persisted, Table};
 use rustix::event::{poll, PollFd, PollFlags};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -17,7 +18,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use vmlock::Error;
+use vmlock::LockFailureAction;
 
 /// A running daemon.
 #[derive(Debug)]
@@ -28,6 +31,8 @@ pub struct Daemon {
     clients: AtomicUsize,
     wake: Mutex<File>,
     uid: u32,
+    lease_check_interval: Duration,
+    lock_failure_grace: Duration,
     _pid_lock: File,
 }
 
@@ -48,6 +53,8 @@ impl Daemon {
                 .unwrap_or_else(|| "localhost".into())
         });
         let max_clients = config.max_clients;
+        let lease_check_interval = Duration::from_millis(config.lease_check_interval_ms);
+        let lock_failure_grace = Duration::from_millis(config.lock_failure_grace_ms);
         let mut table = Table::new(config, host);
         match std::fs::read(runtime.state_file()) {
             Ok(bytes) => {
@@ -87,6 +94,8 @@ impl Daemon {
             clients: AtomicUsize::new(0),
             wake: Mutex::new(File::from(wake_tx)),
             uid: nix::unistd::geteuid().as_raw(),
+            lease_check_interval,
+            lock_failure_grace,
             _pid_lock: pid_lock,
         });
         daemon.persist(&daemon.lock_table());
@@ -374,7 +383,9 @@ impl Daemon {
     }
 
     /// Waits on every owner's pidfd; a guest that exits loses its locks within the poll's wake-up.
+    /// Between wake-ups, checks every second that no lease was lost under a running guest.
     fn watch_owners(&self, mut wake_rx: File) {
+        let mut last_check = Instant::now();
         loop {
             let list = self.lock_table().watch_list();
             let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(list.len() + 1);
@@ -382,7 +393,14 @@ impl Daemon {
             for (_, _, fd) in &list {
                 fds.push(PollFd::new(fd, PollFlags::IN));
             }
-            if poll(&mut fds, None).is_err() {
+            let wait = self
+                .lease_check_interval
+                .saturating_sub(last_check.elapsed());
+            let timeout = rustix::time::Timespec {
+                tv_sec: wait.as_secs() as i64,
+                tv_nsec: i64::from(wait.subsec_nanos()),
+            };
+            if poll(&mut fds, Some(&timeout)).is_err() {
                 continue;
             }
             let exited: Vec<usize> = fds
@@ -412,7 +430,55 @@ impl Daemon {
                     self.persist(&table);
                 }
             }
+            if last_check.elapsed() >= self.lease_check_interval {
+                last_check = Instant::now();
+                let lost = self.lock_table().check_leases();
+                for l in lost {
+                    let grace = self.lock_failure_grace;
+                    let _ = std::thread::Builder::new()
+                        .name("lock-failure".into())
+                        .spawn(move || enforce(l, grace));
+                }
+            }
         }
+    }
+}
+
+/// Carries out a VM's lock-failure action. Runs on its own thread: a guest slow to die never
+/// stalls the daemon (virtlockd's kill loop blocks every client).
+fn enforce(lost: LostLease, grace: Duration) {
+    let vm = &lost.vm;
+    tracing::error!(vm = %vm.name, uuid = %vm.uuid, pid = vm.pid, resources = ?lost.resources, action = %lost.flags.on_lock_failure, "lease lost under a running guest");
+    match lost.flags.on_lock_failure {
+        LockFailureAction::Ignore => {}
+        LockFailureAction::Pause => {
+            let paused = lost.flags.qmp_socket.as_deref().map(|path| {
+                crate::qmp::Qmp::connect(path)
+                    .and_then(|mut q| q.execute("stop", serde_json::json!({})))
+            });
+            match paused {
+                Some(Ok(_)) => tracing::warn!(vm = %vm.name, "guest paused"),
+                // Pausing failed: a guest writing without its lease is worse than a guest stopped.
+                other => {
+                    tracing::error!(vm = %vm.name, ?other, "pausing failed; powering off instead");
+                    power_off(&lost.process, grace);
+                }
+            }
+        }
+        LockFailureAction::Poweroff | LockFailureAction::Restart => power_off(&lost.process, grace),
+    }
+}
+
+/// SIGTERM, then SIGKILL if the process has not exited after `grace`.
+fn power_off(process: &ProcessHandle, grace: Duration) {
+    let _ = process.signal(rustix::process::Signal::TERM);
+    let mut fds = [PollFd::new(process.fd(), PollFlags::IN)];
+    let timeout = rustix::time::Timespec {
+        tv_sec: grace.as_secs() as i64,
+        tv_nsec: i64::from(grace.subsec_nanos()),
+    };
+    if matches!(poll(&mut fds, Some(&timeout)), Ok(0)) {
+        let _ = process.signal(rustix::process::Signal::KILL);
     }
 }
 

@@ -30,9 +30,22 @@ struct Grant {
     fd: Option<OwnedFd>,
     since: SystemTime,
     version: u64,
+    /// The lease was found lost and the VM's action taken.
+    lost: bool,
 }
 
-/// One VM.
+/// What to do about a VM whose lease was lost (carried out by the server, outside the table lock).
+#[derive(Debug)]
+pub struct LostLease {
+    /// The VM.
+    pub vm: VmIdentity,
+    /// The resources lost.
+    pub resources: Vec<String>,
+    /// The VM's action and QMP socket.
+    pub flags: AcquireFlags,
+    /// A handle on the guest process.
+    pub process: ProcessHandle,
+}
 #[derive(Debug)]
 struct Owner {
     vm: VmIdentity,
@@ -41,6 +54,8 @@ struct Owner {
     process: ProcessHandle,
     holder: Option<Arc<HolderLink>>,
     flags: AcquireFlags,
+    /// Whether `flags` came from the VM's first acquire (hotplug acquires do not change them).
+    flags_set: bool,
     grants: BTreeMap<LockKey, Grant>,
 }
 
@@ -142,6 +157,7 @@ impl Table {
                     process,
                     holder: Some(link),
                     flags: AcquireFlags::default(),
+                    flags_set: false,
                     grants: BTreeMap::new(),
                 },
             );
@@ -211,6 +227,7 @@ impl Table {
             fd: None,
             since: SystemTime::now(),
             version: 0,
+            lost: false,
         });
         grant.fd = Some(fd);
         let holders = self.index.entry(lock.key).or_default();
@@ -289,10 +306,13 @@ impl Table {
         for r in resources {
             r.validate()?;
         }
-        if flags.register_only {
-            if let Some(owner) = self.owners.get_mut(uuid) {
+        if let Some(owner) = self.owners.get_mut(uuid) {
+            if !owner.flags_set {
                 owner.flags = flags.clone();
+                owner.flags_set = true;
             }
+        }
+        if flags.register_only {
             return Ok(Vec::new());
         }
         if self.config.requires_lease()
@@ -401,6 +421,7 @@ impl Table {
                     fd: Some(fd),
                     since: now,
                     version,
+                    lost: false,
                 },
             );
             self.index
@@ -412,6 +433,7 @@ impl Table {
                 version,
                 since: now,
                 confirmed: true,
+                lost: false,
             });
         }
         Ok(granted)
@@ -564,6 +586,7 @@ impl Table {
                     version: grant.version,
                     since: grant.since,
                     confirmed: true,
+                    lost: false,
                 });
             }
             closed.push(key);
@@ -693,6 +716,60 @@ impl Table {
         same && self.remove_owner(uuid)
     }
 
+    /// Finds leases lost under running guests: the locked file was removed or replaced (its path
+    /// no longer reaches the locked inode) or cannot be reached. Each loss is reported once.
+    pub fn check_leases(&mut self) -> Vec<LostLease> {
+        let mut lost = Vec::new();
+        let indirect = self.config.file_lockspace_dir.is_some();
+        let mut findings: Vec<(String, LockKey)> = Vec::new();
+        for (uuid, owner) in &self.owners {
+            for (key, grant) in &owner.grants {
+                if grant.lost || grant.fd.is_none() {
+                    continue;
+                }
+                let target = match self.target(&grant.resource) {
+                    Ok((path, _, _)) => path,
+                    // Indirect mode cannot name the lock file once the disk is gone; the lock
+                    // file itself is what matters there.
+                    Err(_) if indirect => continue,
+                    Err(_) => {
+                        findings.push((uuid.clone(), *key));
+                        continue;
+                    }
+                };
+                let same = std::fs::metadata(&target)
+                    .is_ok_and(|m| m.dev() == key.dev && m.ino() == key.ino);
+                if !same {
+                    findings.push((uuid.clone(), *key));
+                }
+            }
+        }
+        for (uuid, key) in findings {
+            let Some(owner) = self.owners.get_mut(&uuid) else {
+                continue;
+            };
+            let Some(grant) = owner.grants.get_mut(&key) else {
+                continue;
+            };
+            grant.lost = true;
+            let label = grant.resource.label();
+            let Ok(process) = ProcessHandle::open(owner.vm.pid, Some(owner.process.start_time))
+            else {
+                continue;
+            };
+            match lost.iter_mut().find(|l: &&mut LostLease| l.vm.uuid == uuid) {
+                Some(l) => l.resources.push(label),
+                None => lost.push(LostLease {
+                    vm: owner.vm.clone(),
+                    resources: vec![label],
+                    flags: owner.flags.clone(),
+                    process,
+                }),
+            }
+        }
+        lost
+    }
+
     /// The state file's content.
     pub fn persisted(&self) -> Persisted {
         Persisted {
@@ -746,6 +823,7 @@ impl Table {
                             fd: None,
                             since,
                             version,
+                            lost: false,
                         },
                     )
                 })
@@ -758,6 +836,7 @@ impl Table {
                     process,
                     holder: None,
                     flags: p.flags,
+                    flags_set: true,
                     grants,
                 },
             );
@@ -776,6 +855,7 @@ fn held(owner: &Owner) -> Vec<HeldResource> {
             version: g.version,
             since: g.since,
             confirmed: g.fd.is_some(),
+            lost: g.lost,
         })
         .collect()
 }
