@@ -405,6 +405,58 @@ pub fn migration_driver_mismatch(h: &dyn Harness) {
     assert!(matches!(e, Error::DriverMismatch { .. }), "{e}");
 }
 
+/// A destination presenting a forged state (a version that is not current), or the state of a
+/// migration that already completed, is refused (drivers that keep lock state).
+pub fn migration_stale_or_forged_state(h: &dyn Harness) {
+    let caps = h.plugin().driver().capabilities();
+    if !caps.lock_state || !caps.migration {
+        return;
+    }
+    let Some((mut src, vm_dst, disks, mut src_guest, _dst_guest, state)) = migration_pair(h) else {
+        return;
+    };
+    let mut forged = state.clone();
+    for e in &mut forged.entries {
+        e.version += 7;
+    }
+    let e = domain::migration_incoming(
+        &h.plugin(),
+        vm_dst.clone(),
+        disks.clone(),
+        &forged,
+        &AcquireOptions::default(),
+    )
+    .expect_err("forged versions");
+    assert!(matches!(e, Error::InvalidLockState { .. }), "{e}");
+    let mut dst = domain::migration_incoming(
+        &h.plugin(),
+        vm_dst.clone(),
+        disks.clone(),
+        &state,
+        &AcquireOptions::default(),
+    )
+    .expect("the true state works");
+    domain::migration_finish(&mut src, &mut dst).expect("finish");
+    src_guest.kill();
+    src.shutdown().expect("source shutdown");
+    let g = Guest::spawn();
+    let e = domain::migration_incoming(
+        &h.plugin(),
+        vm_dst.with_pid(g.pid()),
+        disks,
+        &state,
+        &AcquireOptions::default(),
+    )
+    .expect_err("a completed migration's state is stale");
+    assert!(
+        matches!(
+            e,
+            Error::InvalidLockState { .. } | Error::InvalidState { .. }
+        ),
+        "{e}"
+    );
+}
+
 /// Steps in the wrong order and bad input are refused with clear errors and change nothing.
 pub fn bad_input_changes_nothing(h: &dyn Harness) {
     let g = Guest::spawn();
@@ -444,7 +496,8 @@ macro_rules! conformance_tests {
             start_and_shutdown, conflicting_second_vm, shared_disks, readonly_disks,
             idempotent_and_drop_keeps_locks, restart_with_running_guest, hotplug_and_unplug,
             owner_death, migration_success, migration_cancel_on_destination,
-            migration_cancel_on_source, migration_driver_mismatch, bad_input_changes_nothing);
+            migration_cancel_on_source, migration_driver_mismatch, migration_stale_or_forged_state,
+            bad_input_changes_nothing);
     };
     (@each $harness:expr; $($name:ident),*) => {
         $(

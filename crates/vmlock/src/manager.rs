@@ -321,8 +321,12 @@ impl Manager {
     pub fn complete_migration(&mut self, outcome: MigrationOutcome) -> Result<()> {
         self.require(self.capabilities.migration, "migration")?;
         let incoming = self.mode == StartMode::IncomingMigration;
+        // A manager attached after a VM-manager restart (or a CLI step) may complete a migration
+        // that another manager object prepared.
         let allowed: &[Phase] = if incoming {
             &[Phase::Held, Phase::Created]
+        } else if self.mode == StartMode::Attach {
+            &[Phase::Held, Phase::MigratingOut]
         } else {
             &[Phase::MigratingOut]
         };
@@ -366,7 +370,13 @@ impl Manager {
         if self.phase == Phase::ShutDown {
             return Ok(());
         }
-        if let Some(pid) = self.session.guest_pid().ok().flatten().or(self.vm.pid) {
+        // The guest this manager was given first: after a migration the service may already
+        // name the destination's guest, which must not keep the source from shutting down.
+        let pid = match self.vm.pid {
+            Some(pid) => Some(pid),
+            None => self.session.guest_pid().ok().flatten(),
+        };
+        if let Some(pid) = pid {
             if crate::process::is_running(pid) {
                 return Err(Error::GuestRunning {
                     vm: self.vm.name.clone(),

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -154,23 +155,50 @@ pub fn unexpected(reply: &Reply) -> Error {
 pub struct Holder {
     thread: Option<JoinHandle<()>>,
     kept: Arc<Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>>,
+    stop: Arc<AtomicBool>,
+    stream: UnixStream,
 }
 
 impl Holder {
     /// Connects, registers as `vm`'s holder, and starts keeping.
     pub fn start(endpoint: &Endpoint, vm: VmIdentity) -> Result<Self, Error> {
+        Self::start_as(endpoint, vm, false)
+    }
+
+    /// The same for the destination of a migration prepared on the source.
+    pub fn start_incoming(endpoint: &Endpoint, vm: VmIdentity) -> Result<Self, Error> {
+        Self::start_as(endpoint, vm, true)
+    }
+
+    fn start_as(endpoint: &Endpoint, vm: VmIdentity, incoming: bool) -> Result<Self, Error> {
         let kept = Arc::new(Mutex::new(BTreeMap::new()));
-        let conn = register(endpoint, &vm, &kept)?;
-        let thread_kept = Arc::clone(&kept);
+        let conn = register(endpoint, &vm, &kept, incoming)?;
+        let stream = conn
+            .try_clone()
+            .map_err(|e| Error::io("holder socket", &e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_kept, thread_stop) = (Arc::clone(&kept), Arc::clone(&stop));
         let endpoint = endpoint.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vmlock-holder-{}", vm.name))
-            .spawn(move || hold_loop(conn, endpoint, vm, thread_kept))
+            .spawn(move || hold_loop(conn, endpoint, vm, thread_kept, thread_stop))
             .map_err(|e| Error::io("starting the lock holder thread", &e))?;
         Ok(Holder {
             thread: Some(thread),
             kept,
+            stop,
+            stream,
         })
+    }
+
+    /// Gives up: closes the holder connection and every kept description. Only for a holder that
+    /// keeps nothing yet (a failed start), or whose VM the daemon already released.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
     /// How many locks it keeps now.
@@ -195,6 +223,7 @@ fn register(
     endpoint: &Endpoint,
     vm: &VmIdentity,
     kept: &Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>,
+    incoming: bool,
 ) -> Result<UnixStream, Error> {
     let mut conn = endpoint.connect()?;
     let kept = kept.lock().map_err(|_| Error::ServiceUnavailable {
@@ -206,6 +235,7 @@ fn register(
         &Request::Hold {
             vm: vm.clone(),
             adopt,
+            incoming,
         },
         &fds,
     ) {
@@ -224,6 +254,7 @@ fn hold_loop(
     endpoint: Endpoint,
     vm: VmIdentity,
     kept: Arc<Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>>,
+    stop: Arc<AtomicBool>,
 ) {
     let reconnect = Endpoint {
         auto_start: false,
@@ -255,17 +286,12 @@ fn hold_loop(
             }
             Err(_) => {
                 // The daemon died or restarts. Keep every description (the kernel keeps the locks)
-                // and wait for the next daemon. Nothing held means nothing to protect.
-                if kept.lock().map(|k| k.is_empty()).unwrap_or(true)
-                    && !crate::client::guest_alive(&vm)
-                {
-                    return;
-                }
+                // and wait for the next daemon.
                 stream = loop {
-                    if !guest_alive(&vm) {
+                    if stop.load(Ordering::Acquire) || !guest_alive(&vm) {
                         return; // the guest is gone: its locks may go with us
                     }
-                    match register(&reconnect, &vm, &kept) {
+                    match register(&reconnect, &vm, &kept, false) {
                         Ok(s) => break s,
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use vmlock::registry::check_config_keys;
 use vmlock::{
-    AcquireOptions, Capabilities, Driver, DriverConfig, Error, LockState, Resource, Result,
-    Session, StartMode, StateEntry, SupervisorCommand, VmParams,
+    AcquireOptions, Capabilities, Driver, DriverConfig, Error, LockState, MigrationOutcome,
+    Resource, Result, Session, StartMode, StateEntry, SupervisorCommand, VmParams,
 };
 
 /// Name of the driver.
@@ -84,7 +84,7 @@ impl Driver for LockdDriver {
             disk_resources: true,
             leases: true,
             hotplug: true,
-            migration: false,
+            migration: true,
             lock_state: true,
             exclusion: true,
             supervisor: true,
@@ -115,6 +115,7 @@ impl Driver for LockdDriver {
             conn,
             vm: identity,
             holder: None,
+            mode,
         }))
     }
 
@@ -172,6 +173,7 @@ struct LockdSession {
     conn: Connection,
     vm: VmIdentity,
     holder: Option<Holder>,
+    mode: StartMode,
 }
 
 impl LockdSession {
@@ -206,6 +208,27 @@ impl Session for LockdSession {
         if let Some(state) = state {
             state.check_driver(NAME)?;
         }
+        if self.mode == StartMode::IncomingMigration {
+            let state = state.ok_or_else(|| Error::InvalidLockState {
+                reason: "a migration destination needs the source's state".into(),
+            })?;
+            let holder = Holder::start_incoming(&self.endpoint, self.vm.clone())?;
+            let versions = state
+                .entries
+                .iter()
+                .map(|e| (e.resource.clone(), e.version))
+                .collect();
+            if let Err(e) = self.held(&Request::AcquireIncoming {
+                uuid: self.vm.uuid.clone(),
+                versions,
+            }) {
+                holder.stop(); // takes nothing: the source keeps everything
+                return Err(e);
+            }
+            self.holder = Some(holder);
+            return Ok(());
+        }
+        let mut fresh_holder = false;
         if self.holder.is_none()
             && self
                 .conn
@@ -218,6 +241,7 @@ impl Session for LockdSession {
                 .is_err()
         {
             self.holder = Some(Holder::start(&self.endpoint, self.vm.clone())?);
+            fresh_holder = true;
         }
         let flags = AcquireFlags {
             register_only: options.register_only,
@@ -226,12 +250,18 @@ impl Session for LockdSession {
             hold_qemu_bytes: options.hold_qemu_bytes,
             qmp_socket: options.qmp_socket.clone(),
         };
-        self.held(&Request::Acquire {
+        let result = self.held(&Request::Acquire {
             uuid: self.vm.uuid.clone(),
             resources: resources.to_vec(),
             flags,
-        })?;
-        Ok(())
+        });
+        if result.is_err() && fresh_holder {
+            // A start that failed leaves no owner behind, so the VM manager can retry.
+            if let Some(h) = self.holder.take() {
+                h.stop();
+            }
+        }
+        result.map(|_| ())
     }
 
     fn release(&mut self, resources: &[Resource]) -> Result<LockState> {
@@ -277,11 +307,31 @@ impl Session for LockdSession {
         }
     }
 
+    fn prepare_migration(&mut self, _destination_uri: &str) -> Result<LockState> {
+        self.held(&Request::MigratePrepare {
+            uuid: self.vm.uuid.clone(),
+        })
+    }
+
+    fn complete_migration(&mut self, outcome: MigrationOutcome, _incoming: bool) -> Result<()> {
+        let success = outcome == MigrationOutcome::Success;
+        match self.conn.call(
+            &Request::MigrateComplete {
+                uuid: self.vm.uuid.clone(),
+                success,
+            },
+            &[],
+        )? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         match self.conn.call(
-            &Request::Release {
+            &Request::Shutdown {
                 uuid: self.vm.uuid.clone(),
-                resources: None,
+                guest_pid: self.vm.pid,
             },
             &[],
         ) {

@@ -119,6 +119,9 @@ pub enum Request {
         vm: VmIdentity,
         /// Descriptions kept from before.
         adopt: Vec<HeldLock>,
+        /// This holder is the destination of a migration of `vm` prepared on the source.
+        #[serde(default)]
+        incoming: bool,
     },
     /// Takes `resources` for VM `uuid`, all or nothing.
     Acquire {
@@ -128,6 +131,36 @@ pub enum Request {
         resources: Vec<Resource>,
         /// Options.
         flags: AcquireFlags,
+    },
+    /// Destination of a migration: take over `resources` from the source of VM `uuid`, as of
+    /// `versions` (the state the source handed out). Refused if any version is not current.
+    AcquireIncoming {
+        /// The VM.
+        uuid: String,
+        /// What to take over, with the version the source's state gave each.
+        versions: Vec<(Resource, u64)>,
+    },
+    /// Source of a migration: the state to hand to the destination. The source keeps holding.
+    MigratePrepare {
+        /// The VM.
+        uuid: String,
+    },
+    /// End a migration of VM `uuid`: on success the destination becomes the owner and every
+    /// version grows (the source's old state turns stale); on cancel the destination lets go and
+    /// the source keeps everything. Idempotent, so both sides may call it.
+    MigrateComplete {
+        /// The VM.
+        uuid: String,
+        /// Success or cancel.
+        success: bool,
+    },
+    /// The guest `guest_pid` is gone: release everything VM `uuid` holds, unless the VM's locks
+    /// now belong to another guest (it migrated away), in which case nothing happens.
+    Shutdown {
+        /// The VM.
+        uuid: String,
+        /// The guest that ended.
+        guest_pid: u32,
     },
     /// Releases `resources` (all the VM holds when `None`).
     Release {

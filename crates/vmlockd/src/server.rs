@@ -246,8 +246,12 @@ impl Daemon {
             };
             let reply = match request {
                 _ if restricted => Reply::Error(Error::Restricted),
-                Request::Hold { vm, adopt } => {
-                    self.serve_holder(stream, peer_pid, vm, adopt, fds);
+                Request::Hold {
+                    vm,
+                    adopt,
+                    incoming,
+                } => {
+                    self.serve_holder(stream, peer_pid, vm, adopt, fds, incoming);
                     return;
                 }
                 Request::Restrict => {
@@ -285,6 +289,25 @@ impl Daemon {
                     Err(e) => Reply::Error(e),
                 }
             }
+            Request::AcquireIncoming { uuid, versions } => {
+                match table.acquire_incoming(&uuid, &versions) {
+                    Ok(held) => Reply::Held(held),
+                    Err(e) => Reply::Error(e),
+                }
+            }
+            Request::MigratePrepare { uuid } => table
+                .migrate_prepare(&uuid)
+                .map_or_else(Reply::Error, Reply::Held),
+            Request::MigrateComplete { uuid, success } => {
+                let r = table.migrate_complete(&uuid, success);
+                self.persist(&table);
+                r.map_or_else(Reply::Error, |()| Reply::Ok)
+            }
+            Request::Shutdown { uuid, guest_pid } => {
+                let r = table.shutdown(&uuid, guest_pid);
+                self.persist(&table);
+                r.map_or_else(Reply::Error, Reply::Held)
+            }
             Request::GuestStarted { uuid, pid } => {
                 match table.guest_started(&uuid, pid, peer_pid) {
                     Ok(()) => {
@@ -321,6 +344,7 @@ impl Daemon {
         vm: crate::proto::VmIdentity,
         adopt: Vec<HeldLock>,
         fds: Vec<OwnedFd>,
+        incoming: bool,
     ) {
         let Ok(writer) = stream.try_clone() else {
             return;
@@ -337,7 +361,12 @@ impl Daemon {
             })
         } else {
             let mut table = self.lock_table();
-            let r = table.hold(vm, adopt.into_iter().zip(fds).collect(), Arc::clone(&link));
+            let r = table.hold(
+                vm,
+                adopt.into_iter().zip(fds).collect(),
+                Arc::clone(&link),
+                incoming,
+            );
             self.persist(&table);
             r
         };

@@ -57,6 +57,25 @@ struct Owner {
     /// Whether `flags` came from the VM's first acquire (hotplug acquires do not change them).
     flags_set: bool,
     grants: BTreeMap<LockKey, Grant>,
+    /// A migration prepared on this (source) VM, and its destination once it registered.
+    migration: Option<Migration>,
+}
+
+/// An outgoing migration: the source keeps owning everything until it completes.
+#[derive(Debug, Default)]
+struct Migration {
+    incoming: Option<Incoming>,
+}
+
+/// The destination side of a migration on this host.
+#[derive(Debug)]
+struct Incoming {
+    link: Arc<HolderLink>,
+    holder_pid: u32,
+    process: ProcessHandle,
+    pid: u32,
+    /// The destination's holder keeps copies of every description.
+    taken: bool,
 }
 
 impl Owner {
@@ -128,9 +147,13 @@ impl Table {
         vm: VmIdentity,
         adopt: Vec<(HeldLock, OwnedFd)>,
         link: Arc<HolderLink>,
+        incoming: bool,
     ) -> Result<(), Error> {
         vmlock::params::parse_uuid(&vm.uuid)?;
         vmlock::params::validate_name(&vm.name)?;
+        if incoming {
+            return self.hold_incoming(vm, link);
+        }
         if let Some(existing) = self.owners.get_mut(&vm.uuid) {
             // After a restart only the process that kept the descriptions may take them back.
             if existing.holder.as_ref().is_some_and(|h| h.is_connected())
@@ -159,6 +182,7 @@ impl Table {
                     flags: AcquireFlags::default(),
                     flags_set: false,
                     grants: BTreeMap::new(),
+                    migration: None,
                 },
             );
         }
@@ -605,6 +629,21 @@ impl Table {
     /// Forgets VM `uuid`, unlocking everything it held (its guest died, its holder went away, or
     /// it was shut down).
     pub fn remove_owner(&mut self, uuid: &str) -> bool {
+        // A source that dies while its destination keeps copies of every description hands the
+        // VM over instead: unlocking would leave the destination guest unprotected.
+        let handover = self
+            .owners
+            .get(uuid)
+            .and_then(|o| o.migration.as_ref())
+            .and_then(|m| m.incoming.as_ref())
+            .is_some_and(|i| i.taken && i.link.is_connected() && !i.process.has_exited());
+        if handover && self.migrate_complete(uuid, true).is_ok() {
+            tracing::warn!(
+                uuid,
+                "migration source ended; the destination now owns the VM's locks"
+            );
+            return false;
+        }
         let Some(owner) = self.owners.remove(uuid) else {
             return false;
         };
@@ -621,8 +660,175 @@ impl Table {
         true
     }
 
+    fn hold_incoming(&mut self, vm: VmIdentity, link: Arc<HolderLink>) -> Result<(), Error> {
+        let host = self.host.clone();
+        let owner = self
+            .owners
+            .get_mut(&vm.uuid)
+            .ok_or_else(|| not_migrating(&vm.uuid))?;
+        let migration = owner
+            .migration
+            .as_mut()
+            .ok_or_else(|| not_migrating(&vm.uuid))?;
+        if migration
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.link.is_connected())
+        {
+            return Err(Error::OwnerExists {
+                uuid: vm.uuid.clone(),
+                holder: owner.holder_identity(&host),
+            });
+        }
+        let process = ProcessHandle::open(vm.pid, None).map_err(|e| {
+            Error::io(
+                format!("destination guest process {} of VM \"{}\"", vm.pid, vm.name),
+                &e,
+            )
+        })?;
+        migration.incoming = Some(Incoming {
+            holder_pid: link.pid(),
+            link,
+            process,
+            pid: vm.pid,
+            taken: false,
+        });
+        Ok(())
+    }
+
+    /// Source side: the versions to hand to the destination; marks the VM as migrating.
+    pub fn migrate_prepare(&mut self, uuid: &str) -> Result<Vec<HeldResource>, Error> {
+        let owner = self
+            .owners
+            .get_mut(uuid)
+            .ok_or_else(|| Error::UnknownOwner {
+                uuid: uuid.to_owned(),
+            })?;
+        if owner.grants.values().any(|g| g.fd.is_none()) {
+            return Err(Error::ServiceUnavailable {
+                reason: "the VM's supervisor has not reconnected since the daemon restarted".into(),
+            });
+        }
+        owner.migration.get_or_insert_with(Migration::default);
+        Ok(held(owner))
+    }
+
+    /// Destination side: takes copies of the source's descriptions, if `versions` are current.
+    pub fn acquire_incoming(
+        &mut self,
+        uuid: &str,
+        versions: &[(Resource, u64)],
+    ) -> Result<Vec<HeldResource>, Error> {
+        let owner = self
+            .owners
+            .get_mut(uuid)
+            .ok_or_else(|| not_migrating(uuid))?;
+        let incoming = owner
+            .migration
+            .as_mut()
+            .and_then(|m| m.incoming.as_mut())
+            .ok_or_else(|| not_migrating(uuid))?;
+        let stale = |reason: String| Error::InvalidLockState {
+            reason: format!("stale or forged migration state: {reason}"),
+        };
+        let mut locks = Vec::new();
+        let mut fds = Vec::new();
+        for (resource, version) in versions {
+            let (key, grant) = owner
+                .grants
+                .iter()
+                .find(|(_, g)| g.resource == *resource)
+                .ok_or_else(|| stale(format!("{} is not held by the source", resource.label())))?;
+            if grant.version != *version {
+                return Err(stale(format!(
+                    "{} is at version {}, the state says {version}",
+                    resource.label(),
+                    grant.version
+                )));
+            }
+            let fd = grant.fd.as_ref().ok_or_else(|| Error::ServiceUnavailable {
+                reason: "the source's supervisor has not reconnected".into(),
+            })?;
+            fds.push(
+                fd.try_clone()
+                    .map_err(|e| Error::io("duplicating a lock description", &e))?,
+            );
+            locks.push(HeldLock {
+                resource: grant.resource.clone(),
+                key: *key,
+            });
+        }
+        if locks.len() != owner.grants.len() {
+            let missing: Vec<String> = owner
+                .grants
+                .values()
+                .filter(|g| !versions.iter().any(|(r, _)| *r == g.resource))
+                .map(|g| g.resource.label())
+                .collect();
+            return Err(stale(format!("it leaves out {}", missing.join(", "))));
+        }
+        // The destination keeps copies of the very descriptions that hold the locks: there is no
+        // instant at which the disks are unlocked.
+        incoming.link.keep(&locks, &fds)?;
+        incoming.taken = true;
+        Ok(held(owner))
+    }
+
+    /// Ends a migration (see [`crate::proto::Request::MigrateComplete`]).
+    pub fn migrate_complete(&mut self, uuid: &str, success: bool) -> Result<(), Error> {
+        let Some(owner) = self.owners.get_mut(uuid) else {
+            return Ok(());
+        };
+        let Some(migration) = owner.migration.take() else {
+            return Ok(());
+        };
+        if !success {
+            if let Some(incoming) = migration.incoming {
+                incoming.link.finished(); // the destination drops its copies; nothing is unlocked
+            }
+            return Ok(());
+        }
+        let Some(incoming) = migration.incoming.filter(|i| i.taken) else {
+            owner.migration = None;
+            return Err(Error::invalid_state("finish the migration", "the destination has not taken the leases over; the migration is cancelled and the source keeps them"));
+        };
+        let old = owner.holder.replace(Arc::clone(&incoming.link));
+        owner.holder_pid = incoming.holder_pid;
+        owner.process = incoming.process;
+        owner.vm.pid = incoming.pid;
+        // New generation: the state the source handed out is stale from now on.
+        for (key, grant) in owner.grants.iter_mut() {
+            grant.version += 1;
+            self.versions.insert(*key, (uuid.to_owned(), grant.version));
+        }
+        if let Some(old) = old {
+            old.finished(); // the source drops its copies; the destination's keep the locks
+        }
+        Ok(())
+    }
+
+    /// The guest `guest_pid` of `uuid` ended: release everything, unless the VM now runs as
+    /// another guest (migrated away).
+    pub fn shutdown(&mut self, uuid: &str, guest_pid: u32) -> Result<Vec<HeldResource>, Error> {
+        match self.owners.get(uuid) {
+            None => Ok(Vec::new()),
+            Some(o) if o.vm.pid != guest_pid => Ok(Vec::new()),
+            Some(_) => self.release(uuid, None),
+        }
+    }
+
     /// The holder connection of `uuid` closed: if it is still that VM's holder, the VM is gone.
     pub fn holder_closed(&mut self, uuid: &str, link: &Arc<HolderLink>) -> bool {
+        if let Some(migration) = self.owners.get_mut(uuid).and_then(|o| o.migration.as_mut()) {
+            if migration
+                .incoming
+                .as_ref()
+                .is_some_and(|i| Arc::ptr_eq(&i.link, link))
+            {
+                migration.incoming = None; // the destination went away: the source keeps all
+                return false;
+            }
+        }
         let is_current = self
             .owners
             .get(uuid)
@@ -640,6 +846,21 @@ impl Table {
             .ok_or_else(|| Error::UnknownOwner {
                 uuid: uuid.to_owned(),
             })?;
+        if let Some(incoming) = owner.migration.as_mut().and_then(|m| m.incoming.as_mut()) {
+            if incoming.holder_pid == caller_pid {
+                if vmlock::process::stat(pid).map(|s| s.ppid) != Some(caller_pid) {
+                    return Err(Error::PermissionDenied {
+                        reason: format!(
+                            "process {pid} is not a child of the destination supervisor"
+                        ),
+                    });
+                }
+                incoming.process = ProcessHandle::open(pid, None)
+                    .map_err(|e| Error::io(format!("guest process {pid}"), &e))?;
+                incoming.pid = pid;
+                return Ok(());
+            }
+        }
         let holder_pid = owner.holder.as_ref().map(|h| h.pid());
         let parent = vmlock::process::stat(pid).map(|s| s.ppid);
         if parent.is_none() || (parent != holder_pid && parent != Some(caller_pid)) {
@@ -837,6 +1058,7 @@ impl Table {
                     holder: None,
                     flags: p.flags,
                     flags_set: true,
+                    migration: None,
                     grants,
                 },
             );
@@ -874,6 +1096,13 @@ fn kind_of(resource: &Resource) -> LockKind {
         DiskMode::Shared => LockKind::Shared,
         _ => LockKind::Exclusive,
     }
+}
+
+fn not_migrating(uuid: &str) -> Error {
+    Error::invalid_state(
+        "receive an incoming migration",
+        format!("VM {uuid} is not being migrated from this host: run migrate-prepare on the source first"),
+    )
 }
 
 /// QEMU's per-permission lock bytes (`block/file-posix.c`): 100 + i "holds", 200 + i "does not
