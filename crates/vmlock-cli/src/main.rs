@@ -5,7 +5,9 @@ mod supervise;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use vmlock::{DriverConfig, Manager, Plugin, Registry, Resource, StartMode, VmParams};
+use vmlock::{
+    DriverConfig, Manager, MigrationOutcome, Plugin, Registry, Resource, StartMode, VmParams,
+};
 use vmlockd::client::Endpoint;
 use vmlockd::proto::{Reply, Request};
 use vmlockd::runtime::RuntimeDir;
@@ -65,6 +67,28 @@ enum Command {
         /// PATH[,shared|,readonly]
         #[arg(long)]
         disk: String,
+    },
+    /// Migration source: print the lock state to hand to the destination (`run --incoming`).
+    /// The source keeps holding everything until migrate-finish.
+    MigratePrepare {
+        /// The VM's uuid.
+        #[arg(long)]
+        uuid: String,
+        /// The destination's URI (informational).
+        #[arg(long, default_value = "vmlock://localhost")]
+        destination: String,
+    },
+    /// The migration succeeded: the destination now owns the VM's locks.
+    MigrateFinish {
+        /// The VM's uuid.
+        #[arg(long)]
+        uuid: String,
+    },
+    /// The migration failed or was cancelled: the source keeps everything, the destination nothing.
+    MigrateCancel {
+        /// The VM's uuid.
+        #[arg(long)]
+        uuid: String,
     },
     /// Run the lock daemon in the foreground (what the CLI starts when none runs).
     #[command(hide = true)]
@@ -165,6 +189,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::DetachDisk { uuid, disk } => {
             let disk: Resource = disk.parse()?;
             vmlock::domain::disk_detach(&mut ctx.attach(&uuid)?, &disk)?;
+            Ok(0)
+        }
+        Command::MigratePrepare { uuid, destination } => {
+            println!("{}", ctx.attach(&uuid)?.prepare_migration(&destination)?);
+            Ok(0)
+        }
+        Command::MigrateFinish { uuid } => {
+            ctx.attach(&uuid)?
+                .complete_migration(MigrationOutcome::Success)?;
+            Ok(0)
+        }
+        Command::MigrateCancel { uuid } => {
+            ctx.attach(&uuid)?
+                .complete_migration(MigrationOutcome::Cancel)?;
             Ok(0)
         }
         Command::Daemon { .. } => Ok(0),

@@ -12,7 +12,9 @@ use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::Command;
-use vmlock::{AcquireOptions, LockFailureAction, Manager, Plugin, Resource, StartMode, VmParams};
+use vmlock::{
+    AcquireOptions, LockFailureAction, LockState, Manager, Plugin, Resource, StartMode, VmParams,
+};
 
 /// Arguments of `vmlock run`.
 #[derive(Debug, clap::Args)]
@@ -42,6 +44,10 @@ pub struct RunArgs {
     /// qemu-img refuses to open the disks.
     #[arg(long)]
     hold_qemu_bytes: bool,
+    /// Destination of a migration: take the leases over from the source with the state that
+    /// `vmlock migrate-prepare` printed there. The guest should be started with `-incoming`.
+    #[arg(long, value_name = "STATE")]
+    incoming: Option<String>,
     /// The guest's program and arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -90,11 +96,20 @@ pub fn run(plugin: &Plugin, args: RunArgs) -> anyhow::Result<i32> {
 
     // This process keeps one description per lock.
     vmlockd::raise_fd_limit();
-    let mut manager = Manager::new(plugin, vm, StartMode::Start)?;
+    let incoming: Option<LockState> = args.incoming.as_deref().map(str::parse).transpose()?;
+    let mode = if incoming.is_some() {
+        StartMode::IncomingMigration
+    } else {
+        StartMode::Start
+    };
+    let mut manager = Manager::new(plugin, vm, mode)?;
     for r in resources {
         manager.register_resource(r)?;
     }
-    manager.acquire(&options)?;
+    match &incoming {
+        Some(state) => manager.acquire_incoming(state, &options)?,
+        None => manager.acquire(&options)?,
+    }
     let held = manager.inquire().map(|s| s.entries.len()).unwrap_or(0);
 
     let supervisor = nix::unistd::getpid();

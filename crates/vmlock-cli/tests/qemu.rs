@@ -536,3 +536,241 @@ fn pause_without_a_qmp_socket_is_refused_before_the_guest_starts() {
     assert!(!out.status.success() && !marker.exists());
     assert!(String::from_utf8_lossy(&out.stderr).contains("restart"));
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The destination of a migration: the same VM (uuid, name, disk) under `vmlock run --incoming`.
+fn start_destination(env: &Env, src: &Vm, name: &str, disk: &Path, state: &str) -> Vm {
+    let qmp_path = env.dir.path().join(format!("{name}-dst.qmp"));
+    let mut qemu = qemu_args(disk, &qmp_path);
+    qemu.extend(["-incoming".into(), "defer".into()]);
+    let mut supervisor = env
+        .vmlock()
+        .args([
+            "run",
+            "--name",
+            name,
+            "--uuid",
+            &src.uuid,
+            "--incoming",
+            state,
+            "--disk",
+        ])
+        .arg(disk)
+        .arg("--")
+        .args(qemu)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(supervisor.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let qemu_pid = line
+        .rsplit("guest pid ")
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("destination did not start: {line:?}"));
+    Vm {
+        supervisor,
+        stderr,
+        qemu_pid,
+        qmp_path,
+        uuid: src.uuid.clone(),
+    }
+}
+
+fn prepare(env: &Env, uuid: &str) -> String {
+    let out = env.output(&["migrate-prepare", "--uuid", uuid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn assert_refused(env: &Env, disk: &Path, step: &str) {
+    let (out, started) = try_start(env, "third", disk);
+    assert!(
+        !out.status.success() && !started,
+        "a third VM got the disk {step}"
+    );
+}
+
+/// Waits for QEMU's MIGRATION event with a final status.
+fn migration_result(qmp: &mut Qmp) -> String {
+    loop {
+        let ev = qmp.wait_event("MIGRATION").unwrap();
+        let status = ev["data"]["status"].as_str().unwrap_or_default().to_owned();
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            return status;
+        }
+    }
+}
+
+#[test]
+fn live_migration_hands_the_lease_over_and_a_third_vm_never_gets_it() {
+    let env = Env::new();
+    let disk = env.qcow2("m.qcow2");
+    let src = Vm::start(&env, "mover", &disk);
+    let mut src_qmp = src.qmp();
+    assert_refused(&env, &disk, "before migration");
+
+    let state = prepare(&env, &src.uuid);
+    assert!(state.starts_with("vmlock1;lockd;d:"), "{state}");
+    assert_refused(&env, &disk, "after prepare");
+
+    let dst = start_destination(&env, &src, "mover", &disk, &state);
+    let mut dst_qmp = dst.qmp();
+    assert_refused(&env, &disk, "with the destination holding copies");
+
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    dst_qmp
+        .execute("migrate-incoming", json!({"uri": uri}))
+        .unwrap();
+    src_qmp
+        .execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]}),
+        )
+        .unwrap();
+    src_qmp.execute("migrate", json!({"uri": uri})).unwrap();
+    assert_eq!(migration_result(&mut src_qmp), "completed");
+    assert_refused(&env, &disk, "between switchover and finish");
+
+    let out = env.output(&["migrate-finish", "--uuid", &src.uuid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dst_qmp.execute("cont", json!({})).unwrap();
+    assert_eq!(
+        dst_qmp.execute("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+    src_qmp.execute("quit", json!({})).unwrap_or(json!(null));
+    assert_eq!(src.wait(), 0, "the source's QEMU exits");
+    assert_refused(&env, &disk, "after the source quit");
+
+    let pid = env.output(&["pid", "--uuid", &dst.uuid]);
+    assert_eq!(
+        String::from_utf8_lossy(&pid.stdout).trim(),
+        dst.qemu_pid.to_string(),
+        "the destination owns the VM"
+    );
+    // The state the source handed out is stale now: replaying it is refused.
+    let out = env
+        .vmlock()
+        .args([
+            "run",
+            "--name",
+            "replay",
+            "--uuid",
+            &dst.uuid,
+            "--incoming",
+            &state,
+            "--disk",
+        ])
+        .arg(&disk)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn cancelled_migration_leaves_the_source_holding_and_running() {
+    let env = Env::new();
+    let disk = env.qcow2("c.qcow2");
+    let src = Vm::start(&env, "stayer", &disk);
+    let mut src_qmp = src.qmp();
+
+    // Cancel on the destination side: the destination lets go, its QEMU is killed.
+    let state = prepare(&env, &src.uuid);
+    let dst = start_destination(&env, &src, "stayer", &disk, &state);
+    let out = env.output(&["migrate-cancel", "--uuid", &src.uuid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(dst);
+    assert_refused(&env, &disk, "after cancel on the destination");
+
+    // A migration that fails in QEMU (nobody listens), then cancel on the source.
+    let state = prepare(&env, &src.uuid);
+    let dst = start_destination(&env, &src, "stayer", &disk, &state);
+    src_qmp
+        .execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]}),
+        )
+        .unwrap();
+    src_qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("tcp:127.0.0.1:{}", free_port())}),
+        )
+        .unwrap();
+    assert_eq!(migration_result(&mut src_qmp), "failed");
+    let out = env.output(&["migrate-cancel", "--uuid", &src.uuid]);
+    assert!(out.status.success());
+    drop(dst);
+    assert_eq!(
+        src_qmp.execute("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+    assert_refused(&env, &disk, "after a failed migration");
+    let pid = env.output(&["pid", "--uuid", &src.uuid]);
+    assert_eq!(
+        String::from_utf8_lossy(&pid.stdout).trim(),
+        src.qemu_pid.to_string(),
+        "the source still owns the VM"
+    );
+
+    // A forged state (wrong version) is refused and never starts the destination's guest.
+    let state = prepare(&env, &src.uuid);
+    let forged = state
+        .rsplit_once(':')
+        .map(|(head, v)| format!("{head}:{}", v.parse::<u64>().unwrap() + 1))
+        .unwrap();
+    let marker = env.dir.path().join("forged-started");
+    let out = env
+        .vmlock()
+        .args([
+            "run",
+            "--name",
+            "stayer",
+            "--uuid",
+            &src.uuid,
+            "--incoming",
+            &forged,
+            "--disk",
+        ])
+        .arg(&disk)
+        .arg("--")
+        .arg("touch")
+        .arg(&marker)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && !marker.exists());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stale or forged"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.output(&["migrate-cancel", "--uuid", &src.uuid]);
+    assert!(out.status.success());
+    src_qmp.execute("quit", json!({})).unwrap_or(json!(null));
+    assert_eq!(src.wait(), 0);
+    let (out, started) = try_start(&env, "after", &disk);
+    assert!(out.status.success() && started, "free once the source quit");
+}
