@@ -144,18 +144,38 @@ impl Vm {
     }
 
     fn start_with(env: &Env, name: &str, disk: &Path, options: &[&str]) -> Self {
-        let uuid = uuid::Uuid::new_v4().to_string();
-        let qmp_path = env.dir.path().join(format!("{name}.qmp"));
+        Self::launch(
+            env,
+            name,
+            &uuid::Uuid::new_v4().to_string(),
+            disk,
+            options,
+            &[],
+        )
+    }
+
+    /// `vmlock run` of a QEMU guest; returns once the supervisor reports the guest started.
+    fn launch(
+        env: &Env,
+        name: &str,
+        uuid: &str,
+        disk: &Path,
+        options: &[&str],
+        extra_qemu: &[&str],
+    ) -> Self {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let qmp_path = env.dir.path().join(format!("{name}-{tag}.qmp"));
         // QEMU serves one client per QMP socket: vmlock gets its own, the test keeps the other.
-        let vmlock_qmp = env.dir.path().join(format!("{name}.vmlock.qmp"));
+        let vmlock_qmp = env.dir.path().join(format!("{name}-{tag}.vmlock.qmp"));
         let mut qemu = qemu_args(disk, &qmp_path);
         qemu.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", vmlock_qmp.display()),
         ]);
+        qemu.extend(extra_qemu.iter().map(|a| a.to_string()));
         let mut supervisor = env
             .vmlock()
-            .args(["run", "--name", name, "--uuid", &uuid, "--qmp"])
+            .args(["run", "--name", name, "--uuid", uuid, "--qmp"])
             .arg(&vmlock_qmp)
             .args(options)
             .arg("--disk")
@@ -179,7 +199,7 @@ impl Vm {
             stderr,
             qemu_pid,
             qmp_path,
-            uuid,
+            uuid: uuid.to_owned(),
         }
     }
 
@@ -547,42 +567,14 @@ fn free_port() -> u16 {
 
 /// The destination of a migration: the same VM (uuid, name, disk) under `vmlock run --incoming`.
 fn start_destination(env: &Env, src: &Vm, name: &str, disk: &Path, state: &str) -> Vm {
-    let qmp_path = env.dir.path().join(format!("{name}-dst.qmp"));
-    let mut qemu = qemu_args(disk, &qmp_path);
-    qemu.extend(["-incoming".into(), "defer".into()]);
-    let mut supervisor = env
-        .vmlock()
-        .args([
-            "run",
-            "--name",
-            name,
-            "--uuid",
-            &src.uuid,
-            "--incoming",
-            state,
-            "--disk",
-        ])
-        .arg(disk)
-        .arg("--")
-        .args(qemu)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(supervisor.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let qemu_pid = line
-        .rsplit("guest pid ")
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("destination did not start: {line:?}"));
-    Vm {
-        supervisor,
-        stderr,
-        qemu_pid,
-        qmp_path,
-        uuid: src.uuid.clone(),
-    }
+    Vm::launch(
+        env,
+        name,
+        &src.uuid,
+        disk,
+        &["--incoming", state],
+        &["-incoming", "defer"],
+    )
 }
 
 fn prepare(env: &Env, uuid: &str) -> String {

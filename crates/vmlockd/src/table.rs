@@ -243,9 +243,7 @@ impl Table {
         let owner = self
             .owners
             .get_mut(uuid)
-            .ok_or_else(|| Error::UnknownOwner {
-                uuid: uuid.to_owned(),
-            })?;
+            .ok_or_else(|| unknown_owner(uuid))?;
         let grant = owner.grants.entry(lock.key).or_insert_with(|| Grant {
             resource: lock.resource.clone(),
             fd: None,
@@ -313,9 +311,7 @@ impl Table {
         flags: &AcquireFlags,
     ) -> Result<Vec<HeldResource>, Error> {
         let holder = {
-            let owner = self.owners.get(uuid).ok_or_else(|| Error::UnknownOwner {
-                uuid: uuid.to_owned(),
-            })?;
+            let owner = self.owners.get(uuid).ok_or_else(|| unknown_owner(uuid))?;
             owner
                 .holder
                 .clone()
@@ -435,9 +431,7 @@ impl Table {
             let owner = self
                 .owners
                 .get_mut(uuid)
-                .ok_or_else(|| Error::UnknownOwner {
-                    uuid: uuid.to_owned(),
-                })?;
+                .ok_or_else(|| unknown_owner(uuid))?;
             owner.grants.insert(
                 lock.key,
                 Grant {
@@ -553,9 +547,7 @@ impl Table {
         let owner = self
             .owners
             .get_mut(uuid)
-            .ok_or_else(|| Error::UnknownOwner {
-                uuid: uuid.to_owned(),
-            })?;
+            .ok_or_else(|| unknown_owner(uuid))?;
         let mut keys = Vec::new();
         let mut failures = Vec::new();
         match resources {
@@ -701,9 +693,7 @@ impl Table {
         let owner = self
             .owners
             .get_mut(uuid)
-            .ok_or_else(|| Error::UnknownOwner {
-                uuid: uuid.to_owned(),
-            })?;
+            .ok_or_else(|| unknown_owner(uuid))?;
         if owner.grants.values().any(|g| g.fd.is_none()) {
             return Err(Error::ServiceUnavailable {
                 reason: "the VM's supervisor has not reconnected since the daemon restarted".into(),
@@ -843,9 +833,7 @@ impl Table {
         let owner = self
             .owners
             .get_mut(uuid)
-            .ok_or_else(|| Error::UnknownOwner {
-                uuid: uuid.to_owned(),
-            })?;
+            .ok_or_else(|| unknown_owner(uuid))?;
         if let Some(incoming) = owner.migration.as_mut().and_then(|m| m.incoming.as_mut()) {
             if incoming.holder_pid == caller_pid {
                 if vmlock::process::stat(pid).map(|s| s.ppid) != Some(caller_pid) {
@@ -879,9 +867,7 @@ impl Table {
 
     /// What VM `uuid` holds.
     pub fn inquire(&self, uuid: &str) -> Result<Vec<HeldResource>, Error> {
-        let owner = self.owners.get(uuid).ok_or_else(|| Error::UnknownOwner {
-            uuid: uuid.to_owned(),
-        })?;
+        let owner = self.owners.get(uuid).ok_or_else(|| unknown_owner(uuid))?;
         Ok(held(owner))
     }
 
@@ -890,9 +876,7 @@ impl Table {
         self.owners
             .get(uuid)
             .map(|o| o.vm.clone())
-            .ok_or_else(|| Error::UnknownOwner {
-                uuid: uuid.to_owned(),
-            })
+            .ok_or_else(|| unknown_owner(uuid))
     }
 
     /// Everything, sorted by VM name.
@@ -1095,6 +1079,12 @@ fn kind_of(resource: &Resource) -> LockKind {
     match resource.mode() {
         DiskMode::Shared => LockKind::Shared,
         _ => LockKind::Exclusive,
+    }
+}
+
+fn unknown_owner(uuid: &str) -> Error {
+    Error::UnknownOwner {
+        uuid: uuid.to_owned(),
     }
 }
 
