@@ -16,6 +16,7 @@ pub mod proto;
 pub mod qmp;
 pub mod runtime;
 pub mod server;
+pub mod store;
 pub mod sys;
 pub mod table;
 

@@ -7,9 +7,10 @@ use crate::proto::{
     read_frame, write_frame, HeldLock, ReadError, Reply, Request, PROTOCOL_VERSION,
 };
 use crate::runtime::RuntimeDir;
+use crate::store::Store;
 use crate::sys::ofd::{self, LockKind};
 use crate::sys::pidfd::ProcessHandle;
-use crate::table::{LostLease, Persisted, Table};
+use crate::table::{LostLease, Table};
 use rustix::event::{poll, PollFd, PollFlags};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -26,13 +27,13 @@ use vmlock::LockFailureAction;
 #[derive(Debug)]
 pub struct Daemon {
     table: Mutex<Table>,
-    runtime: RuntimeDir,
     max_clients: usize,
     clients: AtomicUsize,
     wake: Mutex<File>,
     uid: u32,
     lease_check_interval: Duration,
     lock_failure_grace: Duration,
+    store: Mutex<Store>,
     _pid_lock: File,
 }
 
@@ -56,21 +57,18 @@ impl Daemon {
         let lease_check_interval = Duration::from_millis(config.lease_check_interval_ms);
         let lock_failure_grace = Duration::from_millis(config.lock_failure_grace_ms);
         let mut table = Table::new(config, host);
-        match std::fs::read(runtime.state_file()) {
-            Ok(bytes) => {
-                match serde_json::from_slice::<Persisted>(&bytes) {
-                    Ok(p) => {
-                        let kept = table.recover(p);
-                        tracing::info!(owners = kept, "recovered lock state; waiting for supervisors to hand their locks back");
-                    }
-                    Err(e) => tracing::error!(
-                        "ignoring unreadable state file {}: {e}",
-                        runtime.state_file().display()
-                    ),
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("reading {}: {e}", runtime.state_file().display()),
+        let (store, persisted) = Store::open(&runtime).map_err(|e| {
+            anyhow::anyhow!(
+                "reading the lock state in {}: {e}",
+                runtime.path().display()
+            )
+        })?;
+        let kept = table.recover(persisted);
+        if kept > 0 {
+            tracing::info!(
+                owners = kept,
+                "recovered lock state; waiting for supervisors to hand their locks back"
+            );
         }
         let listener = match listener {
             Some(l) => l,
@@ -89,16 +87,16 @@ impl Daemon {
         )?;
         let daemon = Arc::new(Daemon {
             table: Mutex::new(table),
-            runtime,
             max_clients,
             clients: AtomicUsize::new(0),
             wake: Mutex::new(File::from(wake_tx)),
             uid: nix::unistd::geteuid().as_raw(),
             lease_check_interval,
             lock_failure_grace,
+            store: Mutex::new(store),
             _pid_lock: pid_lock,
         });
-        daemon.persist(&daemon.lock_table());
+        daemon.snapshot(&daemon.lock_table());
         Ok((daemon, listener, File::from(wake_rx)))
     }
 
@@ -108,25 +106,20 @@ impl Daemon {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes the state file atomically. Called with the table locked, after every change.
-    fn persist(&self, table: &Table) {
-        let path = self.runtime.state_file();
-        let tmp = path.with_extension("tmp");
-        let result = serde_json::to_vec(&table.persisted())
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(&bytes)?;
-                std::fs::rename(&tmp, &path)
-            });
-        if let Err(e) = result {
-            tracing::error!("writing {}: {e}", path.display());
+    /// Records VM `uuid`'s entry. Called with the table locked, after every change to that VM.
+    fn persist(&self, table: &Table, uuid: &str) {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.record(uuid, table.persisted_owner(uuid));
+        if store.wants_snapshot(table.owner_count()) {
+            store.snapshot(&table.persisted());
         }
+    }
+
+    fn snapshot(&self, table: &Table) {
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot(&table.persisted());
     }
 
     fn wake_watcher(&self) {
@@ -276,14 +269,14 @@ impl Daemon {
             } => match table.acquire(&uuid, &resources, &flags) {
                 Ok(held) => {
                     *restricted = flags.restrict;
-                    self.persist(&table);
+                    self.persist(&table, &uuid);
                     Reply::Held(held)
                 }
                 Err(e) => Reply::Error(e),
             },
             Request::Release { uuid, resources } => {
                 let result = table.release(&uuid, resources.as_deref());
-                self.persist(&table);
+                self.persist(&table, &uuid);
                 match result {
                     Ok(held) => Reply::Held(held),
                     Err(e) => Reply::Error(e),
@@ -300,18 +293,18 @@ impl Daemon {
                 .map_or_else(Reply::Error, Reply::Held),
             Request::MigrateComplete { uuid, success } => {
                 let r = table.migrate_complete(&uuid, success);
-                self.persist(&table);
+                self.persist(&table, &uuid);
                 r.map_or_else(Reply::Error, |()| Reply::Ok)
             }
             Request::Shutdown { uuid, guest_pid } => {
                 let r = table.shutdown(&uuid, guest_pid);
-                self.persist(&table);
+                self.persist(&table, &uuid);
                 r.map_or_else(Reply::Error, Reply::Held)
             }
             Request::GuestStarted { uuid, pid } => {
                 match table.guest_started(&uuid, pid, peer_pid) {
                     Ok(()) => {
-                        self.persist(&table);
+                        self.persist(&table, &uuid);
                         Reply::Ok
                     }
                     Err(e) => Reply::Error(e),
@@ -367,7 +360,7 @@ impl Daemon {
                 Arc::clone(&link),
                 incoming,
             );
-            self.persist(&table);
+            self.persist(&table, &uuid);
             r
         };
         let registered = !matches!(
@@ -407,7 +400,7 @@ impl Daemon {
         let mut table = self.lock_table();
         if table.holder_closed(uuid, link) {
             tracing::info!(uuid, "holder closed; released every lock of the VM");
-            self.persist(&table);
+            self.persist(&table, uuid);
         }
     }
 
@@ -447,16 +440,12 @@ impl Daemon {
             }
             if !exited.is_empty() {
                 let mut table = self.lock_table();
-                let mut changed = false;
                 for i in exited {
                     let (uuid, start, _) = &list[i];
                     if table.guest_exited(uuid, *start) {
                         tracing::info!(uuid, "guest exited; released its locks");
-                        changed = true;
+                        self.persist(&table, uuid);
                     }
-                }
-                if changed {
-                    self.persist(&table);
                 }
             }
             if last_check.elapsed() >= self.lease_check_interval {

@@ -89,16 +89,30 @@ impl Owner {
     }
 }
 
-/// What survives a daemon restart (the state file).
+/// What survives a daemon restart (see [`crate::store`]).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Persisted {
-    owners: Vec<PersistedOwner>,
+    pub(crate) owners: Vec<PersistedOwner>,
     versions: Vec<(LockKey, String, u64)>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct PersistedOwner {
-    vm: VmIdentity,
+impl Persisted {
+    /// Keeps the highest version seen per lock, so versions never go back across restarts.
+    pub(crate) fn note_versions(&mut self, owner: &PersistedOwner) {
+        for (key, _, _, version) in &owner.grants {
+            match self.versions.iter_mut().find(|(k, _, _)| k == key) {
+                Some(v) if v.2 >= *version => {}
+                Some(v) => *v = (*key, owner.vm.uuid.clone(), *version),
+                None => self.versions.push((*key, owner.vm.uuid.clone(), *version)),
+            }
+        }
+    }
+}
+
+/// One VM as persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PersistedOwner {
+    pub(crate) vm: VmIdentity,
     holder_pid: u32,
     start_time: u64,
     flags: AcquireFlags,
@@ -975,23 +989,28 @@ impl Table {
         lost
     }
 
-    /// The state file's content.
+    /// VM `uuid` as persisted; `None` if it is gone.
+    pub fn persisted_owner(&self, uuid: &str) -> Option<PersistedOwner> {
+        self.owners.get(uuid).map(|o| PersistedOwner {
+            vm: o.vm.clone(),
+            holder_pid: o.holder_pid,
+            start_time: o.process.start_time,
+            flags: o.flags.clone(),
+            grants: o
+                .grants
+                .iter()
+                .map(|(k, g)| (*k, g.resource.clone(), g.since, g.version))
+                .collect(),
+        })
+    }
+
+    /// The whole table as persisted.
     pub fn persisted(&self) -> Persisted {
         Persisted {
             owners: self
                 .owners
-                .values()
-                .map(|o| PersistedOwner {
-                    vm: o.vm.clone(),
-                    holder_pid: o.holder_pid,
-                    start_time: o.process.start_time,
-                    flags: o.flags.clone(),
-                    grants: o
-                        .grants
-                        .iter()
-                        .map(|(k, g)| (*k, g.resource.clone(), g.since, g.version))
-                        .collect(),
-                })
+                .keys()
+                .filter_map(|u| self.persisted_owner(u))
                 .collect(),
             versions: self
                 .versions
@@ -999,6 +1018,11 @@ impl Table {
                 .map(|(k, (u, v))| (*k, u.clone(), *v))
                 .collect(),
         }
+    }
+
+    /// The number of VMs.
+    pub fn owner_count(&self) -> usize {
+        self.owners.len()
     }
 
     /// Rebuilds the table from a state file after a restart. Owners whose guest is gone (or
