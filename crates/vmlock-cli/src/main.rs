@@ -115,6 +115,7 @@ impl Ctx {
         let runtime = RuntimeDir::resolve(cli.runtime_dir.as_deref())?;
         let mut registry = Registry::new();
         vmlockd::driver::register(&mut registry);
+        vmlock_sanlock::register(&mut registry);
         let mut config = match &cli.driver_config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

@@ -101,10 +101,13 @@ pub fn migration_incoming(
     Ok(manager)
 }
 
-/// Migration succeeded: destination first, then the source gives up and shuts down.
+/// Migration succeeded: the source gives up first, then the destination takes over. Drivers that
+/// move the very locks (lockd) do the whole hand-off at the first call; drivers whose leases cannot
+/// be held by two hosts at once (sanlock) release on the source and re-acquire on the destination
+/// with the versions from the source's state, so anyone taking the lease in between is detected.
 pub fn migration_finish(source: &mut Manager, destination: &mut Manager) -> Result<()> {
-    destination.complete_migration(MigrationOutcome::Success)?;
-    source.complete_migration(MigrationOutcome::Success)
+    source.complete_migration(MigrationOutcome::Success)?;
+    destination.complete_migration(MigrationOutcome::Success)
 }
 
 /// Migration failed: the destination lets go, the source keeps everything.

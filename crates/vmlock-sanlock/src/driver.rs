@@ -1,0 +1,1271 @@
+//! The `sanlock` driver: the lock manager API on top of a sanlock daemon.
+//!
+//! Design (details in `docs/sanlock.md`):
+//! - **Lockspace**: at driver start the configured lockspace file (`lease_dir/LOCKSPACE`) is
+//!   created and formatted through the daemon when missing, then joined by a background thread
+//!   (`add_lockspace` takes 2–5 × io_timeout); acquires that need it wait for the join, and a
+//!   failed join is reported with sanlock's code.
+//! - **Leases**: a writable disk gets the lease file `lease_dir/HASH` (HASH = first 32 hex digits
+//!   of the SHA-256 of the canonical disk path), created under a temporary name, formatted by the
+//!   daemon and linked into place (so two hosts never format the same live file). Shared disks
+//!   take shared leases, read-only disks none. Explicit leases are used as given.
+//! - **Holder**: the guest (in the kit, a plain `sleep`) cannot register with sanlock itself, so
+//!   each VM gets a registered connection from this process that owns its leases, plus a thread
+//!   waiting on the guest's pidfd: when the guest exits its leases are released and the
+//!   connection closed. Dropping a session releases nothing.
+
+use crate::proto::{
+    self, describe_rv, flags, rv, Client, ClientError, LockspaceSpec, Registered, ResourceSpec,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use vmlock::registry::check_config_keys;
+use vmlock::{
+    AcquireOptions, Capabilities, DiskMode, Driver, DriverConfig, Error, ForeignHolder, Holder,
+    LockFailureAction, LockState, Resource, ResourceFailure, Result, Session, StartMode,
+    StateEntry, VmParams,
+};
+
+/// Name of the driver.
+pub const NAME: &str = "sanlock";
+/// Default lockspace name for automatic disk leases.
+pub const DEFAULT_LOCKSPACE: &str = "vmlock-disks";
+/// Default lease directory (must be on storage shared by every host).
+pub const DEFAULT_LEASE_DIR: &str = "/var/lib/vmlock/sanlock";
+/// Default sanlock run directory when `SANLOCK_RUN_DIR` is not set.
+pub const DEFAULT_RUN_DIR: &str = "/run/sanlock";
+/// Oldest daemon accepted: 3.3.0 (`SANLK_ACQUIRE_OWNER_NOWAIT`; command 28 exists from 3.2).
+pub const MIN_VERSION: u32 = 0x0303_0000;
+const MAX_HOST_ID: u64 = 2000;
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The driver's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SanlockConfig {
+    /// The daemon's run directory (socket `run_dir/sanlock.sock`).
+    pub run_dir: PathBuf,
+    /// Lockspace of the automatic disk leases.
+    pub lockspace: String,
+    /// Directory on shared storage holding the lockspace and lease files.
+    pub lease_dir: PathBuf,
+    /// This host's id in the lockspace, 1..=2000, unique per host.
+    pub host_id: u64,
+    /// sanlock io_timeout in seconds for the lockspace (written when it is created).
+    pub io_timeout: u32,
+    /// Name of this host in owner records and errors.
+    pub host_name: String,
+    /// How long an acquire waits for the lockspace join.
+    pub join_timeout: Duration,
+    /// Program the daemon runs (`PROGRAM -KILL GUESTPID`) when this host loses its lockspace and
+    /// the guest's policy is poweroff.
+    pub kill_program: PathBuf,
+}
+
+impl SanlockConfig {
+    /// Defaults with the required `lease_dir` and `host_id`.
+    pub fn new(lease_dir: impl Into<PathBuf>, host_id: u64) -> Self {
+        SanlockConfig {
+            run_dir: std::env::var_os("SANLOCK_RUN_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
+            lockspace: DEFAULT_LOCKSPACE.into(),
+            lease_dir: lease_dir.into(),
+            host_id,
+            io_timeout: 10,
+            host_name: fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into()),
+            join_timeout: Duration::from_secs(120),
+            kill_program: PathBuf::from("/usr/bin/kill"),
+        }
+    }
+
+    /// From a TOML table. Keys: `host_id` (required), `lease_dir`, `lockspace`, `io_timeout`,
+    /// `run_dir`, `host_name`, `join_timeout` (seconds), `kill_program`.
+    pub fn from_toml(config: &DriverConfig) -> Result<Self> {
+        check_config_keys(
+            NAME,
+            config,
+            &[
+                "host_id",
+                "lease_dir",
+                "lockspace",
+                "io_timeout",
+                "run_dir",
+                "host_name",
+                "join_timeout",
+                "kill_program",
+            ],
+        )?;
+        let bad = |reason: String| Error::Config {
+            source_name: "sanlock driver configuration".into(),
+            reason,
+        };
+        let text = |key: &str| -> Result<Option<String>> {
+            match config.get(key) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(bad(format!("{key} must be a string"))),
+            }
+        };
+        let int = |key: &str| -> Result<Option<i64>> {
+            match config.get(key) {
+                None => Ok(None),
+                Some(toml::Value::Integer(i)) => Ok(Some(*i)),
+                Some(_) => Err(bad(format!("{key} must be an integer"))),
+            }
+        };
+        let host_id = int("host_id")?.ok_or_else(|| {
+            bad("host_id is required: a number from 1 to 2000, unique for each host".into())
+        })?;
+        let host_id = u64::try_from(host_id)
+            .map_err(|_| bad(format!("host_id {host_id} must be from 1 to {MAX_HOST_ID}")))?;
+        let mut c = SanlockConfig::new(
+            text("lease_dir")?.unwrap_or_else(|| DEFAULT_LEASE_DIR.into()),
+            host_id,
+        );
+        if let Some(s) = text("lockspace")? {
+            c.lockspace = s;
+        }
+        if let Some(s) = text("run_dir")? {
+            c.run_dir = s.into();
+        }
+        if let Some(s) = text("host_name")? {
+            c.host_name = s;
+        }
+        if let Some(s) = text("kill_program")? {
+            c.kill_program = s.into();
+        }
+        if let Some(t) = int("io_timeout")? {
+            c.io_timeout = u32::try_from(t)
+                .ok()
+                .filter(|t| (1..=300).contains(t))
+                .ok_or_else(|| bad(format!("io_timeout {t} must be from 1 to 300 seconds")))?;
+        }
+        if let Some(t) = int("join_timeout")? {
+            c.join_timeout = Duration::from_secs(
+                u64::try_from(t)
+                    .map_err(|_| bad(format!("join_timeout {t} must not be negative")))?,
+            );
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Error::Config {
+            source_name: "sanlock driver configuration".into(),
+            reason,
+        };
+        if !(1..=MAX_HOST_ID).contains(&self.host_id) {
+            return Err(bad(format!(
+                "host_id {} must be from 1 to {MAX_HOST_ID}",
+                self.host_id
+            )));
+        }
+        proto::check_name("lockspace", &self.lockspace).map_err(bad)?;
+        if !self.lease_dir.is_absolute() {
+            return Err(bad(format!(
+                "lease_dir {} must be an absolute path",
+                self.lease_dir.display()
+            )));
+        }
+        if !self.kill_program.is_absolute() {
+            return Err(bad(format!(
+                "kill_program {} must be an absolute path",
+                self.kill_program.display()
+            )));
+        }
+        if self.io_timeout == 0 {
+            return Err(bad("io_timeout must be at least 1 second".into()));
+        }
+        Ok(())
+    }
+
+    fn lockspace_spec(&self, host_id: u64, flags: u32) -> LockspaceSpec {
+        LockspaceSpec {
+            name: self.lockspace.clone(),
+            host_id,
+            flags,
+            path: self.lease_dir.join(&self.lockspace),
+            offset: 0,
+        }
+    }
+}
+
+fn old_daemon(client: &Client) -> Error {
+    Error::ServiceUnavailable {
+        reason: format!(
+            "the sanlock daemon at {} did not answer the VERSION request, so it is older than sanlock 3.2; the sanlock driver needs sanlock {} or newer",
+            client.socket().display(),
+            proto::version_text(MIN_VERSION)
+        ),
+    }
+}
+
+/// Refuses a daemon older than [`MIN_VERSION`], naming both versions.
+pub fn check_version(version: u32) -> Result<()> {
+    if version < MIN_VERSION {
+        return Err(Error::ServiceUnavailable {
+            reason: format!(
+                "the sanlock daemon is version {}, but the sanlock driver needs sanlock {} or newer",
+                proto::version_text(version),
+                proto::version_text(MIN_VERSION)
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+enum Join {
+    Joining,
+    Joined,
+    Failed(Error),
+}
+
+/// A VM's lease owner: a registered connection of this process, released when the guest exits.
+#[derive(Debug)]
+struct LeaseOwner {
+    uuid: String,
+    name: String,
+    guest_pid: Option<u32>,
+    pidfd: Option<OwnedFd>,
+    state: Mutex<OwnerState>,
+}
+
+#[derive(Debug)]
+struct OwnerState {
+    conn: Option<Registered>,
+    held: BTreeMap<(String, String), Held>,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    resource: Resource,
+    spec: ResourceSpec,
+}
+
+impl LeaseOwner {
+    fn lock(&self) -> MutexGuard<'_, OwnerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the guest has exited (a zombie counts as exited).
+    fn guest_gone(&self) -> bool {
+        match &self.pidfd {
+            Some(fd) => {
+                let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+                let zero = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+            }
+            None => false,
+        }
+    }
+
+    /// Releases everything and closes the registered connection (which would release anyway).
+    fn finish(&self, shared: &Shared) {
+        let mut st = self.lock();
+        let specs: Vec<ResourceSpec> = st.held.values().map(|h| h.spec.clone()).collect();
+        for spec in &specs {
+            shared.remove_owner_record(spec, &self.uuid);
+        }
+        if let Some(conn) = st.conn.as_mut() {
+            for chunk in specs.chunks(proto::MAX_RESOURCES) {
+                if let Err(e) = conn.release(chunk) {
+                    tracing::warn!(vm = %self.name, "sanlock release at guest exit failed ({e}); closing the connection releases the leases");
+                }
+            }
+        }
+        st.held.clear();
+        st.conn = None;
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: SanlockConfig,
+    client: Client,
+    version: u32,
+    lease_flags: u32,
+    align: u64,
+    join: Mutex<Join>,
+    join_cv: Condvar,
+    owners: Mutex<HashMap<String, Arc<LeaseOwner>>>,
+    owners_cv: Condvar,
+}
+
+/// The record written next to a disk's lease file so that a refused host can name the holder.
+#[derive(Debug, Serialize, Deserialize)]
+struct OwnerRecord {
+    name: String,
+    uuid: String,
+    pid: Option<u32>,
+    host: String,
+    host_id: u64,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn unique_tmp(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn align_flags(align: u64) -> u32 {
+    match align {
+        0x20_0000 => flags::ALIGN2M | flags::SECTOR4K,
+        0x40_0000 => flags::ALIGN4M | flags::SECTOR4K,
+        0x80_0000 => flags::ALIGN8M | flags::SECTOR4K,
+        _ => flags::ALIGN1M | flags::SECTOR512,
+    }
+}
+
+fn daemon_error(client: &Client, what: &str, e: &ClientError) -> Error {
+    match e {
+        ClientError::Io(io) => Error::ServiceUnavailable {
+            reason: format!(
+                "sanlock daemon at {} ({what}): {io} (is sanlock running, with this SANLOCK_RUN_DIR?)",
+                client.socket().display()
+            ),
+        },
+        other => Error::ServiceUnavailable {
+            reason: format!("sanlock {what} failed: {other}"),
+        },
+    }
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Creates `lease_dir/name` through the daemon unless it exists: a temporary file is sized
+    /// to the align size, formatted by `format`, and hard-linked into place, so a file that
+    /// exists under its final name is always formatted and never formatted twice.
+    fn create_lease_file(
+        &self,
+        name: &str,
+        what: &str,
+        format: impl FnOnce(&Path) -> std::result::Result<(), ClientError>,
+    ) -> Result<PathBuf> {
+        let dir = &self.config.lease_dir;
+        let path = dir.join(name);
+        if path.symlink_metadata().is_ok() {
+            return Ok(path);
+        }
+        let tmp = unique_tmp(dir, name);
+        let result = (|| {
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o660)
+                .open(&tmp)
+                .map_err(|e| Error::io(format!("creating {}", tmp.display()), &e))?;
+            file.set_len(self.align)
+                .map_err(|e| Error::io(format!("sizing {}", tmp.display()), &e))?;
+            drop(file);
+            format(&tmp).map_err(|e| daemon_error(&self.client, what, &e))?;
+            match fs::hard_link(&tmp, &path) {
+                Ok(()) => Ok(()),
+                // Another host created it first: theirs is formatted and maybe in use.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(Error::io(format!("creating {}", path.display()), &e)),
+            }
+        })();
+        let _ = fs::remove_file(&tmp);
+        result.map(|()| path)
+    }
+
+    fn wait_joined(&self, timeout: Duration) -> Result<()> {
+        let guard = lock_map(&self.join);
+        let (guard, _) = self
+            .join_cv
+            .wait_timeout_while(guard, timeout, |j| matches!(j, Join::Joining))
+            .unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            Join::Joined => Ok(()),
+            Join::Failed(e) => Err(e.clone()),
+            Join::Joining => Err(Error::ServiceUnavailable {
+                reason: format!(
+                    "still joining sanlock lockspace {} as host_id {} after {} s (a join takes 2 to 5 times io_timeout, longer when the host_id was last used under another host name); retry later",
+                    self.config.lockspace,
+                    self.config.host_id,
+                    timeout.as_secs()
+                ),
+            }),
+        }
+    }
+
+    /// The sanlock lease of `resource`, creating a disk's lease file on first use.
+    fn spec_for(&self, resource: &Resource) -> Result<ResourceSpec> {
+        match resource {
+            Resource::Disk { path, mode } => {
+                let name = lease_name(path);
+                let lease_path =
+                    self.create_lease_file(&name, "formatting a disk lease", |tmp| {
+                        self.client.write_resource(&ResourceSpec {
+                            lockspace: self.config.lockspace.clone(),
+                            name: name.clone(),
+                            path: tmp.to_owned(),
+                            offset: 0,
+                            lver: 0,
+                            flags: self.lease_flags,
+                        })
+                    })?;
+                Ok(ResourceSpec {
+                    lockspace: self.config.lockspace.clone(),
+                    name,
+                    path: lease_path,
+                    offset: 0,
+                    lver: 0,
+                    flags: self.lease_flags
+                        | if *mode == DiskMode::Shared {
+                            flags::RES_SHARED
+                        } else {
+                            0
+                        },
+                })
+            }
+            Resource::Lease(l) => {
+                let invalid = |reason: String| Error::InvalidResource {
+                    resource: resource.label(),
+                    reason,
+                };
+                proto::check_name("lockspace", &l.lockspace).map_err(invalid)?;
+                proto::check_name("lease key", &l.key).map_err(invalid)?;
+                Ok(ResourceSpec {
+                    lockspace: l.lockspace.clone(),
+                    name: l.key.clone(),
+                    path: l.path.clone(),
+                    offset: l.offset,
+                    lver: 0,
+                    flags: 0,
+                })
+            }
+        }
+    }
+
+    fn owner(&self, uuid: &str) -> Option<Arc<LeaseOwner>> {
+        lock_map(&self.owners).get(uuid).cloned()
+    }
+
+    fn forget(&self, owner: &Arc<LeaseOwner>) {
+        let mut owners = lock_map(&self.owners);
+        if owners
+            .get(&owner.uuid)
+            .is_some_and(|o| Arc::ptr_eq(o, owner))
+        {
+            owners.remove(&owner.uuid);
+        }
+        self.owners_cv.notify_all();
+    }
+
+    /// Releases the leases of every VM of this process whose guest has exited but whose
+    /// watcher thread has not run yet.
+    fn reap_exited(&self) {
+        let gone: Vec<Arc<LeaseOwner>> = lock_map(&self.owners)
+            .values()
+            .filter(|o| o.guest_gone())
+            .cloned()
+            .collect();
+        for o in gone {
+            o.finish(self);
+            self.forget(&o);
+        }
+    }
+
+    fn owner_record_path(&self, spec: &ResourceSpec) -> Option<PathBuf> {
+        (spec.lockspace == self.config.lockspace
+            && spec.path.parent() == Some(&self.config.lease_dir))
+        .then(|| self.config.lease_dir.join(format!("{}.owner", spec.name)))
+    }
+
+    fn write_owner_record(&self, spec: &ResourceSpec, owner: &LeaseOwner) {
+        let Some(path) = self.owner_record_path(spec) else {
+            return;
+        };
+        let record = OwnerRecord {
+            name: owner.name.clone(),
+            uuid: owner.uuid.clone(),
+            pid: owner.guest_pid,
+            host: self.config.host_name.clone(),
+            host_id: self.config.host_id,
+        };
+        let tmp = unique_tmp(&self.config.lease_dir, &format!("{}.owner", spec.name));
+        let result = serde_json::to_vec(&record)
+            .map_err(io::Error::other)
+            .and_then(|json| fs::write(&tmp, json))
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            tracing::warn!("cannot write owner record {}: {e}", path.display());
+        }
+    }
+
+    /// Removes the owner record of `spec` if it still names VM `uuid` (a later holder's stays).
+    fn remove_owner_record(&self, spec: &ResourceSpec, uuid: &str) {
+        let Some(path) = self.owner_record_path(spec) else {
+            return;
+        };
+        let ours = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<OwnerRecord>(&b).ok())
+            .is_some_and(|r| r.uuid == uuid);
+        if ours {
+            let _ = fs::remove_file(&path);
+        }
+    }
+
+    /// Who holds `spec`, as well as this host can tell.
+    fn holder_of(&self, spec: &ResourceSpec, me: &str, on_this_host: bool) -> ForeignHolder {
+        let key = (spec.lockspace.clone(), spec.name.clone());
+        let local: Vec<Arc<LeaseOwner>> = lock_map(&self.owners).values().cloned().collect();
+        for o in local {
+            if o.uuid != me && o.lock().held.contains_key(&key) {
+                return ForeignHolder::Vm(Holder {
+                    name: o.name.clone(),
+                    uuid: o.uuid.clone(),
+                    pid: o.guest_pid,
+                    host: self.config.host_name.clone(),
+                });
+            }
+        }
+        let record = self
+            .owner_record_path(spec)
+            .and_then(|p| fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<OwnerRecord>(&b).ok());
+        match record {
+            Some(r) => ForeignHolder::Vm(Holder {
+                name: r.name,
+                uuid: r.uuid,
+                pid: r.pid,
+                host: if on_this_host {
+                    format!("{} (this host, sanlock host_id {})", r.host, r.host_id)
+                } else {
+                    format!("{} (sanlock host_id {}, alive)", r.host, r.host_id)
+                },
+            }),
+            None => ForeignHolder::Vm(Holder {
+                name: "(unknown)".into(),
+                uuid: "(unknown)".into(),
+                pid: None,
+                host: if on_this_host {
+                    format!("{} (another sanlock client)", self.config.host_name)
+                } else {
+                    "another live sanlock host".into()
+                },
+            }),
+        }
+    }
+
+    fn acquire_error(
+        &self,
+        resource: &Resource,
+        spec: &ResourceSpec,
+        me: &str,
+        e: &ClientError,
+    ) -> Error {
+        let label = resource.label();
+        let code = match e {
+            ClientError::Daemon(code) => *code,
+            other => return daemon_error(&self.client, &format!("acquire of {label}"), other),
+        };
+        match code {
+            rv::EEXIST => Error::Busy {
+                resource: label,
+                holder: self.holder_of(spec, me, true),
+            },
+            rv::ACQUIRE_IDLIVE | rv::ACQUIRE_OWNED | rv::ACQUIRE_OTHER | rv::EAGAIN => {
+                Error::Busy {
+                    resource: label,
+                    holder: self.holder_of(spec, me, false),
+                }
+            }
+            rv::ACQUIRE_OWNED_RETRY
+            | rv::ACQUIRE_SHRETRY
+            | rv::EBUSY
+            | -214..=-210
+            | -202 => Error::ServiceUnavailable {
+                reason: format!(
+                    "the lease of {label} cannot be taken now, retry later: {}",
+                    describe_rv(code)
+                ),
+            },
+            rv::ENOSPC | rv::ACQUIRE_LOCKSPACE => Error::ServiceUnavailable {
+                reason: format!(
+                    "cannot lock {label}: sanlock lockspace {} is not joined on this host ({})",
+                    spec.lockspace,
+                    describe_rv(code)
+                ),
+            },
+            rv::ACQUIRE_LVER => Error::InvalidLockState {
+                reason: format!(
+                    "{label} was held by someone else since the lock state was taken (lease version {} is no longer current)",
+                    spec.lver
+                ),
+            },
+            rv::LEADER_MAGIC
+            | rv::LEADER_SECTORSIZE
+            | rv::LEADER_LOCKSPACE
+            | rv::LEADER_RESOURCE => Error::InvalidResource {
+                resource: label,
+                reason: format!(
+                    "no usable sanlock lease {}:{} at {}:{} ({})",
+                    spec.lockspace,
+                    spec.name,
+                    spec.path.display(),
+                    spec.offset,
+                    describe_rv(code)
+                ),
+            },
+            rv::ENODEV => Error::Io {
+                context: format!(
+                    "sanlock opening lease file {} for {label}",
+                    spec.path.display()
+                ),
+                message: describe_rv(code),
+            },
+            _ => Error::ServiceUnavailable {
+                reason: format!("sanlock refused the lease of {label}: {}", describe_rv(code)),
+            },
+        }
+    }
+}
+
+/// Name of the lease of disk `path`: 32 hex digits of the SHA-256 of its canonical path.
+pub fn lease_name(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let digest = Sha256::digest(canonical.as_os_str().as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `sanlock` driver.
+#[derive(Debug)]
+pub struct SanlockDriver {
+    shared: Arc<Shared>,
+}
+
+impl SanlockDriver {
+    /// Connects to the daemon, checks its version, creates the lockspace when missing and starts
+    /// joining it in the background.
+    pub fn start(config: SanlockConfig) -> Result<Self> {
+        config.validate()?;
+        if !config.kill_program.is_file() {
+            return Err(Error::Config {
+                source_name: "sanlock driver configuration".into(),
+                reason: format!(
+                    "kill_program {} does not exist (sanlock runs it to stop a guest whose lease is lost)",
+                    config.kill_program.display()
+                ),
+            });
+        }
+        let client = Client::new(&config.run_dir);
+        let version = match client.version(VERSION_TIMEOUT) {
+            Ok(v) => v,
+            // A daemon without command 28 drops the request, closes, or answers an error.
+            Err(ClientError::Daemon(_)) => {
+                return Err(old_daemon(&client));
+            }
+            Err(ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Err(old_daemon(&client));
+            }
+            Err(e) => return Err(daemon_error(&client, "version query", &e)),
+        };
+        check_version(version)?;
+        fs::create_dir_all(&config.lease_dir).map_err(|e| {
+            Error::io(
+                format!("creating lease directory {}", config.lease_dir.display()),
+                &e,
+            )
+        })?;
+        let mut shared = Shared {
+            config: config.clone(),
+            client: client.clone(),
+            version,
+            lease_flags: 0,
+            align: 0,
+            join: Mutex::new(Join::Joining),
+            join_cv: Condvar::new(),
+            owners: Mutex::new(HashMap::new()),
+            owners_cv: Condvar::new(),
+        };
+        // The align size comes from the daemon: ask it about the lockspace file, or (before it
+        // exists) about a fresh file in the same directory.
+        let ls_path = config.lease_dir.join(&config.lockspace);
+        let probe = if ls_path.exists() {
+            ls_path.clone()
+        } else {
+            let p = unique_tmp(&config.lease_dir, "align-probe");
+            fs::File::create(&p).map_err(|e| Error::io(format!("creating {}", p.display()), &e))?;
+            p
+        };
+        let align = client.align(&probe);
+        if probe != ls_path {
+            let _ = fs::remove_file(&probe);
+        }
+        shared.align = align.map_err(|e| {
+            daemon_error(
+                &client,
+                &format!("align query for {}", config.lease_dir.display()),
+                &e,
+            )
+        })?;
+        shared.lease_flags = align_flags(shared.align);
+        let ls_flags = shared.lease_flags;
+        shared.create_lease_file(&config.lockspace, "formatting the lockspace", |tmp| {
+            let mut ls = config.lockspace_spec(0, ls_flags);
+            ls.path = tmp.to_owned();
+            client.write_lockspace(&ls, config.io_timeout)
+        })?;
+        let shared = Arc::new(shared);
+        let joiner = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("sanlock-join".into())
+            .spawn(move || join_lockspace(&joiner))
+            .map_err(|e| Error::io("starting the lockspace join thread", &e))?;
+        Ok(SanlockDriver { shared })
+    }
+
+    /// Registry factory (see [`SanlockConfig::from_toml`] for the keys).
+    pub fn from_config(config: &DriverConfig) -> Result<Arc<dyn Driver>> {
+        Ok(Arc::new(Self::start(SanlockConfig::from_toml(config)?)?))
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &SanlockConfig {
+        &self.shared.config
+    }
+
+    /// The daemon's version (`major<<24 | minor<<16 | patch<<8`).
+    pub fn daemon_version(&self) -> u32 {
+        self.shared.version
+    }
+
+    /// Waits until the lockspace is joined, or reports why it could not be.
+    pub fn wait_joined(&self, timeout: Duration) -> Result<()> {
+        self.shared.wait_joined(timeout)
+    }
+
+    /// Waits until the VM `uuid` holds nothing through this driver (its guest exited and its
+    /// leases were released, or it was shut down). Returns whether that happened in time.
+    pub fn wait_released(&self, uuid: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut owners = lock_map(&self.shared.owners);
+        while owners.contains_key(uuid) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            owners = self
+                .shared
+                .owners_cv
+                .wait_timeout(owners, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// The hosts of the lockspace as this host's daemon sees them.
+    pub fn hosts(&self) -> Result<Vec<proto::HostStatus>> {
+        self.shared
+            .client
+            .get_hosts(&self.shared.config.lockspace, 0)
+            .map_err(|e| daemon_error(&self.shared.client, "get_hosts", &e))
+    }
+
+    /// The lease file of disk `path` (it may not exist yet).
+    pub fn lease_path(&self, path: &Path) -> PathBuf {
+        self.shared.config.lease_dir.join(lease_name(path))
+    }
+}
+
+fn join_lockspace(shared: &Shared) {
+    let c = &shared.config;
+    let ls = c.lockspace_spec(c.host_id, shared.lease_flags);
+    let result = match shared.client.inq_lockspace(&ls, false) {
+        Ok(()) => Ok(()),
+        Err(_) => match shared.client.add_lockspace(&ls, c.io_timeout) {
+            Ok(()) | Err(ClientError::Daemon(rv::EEXIST)) => Ok(()),
+            Err(ClientError::Daemon(rv::EINPROGRESS)) => shared.client.inq_lockspace(&ls, true),
+            Err(e) => Err(e),
+        },
+    };
+    let state = match result {
+        Ok(()) => {
+            tracing::info!(lockspace = %c.lockspace, host_id = c.host_id, "joined sanlock lockspace");
+            Join::Joined
+        }
+        Err(e) => {
+            let err = Error::ServiceUnavailable {
+                reason: format!(
+                    "joining sanlock lockspace {} ({}) as host_id {} failed: {e}",
+                    c.lockspace,
+                    ls.path.display(),
+                    c.host_id
+                ),
+            };
+            tracing::error!("{err}");
+            Join::Failed(err)
+        }
+    };
+    *lock_map(&shared.join) = state;
+    shared.join_cv.notify_all();
+}
+
+/// Adds `sanlock` to a registry.
+pub fn register(registry: &mut vmlock::Registry) {
+    registry.register(NAME, SanlockDriver::from_config);
+}
+
+impl Driver for SanlockDriver {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            disk_resources: true,
+            leases: true,
+            hotplug: true,
+            migration: false,
+            lock_state: true,
+            exclusion: true,
+            supervisor: false,
+        }
+    }
+
+    fn open(&self, vm: &VmParams, mode: StartMode) -> Result<Box<dyn Session>> {
+        let uuid = vm.uuid.to_string();
+        if mode == StartMode::Attach {
+            self.shared.reap_exited();
+            if self.shared.owner(&uuid).is_none() {
+                return Err(Error::UnknownOwner { uuid });
+            }
+        }
+        Ok(Box::new(SanlockSession {
+            shared: Arc::clone(&self.shared),
+            uuid,
+            name: vm.name.clone(),
+            pid: vm.pid,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct SanlockSession {
+    shared: Arc<Shared>,
+    uuid: String,
+    name: String,
+    pid: Option<u32>,
+}
+
+impl SanlockSession {
+    /// The VM's lease owner, registering one (with its guest watcher) on first use.
+    fn owner(&self, options: &AcquireOptions) -> Result<Arc<LeaseOwner>> {
+        if let Some(o) = self.shared.owner(&self.uuid) {
+            return Ok(o);
+        }
+        // When this host loses the lockspace, sanlock first runs the killpath of each registered
+        // client, then (after its kill grace) SIGKILLs the registered process: here, the VM
+        // manager. Only poweroff stops the guest in time to keep the manager alive.
+        if options.on_lock_failure != LockFailureAction::Poweroff {
+            return Err(Error::unsupported(
+                NAME,
+                &format!(
+                    "on-lock-failure \"{}\" (sanlock would kill the VM manager itself when the lease is lost; use poweroff)",
+                    options.on_lock_failure
+                ),
+            ));
+        }
+        let pidfd = match self.pid {
+            Some(pid) => Some(open_pidfd(pid, &self.name)?),
+            None => None,
+        };
+        let mut conn = self
+            .shared
+            .client
+            .register()
+            .map_err(|e| daemon_error(&self.shared.client, "register", &e))?;
+        if let Some(pid) = self.pid {
+            // Lockspace lost: the daemon runs `kill -KILL GUEST`; the watcher then sees the guest
+            // exit and releases, so the daemon has no reason to signal the VM manager.
+            conn.killpath(&self.shared.config.kill_program, &format!("-KILL {pid}"))
+                .map_err(|e| daemon_error(&self.shared.client, "killpath", &e))?;
+        }
+        let owner = Arc::new(LeaseOwner {
+            uuid: self.uuid.clone(),
+            name: self.name.clone(),
+            guest_pid: self.pid,
+            pidfd,
+            state: Mutex::new(OwnerState {
+                conn: Some(conn),
+                held: BTreeMap::new(),
+            }),
+        });
+        lock_map(&self.shared.owners).insert(self.uuid.clone(), Arc::clone(&owner));
+        if owner.pidfd.is_some() {
+            let shared = Arc::clone(&self.shared);
+            let watched = Arc::clone(&owner);
+            std::thread::Builder::new()
+                .name(format!("sanlock-guest-{}", self.pid.unwrap_or(0)))
+                .spawn(move || watch_guest(&shared, &watched))
+                .map_err(|e| Error::io("starting the guest watcher thread", &e))?;
+        }
+        Ok(owner)
+    }
+}
+
+fn open_pidfd(pid: u32, vm: &str) -> Result<OwnedFd> {
+    let raw = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    let Some(p) = raw else {
+        return Err(Error::InvalidParameter {
+            key: "pid".into(),
+            reason: format!("{pid} is not a process id"),
+        });
+    };
+    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).map_err(|e| {
+        Error::io(
+            format!("watching guest pid {pid} of VM \"{vm}\" (pidfd_open)"),
+            &e.into(),
+        )
+    })
+}
+
+fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
+    if let Some(fd) = &owner.pidfd {
+        loop {
+            let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(n) if n > 0 => break,
+                Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::error!(vm = %owner.name, "polling the guest's pidfd failed ({e}); its leases stay until shutdown");
+                    return;
+                }
+            }
+        }
+    }
+    owner.finish(shared);
+    shared.forget(owner);
+}
+
+impl Session for SanlockSession {
+    fn acquire(
+        &mut self,
+        resources: &[Resource],
+        options: &AcquireOptions,
+        state: Option<&LockState>,
+    ) -> Result<()> {
+        if let Some(state) = state {
+            state.check_driver(NAME)?;
+        }
+        self.shared.reap_exited();
+        let owner = self.owner(options)?;
+        if options.register_only {
+            return Ok(());
+        }
+        let mut todo: Vec<(Resource, ResourceSpec)> = Vec::new();
+        for r in resources.iter().filter(|r| r.is_locked()) {
+            if owner.lock().held.values().any(|h| &h.resource == r) {
+                continue; // the same owner asking again: already held
+            }
+            let mut spec = self.shared.spec_for(r)?;
+            if let Some(h) = owner
+                .lock()
+                .held
+                .get(&(spec.lockspace.clone(), spec.name.clone()))
+            {
+                return Err(Error::InvalidResource {
+                    resource: r.label(),
+                    reason: format!("this VM already holds its lease as {}", h.resource),
+                });
+            }
+            let version = state.and_then(|s| {
+                s.entries
+                    .iter()
+                    .find(|e| &e.resource == r)
+                    .map(|e| e.version)
+            });
+            if let Some(v) = version.filter(|v| *v > 0) {
+                if spec.flags & flags::RES_SHARED == 0 {
+                    spec.lver = v;
+                    spec.flags |= flags::RES_LVER;
+                }
+            }
+            // Two names of one disk (a symlink) share a lease: take it once.
+            if !todo
+                .iter()
+                .any(|(_, t)| t.lockspace == spec.lockspace && t.name == spec.name)
+            {
+                todo.push((r.clone(), spec));
+            }
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
+        if todo
+            .iter()
+            .any(|(_, s)| s.lockspace == self.shared.config.lockspace)
+        {
+            self.shared.wait_joined(self.shared.config.join_timeout)?;
+        }
+        let failure = {
+            let mut st = owner.lock();
+            let Some(conn) = st.conn.as_mut() else {
+                return Err(Error::invalid_state(
+                    "acquire",
+                    format!("the guest of VM \"{}\" has exited", self.name),
+                ));
+            };
+            // One lease per call, so a refusal names its disk; earlier ones are rolled back.
+            let mut taken: Vec<ResourceSpec> = Vec::new();
+            let mut failure = None;
+            for (r, spec) in &todo {
+                if let Err(e) = conn.acquire(
+                    std::slice::from_ref(spec),
+                    flags::ACQUIRE_OWNER_NOWAIT,
+                    &self.name,
+                ) {
+                    failure = Some((r.clone(), spec.clone(), e));
+                    break;
+                }
+                taken.push(spec.clone());
+            }
+            if failure.is_some() {
+                for chunk in taken.chunks(proto::MAX_RESOURCES) {
+                    if let Err(e) = conn.release(chunk) {
+                        tracing::error!(vm = %self.name, "rolling back a failed acquire: release failed ({e}); closing the sanlock connection");
+                        st.conn = None;
+                        st.held.clear();
+                        break;
+                    }
+                }
+            } else {
+                for (r, spec) in &todo {
+                    st.held.insert(
+                        (spec.lockspace.clone(), spec.name.clone()),
+                        Held {
+                            resource: r.clone(),
+                            spec: spec.clone(),
+                        },
+                    );
+                }
+            }
+            failure
+        };
+        if let Some((r, spec, e)) = failure {
+            return Err(self.shared.acquire_error(&r, &spec, &self.uuid, &e));
+        }
+        for (_, spec) in &todo {
+            self.shared.write_owner_record(spec, &owner);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, resources: &[Resource]) -> Result<LockState> {
+        let mut released = LockState::empty(NAME);
+        let mut failures = Vec::new();
+        let not_held = |r: &Resource| ResourceFailure {
+            resource: r.label(),
+            error: Box::new(Error::NotHeld {
+                resource: r.label(),
+                owner: self.uuid.clone(),
+            }),
+        };
+        let locked: Vec<&Resource> = resources.iter().filter(|r| r.is_locked()).collect();
+        let Some(owner) = self.shared.owner(&self.uuid) else {
+            failures.extend(locked.into_iter().map(not_held));
+            return if failures.is_empty() {
+                Ok(released)
+            } else {
+                Err(Error::PartialRelease { failures })
+            };
+        };
+        let mut st = owner.lock();
+        let mut todo: Vec<Held> = Vec::new();
+        for r in locked {
+            match st.held.values().find(|h| &h.resource == r) {
+                Some(h) if !todo.iter().any(|t| t.resource == h.resource) => todo.push(h.clone()),
+                Some(_) => {}
+                None => failures.push(not_held(r)),
+            }
+        }
+        if let Some(conn) = st.conn.as_mut() {
+            let versions = conn
+                .inquire()
+                .map(|s| proto::parse_state(&s))
+                .unwrap_or_default();
+            for chunk in todo.chunks(proto::MAX_RESOURCES) {
+                let specs: Vec<ResourceSpec> = chunk.iter().map(|h| h.spec.clone()).collect();
+                match conn.release(&specs) {
+                    Ok(()) => {
+                        for h in chunk {
+                            let version = versions
+                                .iter()
+                                .find(|v| v.lockspace == h.spec.lockspace && v.name == h.spec.name)
+                                .and_then(|v| v.lver)
+                                .unwrap_or(0);
+                            released.entries.push(StateEntry {
+                                resource: h.resource.clone(),
+                                version,
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        for h in chunk {
+                            failures.push(ResourceFailure {
+                                resource: h.resource.label(),
+                                error: Box::new(daemon_error(
+                                    &self.shared.client,
+                                    &format!("release of {}", h.resource.label()),
+                                    &e,
+                                )),
+                            });
+                        }
+                        continue;
+                    }
+                }
+            }
+        }
+        for e in &released.entries {
+            st.held.retain(|_, h| {
+                if h.resource == e.resource {
+                    self.shared.remove_owner_record(&h.spec, &self.uuid);
+                }
+                h.resource != e.resource
+            });
+        }
+        drop(st);
+        if failures.is_empty() {
+            Ok(released)
+        } else {
+            Err(Error::PartialRelease { failures })
+        }
+    }
+
+    fn inquire(&mut self) -> Result<LockState> {
+        let mut state = LockState::empty(NAME);
+        let Some(owner) = self.shared.owner(&self.uuid) else {
+            return Ok(state);
+        };
+        let mut st = owner.lock();
+        let held: Vec<Held> = st.held.values().cloned().collect();
+        let Some(conn) = st.conn.as_mut() else {
+            return Ok(state);
+        };
+        let text = conn
+            .inquire()
+            .map_err(|e| daemon_error(&self.shared.client, "inquire", &e))?;
+        let leases = proto::parse_state(&text);
+        for h in held {
+            let found = leases
+                .iter()
+                .find(|l| l.lockspace == h.spec.lockspace && l.name == h.spec.name);
+            match found {
+                Some(l) => state.entries.push(StateEntry {
+                    resource: h.resource,
+                    version: l.lver.unwrap_or(0),
+                }),
+                None => {
+                    tracing::warn!(vm = %self.name, "sanlock no longer lists the lease of {}", h.resource.label())
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    fn guest_pid(&mut self) -> Result<Option<u32>> {
+        Ok(self
+            .shared
+            .owner(&self.uuid)
+            .filter(|o| !o.guest_gone())
+            .and_then(|o| o.guest_pid))
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if let Some(owner) = self.shared.owner(&self.uuid) {
+            owner.finish(&self.shared);
+            self.shared.forget(&owner);
+        }
+        Ok(())
+    }
+
+    fn driver_name(&self) -> &str {
+        NAME
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_old_daemons_naming_both_versions() {
+        let e = check_version(0x0208_0000).unwrap_err().to_string();
+        assert!(e.contains("2.8.0") && e.contains("3.3.0"), "{e}");
+        check_version(0x0308_0500).unwrap();
+        let e = old_daemon(&Client::new(Path::new("/run/old"))).to_string();
+        assert!(
+            e.contains("older than sanlock 3.2") && e.contains("3.3.0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn config_checks_host_id_and_keys() {
+        let parse = |t: &str| SanlockConfig::from_toml(&t.parse::<toml::Table>().unwrap());
+        let e = parse("lease_dir = \"/x\"").unwrap_err().to_string();
+        assert!(e.contains("host_id is required"), "{e}");
+        let e = parse("host_id = 2001").unwrap_err().to_string();
+        assert!(e.contains("1 to 2000"), "{e}");
+        let e = parse("host_id = 0").unwrap_err().to_string();
+        assert!(e.contains("1 to 2000"), "{e}");
+        let e = parse("host_id = 1\ncolour = 2").unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = parse("host_id = 1\nlockspace = \"a:b\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lockspace"), "{e}");
+        let c = parse("host_id = 5\nio_timeout = 1\nlease_dir = \"/l\"").unwrap();
+        assert_eq!((c.host_id, c.io_timeout), (5, 1));
+        assert_eq!(c.lockspace, DEFAULT_LOCKSPACE);
+    }
+
+    #[test]
+    fn lease_names_are_stable_hashes() {
+        let n = lease_name(Path::new("/nonexistent/disk.img"));
+        assert_eq!(n.len(), 32);
+        assert!(n.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(n, lease_name(Path::new("/nonexistent/disk.img")));
+        assert_ne!(n, lease_name(Path::new("/nonexistent/disk2.img")));
+    }
+}
