@@ -223,7 +223,27 @@ fn status(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
         other => bail!("unexpected reply {other:?}"),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&owners)?);
+        // One object per held resource, flat and stable for scripts.
+        let rows: Vec<serde_json::Value> = owners
+            .iter()
+            .flat_map(|owner| {
+                owner.resources.iter().map(move |r| {
+                    let since = r.since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                    serde_json::json!({
+                        "resource": r.resource.label(),
+                        "path": r.resource.path(),
+                        "mode": r.resource.mode().to_string(),
+                        "vm": {"name": owner.vm.name, "uuid": owner.vm.uuid, "id": owner.vm.id, "pid": owner.vm.pid},
+                        "holder_pid": owner.holder_pid,
+                        "since": format_unix(since),
+                        "version": r.version,
+                        "confirmed": r.confirmed,
+                        "lost": r.lost,
+                    })
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     println!(
