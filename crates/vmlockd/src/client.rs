@@ -120,13 +120,22 @@ impl Connection {
 
     /// Sends `request` with `fds` and reads its reply; an error reply becomes `Err`.
     pub fn call(&mut self, request: &Request, fds: &[&OwnedFd]) -> Result<Reply, Error> {
+        self.call_with_fds(request, fds).map(|(reply, _)| reply)
+    }
+
+    /// The same, also returning the descriptors attached to the reply.
+    pub fn call_with_fds(
+        &mut self,
+        request: &Request,
+        fds: &[&OwnedFd],
+    ) -> Result<(Reply, Vec<OwnedFd>), Error> {
         write_frame(&self.stream, request, fds)?;
         self.stream
             .set_read_timeout(Some(REPLY_TIMEOUT))
             .map_err(|e| Error::io("socket", &e))?;
         match read_frame::<Reply>(&self.stream) {
             Ok((Reply::Error(e), _)) => Err(e),
-            Ok((reply, _)) => Ok(reply),
+            Ok((reply, fds)) => Ok((reply, fds)),
             Err(ReadError::Closed) => Err(Error::ServiceUnavailable {
                 reason: "vmlockd closed the connection".into(),
             }),
@@ -198,6 +207,35 @@ impl Holder {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+
+    /// Keeps descriptions this process received itself (an acquire answered with
+    /// [`Reply::Kept`]).
+    pub fn keep_local(&self, locks: Vec<HeldLock>, fds: Vec<OwnedFd>) -> Result<(), Error> {
+        if locks.len() != fds.len() {
+            return Err(Error::Protocol {
+                reason: format!(
+                    "{} locks but {} descriptors in the reply",
+                    locks.len(),
+                    fds.len()
+                ),
+            });
+        }
+        let mut kept = self.kept.lock().map_err(|_| Error::ServiceUnavailable {
+            reason: "holder state poisoned".into(),
+        })?;
+        for (lock, fd) in locks.into_iter().zip(fds) {
+            kept.insert(lock.key, (lock, fd));
+        }
+        Ok(())
+    }
+
+    /// Drops this process's copies of the descriptions of `released` (after a
+    /// [`Request::ReleaseKept`]; only what the daemon did release and unlock).
+    pub fn forget_local(&self, released: &[vmlock::Resource]) {
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.retain(|_, (lock, _)| !released.iter().any(|r| r.path() == lock.resource.path()));
         }
     }
 

@@ -249,26 +249,67 @@ impl Session for LockdSession {
             on_lock_failure: options.on_lock_failure,
             hold_qemu_bytes: options.hold_qemu_bytes,
             qmp_socket: options.qmp_socket.clone(),
+            // Our own holder thread keeps the descriptions: take them in the reply.
+            reply_with_fds: self.holder.is_some(),
         };
-        let result = self.held(&Request::Acquire {
+        let request = Request::Acquire {
             uuid: self.vm.uuid.clone(),
             resources: resources.to_vec(),
             flags,
-        });
+        };
+        let result = match self.conn.call_with_fds(&request, &[]) {
+            Ok((Reply::Held(_), _)) => Ok(()),
+            Ok((Reply::Kept { locks, .. }, fds)) => match &self.holder {
+                Some(holder) => holder.keep_local(locks, fds),
+                None => Err(Error::Protocol {
+                    reason: "descriptors sent to a session without a holder".into(),
+                }),
+            },
+            Ok((other, _)) => Err(unexpected(&other)),
+            Err(e) => Err(e),
+        };
         if result.is_err() && fresh_holder {
             // A start that failed leaves no owner behind, so the VM manager can retry.
             if let Some(h) = self.holder.take() {
                 h.stop();
             }
         }
-        result.map(|_| ())
+        result
     }
 
     fn release(&mut self, resources: &[Resource]) -> Result<LockState> {
-        self.held(&Request::Release {
-            uuid: self.vm.uuid.clone(),
-            resources: Some(resources.to_vec()),
-        })
+        let uuid = self.vm.uuid.clone();
+        let Some(holder) = &self.holder else {
+            return self.held(&Request::Release {
+                uuid,
+                resources: Some(resources.to_vec()),
+            });
+        };
+        // Our own holder keeps the copies: drop exactly what the daemon released.
+        match self.conn.call(
+            &Request::ReleaseKept {
+                uuid,
+                resources: resources.to_vec(),
+            },
+            &[],
+        ) {
+            Ok(Reply::Held(held)) => {
+                let released: Vec<Resource> = held.iter().map(|h| h.resource.clone()).collect();
+                holder.forget_local(&released);
+                Ok(Self::state(held))
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(Error::PartialRelease { failures }) => {
+                let released: Vec<Resource> = resources
+                    .iter()
+                    .filter(|r| !failures.iter().any(|f| f.resource == r.label()))
+                    .cloned()
+                    .collect();
+                holder.forget_local(&released);
+                Err(Error::PartialRelease { failures })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn inquire(&mut self) -> Result<LockState> {

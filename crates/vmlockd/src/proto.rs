@@ -102,6 +102,11 @@ pub struct AcquireFlags {
     /// The guest's QMP socket, for the `pause` action.
     #[serde(default)]
     pub qmp_socket: Option<std::path::PathBuf>,
+    /// The requester is the VM's holder process: hand the new descriptions back in the reply
+    /// ([`Reply::Kept`]) instead of pushing them over the holder connection and waiting for its
+    /// ack. Ignored for any other requester.
+    #[serde(default)]
+    pub reply_with_fds: bool,
 }
 
 /// Client to daemon.
@@ -169,6 +174,15 @@ pub enum Request {
         /// What to release.
         resources: Option<Vec<Resource>>,
     },
+    /// Releases `resources` for a requester that is the VM's holder process and drops its own
+    /// copies of the descriptions itself (no `Close` push). From any other process this is a
+    /// plain [`Request::Release`].
+    ReleaseKept {
+        /// The VM.
+        uuid: String,
+        /// What to release.
+        resources: Vec<Resource>,
+    },
     /// What VM `uuid` holds.
     Inquire {
         /// The VM.
@@ -214,6 +228,13 @@ pub enum Reply {
     Ok,
     /// What is held, with versions.
     Held(Vec<HeldResource>),
+    /// Granted, with one descriptor per entry of `locks` attached: the holder keeps them.
+    Kept {
+        /// What was granted.
+        held: Vec<HeldResource>,
+        /// What each attached descriptor locks.
+        locks: Vec<HeldLock>,
+    },
     /// A VM.
     Vm(VmIdentity),
     /// Everything.

@@ -237,8 +237,8 @@ impl Daemon {
                     return;
                 }
             };
-            let reply = match request {
-                _ if restricted => Reply::Error(Error::Restricted),
+            let (reply, reply_fds) = match request {
+                _ if restricted => (Reply::Error(Error::Restricted), Vec::new()),
                 Request::Hold {
                     vm,
                     adopt,
@@ -249,31 +249,58 @@ impl Daemon {
                 }
                 Request::Restrict => {
                     restricted = true;
-                    Reply::Ok
+                    (Reply::Ok, Vec::new())
                 }
                 other => self.dispatch(other, peer_pid, &mut restricted),
             };
-            if write_frame(&stream, &reply, &[]).is_err() {
+            let attached: Vec<&OwnedFd> = reply_fds.iter().collect();
+            if write_frame(&stream, &reply, &attached).is_err() {
                 return;
             }
         }
     }
 
-    fn dispatch(&self, request: Request, peer_pid: u32, restricted: &mut bool) -> Reply {
+    /// Answers one request; descriptors to attach to the reply come back beside it.
+    fn dispatch(
+        &self,
+        request: Request,
+        peer_pid: u32,
+        restricted: &mut bool,
+    ) -> (Reply, Vec<OwnedFd>) {
+        // Only requests that change which processes the watcher must watch wake it.
+        let wake = matches!(
+            request,
+            Request::GuestStarted { .. } | Request::MigrateComplete { .. }
+        );
+        let mut reply_fds = Vec::new();
         let mut table = self.lock_table();
         let reply = match request {
             Request::Acquire {
                 uuid,
                 resources,
                 flags,
-            } => match table.acquire(&uuid, &resources, &flags) {
-                Ok(held) => {
+            } => match table.acquire(&uuid, &resources, &flags, peer_pid) {
+                Ok((held, kept)) => {
                     *restricted = flags.restrict;
                     self.persist(&table, &uuid);
-                    Reply::Held(held)
+                    if kept.is_empty() {
+                        Reply::Held(held)
+                    } else {
+                        let (locks, fds) = kept.into_iter().unzip();
+                        reply_fds = fds;
+                        Reply::Kept { held, locks }
+                    }
                 }
                 Err(e) => Reply::Error(e),
             },
+            Request::ReleaseKept { uuid, resources } => {
+                let result = table.release_for(&uuid, Some(&resources), Some(peer_pid));
+                self.persist(&table, &uuid);
+                match result {
+                    Ok(held) => Reply::Held(held),
+                    Err(e) => Reply::Error(e),
+                }
+            }
             Request::Release { uuid, resources } => {
                 let result = table.release(&uuid, resources.as_deref());
                 self.persist(&table, &uuid);
@@ -326,8 +353,10 @@ impl Daemon {
             }),
         };
         drop(table);
-        self.wake_watcher();
-        reply
+        if wake {
+            self.wake_watcher();
+        }
+        (reply, reply_fds)
     }
 
     fn serve_holder(
@@ -399,6 +428,7 @@ impl Daemon {
     fn holder_closed(&self, uuid: &str, link: &Arc<HolderLink>) {
         let mut table = self.lock_table();
         if table.holder_closed(uuid, link) {
+            self.wake_watcher();
             tracing::info!(uuid, "holder closed; released every lock of the VM");
             self.persist(&table, uuid);
         }

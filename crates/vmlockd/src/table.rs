@@ -34,6 +34,9 @@ struct Grant {
     lost: bool,
 }
 
+/// Descriptions handed back in a reply, with what each locks.
+pub type KeptLocks = Vec<(HeldLock, OwnedFd)>;
+
 /// What to do about a VM whose lease was lost (carried out by the server, outside the table lock).
 #[derive(Debug)]
 pub struct LostLease {
@@ -318,12 +321,15 @@ impl Table {
     }
 
     /// Takes `resources` for VM `uuid`, all or nothing, and hands the descriptions to its holder.
+    /// With `reply_with_fds` from the holder's own process (`caller_pid`), the descriptions are
+    /// returned for the reply instead of being pushed to the holder.
     pub fn acquire(
         &mut self,
         uuid: &str,
         resources: &[Resource],
         flags: &AcquireFlags,
-    ) -> Result<Vec<HeldResource>, Error> {
+        caller_pid: u32,
+    ) -> Result<(Vec<HeldResource>, KeptLocks), Error> {
         let holder = {
             let owner = self.owners.get(uuid).ok_or_else(|| unknown_owner(uuid))?;
             owner
@@ -347,7 +353,7 @@ impl Table {
             }
         }
         if flags.register_only {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         if self.config.requires_lease()
             && resources.iter().any(|r| {
@@ -425,7 +431,7 @@ impl Table {
             });
         }
         if pending.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let locks: Vec<HeldLock> = pending
             .iter()
@@ -435,9 +441,22 @@ impl Table {
             })
             .collect();
         let fds: Vec<OwnedFd> = pending.into_iter().map(|p| OwnedFd::from(p.file)).collect();
-        // Until the holder has its copies, a daemon crash would drop these locks: wait for its ack.
-        // On failure the descriptions are closed here, which unlocks them (all or nothing).
-        holder.keep(&locks, &fds)?;
+        let mut reply_fds = Vec::new();
+        if flags.reply_with_fds && holder.pid() == caller_pid {
+            // The holder's own process gets the copies in the reply; once the reply is sent they
+            // are in its socket queue, which outlives a daemon crash.
+            for (lock, fd) in locks.iter().zip(&fds) {
+                let copy = fd
+                    .try_clone()
+                    .map_err(|e| Error::io("duplicating a lock description", &e))?;
+                reply_fds.push((lock.clone(), copy));
+            }
+        } else {
+            // Until the holder has its copies, a daemon crash would drop these locks: wait for
+            // its ack. On failure the descriptions are closed here, which unlocks them (all or
+            // nothing).
+            holder.keep(&locks, &fds)?;
+        }
         let now = SystemTime::now();
         let mut granted = Vec::new();
         for (lock, fd) in locks.into_iter().zip(fds) {
@@ -468,7 +487,7 @@ impl Table {
                 lost: false,
             });
         }
-        Ok(granted)
+        Ok((granted, reply_fds))
     }
 
     fn bump_version(&mut self, key: LockKey, uuid: &str) -> u64 {
@@ -530,7 +549,7 @@ impl Table {
             if ofd::try_lock(file.as_fd(), kind, key.byte, 1)
                 .map_err(|e| Error::io(format!("locking {}", resource.label()), &e))?
             {
-                if let Some(holder) = self.foreign_qemu_writer(resource) {
+                if let Some(holder) = self.foreign_qemu_writer(resource, file) {
                     let _ = ofd::unlock(file.as_fd(), key.byte, 1);
                     return Err(Error::Busy {
                         resource: resource.label(),
@@ -557,6 +576,17 @@ impl Table {
         &mut self,
         uuid: &str,
         resources: Option<&[Resource]>,
+    ) -> Result<Vec<HeldResource>, Error> {
+        self.release_for(uuid, resources, None)
+    }
+
+    /// [`Table::release`]; when `caller_pid` is the holder's process, it drops its own copies and
+    /// is not told to.
+    pub fn release_for(
+        &mut self,
+        uuid: &str,
+        resources: Option<&[Resource]>,
+        caller_pid: Option<u32>,
     ) -> Result<Vec<HeldResource>, Error> {
         let owner = self
             .owners
@@ -622,7 +652,11 @@ impl Table {
             closed.push(key);
             unindex(&mut self.index, key, uuid);
         }
-        if let Some(holder) = &owner.holder {
+        if let Some(holder) = owner
+            .holder
+            .as_ref()
+            .filter(|h| Some(h.pid()) != caller_pid)
+        {
             holder.close(&closed);
         }
         if failures.is_empty() {
@@ -1130,11 +1164,19 @@ pub const QEMU_WRITER_BYTES: [u64; 5] = [100, 101, 103, 201, 203];
 impl Table {
     /// A process outside vmlock that writes the disk through QEMU's locks (an active read-write
     /// open holds byte 101), or forbids writers (byte 201). Names it from `/proc` when it can.
-    fn foreign_qemu_writer(&self, resource: &Resource) -> Option<ForeignHolder> {
+    fn foreign_qemu_writer(&self, resource: &Resource, opened: &File) -> Option<ForeignHolder> {
         let Resource::Disk { path, mode } = resource else {
             return None;
         };
-        let file = File::open(path).ok()?;
+        // Direct mode probes through the description it just locked (a description never conflicts
+        // with itself); indirect mode has the lock file open, so open the image.
+        let own;
+        let file = if self.config.file_lockspace_dir.is_none() {
+            opened
+        } else {
+            own = File::open(path).ok()?;
+            &own
+        };
         let meta = file.metadata().ok()?;
         for (byte, what) in [
             (QEMU_WRITE_BYTE, "QEMU write lock (byte 101)"),

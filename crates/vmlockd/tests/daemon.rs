@@ -286,10 +286,23 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
 body = json.dumps({"Hello": {"version": 1}}).encode()
 s.sendall(struct.pack(">I", len(body)) + body)
-n = struct.unpack(">I", s.recv(4))[0]
-print(s.recv(n).decode())
+def exact(k):
+    b = b""
+    while len(b) < k:
+        chunk = s.recv(k - len(b))
+        if not chunk:
+            break
+        b += chunk
+    return b
+n = struct.unpack(">I", exact(4))[0]
+print(exact(n).decode())
 "#;
-    let out = std::process::Command::new("python3")
+    // Debian's interpreter: a per-user one (pyenv under /root) is not readable by uid 65534.
+    let python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .unwrap_or("python3");
+    let out = std::process::Command::new(python)
         .args(["-c", script])
         .arg(run.socket())
         .uid(65534)
