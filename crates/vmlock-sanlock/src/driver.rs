@@ -13,6 +13,10 @@
 //!   each VM gets a registered connection from this process that owns its leases, plus a thread
 //!   waiting on the guest's pidfd: when the guest exits its leases are released and the
 //!   connection closed. Dropping a session releases nothing.
+//! - **Migration**: exclusive leases cannot be held by two hosts at once, so the source releases
+//!   at `complete_migration(Success)` and the destination then acquires with `SANLK_RES_LVER` =
+//!   the versions of the source's state; the destination's `acquire_incoming` only checks the
+//!   state against the leader records (`READ_RESOURCE`) and registers.
 
 use crate::proto::{
     self, describe_rv, flags, rv, Client, ClientError, LockspaceSpec, Registered, ResourceSpec,
@@ -31,8 +35,8 @@ use std::time::{Duration, Instant};
 use vmlock::registry::check_config_keys;
 use vmlock::{
     AcquireOptions, Capabilities, DiskMode, Driver, DriverConfig, Error, ForeignHolder, Holder,
-    LockFailureAction, LockState, Resource, ResourceFailure, Result, Session, StartMode,
-    StateEntry, VmParams,
+    LockFailureAction, LockState, MigrationOutcome, Resource, ResourceFailure, Result, Session,
+    StartMode, StateEntry, VmParams,
 };
 
 /// Name of the driver.
@@ -248,6 +252,9 @@ struct LeaseOwner {
 struct OwnerState {
     conn: Option<Registered>,
     held: BTreeMap<(String, String), Held>,
+    /// Migration destination: the exclusive leases to take at `complete_migration(Success)`,
+    /// each with `RES_LVER` and the version from the source's state.
+    pending: Vec<Held>,
 }
 
 #[derive(Debug, Clone)]
@@ -854,7 +861,7 @@ impl Driver for SanlockDriver {
             disk_resources: true,
             leases: true,
             hotplug: true,
-            migration: false,
+            migration: true,
             lock_state: true,
             exclusion: true,
             supervisor: false,
@@ -874,6 +881,8 @@ impl Driver for SanlockDriver {
             uuid,
             name: vm.name.clone(),
             pid: vm.pid,
+            incoming: mode == StartMode::IncomingMigration,
+            mine: None,
         }))
     }
 }
@@ -884,14 +893,37 @@ struct SanlockSession {
     uuid: String,
     name: String,
     pid: Option<u32>,
+    /// Opened for an incoming migration: its owner stays out of the per-VM table (where the
+    /// source of a same-host migration is) until the hand-off succeeded.
+    incoming: bool,
+    /// The owner this session created or found. A session keeps using it, so after a
+    /// migration between two VMs of one uuid on one host each side only touches its own leases.
+    mine: Option<Arc<LeaseOwner>>,
 }
 
 impl SanlockSession {
+    /// This session's lease owner, if it has one: the one it created or found before, else (not
+    /// for a migration destination) the VM's owner on this host.
+    fn current(&mut self) -> Option<Arc<LeaseOwner>> {
+        if self.mine.is_none() && !self.incoming {
+            self.mine = self.shared.owner(&self.uuid);
+        }
+        self.mine.clone()
+    }
+
     /// The VM's lease owner, registering one (with its guest watcher) on first use.
-    fn owner(&self, options: &AcquireOptions) -> Result<Arc<LeaseOwner>> {
-        if let Some(o) = self.shared.owner(&self.uuid) {
+    fn owner(&mut self, options: &AcquireOptions) -> Result<Arc<LeaseOwner>> {
+        if let Some(o) = self.current() {
             return Ok(o);
         }
+        let owner = self.register_owner(options)?;
+        self.mine = Some(Arc::clone(&owner));
+        Ok(owner)
+    }
+
+    /// A new registered owner for this VM with its guest watcher, filed in the per-VM table
+    /// unless this is a migration destination.
+    fn register_owner(&self, options: &AcquireOptions) -> Result<Arc<LeaseOwner>> {
         // When this host loses the lockspace, sanlock first runs the killpath of each registered
         // client, then (after its kill grace) SIGKILLs the registered process: here, the VM
         // manager. Only poweroff stops the guest in time to keep the manager alive.
@@ -927,9 +959,12 @@ impl SanlockSession {
             state: Mutex::new(OwnerState {
                 conn: Some(conn),
                 held: BTreeMap::new(),
+                pending: Vec::new(),
             }),
         });
-        lock_map(&self.shared.owners).insert(self.uuid.clone(), Arc::clone(&owner));
+        if !self.incoming {
+            lock_map(&self.shared.owners).insert(self.uuid.clone(), Arc::clone(&owner));
+        }
         if owner.pidfd.is_some() {
             let shared = Arc::clone(&self.shared);
             let watched = Arc::clone(&owner);
@@ -978,21 +1013,123 @@ fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
     shared.forget(owner);
 }
 
-impl Session for SanlockSession {
-    fn acquire(
+impl SanlockSession {
+    /// Migration destination, before the hand-off: checks the source's state against the
+    /// leases on disk, registers the owner and remembers the versions to acquire with at
+    /// `complete_migration(Success)`. Exclusive leases are not taken (the source still holds
+    /// them); shared ones are taken now, beside the source's.
+    fn acquire_incoming(
         &mut self,
         resources: &[Resource],
         options: &AcquireOptions,
-        state: Option<&LockState>,
+        state: &LockState,
     ) -> Result<()> {
-        if let Some(state) = state {
-            state.check_driver(NAME)?;
+        let locked: Vec<&Resource> = resources.iter().filter(|r| r.is_locked()).collect();
+        if let Some(e) = state
+            .entries
+            .iter()
+            .find(|e| e.resource.is_locked() && !locked.iter().any(|r| same_lease(r, &e.resource)))
+        {
+            return Err(Error::InvalidLockState {
+                reason: format!(
+                    "the migration state holds {}, which the destination was not given",
+                    e.resource.label()
+                ),
+            });
         }
-        self.shared.reap_exited();
+        let mut pending: Vec<Held> = Vec::new();
+        let mut shared_now: Vec<Resource> = Vec::new();
+        for r in locked {
+            let mut spec = self.shared.spec_for(r)?;
+            if spec.flags & flags::RES_SHARED != 0 {
+                shared_now.push(r.clone());
+                continue;
+            }
+            if pending
+                .iter()
+                .any(|h| h.spec.lockspace == spec.lockspace && h.spec.name == spec.name)
+            {
+                continue; // two names of one disk share a lease
+            }
+            let version = state
+                .entries
+                .iter()
+                .find(|e| same_lease(&e.resource, r))
+                .map(|e| e.version)
+                .filter(|v| *v > 0)
+                .ok_or_else(|| Error::InvalidLockState {
+                    reason: format!(
+                        "the migration state has no lease version for {} (the source must hold it exclusively)",
+                        r.label()
+                    ),
+                })?;
+            // Nothing is taken, but a state that is already stale (or forged) is refused now
+            // rather than at the end of the migration: the leader record must still carry the
+            // version the source holds.
+            let on_disk = self
+                .shared
+                .client
+                .read_resource(&spec)
+                .map_err(|e| self.shared.acquire_error(r, &spec, &self.uuid, &e))?;
+            if on_disk != version {
+                return Err(Error::InvalidLockState {
+                    reason: format!(
+                        "{}: the migration state has lease version {version}, but the lease is at version {on_disk} (someone held it since the state was taken, or the state is stale or forged)",
+                        r.label()
+                    ),
+                });
+            }
+            spec.lver = version;
+            spec.flags |= flags::RES_LVER;
+            pending.push(Held {
+                resource: r.clone(),
+                spec,
+            });
+        }
         let owner = self.owner(options)?;
-        if options.register_only {
+        owner.lock().pending = pending;
+        if options.register_only || shared_now.is_empty() {
             return Ok(());
         }
+        let todo = self.plan(&owner, &shared_now, None)?;
+        self.take(&owner, todo)
+    }
+
+    /// Migration destination, after the source released: takes the exclusive leases with the
+    /// source's versions (`RES_LVER`), so sanlock refuses if anyone held one in between, and
+    /// files the owner as the VM's owner on this host.
+    fn finish_incoming(&mut self) -> Result<()> {
+        let Some(owner) = self.current() else {
+            return Err(Error::invalid_state(
+                "complete an incoming migration",
+                format!(
+                    "the destination of VM \"{}\" was not given the source's lock state",
+                    self.name
+                ),
+            ));
+        };
+        let pending: Vec<(Resource, ResourceSpec)> = owner
+            .lock()
+            .pending
+            .iter()
+            .map(|h| (h.resource.clone(), h.spec.clone()))
+            .collect();
+        // On failure the versions stay pending: the caller cancels (or retries a Busy).
+        self.take(&owner, pending)?;
+        owner.lock().pending.clear();
+        lock_map(&self.shared.owners).insert(self.uuid.clone(), Arc::clone(&owner));
+        self.shared.owners_cv.notify_all();
+        Ok(())
+    }
+
+    /// The leases of `resources` that `owner` does not hold yet, with the versions of `state`
+    /// (`RES_LVER`) on exclusive ones.
+    fn plan(
+        &self,
+        owner: &LeaseOwner,
+        resources: &[Resource],
+        state: Option<&LockState>,
+    ) -> Result<Vec<(Resource, ResourceSpec)>> {
         let mut todo: Vec<(Resource, ResourceSpec)> = Vec::new();
         for r in resources.iter().filter(|r| r.is_locked()) {
             if owner.lock().held.values().any(|h| &h.resource == r) {
@@ -1029,6 +1166,12 @@ impl Session for SanlockSession {
                 todo.push((r.clone(), spec));
             }
         }
+        Ok(todo)
+    }
+
+    /// Takes `todo` for `owner`, all or nothing, one lease per call so that a refusal names its
+    /// disk.
+    fn take(&self, owner: &Arc<LeaseOwner>, todo: Vec<(Resource, ResourceSpec)>) -> Result<()> {
         if todo.is_empty() {
             return Ok(());
         }
@@ -1086,12 +1229,46 @@ impl Session for SanlockSession {
             return Err(self.shared.acquire_error(&r, &spec, &self.uuid, &e));
         }
         for (_, spec) in &todo {
-            self.shared.write_owner_record(spec, &owner);
+            self.shared.write_owner_record(spec, owner);
         }
         Ok(())
     }
+}
+
+/// Whether `a` and `b` use one lease: equal, or two names of one disk image.
+fn same_lease(a: &Resource, b: &Resource) -> bool {
+    match (a, b) {
+        (Resource::Disk { path: p, .. }, Resource::Disk { path: q, .. }) => {
+            a == b || lease_name(p) == lease_name(q)
+        }
+        _ => a == b,
+    }
+}
+
+impl Session for SanlockSession {
+    fn acquire(
+        &mut self,
+        resources: &[Resource],
+        options: &AcquireOptions,
+        state: Option<&LockState>,
+    ) -> Result<()> {
+        if let Some(state) = state {
+            state.check_driver(NAME)?;
+        }
+        self.shared.reap_exited();
+        if let (true, None, Some(state)) = (self.incoming, &self.mine, state) {
+            return self.acquire_incoming(resources, options, state);
+        }
+        let owner = self.owner(options)?;
+        if options.register_only {
+            return Ok(());
+        }
+        let todo = self.plan(&owner, resources, state)?;
+        self.take(&owner, todo)
+    }
 
     fn release(&mut self, resources: &[Resource]) -> Result<LockState> {
+        let owner = self.current();
         let mut released = LockState::empty(NAME);
         let mut failures = Vec::new();
         let not_held = |r: &Resource| ResourceFailure {
@@ -1102,7 +1279,7 @@ impl Session for SanlockSession {
             }),
         };
         let locked: Vec<&Resource> = resources.iter().filter(|r| r.is_locked()).collect();
-        let Some(owner) = self.shared.owner(&self.uuid) else {
+        let Some(owner) = owner else {
             failures.extend(locked.into_iter().map(not_held));
             return if failures.is_empty() {
                 Ok(released)
@@ -1174,7 +1351,7 @@ impl Session for SanlockSession {
 
     fn inquire(&mut self) -> Result<LockState> {
         let mut state = LockState::empty(NAME);
-        let Some(owner) = self.shared.owner(&self.uuid) else {
+        let Some(owner) = self.current() else {
             return Ok(state);
         };
         let mut st = owner.lock();
@@ -1203,16 +1380,54 @@ impl Session for SanlockSession {
         Ok(state)
     }
 
+    fn prepare_migration(&mut self, _destination_uri: &str) -> Result<LockState> {
+        if let Some(owner) = self.current() {
+            if owner.lock().conn.is_none() || owner.guest_gone() {
+                return Err(Error::invalid_state(
+                    "prepare a migration",
+                    format!("the guest of VM \"{}\" has exited", self.name),
+                ));
+            }
+        }
+        // The source keeps holding; the destination re-acquires with these versions later.
+        self.inquire()
+    }
+
+    fn complete_migration(&mut self, outcome: MigrationOutcome, incoming: bool) -> Result<()> {
+        match (outcome, incoming) {
+            // Source: release, so that the destination can take the leases. The versions are in
+            // the state prepare_migration handed out.
+            (MigrationOutcome::Success, false) => {
+                let held: Vec<Resource> = match self.current() {
+                    Some(o) => o.lock().held.values().map(|h| h.resource.clone()).collect(),
+                    None => Vec::new(),
+                };
+                self.release(&held).map(drop)
+            }
+            (MigrationOutcome::Cancel, false) => Ok(()),
+            (MigrationOutcome::Success, true) => self.finish_incoming(),
+            (MigrationOutcome::Cancel, true) => {
+                // Shared leases taken at the incoming acquire are released; the session keeps
+                // its (now empty) owner so that it never falls back to the source's.
+                if let Some(owner) = self.current() {
+                    owner.lock().pending.clear();
+                    owner.finish(&self.shared);
+                    self.shared.forget(&owner);
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn guest_pid(&mut self) -> Result<Option<u32>> {
         Ok(self
-            .shared
-            .owner(&self.uuid)
+            .current()
             .filter(|o| !o.guest_gone())
             .and_then(|o| o.guest_pid))
     }
 
     fn shutdown(&mut self) -> Result<()> {
-        if let Some(owner) = self.shared.owner(&self.uuid) {
+        if let Some(owner) = self.current() {
             owner.finish(&self.shared);
             self.shared.forget(&owner);
         }

@@ -35,6 +35,7 @@ pub mod cmd {
     pub const KILLPATH: u32 = 17;
     pub const WRITE_LOCKSPACE: u32 = 18;
     pub const WRITE_RESOURCE: u32 = 19;
+    pub const READ_RESOURCE: u32 = 21;
     pub const VERSION: u32 = 28;
 }
 
@@ -444,6 +445,33 @@ impl Client {
         self.transient()?
             .call(cmd::WRITE_RESOURCE, 0, 0, 0, &body)?;
         Ok(())
+    }
+
+    /// The leader version now on disk of the paxos lease `r` (command 21, `sanlock_read_resource`:
+    /// the daemon reads the leader record; nothing is acquired). `r.lver` and `RES_LVER` are not
+    /// sent.
+    pub fn read_resource(&self, r: &ResourceSpec) -> ClientResult<u64> {
+        let request = ResourceSpec {
+            lver: 0,
+            flags: r.flags & !(flags::RES_LVER | flags::RES_SHARED),
+            ..r.clone()
+        };
+        let body = encode_resource(&request, true)?;
+        let mut c = self.transient()?;
+        c.send(cmd::READ_RESOURCE, 0, 0, 0, &body)?;
+        let reply = c.recv_header()?;
+        // The daemon always sends the resource after the header, even on failure.
+        let res = c.recv_body(&reply)?;
+        if reply.data < 0 {
+            return Err(ClientError::Daemon(reply.data));
+        }
+        let lver = res
+            .get(96..104)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .ok_or_else(|| {
+                ClientError::Protocol(format!("read_resource reply of {} bytes", res.len()))
+            })?;
+        Ok(u64::from_ne_bytes(lver))
     }
 
     /// Joins a lockspace as `ls.host_id`; blocks until joined (2–5 × io_timeout) or failed.

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 use vmlock::conformance::{assert_busy, disk, vm, Guest, Harness};
 use vmlock::{
-    domain, AcquireOptions, DiskMode, Error, LockState, Manager, Plugin, Resource, StartMode,
+    domain, AcquireOptions, DiskMode, Error, LockState, Manager, MigrationOutcome, Plugin,
+    Resource, StartMode,
 };
 use vmlock_sanlock::proto::{flags, ResourceSpec};
 use vmlock_sanlock::{SanlockConfig, SanlockDriver};
@@ -388,4 +389,108 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+#[test]
+fn migration_hands_the_lease_to_the_other_host_with_its_version() {
+    let p = Pair::start();
+    let d = p.disk("mig", DiskMode::Exclusive);
+    let mut ga = Guest::spawn();
+    let vm_a = vm("vm-m", &ga);
+    let mut src = start_vm(&p.a.plugin, vm_a.clone(), &d);
+    let v0 = src.inquire().unwrap().entries[0].version;
+
+    let state = domain::migration_begin(&mut src, "vmlock://host-b").unwrap();
+    assert_eq!(state.entries.len(), 1);
+    assert_eq!(
+        state.entries[0].version, v0,
+        "the state carries the held version"
+    );
+    let gb = Guest::spawn();
+    let mut dst = domain::migration_incoming(
+        &p.b.plugin,
+        vm_a.clone().with_pid(gb.pid()),
+        [d.clone()],
+        &state.to_string().parse().unwrap(),
+        &AcquireOptions::default(),
+    )
+    .expect("destination registers and checks the state");
+    assert!(
+        dst.inquire().unwrap().entries.is_empty(),
+        "the destination takes nothing before the hand-off"
+    );
+    // While the migration runs, A's VM holds the disk.
+    let g = Guest::spawn();
+    assert_busy(
+        start(&p.b.plugin, "vm-x", &g, std::slice::from_ref(&d)),
+        &d,
+        "vm-m",
+    );
+
+    domain::migration_finish(&mut src, &mut dst).expect("hand-off");
+    let held = dst.inquire().unwrap();
+    assert_eq!(held.entries.len(), 1, "B holds the disk: {held}");
+    assert!(
+        held.entries[0].version > v0,
+        "B took it over the source's version {v0}: {held}"
+    );
+    assert!(src.inquire().unwrap().entries.is_empty(), "A holds nothing");
+    // Now A is refused, and told the holder runs on host B.
+    let err = start(&p.a.plugin, "vm-x", &g, std::slice::from_ref(&d)).unwrap_err();
+    assert!(err.to_string().contains("host-b"), "{err}");
+    assert_busy(Err::<(), _>(err), &d, "vm-m");
+    ga.kill();
+    src.shutdown().expect("source shutdown");
+
+    // The state of a finished migration is stale: B refuses it at once.
+    let g2 = Guest::spawn();
+    let e = domain::migration_incoming(
+        &p.b.plugin,
+        vm_a.with_pid(g2.pid()),
+        [d.clone()],
+        &state,
+        &AcquireOptions::default(),
+    )
+    .expect_err("stale state");
+    assert!(matches!(e, Error::InvalidLockState { .. }), "{e}");
+    assert!(e.to_string().contains(&d.label()), "{e}");
+    assert_eq!(dst.inquire().unwrap().entries.len(), 1, "B still holds it");
+}
+
+#[test]
+fn a_lease_taken_during_the_hand_off_is_refused_by_sanlock() {
+    let p = Pair::start();
+    let d = p.disk("race", DiskMode::Exclusive);
+    let ga = Guest::spawn();
+    let vm_a = vm("vm-m", &ga);
+    let mut src = start_vm(&p.a.plugin, vm_a.clone(), &d);
+    let state = domain::migration_begin(&mut src, "vmlock://host-b").unwrap();
+    let gb = Guest::spawn();
+    let mut dst = domain::migration_incoming(
+        &p.b.plugin,
+        vm_a.with_pid(gb.pid()),
+        [d.clone()],
+        &state,
+        &AcquireOptions::default(),
+    )
+    .unwrap();
+    src.complete_migration(MigrationOutcome::Success)
+        .expect("source releases");
+    // Between the source's release and the destination's acquire another VM on A takes the disk
+    // and gives it back: the lease version moved on.
+    {
+        let gc = Guest::spawn();
+        let mut c = start(&p.a.plugin, "vm-c", &gc, std::slice::from_ref(&d)).unwrap();
+        c.release().unwrap();
+    }
+    let e = dst
+        .complete_migration(MigrationOutcome::Success)
+        .expect_err("sanlock refuses the old version (SANLK_ACQUIRE_LVER)");
+    assert!(matches!(e, Error::InvalidLockState { .. }), "{e}");
+    assert!(e.to_string().contains(&d.label()), "{e}");
+    assert!(dst.inquire().unwrap().entries.is_empty(), "B holds nothing");
+    dst.complete_migration(MigrationOutcome::Cancel)
+        .expect("cancel after the refusal");
+    let gd = Guest::spawn();
+    start(&p.b.plugin, "vm-d", &gd, &[d]).expect("the disk is free");
 }

@@ -1,0 +1,332 @@
+//! A real QEMU guest under `vmlock --driver sanlock run`, with real sanlock daemons as two hosts
+//! sharing one lease directory: the disk's lease is held while QEMU runs, a second `vmlock run`
+//! of the same disk (on the same host and on host B) is refused and names the VM, and the lease
+//! is free once QEMU quits over QMP.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use vmlock_sanlock::proto::{flags, Client, HostState, LockspaceSpec};
+use vmlockd::qmp::Qmp;
+use vmlockd::sys::pidfd::ProcessHandle;
+
+const IO_TIMEOUT: u32 = 1;
+const LOCKSPACE: &str = "vmlock-disks";
+
+/// A sanlock daemon acting as one host (the minimum of vmlock-sanlock's test fixture), with a
+/// private run directory; SIGKILLed and reaped by pid when dropped.
+struct Daemon {
+    run_dir: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    fn start(base: &Path, name: &str) -> Self {
+        let run_dir = base.join(format!("run-{name}"));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let log = std::fs::File::create(base.join(format!("sanlock-{name}.log"))).unwrap();
+        let mut child = Command::new("sanlock")
+            .args([
+                "daemon", "-D", "-w", "0", "-l", "0", "-h", "0", "-U", "root", "-G", "root", "-e",
+                name,
+            ])
+            .env("SANLOCK_PRIVILEGED", "0")
+            .env("SANLOCK_RUN_DIR", &run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sanlock daemon (is sanlock installed?)");
+        // The daemon announces nothing when ready: poll its socket (bounded) until it answers.
+        let client = Client::new(&run_dir);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.version(Duration::from_secs(1)).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "sanlock {name} exited");
+            assert!(Instant::now() < deadline, "sanlock {name} not ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon { run_dir, child }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.run_dir)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One host: its daemon and the driver configuration `vmlock` is given.
+struct Host {
+    daemon: Daemon,
+    config: PathBuf,
+    runtime: PathBuf,
+}
+
+impl Host {
+    fn start(base: &Path, name: &str, host_id: u64) -> Self {
+        let daemon = Daemon::start(base, name);
+        let config = base.join(format!("sanlock-{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "host_id = {host_id}\nlease_dir = \"{}\"\nrun_dir = \"{}\"\nio_timeout = {IO_TIMEOUT}\nhost_name = \"{name}\"\nlockspace = \"{LOCKSPACE}\"\n",
+                base.join("leases").display(),
+                daemon.run_dir.display()
+            ),
+        )
+        .unwrap();
+        Host {
+            daemon,
+            config,
+            runtime: base.join(format!("vmlock-{name}")),
+        }
+    }
+
+    fn vmlock(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmlock"));
+        c.arg("--runtime-dir")
+            .arg(&self.runtime)
+            .args(["--driver", "sanlock", "--driver-config"])
+            .arg(&self.config)
+            .env("VMLOCK_LOG", "warn");
+        c
+    }
+
+    /// `vmlock run` of a guest that leaves a mark if it ever starts.
+    fn try_start(&self, name: &str, disk: &Path) -> (Output, bool) {
+        let marker = disk.with_file_name(format!("{name}.started"));
+        let out = self
+            .vmlock()
+            .args(["run", "--name", name, "--disk"])
+            .arg(disk)
+            .arg("--")
+            .arg("touch")
+            .arg(&marker)
+            .output()
+            .unwrap();
+        (out, marker.exists())
+    }
+
+    /// Joins the lockspace directly (the file exists once host A's driver created it) and waits
+    /// until this host's daemon has seen `host_id` renew: before that, a lease of that host is
+    /// "retry later", not "held by a live host". sanlock has no event for it: bounded poll.
+    fn join_and_see_live(&self, base: &Path, my_id: u64, other_id: u64) {
+        let ls = LockspaceSpec {
+            name: LOCKSPACE.into(),
+            host_id: my_id,
+            flags: flags::ALIGN1M | flags::SECTOR512,
+            path: base.join("leases").join(LOCKSPACE),
+            offset: 0,
+        };
+        self.daemon.client().add_lockspace(&ls, IO_TIMEOUT).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let hosts = self.daemon.client().get_hosts(LOCKSPACE, 0).unwrap();
+            if hosts
+                .iter()
+                .any(|h| h.host_id == other_id && h.state == HostState::Live)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "host {other_id} never live");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// QEMU under `vmlock run`; QEMU and the supervisor are SIGKILLed and reaped by pid on drop.
+struct Vm {
+    supervisor: Child,
+    stderr: BufReader<ChildStderr>,
+    qemu_pid: u32,
+    qmp_path: PathBuf,
+}
+
+impl Vm {
+    fn start(host: &Host, name: &str, uuid: &str, disk: &Path) -> Self {
+        let qmp_path = disk.with_file_name(format!("{name}.qmp"));
+        let mut supervisor = host
+            .vmlock()
+            .args(["run", "--name", name, "--uuid", uuid, "--disk"])
+            .arg(disk)
+            .args([
+                "--",
+                "qemu-system-x86_64",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-machine",
+                "q35,accel=tcg",
+                "-m",
+                "32",
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", qmp_path.display()),
+                "-blockdev",
+                &format!("driver=file,filename={},node-name=f0", disk.display()),
+                "-blockdev",
+                "driver=qcow2,file=f0,node-name=d0",
+                "-device",
+                "virtio-blk-pci,drive=d0",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(supervisor.stderr.take().unwrap());
+        // The supervisor says "... guest pid N" once the lease is held and QEMU started.
+        let mut seen = String::new();
+        let qemu_pid = loop {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                let _ = supervisor.wait();
+                panic!("vmlock run of {name} ended: {seen}");
+            }
+            seen.push_str(&line);
+            if let Some(pid) = line
+                .rsplit("guest pid ")
+                .next()
+                .filter(|_| line.contains("guest pid "))
+            {
+                break pid.trim().parse::<u32>().unwrap();
+            }
+        };
+        Vm {
+            supervisor,
+            stderr,
+            qemu_pid,
+            qmp_path,
+        }
+    }
+
+    /// QEMU creates its QMP socket shortly after exec and offers no event to wait on: retry the
+    /// connection (bounded).
+    fn qmp(&self) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Qmp::connect(&self.qmp_path) {
+                Ok(q) => return q,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP never came up: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    fn wait(&mut self) -> (i32, String) {
+        let status = self.supervisor.wait().unwrap();
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.stderr, &mut rest);
+        (status.code().unwrap_or(-1), rest)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        kill_and_wait(self.qemu_pid);
+        let _ = self.supervisor.kill();
+        let _ = self.supervisor.wait();
+    }
+}
+
+/// SIGKILL a process that is not our child and wait for it to be gone, through a pidfd.
+fn kill_and_wait(pid: u32) {
+    if let Ok(h) = ProcessHandle::open(pid, None) {
+        let _ = h.signal(rustix::process::Signal::KILL);
+        let mut fds = [rustix::event::PollFd::new(
+            h.fd(),
+            rustix::event::PollFlags::IN,
+        )];
+        let _ = rustix::event::poll(&mut fds, None);
+    }
+}
+
+fn qcow2(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    p
+}
+
+#[test]
+fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
+    // O_DIRECT lease I/O needs a real filesystem: /var/tmp, not tmpfs.
+    let dir = tempfile::Builder::new()
+        .prefix("vmlock-sanlock-qemu-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let base = dir.path();
+    let a = Host::start(base, "host-a", 1);
+    let disk = qcow2(base, "vm1.qcow2");
+    let uuid = uuid::Uuid::new_v4().to_string();
+
+    // The first `vmlock run` creates the lockspace, joins it (2-5 x io_timeout) and takes the
+    // disk's lease before QEMU starts.
+    let mut vm = Vm::start(&a, "vm1", &uuid, &disk);
+    let mut qmp = vm.qmp();
+    assert_eq!(
+        qmp.execute("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+    let status = Command::new("sanlock")
+        .args(["client", "status"])
+        .env("SANLOCK_RUN_DIR", &a.daemon.run_dir)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("r ") && l.contains(LOCKSPACE)),
+        "sanlock lists the disk lease: {status}"
+    );
+
+    // Same host, another `vmlock run`: refused before its guest starts, naming vm1.
+    let (out, started) = a.try_start("vm2", &disk);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !started,
+        "vm2 must not start: {err}"
+    );
+    assert!(
+        err.contains(disk.to_str().unwrap()) && err.contains("\"vm1\"") && err.contains(&uuid),
+        "{err}"
+    );
+
+    // Host B (its own daemon, host_id 2): refused too, and told the holder runs on host A.
+    let b = Host::start(base, "host-b", 2);
+    b.join_and_see_live(base, 2, 1);
+    let (out, started) = b.try_start("vm3", &disk);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !started,
+        "vm3 must not start: {err}"
+    );
+    assert!(err.contains("\"vm1\"") && err.contains("host-a"), "{err}");
+
+    // QEMU quits over QMP; the supervisor releases and exits with QEMU's status.
+    qmp.execute("quit", json!({})).unwrap_or(json!(null));
+    let (code, rest) = vm.wait();
+    assert_eq!(code, 0, "{rest}");
+
+    // The disk is free, for host B as well.
+    let (out, started) = b.try_start("vm3", &disk);
+    assert!(
+        out.status.success() && started,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
