@@ -98,6 +98,10 @@ pub struct Connection {
 
 impl Connection {
     fn hello(stream: UnixStream) -> Result<Self, Error> {
+        // Set once: every reply must come within REPLY_TIMEOUT.
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(|e| Error::io("socket", &e))?;
         let mut conn = Connection {
             stream,
             daemon_pid: 0,
@@ -130,9 +134,6 @@ impl Connection {
         fds: &[&OwnedFd],
     ) -> Result<(Reply, Vec<OwnedFd>), Error> {
         write_frame(&self.stream, request, fds)?;
-        self.stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|e| Error::io("socket", &e))?;
         match read_frame::<Reply>(&self.stream) {
             Ok((Reply::Error(e), _)) => Err(e),
             Ok((reply, fds)) => Ok((reply, fds)),

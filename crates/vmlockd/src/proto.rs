@@ -15,7 +15,7 @@ use crate::sys::fdpass;
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use vmlock::{Error, LockFailureAction, Resource};
 
 /// Version of this protocol; bumped on any incompatible change.
@@ -308,27 +308,22 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
 ) -> Result<(T, Vec<OwnedFd>), ReadError> {
     let mut fds = Vec::new();
     let mut header = [0u8; 4];
-    let mut got = 0;
-    stream
-        .set_read_timeout(None)
-        .map_err(|e| ReadError::Failed(Error::io("socket", &e)))?;
-    while got < 4 {
-        let n = fdpass::recv_with_fds(stream, &mut header[got..], &mut fds)
-            .map_err(|e| ReadError::Failed(Error::io("reading from the lock daemon socket", &e)))?;
-        if n == 0 {
-            return if got == 0 {
-                Err(ReadError::Closed)
-            } else {
-                Err(ReadError::Failed(protocol("truncated frame header".into())))
-            };
-        }
-        if got == 0 {
-            stream
-                .set_read_timeout(Some(FRAME_TIMEOUT))
-                .map_err(|e| ReadError::Failed(Error::io("socket", &e)))?;
-        }
-        got += n;
+    // The first byte waits as long as the socket's own receive timeout says (none on the daemon,
+    // the reply timeout on clients); the rest of the frame must follow within FRAME_TIMEOUT.
+    let n = fdpass::recv_with_fds(stream, &mut header, &mut fds, false).map_err(|e| {
+        ReadError::Failed(if is_timeout(&e) {
+            Error::ServiceUnavailable {
+                reason: "no answer from the lock daemon in time".into(),
+            }
+        } else {
+            Error::io("reading from the lock daemon socket", &e)
+        })
+    })?;
+    if n == 0 {
+        return Err(ReadError::Closed);
     }
+    let deadline = Instant::now() + FRAME_TIMEOUT;
+    read_rest(stream, &mut header[n..], &mut fds, deadline)?;
     let len = u32::from_be_bytes(header) as usize;
     if len > MAX_FRAME {
         return Err(ReadError::Failed(protocol(format!(
@@ -336,30 +331,70 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
         ))));
     }
     let mut body = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        let n = fdpass::recv_with_fds(stream, &mut body[got..], &mut fds).map_err(|e| {
-            ReadError::Failed(
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) {
-                    protocol(format!("frame not completed within {FRAME_TIMEOUT:?}"))
-                } else {
-                    Error::io("reading from the lock daemon socket", &e)
-                },
-            )
-        })?;
-        if n == 0 {
-            return Err(ReadError::Failed(protocol(
-                "connection closed inside a frame".into(),
-            )));
-        }
-        got += n;
-    }
+    read_rest(stream, &mut body, &mut fds, deadline)?;
     let msg = serde_json::from_slice(&body)
         .map_err(|e| ReadError::Failed(protocol(format!("malformed message: {e}"))))?;
     Ok((msg, fds))
+}
+
+/// Fills `buf` from a frame already started, waiting at most until `deadline`. Reads without
+/// blocking first, so a frame that arrived whole costs no extra system call.
+fn read_rest(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    deadline: Instant,
+) -> Result<(), ReadError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match fdpass::recv_with_fds(stream, &mut buf[got..], fds, true) {
+            Ok(0) => {
+                return Err(ReadError::Failed(protocol(
+                    "connection closed inside a frame".into(),
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timeout = rustix::time::Timespec {
+                    tv_sec: left.as_secs() as i64,
+                    tv_nsec: i64::from(left.subsec_nanos()),
+                };
+                let mut pfd = [rustix::event::PollFd::new(
+                    stream,
+                    rustix::event::PollFlags::IN,
+                )];
+                match rustix::event::poll(&mut pfd, Some(&timeout)) {
+                    Ok(0) => {
+                        return Err(ReadError::Failed(protocol(format!(
+                            "frame not completed within {FRAME_TIMEOUT:?}"
+                        ))))
+                    }
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        return Err(ReadError::Failed(Error::io(
+                            "waiting on the socket",
+                            &e.into(),
+                        )))
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(ReadError::Failed(Error::io(
+                    "reading from the lock daemon socket",
+                    &e,
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 fn protocol(reason: String) -> Error {

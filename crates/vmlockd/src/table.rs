@@ -1177,7 +1177,6 @@ impl Table {
             own = File::open(path).ok()?;
             &own
         };
-        let meta = file.metadata().ok()?;
         for (byte, what) in [
             (QEMU_WRITE_BYTE, "QEMU write lock (byte 101)"),
             (
@@ -1190,6 +1189,7 @@ impl Table {
                 continue;
             }
             if let Ok(Some(_)) = ofd::probe(file.as_fd(), LockKind::Exclusive, byte, 1) {
+                let meta = file.metadata().ok()?;
                 let holder =
                     procfs::lock_holders(meta.dev(), meta.ino(), byte, byte, std::process::id())
                         .into_iter()

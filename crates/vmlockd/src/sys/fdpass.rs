@@ -34,11 +34,12 @@ pub fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io
 }
 
 /// Reads up to `buf.len()` bytes; descriptors that arrive are appended to `fds` (close-on-exec).
-/// Returns 0 at end of stream.
+/// Returns 0 at end of stream. With `dont_wait`, fails with `WouldBlock` instead of waiting.
 pub fn recv_with_fds(
     stream: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    dont_wait: bool,
 ) -> std::io::Result<usize> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     loop {
@@ -47,7 +48,11 @@ pub fn recv_with_fds(
             stream.as_raw_fd(),
             &mut iov,
             Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
+            if dont_wait {
+                MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT
+            } else {
+                MsgFlags::MSG_CMSG_CLOEXEC
+            },
         ) {
             Ok(msg) => {
                 for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
