@@ -2,7 +2,7 @@
 //! hands them back to a restarted daemon.
 
 use crate::proto::{
-    read_frame, write_frame, HeldLock, LockKey, Push, ReadError, Reply, Request, VmIdentity,
+    write_frame, FrameReader, HeldLock, LockKey, Push, ReadError, Reply, Request, VmIdentity,
     PROTOCOL_VERSION,
 };
 use crate::runtime::{self, RuntimeDir};
@@ -94,6 +94,7 @@ pub struct Connection {
     pub daemon_pid: u32,
     /// The daemon's host name.
     pub host: String,
+    reader: FrameReader,
 }
 
 impl Connection {
@@ -104,6 +105,7 @@ impl Connection {
             .map_err(|e| Error::io("socket", &e))?;
         let mut conn = Connection {
             stream,
+            reader: FrameReader::new(),
             daemon_pid: 0,
             host: String::new(),
         };
@@ -134,7 +136,7 @@ impl Connection {
         fds: &[&OwnedFd],
     ) -> Result<(Reply, Vec<OwnedFd>), Error> {
         write_frame(&self.stream, request, fds)?;
-        match read_frame::<Reply>(&self.stream) {
+        match self.reader.read::<Reply>(&self.stream) {
             Ok((Reply::Error(e), _)) => Err(e),
             Ok((reply, fds)) => Ok((reply, fds)),
             Err(ReadError::Closed) => Err(Error::ServiceUnavailable {
@@ -166,7 +168,8 @@ pub struct Holder {
     thread: Option<JoinHandle<()>>,
     kept: Arc<Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>>,
     stop: Arc<AtomicBool>,
-    stream: UnixStream,
+    /// The holder's current connection (it changes when the daemon restarts).
+    current: Arc<Mutex<Option<UnixStream>>>,
 }
 
 impl Holder {
@@ -183,21 +186,24 @@ impl Holder {
     fn start_as(endpoint: &Endpoint, vm: VmIdentity, incoming: bool) -> Result<Self, Error> {
         let kept = Arc::new(Mutex::new(BTreeMap::new()));
         let conn = register(endpoint, &vm, &kept, incoming)?;
-        let stream = conn
+        let copy = conn
+            .0
             .try_clone()
             .map_err(|e| Error::io("holder socket", &e))?;
+        let current = Arc::new(Mutex::new(Some(copy)));
         let stop = Arc::new(AtomicBool::new(false));
-        let (thread_kept, thread_stop) = (Arc::clone(&kept), Arc::clone(&stop));
+        let (thread_kept, thread_stop, thread_current) =
+            (Arc::clone(&kept), Arc::clone(&stop), Arc::clone(&current));
         let endpoint = endpoint.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vmlock-holder-{}", vm.name))
-            .spawn(move || hold_loop(conn, endpoint, vm, thread_kept, thread_stop))
+            .spawn(move || hold_loop(conn, thread_current, endpoint, vm, thread_kept, thread_stop))
             .map_err(|e| Error::io("starting the lock holder thread", &e))?;
         Ok(Holder {
             thread: Some(thread),
             kept,
             stop,
-            stream,
+            current,
         })
     }
 
@@ -205,7 +211,11 @@ impl Holder {
     /// keeps nothing yet (a failed start), or whose VM the daemon already released.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Ok(current) = self.current.lock() {
+            if let Some(stream) = current.as_ref() {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -263,7 +273,7 @@ fn register(
     vm: &VmIdentity,
     kept: &Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>,
     incoming: bool,
-) -> Result<UnixStream, Error> {
+) -> Result<(UnixStream, FrameReader), Error> {
     let mut conn = endpoint.connect()?;
     let kept = kept.lock().map_err(|_| Error::ServiceUnavailable {
         reason: "holder state poisoned".into(),
@@ -285,11 +295,13 @@ fn register(
     conn.stream
         .set_read_timeout(None)
         .map_err(|e| Error::io("socket", &e))?;
-    Ok(conn.stream)
+    // The reader may already hold the start of the first push: it goes with the stream.
+    Ok((conn.stream, conn.reader))
 }
 
 fn hold_loop(
-    mut stream: UnixStream,
+    (mut stream, mut reader): (UnixStream, FrameReader),
+    current: Arc<Mutex<Option<UnixStream>>>,
     endpoint: Endpoint,
     vm: VmIdentity,
     kept: Arc<Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>>,
@@ -300,7 +312,7 @@ fn hold_loop(
         ..endpoint
     };
     loop {
-        match read_frame::<Push>(&stream) {
+        match reader.read::<Push>(&stream) {
             Ok((Push::Keep { seq, locks }, fds)) => {
                 if let Ok(mut k) = kept.lock() {
                     for (lock, fd) in locks.into_iter().zip(fds) {
@@ -331,7 +343,13 @@ fn hold_loop(
                         return; // the guest is gone: its locks may go with us
                     }
                     match register(&reconnect, &vm, &kept, false) {
-                        Ok(s) => break s,
+                        Ok((s, r)) => {
+                            reader = r;
+                            if let (Ok(mut c), Ok(copy)) = (current.lock(), s.try_clone()) {
+                                *c = Some(copy);
+                            }
+                            break s;
+                        }
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
                 };

@@ -13,6 +13,7 @@
 
 use crate::sys::fdpass;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant, SystemTime};
@@ -301,93 +302,183 @@ pub enum ReadError {
     Failed(Error),
 }
 
-/// Reads one frame and the descriptors that came with it. Waits indefinitely for the first
-/// byte; the rest must arrive within [`FRAME_TIMEOUT`].
-pub fn read_frame<T: for<'de> Deserialize<'de>>(
-    stream: &UnixStream,
-) -> Result<(T, Vec<OwnedFd>), ReadError> {
-    let mut fds = Vec::new();
-    let mut header = [0u8; 4];
-    // The first byte waits as long as the socket's own receive timeout says (none on the daemon,
-    // the reply timeout on clients); the rest of the frame must follow within FRAME_TIMEOUT.
-    let n = fdpass::recv_with_fds(stream, &mut header, &mut fds, false).map_err(|e| {
-        ReadError::Failed(if is_timeout(&e) {
-            Error::ServiceUnavailable {
-                reason: "no answer from the lock daemon in time".into(),
-            }
-        } else {
-            Error::io("reading from the lock daemon socket", &e)
-        })
-    })?;
-    if n == 0 {
-        return Err(ReadError::Closed);
+/// A message that may carry descriptors: how many travel with it.
+pub trait Message: for<'de> Deserialize<'de> {
+    /// The number of descriptors attached to this message's frame.
+    fn fd_count(&self) -> usize {
+        0
     }
-    let deadline = Instant::now() + FRAME_TIMEOUT;
-    read_rest(stream, &mut header[n..], &mut fds, deadline)?;
-    let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
-        return Err(ReadError::Failed(protocol(format!(
-            "frame of {len} bytes exceeds the maximum of {MAX_FRAME}"
-        ))));
-    }
-    let mut body = vec![0u8; len];
-    read_rest(stream, &mut body, &mut fds, deadline)?;
-    let msg = serde_json::from_slice(&body)
-        .map_err(|e| ReadError::Failed(protocol(format!("malformed message: {e}"))))?;
-    Ok((msg, fds))
 }
 
-/// Fills `buf` from a frame already started, waiting at most until `deadline`. Reads without
-/// blocking first, so a frame that arrived whole costs no extra system call.
-fn read_rest(
-    stream: &UnixStream,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-    deadline: Instant,
-) -> Result<(), ReadError> {
-    let mut got = 0;
-    while got < buf.len() {
-        match fdpass::recv_with_fds(stream, &mut buf[got..], fds, true) {
-            Ok(0) => {
-                return Err(ReadError::Failed(protocol(
-                    "connection closed inside a frame".into(),
-                )))
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let timeout = rustix::time::Timespec {
-                    tv_sec: left.as_secs() as i64,
-                    tv_nsec: i64::from(left.subsec_nanos()),
-                };
-                let mut pfd = [rustix::event::PollFd::new(
-                    stream,
-                    rustix::event::PollFlags::IN,
-                )];
-                match rustix::event::poll(&mut pfd, Some(&timeout)) {
-                    Ok(0) => {
-                        return Err(ReadError::Failed(protocol(format!(
-                            "frame not completed within {FRAME_TIMEOUT:?}"
-                        ))))
-                    }
-                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => {
-                        return Err(ReadError::Failed(Error::io(
-                            "waiting on the socket",
-                            &e.into(),
-                        )))
-                    }
-                }
-            }
-            Err(e) => {
-                return Err(ReadError::Failed(Error::io(
-                    "reading from the lock daemon socket",
-                    &e,
-                )))
-            }
+impl Message for Request {
+    fn fd_count(&self) -> usize {
+        match self {
+            Request::Hold { adopt, .. } => adopt.len(),
+            _ => 0,
         }
     }
-    Ok(())
+}
+
+impl Message for Reply {
+    fn fd_count(&self) -> usize {
+        match self {
+            Reply::Kept { locks, .. } => locks.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Message for Push {
+    fn fd_count(&self) -> usize {
+        match self {
+            Push::Keep { locks, .. } => locks.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Reads frames from one connection. It reads as much as the socket has, so a frame that
+/// arrived whole costs one system call, and keeps what belongs to the next frame. Descriptors
+/// queue in arrival order and each frame takes as many as its message says it carries.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    head: usize,
+    tail: usize,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameReader {
+    /// An empty reader.
+    pub fn new() -> Self {
+        FrameReader {
+            buf: vec![0; 8192],
+            head: 0,
+            tail: 0,
+            fds: VecDeque::new(),
+        }
+    }
+
+    /// Reads one frame and the descriptors that came with it. Waits for the first byte as long
+    /// as the socket's own receive timeout says (none on the daemon, the reply timeout on
+    /// clients); the rest of the frame must follow within [`FRAME_TIMEOUT`].
+    pub fn read<T: Message>(
+        &mut self,
+        stream: &UnixStream,
+    ) -> Result<(T, Vec<OwnedFd>), ReadError> {
+        if self.head == self.tail {
+            self.head = 0;
+            self.tail = 0;
+            let n = self.recv(stream, false).map_err(|e| {
+                ReadError::Failed(if is_timeout(&e) {
+                    Error::ServiceUnavailable {
+                        reason: "no answer from the lock daemon in time".into(),
+                    }
+                } else {
+                    Error::io("reading from the lock daemon socket", &e)
+                })
+            })?;
+            if n == 0 {
+                return Err(ReadError::Closed);
+            }
+        }
+        let deadline = Instant::now() + FRAME_TIMEOUT;
+        self.fill(stream, 4, deadline)?;
+        let mut header = [0u8; 4];
+        header.copy_from_slice(&self.buf[self.head..self.head + 4]);
+        let len = u32::from_be_bytes(header) as usize;
+        if len > MAX_FRAME {
+            return Err(ReadError::Failed(protocol(format!(
+                "frame of {len} bytes exceeds the maximum of {MAX_FRAME}"
+            ))));
+        }
+        self.fill(stream, 4 + len, deadline)?;
+        let body = &self.buf[self.head + 4..self.head + 4 + len];
+        let msg: T = serde_json::from_slice(body)
+            .map_err(|e| ReadError::Failed(protocol(format!("malformed message: {e}"))))?;
+        self.head += 4 + len;
+        let count = msg.fd_count().min(self.fds.len());
+        Ok((msg, self.fds.drain(..count).collect()))
+    }
+
+    fn recv(&mut self, stream: &UnixStream, dont_wait: bool) -> std::io::Result<usize> {
+        let mut fds = Vec::new();
+        let n = fdpass::recv_with_fds(stream, &mut self.buf[self.tail..], &mut fds, dont_wait)?;
+        self.tail += n;
+        self.fds.extend(fds);
+        Ok(n)
+    }
+
+    /// Buffers at least `need` bytes of the current frame, waiting at most until `deadline`.
+    fn fill(
+        &mut self,
+        stream: &UnixStream,
+        need: usize,
+        deadline: Instant,
+    ) -> Result<(), ReadError> {
+        while self.tail - self.head < need {
+            if self.buf.len() - self.head < need || self.tail == self.buf.len() {
+                self.buf.copy_within(self.head..self.tail, 0);
+                self.tail -= self.head;
+                self.head = 0;
+                if self.buf.len() < need {
+                    self.buf.resize(need, 0);
+                }
+            }
+            match self.recv(stream, true) {
+                Ok(0) => {
+                    return Err(ReadError::Failed(protocol(
+                        "connection closed inside a frame".into(),
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let timeout = rustix::time::Timespec {
+                        tv_sec: left.as_secs() as i64,
+                        tv_nsec: i64::from(left.subsec_nanos()),
+                    };
+                    let mut pfd = [rustix::event::PollFd::new(
+                        stream,
+                        rustix::event::PollFlags::IN,
+                    )];
+                    match rustix::event::poll(&mut pfd, Some(&timeout)) {
+                        Ok(0) => {
+                            return Err(ReadError::Failed(protocol(format!(
+                                "frame not completed within {FRAME_TIMEOUT:?}"
+                            ))))
+                        }
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => {
+                            return Err(ReadError::Failed(Error::io(
+                                "waiting on the socket",
+                                &e.into(),
+                            )))
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(ReadError::Failed(Error::io(
+                        "reading from the lock daemon socket",
+                        &e,
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads one frame with a reader of its own (for one-off exchanges and tests; a connection that
+/// reads several frames keeps one [`FrameReader`]).
+pub fn read_frame<T: Message>(stream: &UnixStream) -> Result<(T, Vec<OwnedFd>), ReadError> {
+    FrameReader::new().read(stream)
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
@@ -399,4 +490,83 @@ fn is_timeout(e: &std::io::Error) -> bool {
 
 fn protocol(reason: String) -> Error {
     Error::Protocol { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn frames_sent_back_to_back_are_read_one_by_one_with_their_descriptors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let fd = OwnedFd::from(file);
+        let key = LockKey {
+            dev: 1,
+            ino: 2,
+            byte: 0,
+        };
+        let lock = HeldLock {
+            resource: Resource::disk("/d", vmlock::DiskMode::Exclusive).unwrap(),
+            key,
+        };
+        write_frame(
+            &a,
+            &Push::Keep {
+                seq: 1,
+                locks: vec![lock.clone()],
+            },
+            &[&fd],
+        )
+        .unwrap();
+        write_frame(
+            &a,
+            &Push::Close {
+                seq: 2,
+                keys: vec![key],
+            },
+            &[],
+        )
+        .unwrap();
+        write_frame(&a, &Push::Finished, &[]).unwrap();
+        let mut reader = FrameReader::new();
+        let (first, fds) = reader.read::<Push>(&b).unwrap();
+        assert_eq!(
+            first,
+            Push::Keep {
+                seq: 1,
+                locks: vec![lock]
+            }
+        );
+        assert_eq!(fds.len(), 1);
+        assert_eq!(
+            reader.read::<Push>(&b).unwrap().0,
+            Push::Close {
+                seq: 2,
+                keys: vec![key]
+            }
+        );
+        assert_eq!(reader.read::<Push>(&b).unwrap().0, Push::Finished);
+        drop(a);
+        assert!(matches!(reader.read::<Push>(&b), Err(ReadError::Closed)));
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_buffer_is_read_whole() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let big = Request::Inquire {
+            uuid: "x".repeat(100_000),
+        };
+        let writer = std::thread::spawn(move || write_frame(&a, &big, &[]).map(|()| a));
+        let (got, _) = FrameReader::new().read::<Request>(&b).unwrap();
+        assert!(matches!(got, Request::Inquire { uuid } if uuid.len() == 100_000));
+        let mut a = writer.join().unwrap().unwrap();
+        a.write_all(&[0, 0]).unwrap();
+        drop(a);
+        assert!(matches!(
+            FrameReader::new().read::<Request>(&b),
+            Err(ReadError::Failed(_))
+        ));
+    }
 }

@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::holder::HolderLink;
 use crate::proto::{
-    read_frame, write_frame, HeldLock, ReadError, Reply, Request, PROTOCOL_VERSION,
+    write_frame, FrameReader, HeldLock, ReadError, Reply, Request, PROTOCOL_VERSION,
 };
 use crate::runtime::RuntimeDir;
 use crate::store::Store;
@@ -189,7 +189,8 @@ impl Daemon {
             return;
         }
         let peer_pid = u32::try_from(peer.pid()).unwrap_or(0);
-        match read_frame::<Request>(&stream) {
+        let mut reader = FrameReader::new();
+        match reader.read::<Request>(&stream) {
             Ok((Request::Hello { version }, _)) if version == PROTOCOL_VERSION => {
                 let host = self.lock_table().host().to_owned();
                 if write_frame(
@@ -228,7 +229,7 @@ impl Daemon {
         }
         let mut restricted = false;
         loop {
-            let (request, fds) = match read_frame::<Request>(&stream) {
+            let (request, fds) = match reader.read::<Request>(&stream) {
                 Ok(r) => r,
                 Err(ReadError::Closed) => return,
                 Err(ReadError::Failed(e)) => {
@@ -244,7 +245,7 @@ impl Daemon {
                     adopt,
                     incoming,
                 } => {
-                    self.serve_holder(stream, peer_pid, vm, adopt, fds, incoming);
+                    self.serve_holder((stream, reader), peer_pid, vm, adopt, fds, incoming);
                     return;
                 }
                 Request::Restrict => {
@@ -361,7 +362,7 @@ impl Daemon {
 
     fn serve_holder(
         &self,
-        stream: UnixStream,
+        (stream, mut reader): (UnixStream, FrameReader),
         peer_pid: u32,
         vm: crate::proto::VmIdentity,
         adopt: Vec<HeldLock>,
@@ -413,7 +414,7 @@ impl Daemon {
             return;
         }
         loop {
-            match read_frame::<Request>(&stream) {
+            match reader.read::<Request>(&stream) {
                 Ok((Request::Ack { seq }, _)) => link.acked(seq),
                 Ok((other, _)) => {
                     tracing::warn!(?other, "ignored a request on a holder connection")
