@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use vmlockd::qmp::Qmp;
-use vmlockd::sys::pidfd::ProcessHandle;
 
 /// A private runtime directory; the daemon the CLI starts there is killed by pid at the end.
 struct Env {
@@ -96,14 +95,7 @@ impl Drop for Env {
 
 /// SIGKILL a process that is not our child and wait for it to be gone, through a pidfd.
 fn kill_and_wait(pid: u32) {
-    if let Ok(h) = ProcessHandle::open(pid, None) {
-        let _ = h.signal(rustix::process::Signal::KILL);
-        let mut fds = [rustix::event::PollFd::new(
-            h.fd(),
-            rustix::event::PollFlags::IN,
-        )];
-        let _ = rustix::event::poll(&mut fds, None);
-    }
+    vmlockd::sys::pidfd::kill_and_wait(pid);
 }
 
 /// A QEMU guest under `vmlock run`.

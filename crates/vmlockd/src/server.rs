@@ -521,12 +521,7 @@ fn enforce(lost: LostLease, grace: Duration) {
 /// SIGTERM, then SIGKILL if the process has not exited after `grace`.
 fn power_off(process: &ProcessHandle, grace: Duration) {
     let _ = process.signal(rustix::process::Signal::TERM);
-    let mut fds = [PollFd::new(process.fd(), PollFlags::IN)];
-    let timeout = rustix::time::Timespec {
-        tv_sec: grace.as_secs() as i64,
-        tv_nsec: i64::from(grace.subsec_nanos()),
-    };
-    if matches!(poll(&mut fds, Some(&timeout)), Ok(0)) {
+    if !process.wait_exit(Some(grace)) {
         let _ = process.signal(rustix::process::Signal::KILL);
     }
 }

@@ -61,9 +61,34 @@ impl ProcessHandle {
         matches!(poll(&mut fds, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(n) if n > 0)
     }
 
+    /// Waits until the process has exited, at most `timeout` (forever when `None`); true if it
+    /// has. Works for processes that are not our children.
+    pub fn wait_exit(&self, timeout: Option<std::time::Duration>) -> bool {
+        let timeout = timeout.map(|t| rustix::time::Timespec {
+            tv_sec: t.as_secs() as i64,
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        loop {
+            let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(n) => return n > 0,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return self.has_exited(),
+            }
+        }
+    }
+
     /// Sends `signal` to exactly this process.
     pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
         pidfd_send_signal(self.fd.as_fd(), signal)?;
         Ok(())
+    }
+}
+
+/// SIGKILL the process `pid` (if it still exists) and wait until it is gone.
+pub fn kill_and_wait(pid: u32) {
+    if let Ok(h) = ProcessHandle::open(pid, None) {
+        let _ = h.signal(Signal::KILL);
+        h.wait_exit(None);
     }
 }
