@@ -1,5 +1,6 @@
 //! `vmlock`: run a guest under disk leases, and inspect or change what VMs hold.
 
+mod control;
 mod supervise;
 
 use anyhow::{bail, Context};
@@ -108,6 +109,7 @@ enum Command {
 struct Ctx {
     runtime: RuntimeDir,
     plugin: Plugin,
+    driver: String,
 }
 
 impl Ctx {
@@ -132,11 +134,27 @@ impl Ctx {
             );
         }
         let plugin = registry.load(&cli.driver, &config)?;
-        Ok(Ctx { runtime, plugin })
+        Ok(Ctx {
+            runtime,
+            plugin,
+            driver: cli.driver.clone(),
+        })
     }
 
     fn endpoint(&self) -> Endpoint {
         Endpoint::new(self.runtime.clone())
+    }
+
+    /// The running VM `uuid`: through the daemon for lockd, else through its supervisor.
+    fn vm(&self, uuid: &str) -> anyhow::Result<RunningVm> {
+        if self.driver == vmlockd::driver::NAME {
+            return Ok(RunningVm::Daemon(Box::new(self.attach(uuid)?)));
+        }
+        let uuid = vmlock::params::parse_uuid(uuid)?.to_string();
+        Ok(RunningVm::Supervisor {
+            runtime: self.runtime.path().to_path_buf(),
+            uuid,
+        })
     }
 
     /// A manager attached to the running VM `uuid`, its identity looked up in the daemon.
@@ -176,44 +194,115 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     let ctx = Ctx::new(&cli)?;
     match cli.command {
-        Command::Run(args) => supervise::run(&ctx.plugin, args),
+        Command::Run(args) => supervise::run(&ctx.plugin, ctx.runtime.path(), args),
         Command::Status { json } => status(&ctx, json).map(|()| 0),
         Command::Inquire { uuid } => {
-            println!("{}", ctx.attach(&uuid)?.inquire()?);
+            println!("{}", ctx.vm(&uuid)?.inquire()?);
             Ok(0)
         }
         Command::AttachDisk { uuid, disk } => {
-            let disk: Resource = disk.parse()?;
-            vmlock::domain::disk_attach(&mut ctx.attach(&uuid)?, disk)?;
+            ctx.vm(&uuid)?.attach_disk(disk.parse()?)?;
             Ok(0)
         }
         Command::DetachDisk { uuid, disk } => {
-            let disk: Resource = disk.parse()?;
-            vmlock::domain::disk_detach(&mut ctx.attach(&uuid)?, &disk)?;
+            ctx.vm(&uuid)?.detach_disk(disk.parse()?)?;
             Ok(0)
         }
         Command::MigratePrepare { uuid, destination } => {
-            println!("{}", ctx.attach(&uuid)?.prepare_migration(&destination)?);
+            println!("{}", ctx.vm(&uuid)?.prepare(&destination)?);
             Ok(0)
         }
         Command::MigrateFinish { uuid } => {
-            ctx.attach(&uuid)?
-                .complete_migration(MigrationOutcome::Success)?;
+            ctx.vm(&uuid)?.complete(true)?;
             Ok(0)
         }
         Command::MigrateCancel { uuid } => {
-            ctx.attach(&uuid)?
-                .complete_migration(MigrationOutcome::Cancel)?;
+            ctx.vm(&uuid)?.complete(false)?;
             Ok(0)
         }
         Command::Daemon { .. } => Ok(0),
-        Command::Pid { uuid } => match ctx.attach(&uuid)?.guest_pid()? {
+        Command::Pid { uuid } => match ctx.vm(&uuid)?.guest_pid()? {
             Some(pid) => {
                 println!("{pid}");
                 Ok(0)
             }
             None => bail!("VM {uuid} has no known guest process"),
         },
+    }
+}
+
+/// A running VM, reached through the lock daemon (lockd) or through its supervisor's control
+/// socket (drivers whose leases belong to the supervisor process, such as sanlock).
+enum RunningVm {
+    Daemon(Box<Manager>),
+    Supervisor { runtime: PathBuf, uuid: String },
+}
+
+impl RunningVm {
+    fn ask(&self, request: &control::ControlRequest) -> vmlock::Result<control::ControlReply> {
+        match self {
+            RunningVm::Supervisor { runtime, uuid } => control::call(runtime, uuid, request),
+            RunningVm::Daemon(_) => Err(vmlock::Error::invalid_state("ask", "not a supervisor")),
+        }
+    }
+
+    fn inquire(&mut self) -> vmlock::Result<vmlock::LockState> {
+        match self {
+            RunningVm::Daemon(m) => m.inquire(),
+            vm => control::state(vm.ask(&control::ControlRequest::Inquire)?),
+        }
+    }
+
+    fn guest_pid(&mut self) -> vmlock::Result<Option<u32>> {
+        match self {
+            RunningVm::Daemon(m) => m.guest_pid(),
+            vm => match vm.ask(&control::ControlRequest::GuestPid)? {
+                control::ControlReply::Pid(p) => Ok(p),
+                other => Err(vmlock::Error::Protocol {
+                    reason: format!("unexpected reply {other:?}"),
+                }),
+            },
+        }
+    }
+
+    fn attach_disk(&mut self, disk: Resource) -> vmlock::Result<()> {
+        match self {
+            RunningVm::Daemon(m) => vmlock::domain::disk_attach(m, disk),
+            vm => vm
+                .ask(&control::ControlRequest::AttachDisk(disk))
+                .map(|_| ()),
+        }
+    }
+
+    fn detach_disk(&mut self, disk: Resource) -> vmlock::Result<()> {
+        match self {
+            RunningVm::Daemon(m) => vmlock::domain::disk_detach(m, &disk).map(|_| ()),
+            vm => vm
+                .ask(&control::ControlRequest::DetachDisk(disk))
+                .map(|_| ()),
+        }
+    }
+
+    fn prepare(&mut self, destination: &str) -> vmlock::Result<vmlock::LockState> {
+        match self {
+            RunningVm::Daemon(m) => m.prepare_migration(destination),
+            vm => control::state(vm.ask(&control::ControlRequest::MigratePrepare(
+                destination.to_owned(),
+            ))?),
+        }
+    }
+
+    fn complete(&mut self, success: bool) -> vmlock::Result<()> {
+        match self {
+            RunningVm::Daemon(m) => m.complete_migration(if success {
+                MigrationOutcome::Success
+            } else {
+                MigrationOutcome::Cancel
+            }),
+            vm => vm
+                .ask(&control::ControlRequest::MigrateComplete(success))
+                .map(|_| ()),
+        }
     }
 }
 

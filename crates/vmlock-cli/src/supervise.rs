@@ -10,8 +10,9 @@ use anyhow::Context;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use vmlock::{
     AcquireOptions, LockFailureAction, LockState, Manager, Plugin, Resource, StartMode, VmParams,
 };
@@ -61,7 +62,7 @@ const FORWARDED: [Signal; 4] = [
 ];
 
 /// Runs the guest under its leases; returns the exit code to leave with.
-pub fn run(plugin: &Plugin, args: RunArgs) -> anyhow::Result<i32> {
+pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result<i32> {
     let uuid = match &args.uuid {
         Some(u) => vmlock::params::parse_uuid(u)?,
         None => {
@@ -156,7 +157,22 @@ pub fn run(plugin: &Plugin, args: RunArgs) -> anyhow::Result<i32> {
         })
         .context("starting the signal forwarder")?;
 
+    // Later `vmlock` commands reach this VM's leases through the supervisor that holds them.
+    let manager = Arc::new(Mutex::new(manager));
+    let control = crate::control::ControlServer::start(
+        crate::control::socket_path(runtime_dir, &uuid.to_string()),
+        Arc::clone(&manager),
+    );
+    if let Err(e) = &control {
+        eprintln!(
+            "vmlock: warning: no control socket for \"{}\": {e:#}",
+            args.name
+        );
+    }
+
     let status = child.wait().context("waiting for the guest")?;
+    drop(control);
+    let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(e) = manager.shutdown() {
         // Our exit closes the descriptions this process keeps, so the locks go anyway.
         eprintln!(

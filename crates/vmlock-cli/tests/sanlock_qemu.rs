@@ -153,10 +153,23 @@ struct Vm {
 
 impl Vm {
     fn start(host: &Host, name: &str, uuid: &str, disk: &Path) -> Self {
-        let qmp_path = disk.with_file_name(format!("{name}.qmp"));
+        Self::launch(host, name, uuid, disk, &[], &[])
+    }
+
+    fn launch(
+        host: &Host,
+        name: &str,
+        uuid: &str,
+        disk: &Path,
+        options: &[&str],
+        extra_qemu: &[&str],
+    ) -> Self {
+        let qmp_path = disk.with_file_name(format!("{name}-{}.qmp", uuid::Uuid::new_v4().simple()));
         let mut supervisor = host
             .vmlock()
-            .args(["run", "--name", name, "--uuid", uuid, "--disk"])
+            .args(["run", "--name", name, "--uuid", uuid])
+            .args(options)
+            .arg("--disk")
             .arg(disk)
             .args([
                 "--",
@@ -177,6 +190,7 @@ impl Vm {
                 "-device",
                 "virtio-blk-pci,drive=d0",
             ])
+            .args(extra_qemu)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -317,6 +331,70 @@ fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
     );
     assert!(err.contains("\"vm1\"") && err.contains("host-a"), "{err}");
 
+    // Later commands reach the VM through its supervisor's control socket (sanlock leases belong
+    // to the supervisor process): pid, inquire, hotplug, unplug.
+    let out = a.vmlock().args(["pid", "--uuid", &uuid]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        vm.qemu_pid.to_string(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = a
+        .vmlock()
+        .args(["inquire", "--uuid", &uuid])
+        .output()
+        .unwrap();
+    let state = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        state.starts_with("vmlock1;sanlock;d:") && state.contains("vm1.qcow2"),
+        "{state}"
+    );
+    let hot = qcow2(base, "hot.qcow2");
+    let out = a
+        .vmlock()
+        .args([
+            "attach-disk",
+            "--uuid",
+            &uuid,
+            "--disk",
+            hot.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (out, started) = b.try_start("thief", &hot);
+    assert!(
+        !out.status.success() && !started,
+        "the hotplugged disk is leased"
+    );
+    let out = a
+        .vmlock()
+        .args([
+            "detach-disk",
+            "--uuid",
+            &uuid,
+            "--disk",
+            hot.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (out, started) = b.try_start("thief", &hot);
+    assert!(
+        out.status.success() && started,
+        "unplugged disk is free: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // QEMU quits over QMP; the supervisor releases and exits with QEMU's status.
     qmp.execute("quit", json!({})).unwrap_or(json!(null));
     let (code, rest) = vm.wait();
@@ -329,4 +407,138 @@ fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Waits for QEMU's MIGRATION event with a final status.
+fn migration_result(qmp: &mut Qmp) -> String {
+    loop {
+        let ev = qmp.wait_event("MIGRATION").unwrap();
+        let status = ev["data"]["status"].as_str().unwrap_or_default().to_owned();
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            return status;
+        }
+    }
+}
+
+#[test]
+fn cli_migration_from_host_a_to_host_b_hands_the_lease_over_with_its_version() {
+    let dir = tempfile::Builder::new()
+        .prefix("vmlock-sanlock-mig-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let base = dir.path();
+    let a = Host::start(base, "host-a", 1);
+    let disk = qcow2(base, "mig.qcow2");
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let mut src = Vm::start(&a, "mover", &uuid, &disk);
+    let mut src_qmp = src.qmp();
+    let b = Host::start(base, "host-b", 2);
+    b.join_and_see_live(base, 2, 1);
+
+    let out = a
+        .vmlock()
+        .args(["migrate-prepare", "--uuid", &uuid])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(state.starts_with("vmlock1;sanlock;d:"), "{state}");
+    let dst = Vm::launch(
+        &b,
+        "mover",
+        &uuid,
+        &disk,
+        &["--incoming", &state],
+        &["-incoming", "defer"],
+    );
+    let mut dst_qmp = dst.qmp();
+    let (out, started) = b.try_start("third", &disk);
+    assert!(
+        !out.status.success() && !started,
+        "the source still holds the lease"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    dst_qmp
+        .execute("migrate-incoming", json!({"uri": uri}))
+        .unwrap();
+    src_qmp
+        .execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]}),
+        )
+        .unwrap();
+    src_qmp.execute("migrate", json!({"uri": uri})).unwrap();
+    assert_eq!(migration_result(&mut src_qmp), "completed");
+
+    // The source lets go, then the destination takes the lease with the version from the state.
+    for host in [&a, &b] {
+        let out = host
+            .vmlock()
+            .args(["migrate-finish", "--uuid", &uuid])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dst_qmp.execute("cont", json!({})).unwrap();
+    src_qmp.execute("quit", json!({})).unwrap_or(json!(null));
+    let (code, rest) = src.wait();
+    assert_eq!(code, 0, "{rest}");
+    let (out, started) = a.try_start("third", &disk);
+    assert!(
+        !out.status.success() && !started,
+        "host B holds the lease now"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("host-b"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = b
+        .vmlock()
+        .args(["inquire", "--uuid", &uuid])
+        .output()
+        .unwrap();
+    let now = String::from_utf8(out.stdout).unwrap();
+    assert_ne!(now.trim(), state, "the lease version moved on");
+
+    // The old state is stale: a destination presenting it is refused before its guest starts.
+    let marker = base.join("stale.started");
+    let out = a
+        .vmlock()
+        .args([
+            "run",
+            "--name",
+            "mover",
+            "--uuid",
+            &uuid,
+            "--incoming",
+            &state,
+            "--disk",
+        ])
+        .arg(&disk)
+        .arg("--")
+        .arg("touch")
+        .arg(&marker)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && !marker.exists(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(dst);
 }

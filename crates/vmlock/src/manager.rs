@@ -297,7 +297,8 @@ impl Manager {
     /// The guest process the lock service knows for this VM (the seed's `GetChild`). After a VM
     /// manager restart this finds the running guest; `None` means the service knows no guest.
     pub fn guest_pid(&mut self) -> Result<Option<u32>> {
-        self.session.guest_pid()
+        // Drivers that do not track the guest themselves know it from `guest_started`.
+        Ok(self.session.guest_pid()?.or(self.vm.pid))
     }
 
     /// Source side, before QEMU migrates: the state to hand to the destination. The source keeps

@@ -1,0 +1,201 @@
+//! The supervisor's control socket: how later `vmlock` commands reach a running VM whose leases
+//! belong to its supervisor process (drivers such as sanlock tie leases to the process that
+//! acquired them, so only the supervisor can hotplug, inquire or migrate them).
+//!
+//! `RUNTIME_DIR/vm-UUID.sock`, 0600 in the 0700 runtime directory, and only root or the
+//! supervisor's own uid is served (`SO_PEERCRED`). One JSON line per request, one per reply.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vmlock::{Error, LockState, Manager, MigrationOutcome, Resource};
+
+/// A request to a supervisor.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// The lock state.
+    Inquire,
+    /// The guest pid.
+    GuestPid,
+    /// Lock one more disk (before hotplug).
+    AttachDisk(Resource),
+    /// Release a disk (after unplug).
+    DetachDisk(Resource),
+    /// Migration source: the state for the destination.
+    MigratePrepare(String),
+    /// End a migration on this side.
+    MigrateComplete(bool),
+}
+
+/// A supervisor's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// Done.
+    Ok,
+    /// A lock state, printed.
+    State(String),
+    /// A pid.
+    Pid(Option<u32>),
+    /// Failed.
+    Error(Error),
+}
+
+/// The control socket of VM `uuid` in `runtime_dir`.
+pub fn socket_path(runtime_dir: &Path, uuid: &str) -> PathBuf {
+    runtime_dir.join(format!("vm-{uuid}.sock"))
+}
+
+/// Serves `manager` on `path` from a thread of its own; the socket file is removed on drop.
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds and starts serving.
+    pub fn start(path: PathBuf, manager: Arc<Mutex<Manager>>) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let uid = nix::unistd::geteuid().as_raw();
+        std::thread::Builder::new()
+            .name("vm-control".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let manager = Arc::clone(&manager);
+                    let _ = std::thread::Builder::new()
+                        .name("vm-control-client".into())
+                        .spawn(move || serve(stream, &manager, uid));
+                }
+            })?;
+        Ok(ControlServer { path })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, manager: &Mutex<Manager>, uid: u32) {
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+    let reply = match peer {
+        Ok(p) if p.uid() == 0 || p.uid() == uid => match read_request(&stream) {
+            Ok(request) => {
+                let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
+                answer(&mut manager, request)
+            }
+            Err(e) => ControlReply::Error(e),
+        },
+        Ok(p) => ControlReply::Error(Error::PermissionDenied {
+            reason: format!("uid {} may not control this VM", p.uid()),
+        }),
+        Err(e) => ControlReply::Error(Error::PermissionDenied {
+            reason: format!("peer credentials: {e}"),
+        }),
+    };
+    let _ = write_line(&stream, &reply);
+}
+
+fn answer(manager: &mut Manager, request: ControlRequest) -> ControlReply {
+    let result = match request {
+        ControlRequest::Inquire => manager
+            .inquire()
+            .map(|s| ControlReply::State(s.to_string())),
+        ControlRequest::GuestPid => manager.guest_pid().map(ControlReply::Pid),
+        ControlRequest::AttachDisk(disk) => {
+            vmlock::domain::disk_attach(manager, disk).map(|()| ControlReply::Ok)
+        }
+        ControlRequest::DetachDisk(disk) => {
+            vmlock::domain::disk_detach(manager, &disk).map(|_| ControlReply::Ok)
+        }
+        ControlRequest::MigratePrepare(uri) => manager
+            .prepare_migration(&uri)
+            .map(|s| ControlReply::State(s.to_string())),
+        ControlRequest::MigrateComplete(success) => {
+            let outcome = if success {
+                MigrationOutcome::Success
+            } else {
+                MigrationOutcome::Cancel
+            };
+            manager
+                .complete_migration(outcome)
+                .map(|()| ControlReply::Ok)
+        }
+    };
+    result.unwrap_or_else(ControlReply::Error)
+}
+
+fn read_request(stream: &UnixStream) -> Result<ControlRequest, Error> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| Error::io("control socket", &e))?;
+    let mut line = String::new();
+    BufReader::new(stream.take_limited())
+        .read_line(&mut line)
+        .map_err(|e| Error::io("control socket", &e))?;
+    serde_json::from_str(&line).map_err(|e| Error::Protocol {
+        reason: format!("malformed control request: {e}"),
+    })
+}
+
+fn write_line<T: Serialize>(mut stream: &UnixStream, msg: &T) -> std::io::Result<()> {
+    let mut text = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    stream.write_all(&text)
+}
+
+/// Limits what one request may send (a control request is small).
+trait TakeLimited {
+    fn take_limited(&self) -> std::io::Take<&UnixStream>;
+}
+
+impl TakeLimited for UnixStream {
+    fn take_limited(&self) -> std::io::Take<&UnixStream> {
+        std::io::Read::take(self, 64 * 1024)
+    }
+}
+
+/// Sends `request` to the supervisor of VM `uuid`.
+pub fn call(
+    runtime_dir: &Path,
+    uuid: &str,
+    request: &ControlRequest,
+) -> Result<ControlReply, Error> {
+    let path = socket_path(runtime_dir, uuid);
+    let stream = UnixStream::connect(&path).map_err(|e| Error::UnknownOwner {
+        uuid: format!("{uuid} (no supervisor answers at {}: {e})", path.display()),
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| Error::io("control socket", &e))?;
+    write_line(&stream, request).map_err(|e| Error::io("control socket", &e))?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| Error::io("control socket", &e))?;
+    match serde_json::from_str(&line) {
+        Ok(ControlReply::Error(e)) => Err(e),
+        Ok(reply) => Ok(reply),
+        Err(e) => Err(Error::Protocol {
+            reason: format!("malformed control reply: {e}"),
+        }),
+    }
+}
+
+/// The state in a reply.
+pub fn state(reply: ControlReply) -> Result<LockState, Error> {
+    match reply {
+        ControlReply::State(s) => s.parse(),
+        other => Err(Error::Protocol {
+            reason: format!("unexpected control reply {other:?}"),
+        }),
+    }
+}
