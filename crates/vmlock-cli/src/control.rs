@@ -12,7 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vmlock::{Error, LockState, Manager, MigrationOutcome, Resource};
+use vmlock::{Error, LockFailureAction, LockState, Manager, MigrationOutcome, Resource};
 
 /// A request to a supervisor.
 #[derive(Debug, Serialize, Deserialize)]
@@ -29,6 +29,9 @@ pub enum ControlRequest {
     MigratePrepare(String),
     /// End a migration on this side.
     MigrateComplete(bool),
+    /// The lock service lost this VM's leases (sanlock's kill path runs `vmlock lock-failure`):
+    /// carry out the VM's action and release the leases.
+    LockFailure,
 }
 
 /// A supervisor's answer.
@@ -49,6 +52,47 @@ pub fn socket_path(runtime_dir: &Path, uuid: &str) -> PathBuf {
     runtime_dir.join(format!("vm-{uuid}.sock"))
 }
 
+/// What the supervisor does when its leases are lost.
+#[derive(Debug, Clone)]
+pub struct LockFailurePolicy {
+    /// The VM's action.
+    pub action: LockFailureAction,
+    /// The guest's QMP socket, for `pause`.
+    pub qmp: Option<PathBuf>,
+    /// The guest process.
+    pub guest_pid: u32,
+}
+
+impl LockFailurePolicy {
+    /// Stops the guest writing (pause over QMP, or SIGTERM then SIGKILL), then releases every
+    /// lease: the lock service must see them gone before it escalates.
+    fn enforce(&self, manager: &mut Manager) -> vmlock::Result<()> {
+        let paused = self.action == LockFailureAction::Pause
+            && self.qmp.as_deref().is_some_and(|q| {
+                vmlockd::qmp::Qmp::connect(q)
+                    .and_then(|mut c| c.execute("stop", serde_json::json!({})))
+                    .is_ok()
+            });
+        if !paused && self.action != LockFailureAction::Ignore {
+            // QEMU's `stop` drains and flushes its I/O; a guest we cannot pause must be dead
+            // before its leases go.
+            if let Ok(h) = vmlockd::sys::pidfd::ProcessHandle::open(self.guest_pid, None) {
+                let _ = h.signal(rustix::process::Signal::TERM);
+                if !h.wait_exit(Some(Duration::from_secs(10))) {
+                    let _ = h.signal(rustix::process::Signal::KILL);
+                    h.wait_exit(None);
+                }
+            }
+        }
+        match manager.release() {
+            Ok(_) => Ok(()),
+            // Called again (sanlock repeats its kill path): nothing is held any more.
+            Err(Error::InvalidState { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Serves `manager` on `path` from a thread of its own; the socket file is removed on drop.
 pub struct ControlServer {
     path: PathBuf,
@@ -56,7 +100,11 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Binds and starts serving.
-    pub fn start(path: PathBuf, manager: Arc<Mutex<Manager>>) -> anyhow::Result<Self> {
+    pub fn start(
+        path: PathBuf,
+        manager: Arc<Mutex<Manager>>,
+        policy: LockFailurePolicy,
+    ) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -69,9 +117,10 @@ impl ControlServer {
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
                     let manager = Arc::clone(&manager);
+                    let policy = policy.clone();
                     let _ = std::thread::Builder::new()
                         .name("vm-control-client".into())
-                        .spawn(move || serve(stream, &manager, uid));
+                        .spawn(move || serve(stream, &manager, &policy, uid));
                 }
             })?;
         Ok(ControlServer { path })
@@ -84,13 +133,13 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve(stream: UnixStream, manager: &Mutex<Manager>, uid: u32) {
+fn serve(stream: UnixStream, manager: &Mutex<Manager>, policy: &LockFailurePolicy, uid: u32) {
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
     let reply = match peer {
         Ok(p) if p.uid() == 0 || p.uid() == uid => match read_request(&stream) {
             Ok(request) => {
                 let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
-                answer(&mut manager, request)
+                answer(&mut manager, policy, request)
             }
             Err(e) => ControlReply::Error(e),
         },
@@ -104,8 +153,20 @@ fn serve(stream: UnixStream, manager: &Mutex<Manager>, uid: u32) {
     let _ = write_line(&stream, &reply);
 }
 
-fn answer(manager: &mut Manager, request: ControlRequest) -> ControlReply {
+fn answer(
+    manager: &mut Manager,
+    policy: &LockFailurePolicy,
+    request: ControlRequest,
+) -> ControlReply {
     let result = match request {
+        ControlRequest::LockFailure => {
+            eprintln!(
+                "vmlock: the leases of VM \"{}\" were lost: {}",
+                manager.vm().name,
+                policy.action
+            );
+            policy.enforce(manager).map(|()| ControlReply::Ok)
+        }
         ControlRequest::Inquire => manager
             .inquire()
             .map(|s| ControlReply::State(s.to_string())),

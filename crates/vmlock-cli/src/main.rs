@@ -91,6 +91,14 @@ enum Command {
         #[arg(long)]
         uuid: String,
     },
+    /// Called by a lock service that lost a VM's leases (sanlock's kill path): the VM's
+    /// supervisor carries out its on-lock-failure action and releases the leases.
+    #[command(hide = true)]
+    LockFailure {
+        /// The VM's uuid.
+        #[arg(long)]
+        uuid: String,
+    },
     /// Run the lock daemon in the foreground (what the CLI starts when none runs).
     #[command(hide = true)]
     Daemon {
@@ -132,6 +140,19 @@ impl Ctx {
                 "runtime_dir".into(),
                 toml::Value::String(runtime.path().display().to_string()),
             );
+        }
+        if cli.driver == vmlock_sanlock::NAME && !config.contains_key("lock_failure_helper") {
+            // sanlock's kill path reaches the VM's supervisor through this very program.
+            if let Ok(exe) = std::env::current_exe() {
+                config.insert(
+                    "lock_failure_helper".into(),
+                    toml::Value::String(exe.display().to_string()),
+                );
+                config.insert(
+                    "control_dir".into(),
+                    toml::Value::String(runtime.path().display().to_string()),
+                );
+            }
         }
         let plugin = registry.load(&cli.driver, &config)?;
         Ok(Ctx {
@@ -218,6 +239,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::MigrateCancel { uuid } => {
             ctx.vm(&uuid)?.complete(false)?;
+            Ok(0)
+        }
+        Command::LockFailure { uuid } => {
+            let uuid = vmlock::params::parse_uuid(&uuid)?.to_string();
+            control::call(
+                ctx.runtime.path(),
+                &uuid,
+                &control::ControlRequest::LockFailure,
+            )?;
             Ok(0)
         }
         Command::Daemon { .. } => Ok(0),

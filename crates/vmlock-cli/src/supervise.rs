@@ -159,9 +159,15 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result
 
     // Later `vmlock` commands reach this VM's leases through the supervisor that holds them.
     let manager = Arc::new(Mutex::new(manager));
+    let policy = crate::control::LockFailurePolicy {
+        action: on_lock_failure,
+        qmp: args.qmp.clone(),
+        guest_pid,
+    };
     let control = crate::control::ControlServer::start(
         crate::control::socket_path(runtime_dir, &uuid.to_string()),
         Arc::clone(&manager),
+        policy,
     );
     if let Err(e) = &control {
         eprintln!(

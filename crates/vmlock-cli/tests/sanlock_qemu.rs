@@ -542,3 +542,76 @@ fn cli_migration_from_host_a_to_host_b_hands_the_lease_over_with_its_version() {
     );
     drop(dst);
 }
+
+#[test]
+fn a_lost_lockspace_pauses_the_guest_through_vmlocks_helper_and_releases_its_lease() {
+    let dir = tempfile::Builder::new()
+        .prefix("vmlock-sanlock-fail-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let base = dir.path();
+    let a = Host::start(base, "host-a", 1);
+    let disk = qcow2(base, "pause.qcow2");
+    let uuid = uuid::Uuid::new_v4().to_string();
+    // QEMU serves one client per QMP socket: vmlock gets its own.
+    let vmlock_qmp = base.join("pause.vmlock.qmp");
+    let qmp_arg = format!("unix:{},server=on,wait=off", vmlock_qmp.display());
+    let mut vm = Vm::launch(
+        &a,
+        "pausable",
+        &uuid,
+        &disk,
+        &[
+            "--on-lock-failure",
+            "pause",
+            "--qmp",
+            vmlock_qmp.to_str().unwrap(),
+        ],
+        &["-qmp", &qmp_arg],
+    );
+    let mut qmp = vm.qmp();
+    assert_eq!(
+        qmp.execute("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+
+    // The storage of the delta leases "fails": renewals read nothing any more. After 8 x
+    // io_timeout sanlock runs the kill path, `vmlock lock-failure`, and the supervisor pauses
+    // QEMU over QMP and releases the lease.
+    let lockspace = base.join("leases").join(LOCKSPACE);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lockspace)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    qmp.wait_event("STOP").unwrap();
+    assert_eq!(
+        qmp.execute("query-status", json!({})).unwrap()["status"],
+        "paused"
+    );
+
+    // The lease goes right after the pause (no event to wait on: bounded poll of sanlock).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("sanlock")
+            .args(["client", "status"])
+            .env("SANLOCK_RUN_DIR", &a.daemon.run_dir)
+            .output()
+            .unwrap();
+        if !String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("r "))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease was not released");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Neither the paused guest nor its supervisor was killed.
+    assert!(vmlock::process::is_running(vm.qemu_pid));
+    assert!(
+        vm.supervisor.try_wait().unwrap().is_none(),
+        "the supervisor is still running"
+    );
+}

@@ -72,6 +72,12 @@ pub struct SanlockConfig {
     /// Program the daemon runs (`PROGRAM -KILL GUESTPID`) when this host loses its lockspace and
     /// the guest's policy is poweroff.
     pub kill_program: PathBuf,
+    /// vmlock's lock-failure helper (the `vmlock` program) and the runtime directory of the
+    /// supervisors' control sockets. When set, the daemon's kill path runs
+    /// `vmlock --runtime-dir DIR lock-failure --uuid UUID`, which asks the VM's supervisor to carry
+    /// out its `on_lock_failure` action (pause over QMP, or poweroff) and to release the leases,
+    /// so sanlock never has to kill the supervisor itself.
+    pub lock_failure_helper: Option<(PathBuf, PathBuf)>,
 }
 
 impl SanlockConfig {
@@ -90,6 +96,7 @@ impl SanlockConfig {
                 .unwrap_or_else(|_| "localhost".into()),
             join_timeout: Duration::from_secs(120),
             kill_program: PathBuf::from("/usr/bin/kill"),
+            lock_failure_helper: None,
         }
     }
 
@@ -108,6 +115,8 @@ impl SanlockConfig {
                 "host_name",
                 "join_timeout",
                 "kill_program",
+                "lock_failure_helper",
+                "control_dir",
             ],
         )?;
         let bad = |reason: String| Error::Config {
@@ -148,6 +157,11 @@ impl SanlockConfig {
         }
         if let Some(s) = text("kill_program")? {
             c.kill_program = s.into();
+        }
+        match (text("lock_failure_helper")?, text("control_dir")?) {
+            (Some(helper), Some(dir)) => c.lock_failure_helper = Some((helper.into(), dir.into())),
+            (None, None) => {}
+            _ => return Err(bad("lock_failure_helper and control_dir go together".into())),
         }
         if let Some(t) = int("io_timeout")? {
             c.io_timeout = u32::try_from(t)
@@ -927,7 +941,9 @@ impl SanlockSession {
         // When this host loses the lockspace, sanlock first runs the killpath of each registered
         // client, then (after its kill grace) SIGKILLs the registered process: here, the VM
         // manager. Only poweroff stops the guest in time to keep the manager alive.
-        if options.on_lock_failure != LockFailureAction::Poweroff {
+        let helper = self.shared.config.lock_failure_helper.clone();
+        let helped = helper.is_some() && options.on_lock_failure == LockFailureAction::Pause;
+        if options.on_lock_failure != LockFailureAction::Poweroff && !helped {
             return Err(Error::unsupported(
                 NAME,
                 &format!(
@@ -945,7 +961,17 @@ impl SanlockSession {
             .client
             .register()
             .map_err(|e| daemon_error(&self.shared.client, "register", &e))?;
-        if let Some(pid) = self.pid {
+        if let Some((program, dir)) = &helper {
+            // Lockspace lost: the daemon runs vmlock's helper, which has the VM's supervisor take
+            // the VM's action and release the leases.
+            let args = format!(
+                "--runtime-dir {} lock-failure --uuid {}",
+                dir.display(),
+                self.uuid
+            );
+            conn.killpath(program, &args)
+                .map_err(|e| daemon_error(&self.shared.client, "killpath", &e))?;
+        } else if let Some(pid) = self.pid {
             // Lockspace lost: the daemon runs `kill -KILL GUEST`; the watcher then sees the guest
             // exit and releases, so the daemon has no reason to signal the VM manager.
             conn.killpath(&self.shared.config.kill_program, &format!("-KILL {pid}"))
