@@ -59,17 +59,7 @@ fn qemu(disks: &[PathBuf], qmp: &Path, incoming: bool) -> Qemu {
 }
 
 fn connect(path: &Path) -> Qmp {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match Qmp::connect(path) {
-            Ok(q) => return q,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("QMP {}: {e}", path.display()),
-        }
-    }
+    Qmp::connect_when_ready(path, Duration::from_secs(20)).unwrap()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -162,25 +152,10 @@ fn main() {
                 .local_addr()
                 .unwrap()
                 .port();
-            let uri = format!("tcp:127.0.0.1:{port}");
-            dst_qmp
-                .execute("migrate-incoming", json!({"uri": uri}))
+            let status = src_qmp
+                .migrate_to(&mut dst_qmp, &format!("tcp:127.0.0.1:{port}"))
                 .unwrap();
-            src_qmp
-                .execute(
-                    "migrate-set-capabilities",
-                    json!({"capabilities": [{"capability": "events", "state": true}]}),
-                )
-                .unwrap();
-            src_qmp.execute("migrate", json!({"uri": uri})).unwrap();
-            loop {
-                let ev = src_qmp.wait_event("MIGRATION").unwrap();
-                match ev["data"]["status"].as_str() {
-                    Some("completed") => break,
-                    Some("failed") | Some("cancelled") => panic!("migration failed: {ev}"),
-                    _ => {}
-                }
-            }
+            assert_eq!(status, "completed", "migration failed");
             let info = src_qmp.execute("query-migrate", json!({})).unwrap();
             let t = Instant::now();
             dst.complete_migration(MigrationOutcome::Success).unwrap();

@@ -7,7 +7,7 @@ use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmlockd::qmp::Qmp;
 
 /// A private runtime directory; the daemon the CLI starts there is killed by pid at the end.
@@ -198,16 +198,7 @@ impl Vm {
     /// QEMU creates its QMP socket shortly after exec; it offers no event to wait on, so retry
     /// the connection (bounded).
     fn qmp(&self) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match Qmp::connect(&self.qmp_path) {
-                Ok(q) => return q,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "QMP never came up: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        Qmp::connect_when_ready(&self.qmp_path, Duration::from_secs(20)).unwrap()
     }
 
     fn wait(mut self) -> i32 {
@@ -587,17 +578,6 @@ fn assert_refused(env: &Env, disk: &Path, step: &str) {
     );
 }
 
-/// Waits for QEMU's MIGRATION event with a final status.
-fn migration_result(qmp: &mut Qmp) -> String {
-    loop {
-        let ev = qmp.wait_event("MIGRATION").unwrap();
-        let status = ev["data"]["status"].as_str().unwrap_or_default().to_owned();
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-            return status;
-        }
-    }
-}
-
 #[test]
 fn live_migration_hands_the_lease_over_and_a_third_vm_never_gets_it() {
     let env = Env::new();
@@ -614,19 +594,8 @@ fn live_migration_hands_the_lease_over_and_a_third_vm_never_gets_it() {
     let mut dst_qmp = dst.qmp();
     assert_refused(&env, &disk, "with the destination holding copies");
 
-    let port = free_port();
-    let uri = format!("tcp:127.0.0.1:{port}");
-    dst_qmp
-        .execute("migrate-incoming", json!({"uri": uri}))
-        .unwrap();
-    src_qmp
-        .execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "events", "state": true}]}),
-        )
-        .unwrap();
-    src_qmp.execute("migrate", json!({"uri": uri})).unwrap();
-    assert_eq!(migration_result(&mut src_qmp), "completed");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    assert_eq!(src_qmp.migrate_to(&mut dst_qmp, &uri).unwrap(), "completed");
     assert_refused(&env, &disk, "between switchover and finish");
 
     let out = env.output(&["migrate-finish", "--uuid", &src.uuid]);
@@ -704,7 +673,7 @@ fn cancelled_migration_leaves_the_source_holding_and_running() {
             json!({"uri": format!("tcp:127.0.0.1:{}", free_port())}),
         )
         .unwrap();
-    assert_eq!(migration_result(&mut src_qmp), "failed");
+    assert_eq!(src_qmp.migration_result().unwrap(), "failed");
     let out = env.output(&["migrate-cancel", "--uuid", &src.uuid]);
     assert!(out.status.success());
     drop(dst);

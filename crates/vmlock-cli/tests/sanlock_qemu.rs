@@ -12,7 +12,6 @@ use std::process::{Child, ChildStderr, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use vmlock_sanlock::proto::{flags, Client, HostState, LockspaceSpec};
 use vmlockd::qmp::Qmp;
-use vmlockd::sys::pidfd::ProcessHandle;
 
 const IO_TIMEOUT: u32 = 1;
 const LOCKSPACE: &str = "vmlock-disks";
@@ -223,16 +222,7 @@ impl Vm {
     /// QEMU creates its QMP socket shortly after exec and offers no event to wait on: retry the
     /// connection (bounded).
     fn qmp(&self) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match Qmp::connect(&self.qmp_path) {
-                Ok(q) => return q,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "QMP never came up: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
+        Qmp::connect_when_ready(&self.qmp_path, Duration::from_secs(20)).unwrap()
     }
 
     fn wait(&mut self) -> (i32, String) {
@@ -253,14 +243,7 @@ impl Drop for Vm {
 
 /// SIGKILL a process that is not our child and wait for it to be gone, through a pidfd.
 fn kill_and_wait(pid: u32) {
-    if let Ok(h) = ProcessHandle::open(pid, None) {
-        let _ = h.signal(rustix::process::Signal::KILL);
-        let mut fds = [rustix::event::PollFd::new(
-            h.fd(),
-            rustix::event::PollFlags::IN,
-        )];
-        let _ = rustix::event::poll(&mut fds, None);
-    }
+    vmlockd::sys::pidfd::kill_and_wait(pid);
 }
 
 fn qcow2(dir: &Path, name: &str) -> PathBuf {
@@ -409,17 +392,6 @@ fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
     );
 }
 
-/// Waits for QEMU's MIGRATION event with a final status.
-fn migration_result(qmp: &mut Qmp) -> String {
-    loop {
-        let ev = qmp.wait_event("MIGRATION").unwrap();
-        let status = ev["data"]["status"].as_str().unwrap_or_default().to_owned();
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-            return status;
-        }
-    }
-}
-
 #[test]
 fn cli_migration_from_host_a_to_host_b_hands_the_lease_over_with_its_version() {
     let dir = tempfile::Builder::new()
@@ -468,17 +440,7 @@ fn cli_migration_from_host_a_to_host_b_hands_the_lease_over_with_its_version() {
         .unwrap()
         .port();
     let uri = format!("tcp:127.0.0.1:{port}");
-    dst_qmp
-        .execute("migrate-incoming", json!({"uri": uri}))
-        .unwrap();
-    src_qmp
-        .execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "events", "state": true}]}),
-        )
-        .unwrap();
-    src_qmp.execute("migrate", json!({"uri": uri})).unwrap();
-    assert_eq!(migration_result(&mut src_qmp), "completed");
+    assert_eq!(src_qmp.migrate_to(&mut dst_qmp, &uri).unwrap(), "completed");
 
     // The source lets go, then the destination takes the lease with the version from the state.
     for host in [&a, &b] {

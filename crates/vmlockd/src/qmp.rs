@@ -41,6 +41,42 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Connects once QEMU has created its QMP socket: QEMU creates it shortly after exec and
+    /// offers no event for it, so this retries (every 10 ms) until `timeout`.
+    pub fn connect_when_ready(path: &Path, timeout: Duration) -> Result<Self, Error> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match Self::connect(path) {
+                Ok(q) => return Ok(q),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Live-migrates this (source) QEMU into `destination` (started with `-incoming defer`)
+    /// over `uri`, and returns the final status: `completed`, `failed` or `cancelled`.
+    pub fn migrate_to(&mut self, destination: &mut Qmp, uri: &str) -> Result<String, Error> {
+        destination.execute("migrate-incoming", json!({ "uri": uri }))?;
+        self.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]}),
+        )?;
+        self.execute("migrate", json!({ "uri": uri }))?;
+        self.migration_result()
+    }
+
+    /// Waits for a MIGRATION event with a final status (migration events enabled).
+    pub fn migration_result(&mut self) -> Result<String, Error> {
+        loop {
+            let ev = self.wait_event("MIGRATION")?;
+            let status = ev["data"]["status"].as_str().unwrap_or_default().to_owned();
+            if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+                return Ok(status);
+            }
+        }
+    }
+
     fn read_message(&mut self) -> Result<Value, Error> {
         let mut line = String::new();
         let n = self
