@@ -162,7 +162,12 @@ pub fn unexpected(reply: &Reply) -> Error {
 /// Keeps one VM's lock descriptions for as long as the VM holds them, on a thread of its own.
 ///
 /// When the daemon goes away the descriptions stay open here, so the kernel keeps every lock;
-/// the holder reconnects (starting nothing itself) and hands them back to the next daemon.
+/// the holder reconnects (starting nothing itself; with systemd socket activation the connection
+/// attempt starts the daemon) and hands them back to the next daemon.
+///
+/// Dropping a `Holder` leaves its thread running on purpose: the locks follow the guest, not the
+/// object. The thread ends when the daemon reports the VM released or dead, when the guest is gone,
+/// or on [`Holder::stop`].
 #[derive(Debug)]
 pub struct Holder {
     thread: Option<JoinHandle<()>>,
@@ -338,6 +343,9 @@ fn hold_loop(
             Err(_) => {
                 // The daemon died or restarts. Keep every description (the kernel keeps the locks)
                 // and wait for the next daemon.
+                // Retry quickly at first (a restart takes milliseconds), then back off to once a
+                // second so a daemon that stays down costs nothing.
+                let mut pause = Duration::from_millis(5);
                 stream = loop {
                     if stop.load(Ordering::Acquire) || !guest_alive(&vm) {
                         return; // the guest is gone: its locks may go with us
@@ -350,7 +358,10 @@ fn hold_loop(
                             }
                             break s;
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        Err(_) => {
+                            std::thread::sleep(pause);
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                        }
                     }
                 };
             }
