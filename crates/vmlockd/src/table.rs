@@ -1290,3 +1290,177 @@ mod tests {
         );
     }
 }
+
+/// Random sequences of acquires, releases and owner deaths against real files, real OFD locks
+/// and real guest processes: after every step no disk is held exclusively by two VMs or by one
+/// VM beside a shared holder, and the kernel agrees with the table about what is locked.
+#[cfg(test)]
+mod model {
+    use super::*;
+    use crate::proto::{read_frame, write_frame, Push, Request};
+    use proptest::prelude::*;
+    use std::os::unix::net::UnixStream;
+    use std::process::{Child, Command};
+
+    const VMS: usize = 3;
+    const DISKS: usize = 3;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Acquire {
+            vm: usize,
+            disks: Vec<(usize, bool)>,
+        },
+        Release {
+            vm: usize,
+            disk: usize,
+        },
+        Die {
+            vm: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..VMS, proptest::collection::vec((0..DISKS, any::<bool>()), 1..3))
+                .prop_map(|(vm, disks)| Op::Acquire { vm, disks }),
+            2 => (0..VMS, 0..DISKS).prop_map(|(vm, disk)| Op::Release { vm, disk }),
+            1 => (0..VMS).prop_map(|vm| Op::Die { vm }),
+        ]
+    }
+
+    struct Vm {
+        guest: Child,
+        uuid: String,
+    }
+
+    impl Drop for Vm {
+        fn drop(&mut self) {
+            let _ = self.guest.kill();
+            let _ = self.guest.wait();
+        }
+    }
+
+    /// A holder that acknowledges every push and keeps what it is given, on a thread.
+    fn holder() -> Arc<HolderLink> {
+        let (daemon_side, holder_side) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            while let Ok((push, fds)) = read_frame::<Push>(&holder_side) {
+                kept.extend(fds);
+                if let Push::Keep { seq, .. } | Push::Close { seq, .. } = push {
+                    let _ = write_frame(&holder_side, &Request::Ack { seq }, &[]);
+                }
+            }
+        });
+        let reader = daemon_side.try_clone().unwrap();
+        let link = Arc::new(HolderLink::new(daemon_side, std::process::id()));
+        let acks = Arc::clone(&link);
+        std::thread::spawn(move || {
+            while let Ok((Request::Ack { seq }, _)) = read_frame::<Request>(&reader) {
+                acks.acked(seq);
+            }
+        });
+        link
+    }
+
+    fn start_vm(table: &mut Table, i: usize) -> Vm {
+        let guest = Command::new("sleep").arg("600").spawn().unwrap();
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let vm = VmIdentity {
+            uuid: uuid.clone(),
+            name: format!("vm{i}"),
+            id: 1,
+            pid: guest.id(),
+        };
+        table.hold(vm, Vec::new(), holder(), false).unwrap();
+        Vm { guest, uuid }
+    }
+
+    fn check(table: &Table, disks: &[Resource]) {
+        let status = table.status();
+        for d in disks {
+            let holders: Vec<(&str, DiskMode)> = status
+                .iter()
+                .flat_map(|o| {
+                    o.resources
+                        .iter()
+                        .filter(|r| r.resource.path() == d.path())
+                        .map(move |r| (o.vm.uuid.as_str(), r.resource.mode()))
+                })
+                .collect();
+            let exclusive = holders
+                .iter()
+                .filter(|(_, m)| *m == DiskMode::Exclusive)
+                .count();
+            assert!(
+                exclusive <= 1,
+                "{} held exclusively twice: {holders:?}",
+                d.label()
+            );
+            assert!(
+                exclusive == 0 || holders.len() == 1,
+                "{} exclusive beside others: {holders:?}",
+                d.label()
+            );
+            let probe = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(d.path())
+                .unwrap();
+            let kernel = ofd::probe(probe.as_fd(), LockKind::Exclusive, 0, 1)
+                .unwrap()
+                .is_some();
+            assert_eq!(
+                kernel,
+                !holders.is_empty(),
+                "kernel and table disagree about {}",
+                d.label()
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn no_disk_is_ever_written_by_two_vms(ops in proptest::collection::vec(op(), 1..25)) {
+            let dir = tempfile::tempdir().unwrap();
+            let disks: Vec<Resource> = (0..DISKS)
+                .map(|i| {
+                    let p = dir.path().join(format!("d{i}"));
+                    std::fs::write(&p, [0u8; 512]).unwrap();
+                    Resource::disk(p, DiskMode::Exclusive).unwrap()
+                })
+                .collect();
+            let mut table = Table::new(Config::default(), "h".into());
+            let mut vms: Vec<Vm> = (0..VMS).map(|i| start_vm(&mut table, i)).collect();
+            for op in ops {
+                match op {
+                    Op::Acquire { vm, disks: wanted } => {
+                        let resources: Vec<Resource> = wanted
+                            .iter()
+                            .map(|(d, shared)| Resource::disk(disks[*d].path(), if *shared { DiskMode::Shared } else { DiskMode::Exclusive }).unwrap())
+                            .collect();
+                        let before = table.status();
+                        if table.acquire(&vms[vm].uuid, &resources, &AcquireFlags::default(), 0).is_err() {
+                            // All or nothing: a refused acquire changes nothing.
+                            prop_assert_eq!(table.status(), before);
+                        }
+                    }
+                    Op::Release { vm, disk } => {
+                        let _ = table.release(&vms[vm].uuid, Some(std::slice::from_ref(&disks[disk])));
+                    }
+                    Op::Die { vm } => {
+                        let _ = vms[vm].guest.kill();
+                        let _ = vms[vm].guest.wait();
+                        let uuid = vms[vm].uuid.clone();
+                        let start = table.owners.get(&uuid).map(|o| o.process.start_time).unwrap_or(0);
+                        table.guest_exited(&uuid, start);
+                        vms[vm] = start_vm(&mut table, vm);
+                    }
+                }
+                check(&table, &disks);
+            }
+        }
+    }
+}
