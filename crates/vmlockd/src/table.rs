@@ -1297,7 +1297,7 @@ mod tests {
 #[cfg(test)]
 mod model {
     use super::*;
-    use crate::proto::{read_frame, write_frame, Push, Request};
+    use crate::proto::{write_frame, FrameReader, Push, Request};
     use proptest::prelude::*;
     use std::os::unix::net::UnixStream;
     use std::process::{Child, Command};
@@ -1346,7 +1346,8 @@ mod model {
         let (daemon_side, holder_side) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
             let mut kept = Vec::new();
-            while let Ok((push, fds)) = read_frame::<Push>(&holder_side) {
+            let mut frames = FrameReader::new();
+            while let Ok((push, fds)) = frames.read::<Push>(&holder_side) {
                 kept.extend(fds);
                 if let Push::Keep { seq, .. } | Push::Close { seq, .. } = push {
                     let _ = write_frame(&holder_side, &Request::Ack { seq }, &[]);
@@ -1357,7 +1358,8 @@ mod model {
         let link = Arc::new(HolderLink::new(daemon_side, std::process::id()));
         let acks = Arc::clone(&link);
         std::thread::spawn(move || {
-            while let Ok((Request::Ack { seq }, _)) = read_frame::<Request>(&reader) {
+            let mut frames = FrameReader::new();
+            while let Ok((Request::Ack { seq }, _)) = frames.read::<Request>(&reader) {
                 acks.acked(seq);
             }
         });
