@@ -21,6 +21,8 @@ pub enum ControlRequest {
     Inquire,
     /// The guest pid.
     GuestPid,
+    /// Who the VM is and what it holds (for `vmlock status`).
+    Describe,
     /// Lock one more disk (before hotplug).
     AttachDisk(Resource),
     /// Release a disk (after unplug).
@@ -43,6 +45,21 @@ pub enum ControlReply {
     State(String),
     /// A pid.
     Pid(Option<u32>),
+    /// A VM and its lock state.
+    Vm {
+        /// VM name.
+        name: String,
+        /// VM uuid.
+        uuid: String,
+        /// Domain id.
+        id: u32,
+        /// Guest pid.
+        pid: Option<u32>,
+        /// Lock state, printed.
+        state: String,
+        /// When the supervisor took the leases (seconds since the epoch).
+        since: u64,
+    },
     /// Failed.
     Error(Error),
 }
@@ -112,6 +129,10 @@ impl ControlServer {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let uid = nix::unistd::geteuid().as_raw();
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         std::thread::Builder::new()
             .name("vm-control".into())
             .spawn(move || {
@@ -120,7 +141,7 @@ impl ControlServer {
                     let policy = policy.clone();
                     let _ = std::thread::Builder::new()
                         .name("vm-control-client".into())
-                        .spawn(move || serve(stream, &manager, &policy, uid));
+                        .spawn(move || serve(stream, &manager, &policy, uid, since));
                 }
             })?;
         Ok(ControlServer { path })
@@ -133,13 +154,19 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve(stream: UnixStream, manager: &Mutex<Manager>, policy: &LockFailurePolicy, uid: u32) {
+fn serve(
+    stream: UnixStream,
+    manager: &Mutex<Manager>,
+    policy: &LockFailurePolicy,
+    uid: u32,
+    since: u64,
+) {
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
     let reply = match peer {
         Ok(p) if p.uid() == 0 || p.uid() == uid => match read_request(&stream) {
             Ok(request) => {
                 let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
-                answer(&mut manager, policy, request)
+                answer(&mut manager, policy, request, since)
             }
             Err(e) => ControlReply::Error(e),
         },
@@ -157,6 +184,7 @@ fn answer(
     manager: &mut Manager,
     policy: &LockFailurePolicy,
     request: ControlRequest,
+    since: u64,
 ) -> ControlReply {
     let result = match request {
         ControlRequest::LockFailure => {
@@ -171,6 +199,16 @@ fn answer(
             .inquire()
             .map(|s| ControlReply::State(s.to_string())),
         ControlRequest::GuestPid => manager.guest_pid().map(ControlReply::Pid),
+        ControlRequest::Describe => manager.inquire().and_then(|state| {
+            Ok(ControlReply::Vm {
+                name: manager.vm().name.clone(),
+                uuid: manager.vm().uuid.to_string(),
+                id: manager.vm().id,
+                pid: manager.guest_pid()?,
+                state: state.to_string(),
+                since,
+            })
+        }),
         ControlRequest::AttachDisk(disk) => {
             vmlock::domain::disk_attach(manager, disk).map(|()| ControlReply::Ok)
         }
@@ -259,4 +297,24 @@ pub fn state(reply: ControlReply) -> Result<LockState, Error> {
             reason: format!("unexpected control reply {other:?}"),
         }),
     }
+}
+
+/// Every supervisor answering in `runtime_dir`, described (stale sockets are skipped).
+pub fn describe_all(runtime_dir: &Path) -> Vec<ControlReply> {
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return Vec::new();
+    };
+    let mut all: Vec<ControlReply> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let uuid = name.strip_prefix("vm-")?.strip_suffix(".sock")?.to_owned();
+            call(runtime_dir, &uuid, &ControlRequest::Describe).ok()
+        })
+        .collect();
+    all.sort_by_key(|r| match r {
+        ControlReply::Vm { name, uuid, .. } => (name.clone(), uuid.clone()),
+        _ => (String::new(), String::new()),
+    });
+    all
 }

@@ -337,9 +337,13 @@ impl RunningVm {
 }
 
 fn status(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
-    let owners = match ctx.endpoint().connect()?.call(&Request::Status, &[])? {
-        Reply::Status(s) => s,
-        other => bail!("unexpected reply {other:?}"),
+    let owners = if ctx.driver == vmlockd::driver::NAME {
+        match ctx.endpoint().connect()?.call(&Request::Status, &[])? {
+            Reply::Status(s) => s,
+            other => bail!("unexpected reply {other:?}"),
+        }
+    } else {
+        supervised_status(ctx.runtime.path())
     };
     if json {
         // One object per held resource, flat and stable for scripts.
@@ -393,6 +397,48 @@ fn status(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the supervisors in `runtime_dir` hold (drivers without a daemon-wide table), in the
+/// daemon's status shape.
+fn supervised_status(runtime_dir: &std::path::Path) -> Vec<vmlockd::proto::OwnerStatus> {
+    control::describe_all(runtime_dir)
+        .into_iter()
+        .filter_map(|reply| match reply {
+            control::ControlReply::Vm {
+                name,
+                uuid,
+                id,
+                pid,
+                state,
+                since,
+            } => {
+                let since = std::time::UNIX_EPOCH + std::time::Duration::from_secs(since);
+                let state: vmlock::LockState = state.parse().ok()?;
+                Some(vmlockd::proto::OwnerStatus {
+                    vm: vmlockd::proto::VmIdentity {
+                        uuid,
+                        name,
+                        id,
+                        pid: pid.unwrap_or(0),
+                    },
+                    holder_pid: None,
+                    resources: state
+                        .entries
+                        .into_iter()
+                        .map(|e| vmlockd::proto::HeldResource {
+                            resource: e.resource,
+                            version: e.version,
+                            since,
+                            confirmed: true,
+                            lost: false,
+                        })
+                        .collect(),
+                })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date crate.

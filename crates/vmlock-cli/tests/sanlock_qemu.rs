@@ -333,6 +333,16 @@ fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
         state.starts_with("vmlock1;sanlock;d:") && state.contains("vm1.qcow2"),
         "{state}"
     );
+    let out = a.vmlock().args(["status"]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.contains("vm1.qcow2"))
+        .unwrap_or_else(|| panic!("status lists the disk: {table}"));
+    assert!(
+        line.contains("vm1") && line.contains(&uuid) && line.contains(&vm.qemu_pid.to_string()),
+        "{line}"
+    );
     let hot = qcow2(base, "hot.qcow2");
     let out = a
         .vmlock()
