@@ -84,13 +84,17 @@ impl LockFailurePolicy {
     /// Stops the guest writing (pause over QMP, or SIGTERM then SIGKILL), then releases every
     /// lease: the lock service must see them gone before it escalates.
     fn enforce(&self, manager: &mut Manager) -> vmlock::Result<()> {
+        if self.action == LockFailureAction::Ignore {
+            // Releasing under a guest that keeps running would let another VM write beside it.
+            return Ok(());
+        }
         let paused = self.action == LockFailureAction::Pause
             && self.qmp.as_deref().is_some_and(|q| {
                 vmlockd::qmp::Qmp::connect(q)
                     .and_then(|mut c| c.execute("stop", serde_json::json!({})))
                     .is_ok()
             });
-        if !paused && self.action != LockFailureAction::Ignore {
+        if !paused {
             // QEMU's `stop` drains and flushes its I/O; a guest we cannot pause must be dead
             // before its leases go.
             if let Ok(h) = vmlockd::sys::pidfd::ProcessHandle::open(self.guest_pid, None) {

@@ -145,11 +145,6 @@ impl Connection {
             Err(ReadError::Failed(e)) => Err(e),
         }
     }
-
-    /// The raw socket (tests send malformed frames through it).
-    pub fn stream(&self) -> &UnixStream {
-        &self.stream
-    }
 }
 
 /// A reply that does not fit the request.
@@ -253,16 +248,6 @@ impl Holder {
         if let Ok(mut kept) = self.kept.lock() {
             kept.retain(|_, (lock, _)| !released.iter().any(|r| r.path() == lock.resource.path()));
         }
-    }
-
-    /// How many locks it keeps now.
-    pub fn kept(&self) -> usize {
-        self.kept.lock().map(|k| k.len()).unwrap_or(0)
-    }
-
-    /// Whether the VM still holds anything through this holder.
-    pub fn is_active(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Waits until the daemon says the VM holds nothing any more.

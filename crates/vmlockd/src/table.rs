@@ -76,7 +76,6 @@ struct Incoming {
     link: Arc<HolderLink>,
     holder_pid: u32,
     process: ProcessHandle,
-    pid: u32,
     /// The destination's holder keeps copies of every description.
     taken: bool,
 }
@@ -730,7 +729,6 @@ impl Table {
             holder_pid: link.pid(),
             link,
             process,
-            pid: vm.pid,
             taken: false,
         });
         Ok(())
@@ -832,8 +830,8 @@ impl Table {
         };
         let old = owner.holder.replace(Arc::clone(&incoming.link));
         owner.holder_pid = incoming.holder_pid;
+        owner.vm.pid = incoming.process.pid;
         owner.process = incoming.process;
-        owner.vm.pid = incoming.pid;
         // New generation: the state the source handed out is stale from now on.
         for (key, grant) in owner.grants.iter_mut() {
             grant.version += 1;
@@ -893,7 +891,6 @@ impl Table {
                 }
                 incoming.process = ProcessHandle::open(pid, None)
                     .map_err(|e| Error::io(format!("guest process {pid}"), &e))?;
-                incoming.pid = pid;
                 return Ok(());
             }
         }
