@@ -17,7 +17,7 @@ pub mod qmp;
 pub mod runtime;
 pub mod server;
 pub mod store;
-pub mod sys;
+pub use vmlock_sys as sys;
 pub mod table;
 
 /// Runs the daemon with command-line `args` (shared by `vmlockd` and `vmlock daemon`).
