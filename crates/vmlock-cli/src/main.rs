@@ -6,9 +6,7 @@ mod supervise;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use vmlock::{
-    DriverConfig, Manager, MigrationOutcome, Plugin, Registry, Resource, StartMode, VmParams,
-};
+use vmlock::{DriverConfig, Plugin, Registry, Resource};
 use vmlockd::client::Endpoint;
 use vmlockd::proto::{Reply, Request};
 use vmlockd::runtime::RuntimeDir;
@@ -117,7 +115,6 @@ enum Command {
 struct Ctx {
     runtime: RuntimeDir,
     plugin: Plugin,
-    driver: String,
 }
 
 impl Ctx {
@@ -155,43 +152,21 @@ impl Ctx {
             }
         }
         let plugin = registry.load(&cli.driver, &config)?;
-        Ok(Ctx {
-            runtime,
-            plugin,
-            driver: cli.driver.clone(),
-        })
+        Ok(Ctx { runtime, plugin })
     }
 
     fn endpoint(&self) -> Endpoint {
         Endpoint::new(self.runtime.clone())
     }
 
-    /// The running VM `uuid`: through the daemon for lockd, else through its supervisor.
+    /// The running VM `uuid`, reached through its supervisor: whatever the driver, the leases
+    /// belong to the supervisor's process, and lock services take changes only from it.
     fn vm(&self, uuid: &str) -> anyhow::Result<RunningVm> {
-        if self.driver == vmlockd::driver::NAME {
-            return Ok(RunningVm::Daemon(Box::new(self.attach(uuid)?)));
-        }
         let uuid = vmlock::params::parse_uuid(uuid)?.to_string();
-        Ok(RunningVm::Supervisor {
+        Ok(RunningVm {
             runtime: self.runtime.path().to_path_buf(),
             uuid,
         })
-    }
-
-    /// A manager attached to the running VM `uuid`, its identity looked up in the daemon.
-    fn attach(&self, uuid: &str) -> anyhow::Result<Manager> {
-        let uuid = vmlock::params::parse_uuid(uuid)?;
-        let vm = match self.endpoint().connect()?.call(
-            &Request::Lookup {
-                uuid: uuid.to_string(),
-            },
-            &[],
-        )? {
-            Reply::Vm(vm) => vm,
-            other => bail!("unexpected reply {other:?}"),
-        };
-        let params = VmParams::new(vm.id.max(1), uuid, &vm.name)?.with_pid(vm.pid);
-        Ok(Manager::new(&self.plugin, params, StartMode::Attach)?)
     }
 }
 
@@ -261,83 +236,54 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-/// A running VM, reached through the lock daemon (lockd) or through its supervisor's control
-/// socket (drivers whose leases belong to the supervisor process, such as sanlock).
-enum RunningVm {
-    Daemon(Box<Manager>),
-    Supervisor { runtime: PathBuf, uuid: String },
+/// A running VM, reached through its supervisor's control socket.
+struct RunningVm {
+    runtime: PathBuf,
+    uuid: String,
 }
 
 impl RunningVm {
     fn ask(&self, request: &control::ControlRequest) -> vmlock::Result<control::ControlReply> {
-        match self {
-            RunningVm::Supervisor { runtime, uuid } => control::call(runtime, uuid, request),
-            RunningVm::Daemon(_) => Err(vmlock::Error::invalid_state("ask", "not a supervisor")),
-        }
+        control::call(&self.runtime, &self.uuid, request)
     }
 
     fn inquire(&mut self) -> vmlock::Result<vmlock::LockState> {
-        match self {
-            RunningVm::Daemon(m) => m.inquire(),
-            vm => control::state(vm.ask(&control::ControlRequest::Inquire)?),
-        }
+        control::state(self.ask(&control::ControlRequest::Inquire)?)
     }
 
     fn guest_pid(&mut self) -> vmlock::Result<Option<u32>> {
-        match self {
-            RunningVm::Daemon(m) => m.guest_pid(),
-            vm => match vm.ask(&control::ControlRequest::GuestPid)? {
-                control::ControlReply::Pid(p) => Ok(p),
-                other => Err(vmlock::Error::Protocol {
-                    reason: format!("unexpected reply {other:?}"),
-                }),
-            },
+        match self.ask(&control::ControlRequest::GuestPid)? {
+            control::ControlReply::Pid(p) => Ok(p),
+            other => Err(vmlock::Error::Protocol {
+                reason: format!("unexpected reply {other:?}"),
+            }),
         }
     }
 
     fn attach_disk(&mut self, disk: Resource) -> vmlock::Result<()> {
-        match self {
-            RunningVm::Daemon(m) => vmlock::domain::disk_attach(m, disk),
-            vm => vm
-                .ask(&control::ControlRequest::AttachDisk(disk))
-                .map(|_| ()),
-        }
+        self.ask(&control::ControlRequest::AttachDisk(disk))
+            .map(|_| ())
     }
 
     fn detach_disk(&mut self, disk: Resource) -> vmlock::Result<()> {
-        match self {
-            RunningVm::Daemon(m) => vmlock::domain::disk_detach(m, &disk).map(|_| ()),
-            vm => vm
-                .ask(&control::ControlRequest::DetachDisk(disk))
-                .map(|_| ()),
-        }
+        self.ask(&control::ControlRequest::DetachDisk(disk))
+            .map(|_| ())
     }
 
     fn prepare(&mut self, destination: &str) -> vmlock::Result<vmlock::LockState> {
-        match self {
-            RunningVm::Daemon(m) => m.prepare_migration(destination),
-            vm => control::state(vm.ask(&control::ControlRequest::MigratePrepare(
-                destination.to_owned(),
-            ))?),
-        }
+        control::state(self.ask(&control::ControlRequest::MigratePrepare(
+            destination.to_owned(),
+        ))?)
     }
 
     fn complete(&mut self, success: bool) -> vmlock::Result<()> {
-        match self {
-            RunningVm::Daemon(m) => m.complete_migration(if success {
-                MigrationOutcome::Success
-            } else {
-                MigrationOutcome::Cancel
-            }),
-            vm => vm
-                .ask(&control::ControlRequest::MigrateComplete(success))
-                .map(|_| ()),
-        }
+        self.ask(&control::ControlRequest::MigrateComplete(success))
+            .map(|_| ())
     }
 }
 
 fn status(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
-    let owners = if ctx.driver == vmlockd::driver::NAME {
+    let owners = if ctx.plugin.driver().capabilities().host_status {
         match ctx.endpoint().connect()?.call(&Request::Status, &[])? {
             Reply::Status(s) => s,
             other => bail!("unexpected reply {other:?}"),

@@ -143,10 +143,6 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result
         let _ = manager.shutdown();
         return Err(e).context("handing the locks to the guest process");
     }
-    eprintln!(
-        "vmlock: VM \"{}\" (uuid {uuid}) holds {held} lock(s); guest pid {guest_pid}",
-        args.name
-    );
 
     std::thread::Builder::new()
         .name("signal-forwarder".into())
@@ -175,6 +171,11 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result
             args.name
         );
     }
+    // Announced once later commands can reach the VM through its control socket.
+    eprintln!(
+        "vmlock: VM \"{}\" (uuid {uuid}) holds {held} lock(s); guest pid {guest_pid}",
+        args.name
+    );
 
     let status = child.wait().context("waiting for the guest")?;
     drop(control);

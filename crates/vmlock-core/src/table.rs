@@ -1329,21 +1329,26 @@ impl<H: Host> LockTable<H> {
             .owners
             .get_mut(&vm.uuid)
             .ok_or_else(|| not_migrating(&vm.uuid))?;
-        if owner.holder_pid == caller {
-            return Err(Error::invalid_state(
-                "take the leases over",
-                "the source's own supervisor cannot be the destination",
-            ));
-        }
         let migration = owner
             .migration
             .as_mut()
             .ok_or_else(|| not_migrating(&vm.uuid))?;
-        if migration.incoming.is_some() {
-            return Err(Error::OwnerExists {
-                uuid: vm.uuid.clone(),
-                holder: owner.holder_identity(&host_name),
-            });
+        let mut fx = Fx::<H> {
+            rewatch: true,
+            ..Default::default()
+        };
+        match &migration.incoming {
+            // The same process retrying (say after a refused state) replaces its registration.
+            Some(i) if i.holder_pid == caller && !i.taken => {
+                fx.pushes.push((i.link, Push::Finished));
+            }
+            Some(_) => {
+                return Err(Error::OwnerExists {
+                    uuid: vm.uuid.clone(),
+                    holder: owner.holder_identity(&host_name),
+                })
+            }
+            None => {}
         }
         migration.incoming = Some(Incoming {
             link,
@@ -1355,10 +1360,7 @@ impl<H: Host> LockTable<H> {
             },
             taken: false,
         });
-        Ok(Fx::<H> {
-            rewatch: true,
-            ..Default::default()
-        })
+        Ok(fx)
     }
 
     /// Destination side, first half: if `versions` are current, copies of the source's very

@@ -879,6 +879,7 @@ impl Driver for SanlockDriver {
             lock_state: true,
             exclusion: true,
             supervisor: false,
+            host_status: false,
         }
     }
 

@@ -31,6 +31,9 @@ pub struct Capabilities {
     pub exclusion: bool,
     /// Runs the guest under a supervisor program of its own.
     pub supervisor: bool,
+    /// A host-wide lock service can list every VM's leases (otherwise each supervisor is asked).
+    #[serde(default)]
+    pub host_status: bool,
 }
 
 /// What happens to a running guest whose lease is lost (libvirt's `on_lock_failure`).

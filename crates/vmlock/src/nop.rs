@@ -38,6 +38,7 @@ impl Driver for NopDriver {
             lock_state: false,
             exclusion: false,
             supervisor: false,
+            host_status: false,
         }
     }
 

@@ -88,6 +88,7 @@ impl Driver for LockdDriver {
             lock_state: true,
             exclusion: true,
             supervisor: true,
+            host_status: true,
         }
     }
 

@@ -1,7 +1,7 @@
 //! vmlockd, the local lock daemon, and the `lockd` driver that talks to it.
 //!
 //! - [`server`]: the daemon process (socket, connections, owner watcher, state file);
-//! - [`table`]: the lock table and its rules, on top of OFD locks;
+//! - [`host`]: the lock core's host on Linux, and the work done outside the table lock;
 //! - [`proto`]: the wire protocol;
 //! - [`client`]: request connections and the holder that keeps a VM's lock descriptions;
 //! - [`driver`]: the `lockd` driver of the lock manager API;
@@ -18,7 +18,7 @@ pub mod runtime;
 pub mod server;
 pub mod store;
 pub use vmlock_sys as sys;
-pub mod table;
+pub mod host;
 
 /// Runs the daemon with command-line `args` (shared by `vmlockd` and `vmlock daemon`).
 pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {

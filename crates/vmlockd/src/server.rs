@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::holder::HolderLink;
+use crate::host::{self, LinuxHost};
 use crate::proto::{
     write_frame, FrameReader, HeldLock, ReadError, Reply, Request, PROTOCOL_VERSION,
 };
@@ -10,23 +11,33 @@ use crate::runtime::RuntimeDir;
 use crate::store::Store;
 use crate::sys::ofd::{self, LockKind};
 use crate::sys::pidfd::ProcessHandle;
-use crate::table::{LostLease, Table};
 use rustix::event::{poll, PollFd, PollFlags};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmlock::Error;
 use vmlock::LockFailureAction;
+use vmlock_core::types::{HeldLock as CoreHeldLock, LockKey};
+use vmlock_core::{Effects, LinkId, LockTable, LostLease, Push};
 
 /// A running daemon.
 #[derive(Debug)]
 pub struct Daemon {
-    table: Mutex<Table>,
+    /// The lock core. Held only for the core's own calls (kernel lock calls and bookkeeping) and
+    /// the state journal's append: never across an open, a stat, a `/proc` read or socket I/O.
+    table: Mutex<LockTable<LinuxHost>>,
+    /// Connected holders by link id (the core names links; the daemon writes to them).
+    links: Mutex<HashMap<LinkId, Arc<HolderLink>>>,
+    next_link: AtomicU64,
+    config: Config,
     max_clients: usize,
     clients: AtomicUsize,
     wake: Mutex<File>,
@@ -56,14 +67,18 @@ impl Daemon {
         let max_clients = config.max_clients;
         let lease_check_interval = Duration::from_millis(config.lease_check_interval_ms);
         let lock_failure_grace = Duration::from_millis(config.lock_failure_grace_ms);
-        let mut table = Table::new(config, host);
+        let mut table = LockTable::new(host::policy(&config), host);
         let (store, persisted) = Store::open(&runtime).map_err(|e| {
             anyhow::anyhow!(
                 "reading the lock state in {}: {e}",
                 runtime.path().display()
             )
         })?;
-        let kept = table.recover(persisted);
+        let kept = table.recover(persisted, |pid, start| {
+            ProcessHandle::open(pid, Some(start))
+                .ok()
+                .filter(|p| !p.has_exited())
+        });
         if kept > 0 {
             tracing::info!(
                 owners = kept,
@@ -87,6 +102,9 @@ impl Daemon {
         )?;
         let daemon = Arc::new(Daemon {
             table: Mutex::new(table),
+            links: Mutex::new(HashMap::new()),
+            next_link: AtomicU64::new(1),
+            config,
             max_clients,
             clients: AtomicUsize::new(0),
             wake: Mutex::new(File::from(wake_tx)),
@@ -100,14 +118,14 @@ impl Daemon {
         Ok((daemon, listener, File::from(wake_rx)))
     }
 
-    fn lock_table(&self) -> MutexGuard<'_, Table> {
+    fn lock_table(&self) -> MutexGuard<'_, LockTable<LinuxHost>> {
         // A panic while holding the table would leave it as it was before the failed request
         // (grants are committed last), so keep serving.
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records VM `uuid`'s entry. Called with the table locked, after every change to that VM.
-    fn persist(&self, table: &Table, uuid: &str) {
+    fn persist(&self, table: &LockTable<LinuxHost>, uuid: &str) {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         store.record(uuid, table.persisted_owner(uuid));
         if store.wants_snapshot(table.owner_count()) {
@@ -115,7 +133,7 @@ impl Daemon {
         }
     }
 
-    fn snapshot(&self, table: &Table) {
+    fn snapshot(&self, table: &LockTable<LinuxHost>) {
         self.store
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -135,6 +153,10 @@ impl Daemon {
         std::thread::Builder::new()
             .name("owner-watcher".into())
             .spawn(move || watcher.watch_owners(wake_rx))?;
+        let checker = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("lease-checker".into())
+            .spawn(move || checker.check_leases())?;
         for stream in listener.incoming() {
             let stream = match stream {
                 Ok(s) => s,
@@ -192,7 +214,7 @@ impl Daemon {
         let mut reader = FrameReader::new();
         match reader.read::<Request>(&stream) {
             Ok((Request::Hello { version }, _)) if version == PROTOCOL_VERSION => {
-                let host = self.lock_table().host().to_owned();
+                let host = self.lock_table().host_name().to_owned();
                 if write_frame(
                     &stream,
                     &Reply::Hello {
@@ -252,7 +274,10 @@ impl Daemon {
                     restricted = true;
                     (Reply::Ok, Vec::new())
                 }
-                other => self.dispatch(other, peer_pid, &mut restricted),
+                other => match self.dispatch(other, peer_pid, &mut restricted, &stream) {
+                    Some(answer) => answer,
+                    None => continue, // the reply went out with its descriptors already
+                },
             };
             let attached: Vec<&OwnedFd> = reply_fds.iter().collect();
             if write_frame(&stream, &reply, &attached).is_err() {
@@ -261,88 +286,113 @@ impl Daemon {
         }
     }
 
-    /// Answers one request; descriptors to attach to the reply come back beside it.
+    /// Runs one core call under the table lock, persists what it changed (still under the lock, so
+    /// the journal follows the table's order), then carries out its effects with the table
+    /// unlocked: descriptions closed, pushes written, guests killed, the watcher woken.
+    fn with_table<R>(
+        &self,
+        call: impl FnOnce(&mut LockTable<LinuxHost>, &mut LinuxHost) -> (R, Effects<OwnedFd>),
+    ) -> R {
+        let mut host = LinuxHost;
+        let mut table = self.lock_table();
+        let (result, fx) = call(&mut table, &mut host);
+        for uuid in &fx.changed {
+            self.persist(&table, uuid);
+        }
+        drop(table);
+        self.apply(fx);
+        result
+    }
+
+    fn apply(&self, fx: Effects<OwnedFd>) {
+        drop(fx.close);
+        for (link, push) in fx.pushes {
+            let Some(link) = self.link(link) else {
+                continue;
+            };
+            match push {
+                Push::Close(keys) => link.close(&keys),
+                Push::Finished => link.finished(),
+            }
+        }
+        for (pid, start) in fx.kill {
+            // The guest's locks stay until its pidfd reports the exit (the watcher then unlocks).
+            if let Ok(p) = ProcessHandle::open(pid, Some(start)) {
+                tracing::warn!(
+                    pid,
+                    "the VM's supervisor died; killing its guest before unlocking"
+                );
+                let _ = p.signal(rustix::process::Signal::KILL);
+            }
+        }
+        if fx.rewatch {
+            self.wake_watcher();
+        }
+    }
+
+    fn link(&self, id: LinkId) -> Option<Arc<HolderLink>> {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Answers one request; descriptors to attach to the reply come back beside it. The reply is
+    /// written by the caller; an acquire whose copies travel in the reply commits only once the
+    /// reply is out.
     fn dispatch(
         &self,
         request: Request,
         peer_pid: u32,
         restricted: &mut bool,
-    ) -> (Reply, Vec<OwnedFd>) {
-        // Only requests that change which processes the watcher must watch wake it.
-        let wake = matches!(
-            request,
-            Request::GuestStarted { .. } | Request::MigrateComplete { .. }
-        );
-        let mut reply_fds = Vec::new();
-        let mut table = self.lock_table();
+        stream: &UnixStream,
+    ) -> Option<(Reply, Vec<OwnedFd>)> {
         let reply = match request {
             Request::Acquire {
                 uuid,
                 resources,
                 flags,
-            } => match table.acquire(&uuid, &resources, &flags, peer_pid) {
-                Ok((held, kept)) => {
-                    *restricted = flags.restrict;
-                    self.persist(&table, &uuid);
-                    if kept.is_empty() {
-                        Reply::Held(held)
-                    } else {
-                        let (locks, fds) = kept.into_iter().unzip();
-                        reply_fds = fds;
-                        Reply::Kept { held, locks }
-                    }
-                }
-                Err(e) => Reply::Error(e),
-            },
-            Request::ReleaseKept { uuid, resources } => {
-                let result = table.release_for(&uuid, Some(&resources), Some(peer_pid));
-                self.persist(&table, &uuid);
-                match result {
-                    Ok(held) => Reply::Held(held),
-                    Err(e) => Reply::Error(e),
-                }
-            }
-            Request::Release { uuid, resources } => {
-                let result = table.release(&uuid, resources.as_deref());
-                self.persist(&table, &uuid);
-                match result {
-                    Ok(held) => Reply::Held(held),
-                    Err(e) => Reply::Error(e),
-                }
-            }
+            } => return self.acquire(stream, peer_pid, &uuid, &resources, &flags, restricted),
+            Request::ReleaseKept { uuid, resources } => self
+                .with_table(|t, h| t.release(h, peer_pid, &uuid, Some(&resources), true))
+                .map_or_else(Reply::Error, Reply::Held),
+            Request::Release { uuid, resources } => self
+                .with_table(|t, h| t.release(h, peer_pid, &uuid, resources.as_deref(), false))
+                .map_or_else(Reply::Error, Reply::Held),
             Request::AcquireIncoming { uuid, versions } => {
-                match table.acquire_incoming(&uuid, &versions) {
-                    Ok(held) => Reply::Held(held),
-                    Err(e) => Reply::Error(e),
-                }
+                self.acquire_incoming(peer_pid, &uuid, &versions)
             }
-            Request::MigratePrepare { uuid } => table
-                .migrate_prepare(&uuid)
+            Request::MigratePrepare { uuid } => self
+                .with_table(|t, _| (t.migrate_prepare(peer_pid, &uuid), Effects::default()))
                 .map_or_else(Reply::Error, Reply::Held),
             Request::MigrateComplete { uuid, success } => {
-                let r = table.migrate_complete(&uuid, success);
-                self.persist(&table, &uuid);
-                r.map_or_else(Reply::Error, |()| Reply::Ok)
+                self.with_table(|t, _| match t.migrate_complete(peer_pid, &uuid, success) {
+                    Ok(fx) => (Reply::Ok, fx),
+                    Err(e) => (Reply::Error(e), Effects::default()),
+                })
             }
-            Request::Shutdown { uuid, guest_pid } => {
-                let r = table.shutdown(&uuid, guest_pid);
-                self.persist(&table, &uuid);
-                r.map_or_else(Reply::Error, Reply::Held)
-            }
-            Request::GuestStarted { uuid, pid } => {
-                match table.guest_started(&uuid, pid, peer_pid) {
-                    Ok(()) => {
-                        self.persist(&table, &uuid);
-                        Reply::Ok
-                    }
-                    Err(e) => Reply::Error(e),
+            Request::Shutdown { uuid, guest_pid } => self
+                .with_table(|t, h| t.shutdown(h, peer_pid, &uuid, guest_pid))
+                .map_or_else(Reply::Error, Reply::Held),
+            Request::GuestStarted { uuid, pid } => match host::process(pid, None) {
+                Err(e) => Reply::Error(e),
+                Ok(guest) => {
+                    self.with_table(|t, _| match t.guest_started(peer_pid, &uuid, guest) {
+                        Ok(fx) => (Reply::Ok, fx),
+                        Err(e) => (Reply::Error(e), Effects::default()),
+                    })
                 }
-            }
-            Request::Inquire { uuid } => {
-                table.inquire(&uuid).map_or_else(Reply::Error, Reply::Held)
-            }
-            Request::Lookup { uuid } => table.lookup(&uuid).map_or_else(Reply::Error, Reply::Vm),
-            Request::Status => Reply::Status(table.status()),
+            },
+            Request::Inquire { uuid } => self
+                .lock_table()
+                .inquire(&uuid)
+                .map_or_else(Reply::Error, Reply::Held),
+            Request::Lookup { uuid } => self
+                .lock_table()
+                .lookup(&uuid)
+                .map_or_else(Reply::Error, Reply::Vm),
+            Request::Status => Reply::Status(self.lock_table().status()),
             Request::Hello { .. } => Reply::Error(Error::Protocol {
                 reason: "Hello sent twice".into(),
             }),
@@ -353,11 +403,131 @@ impl Daemon {
                 reason: "unexpected request".into(),
             }),
         };
-        drop(table);
-        if wake {
-            self.wake_watcher();
+        Some((reply, Vec::new()))
+    }
+
+    /// Two-phase acquire: open every target (table unlocked) → reserve in the core (kernel locks
+    /// taken, grants pending) → hand the copies to the holder (table unlocked, bounded) → commit,
+    /// or abort so nothing stays held. Returns `None` when it wrote the reply itself.
+    fn acquire(
+        &self,
+        stream: &UnixStream,
+        peer_pid: u32,
+        uuid: &str,
+        resources: &[vmlock::Resource],
+        flags: &crate::proto::AcquireFlags,
+        restricted: &mut bool,
+    ) -> Option<(Reply, Vec<OwnedFd>)> {
+        let mut opened = Vec::with_capacity(resources.len());
+        let wanted = resources.iter().filter(|r| {
+            r.is_locked()
+                && (self.config.auto_disk_leases || matches!(r, vmlock::Resource::Lease(_)))
+        });
+        if !flags.register_only {
+            for r in wanted {
+                match host::open_target(&self.config, r) {
+                    Ok(o) => opened.push(o),
+                    Err(e) => return Some((Reply::Error(e), Vec::new())),
+                }
+            }
         }
-        (reply, reply_fds)
+        let reserved = self.with_table(|t, h| t.reserve(h, peer_pid, uuid, opened, flags));
+        let reservation = match reserved {
+            Err(refusal) => {
+                return Some((
+                    Reply::Error(refusal.into_error(host::name_holder)),
+                    Vec::new(),
+                ))
+            }
+            Ok(None) => {
+                *restricted = flags.restrict;
+                return Some((Reply::Held(Vec::new()), Vec::new()));
+            }
+            Ok(Some(r)) => r,
+        };
+        let ticket = reservation.ticket;
+        let (locks, fds): (Vec<CoreHeldLock>, Vec<OwnedFd>) =
+            reservation.handover.into_iter().unzip();
+        if reservation.direct {
+            // The copies travel in the reply; once it is out they sit in the holder's socket
+            // queue, which outlives a daemon crash. Commit only then.
+            // A reply that cannot be delivered releases what the acquire took.
+            let reply = match self.with_table(|t, _| t.commit(uuid, ticket)) {
+                Ok(held) => Reply::Kept {
+                    held,
+                    locks: locks.clone(),
+                },
+                Err(e) => return Some((Reply::Error(e), Vec::new())),
+            };
+            let attached: Vec<&OwnedFd> = fds.iter().collect();
+            if let Err(e) = write_frame(stream, &reply, &attached) {
+                tracing::warn!(
+                    uuid,
+                    "acquire reply not delivered: {e}; releasing what it took"
+                );
+                let taken: Vec<vmlock::Resource> =
+                    locks.iter().map(|l| l.resource.clone()).collect();
+                let _ = self.with_table(|t, h| t.release(h, peer_pid, uuid, Some(&taken), true));
+                return None;
+            }
+            *restricted = flags.restrict;
+            return None;
+        }
+        let kept = match self.link(reservation.link) {
+            Some(link) => link.keep(&locks, &fds),
+            None => Err(Error::ServiceUnavailable {
+                reason: "the VM's supervisor is not connected".into(),
+            }),
+        };
+        drop(fds);
+        let reply = match kept {
+            Ok(()) => self
+                .with_table(|t, _| t.commit(uuid, ticket))
+                .map_or_else(Reply::Error, Reply::Held),
+            Err(e) => {
+                self.with_table(|t, h| ((), t.abort(h, uuid, ticket)));
+                Reply::Error(e)
+            }
+        };
+        if matches!(reply, Reply::Held(_)) {
+            *restricted = flags.restrict;
+        }
+        Some((reply, Vec::new()))
+    }
+
+    /// Destination side of a migration: copies of the source's descriptions, pushed to the
+    /// destination's holder with the table unlocked.
+    fn acquire_incoming(
+        &self,
+        peer_pid: u32,
+        uuid: &str,
+        versions: &[(vmlock::Resource, u64)],
+    ) -> Reply {
+        let handover = self.with_table(|t, h| {
+            (
+                t.acquire_incoming(h, peer_pid, uuid, versions),
+                Effects::default(),
+            )
+        });
+        let handover = match handover {
+            Ok(h) => h,
+            Err(e) => return Reply::Error(e),
+        };
+        let (locks, fds): (Vec<CoreHeldLock>, Vec<OwnedFd>) = handover.handover.into_iter().unzip();
+        let kept = match self.link(handover.link) {
+            Some(link) => link.keep(&locks, &fds),
+            None => Err(Error::ServiceUnavailable {
+                reason: "the destination's supervisor is not connected".into(),
+            }),
+        };
+        // Dropping copies of descriptions the source keeps unlocks nothing.
+        drop(fds);
+        match kept {
+            Ok(()) => self
+                .with_table(|t, _| (t.incoming_taken(uuid, handover.link), Effects::default()))
+                .map_or_else(Reply::Error, Reply::Held),
+            Err(e) => Reply::Error(e),
+        }
     }
 
     fn serve_holder(
@@ -373,7 +543,9 @@ impl Daemon {
             return;
         };
         let link = Arc::new(HolderLink::new(writer, peer_pid));
-        let uuid = vm.uuid.clone();
+        let id = LinkId(self.next_link.fetch_add(1, Ordering::Relaxed));
+        // A handle on the holder process, to tell its death from a dropped connection.
+        let holder_process = ProcessHandle::open(peer_pid, None).ok();
         let result = if adopt.len() != fds.len() {
             Err(Error::Protocol {
                 reason: format!(
@@ -383,77 +555,104 @@ impl Daemon {
                 ),
             })
         } else {
-            let mut table = self.lock_table();
-            let r = table.hold(
-                vm,
-                adopt.into_iter().zip(fds).collect(),
-                Arc::clone(&link),
-                incoming,
-            );
-            self.persist(&table, &uuid);
-            r
+            self.register_holder(peer_pid, id, &link, vm, adopt, fds, incoming)
         };
-        let registered = !matches!(
-            result,
-            Err(Error::OwnerExists { .. })
-                | Err(Error::Io { .. })
-                | Err(Error::InvalidParameter { .. })
-                | Err(Error::Protocol { .. })
-                | Err(Error::UnknownOwner { .. })
-        );
+        let registered = result.is_ok();
         let reply = match result {
             Ok(()) => Reply::Ok,
             Err(e) => Reply::Error(e),
         };
-        self.wake_watcher();
-        if write_frame(&stream, &reply, &[]).is_err() || !registered {
-            link.disconnected();
-            if registered {
-                self.holder_closed(&uuid, &link);
-            }
-            return;
-        }
-        loop {
-            match reader.read::<Request>(&stream) {
-                Ok((Request::Ack { seq }, _)) => link.acked(seq),
-                Ok((other, _)) => {
-                    tracing::warn!(?other, "ignored a request on a holder connection")
+        if write_frame(&stream, &reply, &[]).is_ok() && registered {
+            loop {
+                match reader.read::<Request>(&stream) {
+                    Ok((Request::Ack { seq }, _)) => link.acked(seq),
+                    Ok((other, _)) => {
+                        tracing::warn!(?other, "ignored a request on a holder connection")
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
         }
         link.disconnected();
-        self.holder_closed(&uuid, &link);
-    }
-
-    fn holder_closed(&self, uuid: &str, link: &Arc<HolderLink>) {
-        let mut table = self.lock_table();
-        if table.holder_closed(uuid, link) {
-            self.wake_watcher();
-            tracing::info!(uuid, "holder closed; released every lock of the VM");
-            self.persist(&table, uuid);
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if registered {
+            // The connection closing as its process exits comes just before the exit itself:
+            // give the process a moment to be seen gone.
+            let alive = holder_process
+                .as_ref()
+                .is_some_and(|p| !p.wait_exit(Some(Duration::from_millis(200))));
+            self.with_table(|t, h| ((), t.holder_closed(h, id, alive)));
         }
     }
 
-    /// Waits on every owner's pidfd; a guest that exits loses its locks within the poll's wake-up.
-    /// Between wake-ups, checks every second that no lease was lost under a running guest.
+    #[allow(clippy::too_many_arguments)]
+    fn register_holder(
+        &self,
+        peer_pid: u32,
+        id: LinkId,
+        link: &Arc<HolderLink>,
+        vm: crate::proto::VmIdentity,
+        adopt: Vec<HeldLock>,
+        fds: Vec<OwnedFd>,
+        incoming: bool,
+    ) -> Result<(), Error> {
+        // Everything that reads /proc or fstats a description happens before the table is locked.
+        let guest = host::process(vm.pid, None)?;
+        let mut failures = Vec::new();
+        let mut kept = Vec::new();
+        for (lock, fd) in adopt.into_iter().zip(fds) {
+            match host::recheck_kept(&lock, &fd) {
+                Ok(()) => kept.push((lock, fd)),
+                Err(e) => failures.push(vmlock::ResourceFailure {
+                    resource: lock.resource.label(),
+                    error: Box::new(e),
+                }),
+            }
+        }
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::clone(link));
+        let result = self.with_table(|t, h| {
+            if incoming {
+                match t.hold_incoming(peer_pid, id, &vm, guest) {
+                    Ok(fx) => (Ok(()), fx),
+                    Err(e) => (Err(e), Effects::default()),
+                }
+            } else {
+                t.hold(h, peer_pid, id, vm, guest, kept, None)
+            }
+        });
+        self.wake_watcher();
+        result?;
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::PartialRelease { failures })
+        }
+    }
+
+    /// Waits on every owner's guest pidfd; a guest that exits loses its locks within the poll's
+    /// wake-up. Never waits on storage: lease checks run on their own threads.
     fn watch_owners(&self, mut wake_rx: File) {
-        let mut last_check = Instant::now();
         loop {
-            let list = self.lock_table().watch_list();
+            let list: Vec<(String, u64, OwnedFd)> = self
+                .lock_table()
+                .watched()
+                .into_iter()
+                .filter_map(|(u, start, p)| {
+                    p.fd().try_clone().ok().map(|fd| (u.to_owned(), start, fd))
+                })
+                .collect();
             let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(list.len() + 1);
             fds.push(PollFd::new(&wake_rx, PollFlags::IN));
             for (_, _, fd) in &list {
                 fds.push(PollFd::new(fd, PollFlags::IN));
             }
-            let wait = self
-                .lease_check_interval
-                .saturating_sub(last_check.elapsed());
-            let timeout = rustix::time::Timespec {
-                tv_sec: wait.as_secs() as i64,
-                tv_nsec: i64::from(wait.subsec_nanos()),
-            };
-            if poll(&mut fds, Some(&timeout)).is_err() {
+            if poll(&mut fds, None).is_err() {
                 continue;
             }
             let exited: Vec<usize> = fds
@@ -469,27 +668,88 @@ impl Daemon {
                 let mut buf = [0u8; 64];
                 while matches!(wake_rx.read(&mut buf), Ok(n) if n > 0) {}
             }
-            if !exited.is_empty() {
-                let mut table = self.lock_table();
-                for i in exited {
-                    let (uuid, start, _) = &list[i];
-                    if table.guest_exited(uuid, *start) {
-                        tracing::info!(uuid, "guest exited; released its locks");
-                        self.persist(&table, uuid);
-                    }
-                }
-            }
-            if last_check.elapsed() >= self.lease_check_interval {
-                last_check = Instant::now();
-                let lost = self.lock_table().check_leases();
-                for l in lost {
-                    let grace = self.lock_failure_grace;
-                    let _ = std::thread::Builder::new()
-                        .name("lock-failure".into())
-                        .spawn(move || enforce(l, grace));
-                }
+            for i in exited {
+                let (uuid, start, _) = &list[i];
+                self.with_table(|t, h| ((), t.guest_exited(h, uuid, *start)));
             }
         }
+    }
+
+    /// Every `lease_check_interval`, checks that no lease was lost under a running guest (its file
+    /// removed or replaced, or its storage gone). The checks run on one worker per device, so a
+    /// device that stops answering stalls only its own checks.
+    fn check_leases(&self) {
+        let (results_tx, results_rx) = mpsc::channel::<Vec<(String, LockKey)>>();
+        let mut workers: HashMap<u64, LeaseWorker> = HashMap::new();
+        loop {
+            std::thread::sleep(self.lease_check_interval);
+            let targets = self.lock_table().lease_targets();
+            let mut by_device: HashMap<u64, Vec<LeaseTarget>> = HashMap::new();
+            for target in targets {
+                by_device.entry(target.1.dev).or_default().push(target);
+            }
+            for (dev, batch) in by_device {
+                let worker = workers
+                    .entry(dev)
+                    .or_insert_with(|| LeaseWorker::start(self.config.clone(), results_tx.clone()));
+                worker.offer(batch);
+            }
+            let mut findings = Vec::new();
+            while let Ok(f) = results_rx.try_recv() {
+                findings.extend(f);
+            }
+            if findings.is_empty() {
+                continue;
+            }
+            let lost = self.lock_table().leases_lost(&findings);
+            for l in lost {
+                let grace = self.lock_failure_grace;
+                let _ = std::thread::Builder::new()
+                    .name("lock-failure".into())
+                    .spawn(move || enforce(l, grace));
+            }
+        }
+    }
+}
+
+/// Checks the leases of one device on its own thread; a batch is offered only when the last one
+/// finished, so a hung device holds one thread, not one per round.
+struct LeaseWorker {
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    tx: mpsc::Sender<Vec<LeaseTarget>>,
+}
+
+/// A grant to check: VM uuid, lock, resource.
+type LeaseTarget = (String, LockKey, vmlock::Resource);
+
+impl LeaseWorker {
+    fn start(config: Config, results: mpsc::Sender<Vec<(String, LockKey)>>) -> Self {
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<Vec<LeaseTarget>>();
+        let flag = Arc::clone(&busy);
+        let _ = std::thread::Builder::new()
+            .name("lease-check".into())
+            .spawn(move || {
+                for batch in rx {
+                    let lost: Vec<(String, LockKey)> = batch
+                        .into_iter()
+                        .filter(|(_, key, resource)| !host::lease_intact(&config, resource, *key))
+                        .map(|(u, k, _)| (u, k))
+                        .collect();
+                    flag.store(false, Ordering::Release);
+                    if !lost.is_empty() && results.send(lost).is_err() {
+                        return;
+                    }
+                }
+            });
+        LeaseWorker { busy, tx }
+    }
+
+    fn offer(&mut self, batch: Vec<LeaseTarget>) {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return; // still checking the last batch: the device is slow or hung
+        }
+        let _ = self.tx.send(batch);
     }
 }
 
@@ -497,6 +757,9 @@ impl Daemon {
 /// stalls the daemon (virtlockd's kill loop blocks every client).
 fn enforce(lost: LostLease, grace: Duration) {
     let vm = &lost.vm;
+    let Ok(process) = ProcessHandle::open(vm.pid, Some(lost.start_time)) else {
+        return; // the guest is gone already
+    };
     tracing::error!(vm = %vm.name, uuid = %vm.uuid, pid = vm.pid, resources = ?lost.resources, action = %lost.flags.on_lock_failure, "lease lost under a running guest");
     match lost.flags.on_lock_failure {
         LockFailureAction::Ignore => {}
@@ -510,11 +773,11 @@ fn enforce(lost: LostLease, grace: Duration) {
                 // Pausing failed: a guest writing without its lease is worse than a guest stopped.
                 other => {
                     tracing::error!(vm = %vm.name, ?other, "pausing failed; powering off instead");
-                    power_off(&lost.process, grace);
+                    power_off(&process, grace);
                 }
             }
         }
-        LockFailureAction::Poweroff | LockFailureAction::Restart => power_off(&lost.process, grace),
+        LockFailureAction::Poweroff | LockFailureAction::Restart => power_off(&process, grace),
     }
 }
 

@@ -4,12 +4,12 @@
 //! rewritten, and the journal emptied, once the journal outgrows the table.
 
 use crate::runtime::RuntimeDir;
-use crate::table::{Persisted, PersistedOwner};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use vmlock_core::{Persisted, PersistedOwner};
 
 /// One journal line.
 #[derive(Debug, Serialize, Deserialize)]
@@ -130,8 +130,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::table::Table;
+    use crate::host::LinuxHost;
+    use vmlock_core::{LockTable, Policy};
+    use vmlock_sys::pidfd::ProcessHandle;
 
     #[test]
     fn journal_replays_on_the_snapshot_and_snapshots_empty_it() {
@@ -154,8 +155,11 @@ mod tests {
         store.record("a", None);
         let (mut store, replayed) = Store::open(&runtime).unwrap();
         assert_eq!(replayed.owners.len(), 1);
-        let mut table = Table::new(Config::default(), "h".into());
-        assert_eq!(table.recover(replayed), 1);
+        let mut table = LockTable::<LinuxHost>::new(Policy::default(), "h".into());
+        let recovered = table.recover(replayed, |pid, start| {
+            ProcessHandle::open(pid, Some(start)).ok()
+        });
+        assert_eq!(recovered, 1);
         store.snapshot(&table.persisted());
         assert_eq!(
             std::fs::metadata(runtime.state_file().with_extension("journal"))

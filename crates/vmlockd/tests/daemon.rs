@@ -633,7 +633,7 @@ fn indirect_mode_locks_a_hashed_file_and_excludes_aliases() {
     let (ga, gb) = (Guest::spawn(), Guest::spawn());
     let _a = start(&f, "vm-a", &ga, std::slice::from_ref(&d)).unwrap();
     let canonical = std::fs::canonicalize(d.path()).unwrap();
-    let lock_file = lockspace.join(vmlockd::table::lockspace_name(&canonical));
+    let lock_file = lockspace.join(vmlockd::host::lockspace_name(&canonical));
     assert!(
         locked_by_someone(&lock_file),
         "lock file {} not locked",
