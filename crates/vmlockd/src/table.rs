@@ -231,6 +231,17 @@ impl Table {
         }
     }
 
+    /// Item 9 (h-limits), a stop-gap for the lead to wire into the core: the acquire flags a
+    /// re-registering holder handed back, used only where no acquire or recovered state set them.
+    pub fn holder_flags(&mut self, uuid: &str, flags: Option<AcquireFlags>) {
+        if let (Some(owner), Some(flags)) = (self.owners.get_mut(uuid), flags) {
+            if !owner.flags_set {
+                owner.flags = flags;
+                owner.flags_set = true;
+            }
+        }
+    }
+
     fn adopt(&mut self, uuid: &str, lock: HeldLock, fd: OwnedFd) -> Result<(), Error> {
         let meta = File::from(fd.try_clone().map_err(|e| Error::io("dup", &e))?)
             .metadata()
