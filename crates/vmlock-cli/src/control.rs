@@ -117,6 +117,8 @@ impl LockFailurePolicy {
 /// Serves `manager` on `path` from a thread of its own; the socket file is removed on drop.
 pub struct ControlServer {
     path: PathBuf,
+    /// The inode bound, so dropping removes the socket only while it is still ours.
+    ino: u64,
 }
 
 impl ControlServer {
@@ -129,8 +131,16 @@ impl ControlServer {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let _ = std::fs::remove_file(&path);
+        // A migration destination on this host runs beside its source under the same uuid: it
+        // must not take the source's socket, so it serves beside it until the source is gone.
+        let path = if UnixStream::connect(&path).is_ok() {
+            path.with_extension(format!("{}.sock", std::process::id()))
+        } else {
+            let _ = std::fs::remove_file(&path);
+            path
+        };
         let listener = UnixListener::bind(&path)?;
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path)?);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let uid = nix::unistd::geteuid().as_raw();
         let since = std::time::SystemTime::now()
@@ -148,13 +158,17 @@ impl ControlServer {
                         .spawn(move || serve(stream, &manager, &policy, uid, since));
                 }
             })?;
-        Ok(ControlServer { path })
+        Ok(ControlServer { path, ino })
     }
 }
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::metadata(&self.path)
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -266,16 +280,44 @@ impl TakeLimited for UnixStream {
     }
 }
 
+/// The supervisor of VM `uuid`: its own socket, else one that serves beside it (a migration
+/// destination on this host whose source has gone).
+fn connect(runtime_dir: &Path, uuid: &str) -> Result<UnixStream, Error> {
+    let path = socket_path(runtime_dir, uuid);
+    let first = match UnixStream::connect(&path) {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    let prefix = format!("vm-{uuid}.");
+    let beside = std::fs::read_dir(runtime_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.starts_with(&prefix) && n.ends_with(".sock") && n != format!("vm-{uuid}.sock")
+            })
+        });
+    for entry in beside {
+        if let Ok(s) = UnixStream::connect(entry.path()) {
+            return Ok(s);
+        }
+    }
+    Err(Error::UnknownOwner {
+        uuid: format!(
+            "{uuid} (no supervisor answers at {}: {first})",
+            path.display()
+        ),
+    })
+}
+
 /// Sends `request` to the supervisor of VM `uuid`.
 pub fn call(
     runtime_dir: &Path,
     uuid: &str,
     request: &ControlRequest,
 ) -> Result<ControlReply, Error> {
-    let path = socket_path(runtime_dir, uuid);
-    let stream = UnixStream::connect(&path).map_err(|e| Error::UnknownOwner {
-        uuid: format!("{uuid} (no supervisor answers at {}: {e})", path.display()),
-    })?;
+    let stream = connect(runtime_dir, uuid)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| Error::io("control socket", &e))?;
@@ -312,7 +354,12 @@ pub fn describe_all(runtime_dir: &Path) -> Vec<ControlReply> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let uuid = name.strip_prefix("vm-")?.strip_suffix(".sock")?.to_owned();
+            let stem = name.strip_prefix("vm-")?.strip_suffix(".sock")?;
+            // Only each VM's own socket: one beside it belongs to the same VM.
+            if stem.contains('.') {
+                return None;
+            }
+            let uuid = stem.to_owned();
             call(runtime_dir, &uuid, &ControlRequest::Describe).ok()
         })
         .collect();

@@ -2,8 +2,8 @@
 //! hands them back to a restarted daemon.
 
 use crate::proto::{
-    write_frame, FrameReader, HeldLock, LockKey, Push, ReadError, Reply, Request, VmIdentity,
-    PROTOCOL_VERSION,
+    send_frame, write_frame, AcquireFlags, FrameReader, HeldLock, LockKey, Push, ReadError, Reply,
+    Request, VmIdentity, PROTOCOL_VERSION,
 };
 use crate::runtime::{self, RuntimeDir};
 use std::collections::BTreeMap;
@@ -73,7 +73,9 @@ impl Endpoint {
             }
             Err(e) => return Err(unreachable(&self.runtime, &e)),
         };
-        Connection::hello(stream)
+        let mut conn = Connection::hello(stream)?;
+        conn.endpoint = Some(self.clone());
+        Ok(conn)
     }
 }
 
@@ -95,6 +97,11 @@ pub struct Connection {
     /// The daemon's host name.
     pub host: String,
     reader: FrameReader,
+    /// Where to connect again when the daemon closed this connection for being idle.
+    endpoint: Option<Endpoint>,
+    /// Restricted (by `Restrict` or an acquire with `restrict`): never replaced by a fresh,
+    /// unrestricted connection.
+    restricted: bool,
 }
 
 impl Connection {
@@ -108,6 +115,8 @@ impl Connection {
             reader: FrameReader::new(),
             daemon_pid: 0,
             host: String::new(),
+            endpoint: None,
+            restricted: false,
         };
         match conn.call(
             &Request::Hello {
@@ -135,12 +144,81 @@ impl Connection {
         request: &Request,
         fds: &[&OwnedFd],
     ) -> Result<(Reply, Vec<OwnedFd>), Error> {
-        write_frame(&self.stream, request, fds)?;
+        // A long-lived connection (a VM's session) may have been closed by the daemon's idle
+        // timeout; then it never read anything more, so a fresh connection loses nothing.
+        if self.closed_by_daemon() {
+            self.reconnect()?;
+        }
+        let restricts = match request {
+            Request::Restrict => true,
+            Request::Acquire { flags, .. } => flags.restrict,
+            _ => false,
+        };
+        let result = self.exchange(request, fds);
+        if restricts && result.is_ok() {
+            self.restricted = true;
+        }
+        result
+    }
+
+    /// Whether the daemon already closed this connection (or said why it does): a request
+    /// connection gets nothing unasked, so anything readable before a request means that.
+    fn closed_by_daemon(&self) -> bool {
+        let mut pfd = [rustix::event::PollFd::new(
+            &self.stream,
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        matches!(rustix::event::poll(&mut pfd, Some(&zero)), Ok(n) if n > 0)
+    }
+
+    fn reconnect(&mut self) -> Result<(), Error> {
+        match (&self.endpoint, self.restricted) {
+            (Some(endpoint), false) => {
+                let fresh = endpoint.connect()?;
+                *self = fresh;
+                Ok(())
+            }
+            _ => Err(Error::ServiceUnavailable {
+                reason: "vmlockd closed the connection".into(),
+            }),
+        }
+    }
+
+    fn exchange(
+        &mut self,
+        request: &Request,
+        fds: &[&OwnedFd],
+    ) -> Result<(Reply, Vec<OwnedFd>), Error> {
+        if let Err(e) = send_frame(&self.stream, request, fds) {
+            // A daemon that refused us (too many clients, idle) answered and closed before
+            // reading: its reply, already here, says why better than "Broken pipe".
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                if let Ok((Reply::Error(reply), _)) = self.reader.read::<Reply>(&self.stream) {
+                    return Err(reply);
+                }
+            }
+            return Err(match e.kind() {
+                std::io::ErrorKind::InvalidInput => Error::Protocol {
+                    reason: e.to_string(),
+                },
+                _ => Error::io("sending to the lock daemon socket", &e),
+            });
+        }
         match self.reader.read::<Reply>(&self.stream) {
             Ok((Reply::Error(e), _)) => Err(e),
             Ok((reply, fds)) => Ok((reply, fds)),
             Err(ReadError::Closed) => Err(Error::ServiceUnavailable {
                 reason: "vmlockd closed the connection".into(),
+            }),
+            Err(ReadError::Idle) => Err(Error::ServiceUnavailable {
+                reason: "no answer from the lock daemon in time".into(),
             }),
             Err(ReadError::Failed(e)) => Err(e),
         }
@@ -170,6 +248,39 @@ pub struct Holder {
     stop: Arc<AtomicBool>,
     /// The holder's current connection (it changes when the daemon restarts).
     current: Arc<Mutex<Option<UnixStream>>>,
+    registration: Arc<Mutex<Registration>>,
+}
+
+/// What a holder tells a daemon about its VM when it (re-)registers. A daemon restarted without
+/// its state files knows only this, so it must be the VM as it is now (guest pid, the options
+/// it was started with), never defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Registration {
+    vm: VmIdentity,
+    flags: Option<AcquireFlags>,
+}
+
+impl Registration {
+    fn hold(&self, adopt: Vec<HeldLock>, incoming: bool) -> Request {
+        Request::Hold {
+            vm: self.vm.clone(),
+            adopt,
+            incoming,
+            flags: self.flags.clone(),
+        }
+    }
+
+    /// Only what belongs to the VM: the per-request modifiers of that acquire do not.
+    fn acquired(&mut self, flags: &AcquireFlags) {
+        if self.flags.is_none() {
+            self.flags = Some(AcquireFlags {
+                on_lock_failure: flags.on_lock_failure,
+                qmp_socket: flags.qmp_socket.clone(),
+                hold_qemu_bytes: flags.hold_qemu_bytes,
+                ..AcquireFlags::default()
+            });
+        }
+    }
 }
 
 impl Holder {
@@ -185,26 +296,58 @@ impl Holder {
 
     fn start_as(endpoint: &Endpoint, vm: VmIdentity, incoming: bool) -> Result<Self, Error> {
         let kept = Arc::new(Mutex::new(BTreeMap::new()));
-        let conn = register(endpoint, &vm, &kept, incoming)?;
+        let name = vm.name.clone();
+        let registration = Arc::new(Mutex::new(Registration { vm, flags: None }));
+        let conn = register(endpoint, &registration, &kept, incoming)?;
         let copy = conn
             .0
             .try_clone()
             .map_err(|e| Error::io("holder socket", &e))?;
         let current = Arc::new(Mutex::new(Some(copy)));
         let stop = Arc::new(AtomicBool::new(false));
-        let (thread_kept, thread_stop, thread_current) =
-            (Arc::clone(&kept), Arc::clone(&stop), Arc::clone(&current));
+        let (thread_kept, thread_stop, thread_current, thread_registration) = (
+            Arc::clone(&kept),
+            Arc::clone(&stop),
+            Arc::clone(&current),
+            Arc::clone(&registration),
+        );
         let endpoint = endpoint.clone();
         let thread = std::thread::Builder::new()
-            .name(format!("vmlock-holder-{}", vm.name))
-            .spawn(move || hold_loop(conn, thread_current, endpoint, vm, thread_kept, thread_stop))
+            .name(format!("vmlock-holder-{name}"))
+            .spawn(move || {
+                hold_loop(
+                    conn,
+                    thread_current,
+                    endpoint,
+                    thread_registration,
+                    thread_kept,
+                    thread_stop,
+                )
+            })
             .map_err(|e| Error::io("starting the lock holder thread", &e))?;
         Ok(Holder {
             thread: Some(thread),
             kept,
             stop,
             current,
+            registration,
         })
+    }
+
+    /// The guest now runs as `pid` (after the daemon accepted `GuestStarted`): a re-registration
+    /// names it, and the holder gives up once it is gone.
+    pub fn guest_started(&self, pid: u32) {
+        if let Ok(mut r) = self.registration.lock() {
+            r.vm.pid = pid;
+        }
+    }
+
+    /// An acquire with `flags` succeeded: the first one's lock-failure action, QMP socket and
+    /// QEMU-bytes option are the VM's, handed back on re-registration.
+    pub fn acquired(&self, flags: &AcquireFlags) {
+        if let Ok(mut r) = self.registration.lock() {
+            r.acquired(flags);
+        }
     }
 
     /// Gives up: closes the holder connection and every kept description. Only for a holder that
@@ -260,24 +403,19 @@ impl Holder {
 
 fn register(
     endpoint: &Endpoint,
-    vm: &VmIdentity,
+    registration: &Mutex<Registration>,
     kept: &Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>,
     incoming: bool,
 ) -> Result<(UnixStream, FrameReader), Error> {
-    let mut conn = endpoint.connect()?;
-    let kept = kept.lock().map_err(|_| Error::ServiceUnavailable {
+    let poisoned = || Error::ServiceUnavailable {
         reason: "holder state poisoned".into(),
-    })?;
+    };
+    let registration = registration.lock().map_err(|_| poisoned())?.clone();
+    let mut conn = endpoint.connect()?;
+    let kept = kept.lock().map_err(|_| poisoned())?;
     let adopt: Vec<HeldLock> = kept.values().map(|(l, _)| l.clone()).collect();
     let fds: Vec<&OwnedFd> = kept.values().map(|(_, fd)| fd).collect();
-    match conn.call(
-        &Request::Hold {
-            vm: vm.clone(),
-            adopt,
-            incoming,
-        },
-        &fds,
-    ) {
+    match conn.call(&registration.hold(adopt, incoming), &fds) {
         Ok(Reply::Ok) | Err(Error::PartialRelease { .. }) => {}
         Ok(other) => return Err(unexpected(&other)),
         Err(e) => return Err(e),
@@ -293,7 +431,7 @@ fn hold_loop(
     (mut stream, mut reader): (UnixStream, FrameReader),
     current: Arc<Mutex<Option<UnixStream>>>,
     endpoint: Endpoint,
-    vm: VmIdentity,
+    registration: Arc<Mutex<Registration>>,
     kept: Arc<Mutex<BTreeMap<LockKey, (HeldLock, OwnedFd)>>>,
     stop: Arc<AtomicBool>,
 ) {
@@ -332,10 +470,10 @@ fn hold_loop(
                 // second so a daemon that stays down costs nothing.
                 let mut pause = Duration::from_millis(5);
                 stream = loop {
-                    if stop.load(Ordering::Acquire) || !guest_alive(&vm) {
+                    if stop.load(Ordering::Acquire) || !guest_alive(&registration) {
                         return; // the guest is gone: its locks may go with us
                     }
-                    match register(&reconnect, &vm, &kept, false) {
+                    match register(&reconnect, &registration, &kept, false) {
                         Ok((s, r)) => {
                             reader = r;
                             if let (Ok(mut c), Ok(copy)) = (current.lock(), s.try_clone()) {
@@ -354,6 +492,70 @@ fn hold_loop(
     }
 }
 
-fn guest_alive(vm: &VmIdentity) -> bool {
-    vmlock::process::is_running(vm.pid)
+fn guest_alive(registration: &Mutex<Registration>) -> bool {
+    registration
+        .lock()
+        .map_or(true, |r| vmlock::process::is_running(r.vm.pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmlock::LockFailureAction;
+
+    #[test]
+    fn a_re_registration_names_the_guest_and_the_first_acquire_options() {
+        let mut r = Registration {
+            vm: VmIdentity {
+                uuid: "u".into(),
+                name: "web1".into(),
+                id: 1,
+                pid: 100, // the supervisor, before the guest starts
+            },
+            flags: None,
+        };
+        let first = AcquireFlags {
+            register_only: true,
+            restrict: true,
+            on_lock_failure: LockFailureAction::Ignore,
+            hold_qemu_bytes: true,
+            qmp_socket: Some("/run/qmp.sock".into()),
+            reply_with_fds: true,
+        };
+        r.acquired(&first);
+        // A hotplug later with other options does not change what the VM was started with.
+        r.acquired(&AcquireFlags::default());
+        r.vm.pid = 200;
+        let Request::Hold {
+            vm, flags, adopt, ..
+        } = r.hold(Vec::new(), false)
+        else {
+            panic!("not a Hold");
+        };
+        assert_eq!(vm.pid, 200);
+        assert!(adopt.is_empty());
+        assert_eq!(
+            flags,
+            Some(AcquireFlags {
+                on_lock_failure: LockFailureAction::Ignore,
+                hold_qemu_bytes: true,
+                qmp_socket: Some("/run/qmp.sock".into()),
+                ..AcquireFlags::default()
+            })
+        );
+    }
+
+    #[test]
+    fn a_hold_from_an_older_client_has_no_flags() {
+        let old = r#"{"Hold":{"vm":{"uuid":"u","name":"n","id":1,"pid":2},"adopt":[]}}"#;
+        let parsed: Request = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            parsed,
+            Request::Hold {
+                flags: None,
+                incoming: false,
+                ..
+            }
+        ));
+    }
 }

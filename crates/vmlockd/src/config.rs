@@ -23,8 +23,12 @@ pub struct Config {
     pub lvm_lockspace_dir: Option<PathBuf>,
     /// libvirt's SCSI lockspace (by SCSI id). Not supported yet, as `lvm_lockspace_dir`.
     pub scsi_lockspace_dir: Option<PathBuf>,
-    /// Most simultaneous client connections (each running VM's holder keeps one). Default 4096.
+    /// Most simultaneous request connections. Holder connections (one per running VM) do not
+    /// count and are never refused by it. Default 4096.
     pub max_clients: usize,
+    /// A request connection that sends nothing for this long is closed. Holder connections are
+    /// exempt. Default 30000 ms.
+    pub idle_timeout_ms: u64,
     /// Host name reported in holder names. Default: the kernel's host name.
     pub host_name: Option<String>,
     /// How often every held lease is checked for loss (lock file removed or replaced, storage
@@ -43,6 +47,7 @@ impl Default for Config {
             lvm_lockspace_dir: None,
             scsi_lockspace_dir: None,
             max_clients: 4096,
+            idle_timeout_ms: 30_000,
             host_name: None,
             lease_check_interval_ms: 1000,
             lock_failure_grace_ms: 10_000,
@@ -94,6 +99,9 @@ impl Config {
         if self.lease_check_interval_ms == 0 {
             return Err(bad("lease_check_interval_ms must be at least 1".into()));
         }
+        if self.idle_timeout_ms == 0 {
+            return Err(bad("idle_timeout_ms must be at least 1".into()));
+        }
         if self.max_clients == 0 {
             return Err(bad("max_clients must be at least 1".into()));
         }
@@ -135,5 +143,12 @@ mod tests {
         assert!(Config::parse("file_lockspace_dir = \"rel\"", "t").is_err());
         assert!(Config::parse("max_clients = 0", "t").is_err());
         assert!(Config::parse("max_clients = \"many\"", "t").is_err());
+        assert!(Config::parse("idle_timeout_ms = 0", "t").is_err());
+        assert_eq!(
+            Config::parse("idle_timeout_ms = 500", "t")
+                .unwrap()
+                .idle_timeout_ms,
+            500
+        );
     }
 }

@@ -256,7 +256,7 @@ impl Session for LockdSession {
         let request = Request::Acquire {
             uuid: self.vm.uuid.clone(),
             resources: resources.to_vec(),
-            flags,
+            flags: flags.clone(),
         };
         let result = match self.conn.call_with_fds(&request, &[]) {
             Ok((Reply::Held(_), _)) => Ok(()),
@@ -269,6 +269,10 @@ impl Session for LockdSession {
             Ok((other, _)) => Err(unexpected(&other)),
             Err(e) => Err(e),
         };
+        if let (Ok(()), Some(holder)) = (&result, &self.holder) {
+            // Handed back if the daemon restarts without its state files (never defaults).
+            holder.acquired(&flags);
+        }
         if result.is_err() && fresh_holder {
             // A start that failed leaves no owner behind, so the VM manager can retry.
             if let Some(h) = self.holder.take() {
@@ -343,6 +347,9 @@ impl Session for LockdSession {
         )? {
             Reply::Ok => {
                 self.vm.pid = pid;
+                if let Some(holder) = &self.holder {
+                    holder.guest_started(pid);
+                }
                 Ok(())
             }
             other => Err(unexpected(&other)),

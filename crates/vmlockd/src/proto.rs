@@ -1,8 +1,11 @@
 //! vmlockd's wire protocol.
 //!
 //! A frame is a 4-byte big-endian length followed by that many bytes of JSON; descriptors travel
-//! with `SCM_RIGHTS` on the frame's first bytes. Frames over [`MAX_FRAME`] are refused before they
-//! are read. Every connection starts with [`Request::Hello`], which carries [`PROTOCOL_VERSION`];
+//! with `SCM_RIGHTS` inside the frame's bytes (on its first byte, and with more than
+//! [`fdpass::MAX_FDS`] spread over consecutive pieces of it), so any number of them belong to
+//! exactly one frame. A message takes the descriptors that arrived inside its frame only if it
+//! expects exactly that many ([`Message::fd_count`]); any others are closed as soon as the frame
+//! is read. Frames over [`MAX_FRAME`] are refused before they are read. Every connection starts with [`Request::Hello`], which carries [`PROTOCOL_VERSION`];
 //! a daemon answers a version it does not speak with an error and closes.
 //!
 //! Two kinds of connection exist:
@@ -48,6 +51,11 @@ pub enum Request {
         /// This holder is the destination of a migration of `vm` prepared on the source.
         #[serde(default)]
         incoming: bool,
+        /// The options of the VM's first acquire (lock-failure action, QMP socket, QEMU bytes),
+        /// handed back by a holder re-registering after a daemon restart, so that a daemon that
+        /// lost its state files does not fall back to defaults.
+        #[serde(default)]
+        flags: Option<AcquireFlags>,
     },
     /// Takes `resources` for VM `uuid`, all or nothing.
     Acquire {
@@ -185,24 +193,31 @@ pub enum Push {
     Finished,
 }
 
-/// Writes one frame with `fds` attached.
+/// Writes one frame with `fds` attached (any number of them).
 pub fn write_frame<T: Serialize>(
     stream: &UnixStream,
     msg: &T,
     fds: &[&OwnedFd],
 ) -> Result<(), Error> {
-    let body = serde_json::to_vec(msg).map_err(|e| protocol(format!("encoding: {e}")))?;
+    send_frame(stream, msg, fds).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => protocol(e.to_string()),
+        _ => Error::io("sending to the lock daemon socket", &e),
+    })
+}
+
+/// [`write_frame`] keeping the [`std::io::ErrorKind`] (a message that cannot be encoded or is too
+/// large is `InvalidInput`), for callers that act on it.
+pub fn send_frame<T: Serialize>(
+    stream: &UnixStream,
+    msg: &T,
+    fds: &[&OwnedFd],
+) -> std::io::Result<()> {
+    let invalid = |reason: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, reason);
+    let body = serde_json::to_vec(msg).map_err(|e| invalid(format!("encoding: {e}")))?;
     if body.len() > MAX_FRAME {
-        return Err(protocol(format!(
+        return Err(invalid(format!(
             "message of {} bytes exceeds {MAX_FRAME}",
             body.len()
-        )));
-    }
-    if fds.len() > fdpass::MAX_FDS {
-        return Err(protocol(format!(
-            "{} descriptors exceed {} per message",
-            fds.len(),
-            fdpass::MAX_FDS
         )));
     }
     let mut data = Vec::with_capacity(4 + body.len());
@@ -210,7 +225,6 @@ pub fn write_frame<T: Serialize>(
     data.extend_from_slice(&body);
     let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     fdpass::send_with_fds(stream, &data, &raw)
-        .map_err(|e| Error::io("sending to the lock daemon socket", &e))
 }
 
 /// What reading a frame can end in.
@@ -218,6 +232,8 @@ pub fn write_frame<T: Serialize>(
 pub enum ReadError {
     /// The peer closed the connection between frames.
     Closed,
+    /// Nothing arrived within the socket's receive timeout (set by the caller) between frames.
+    Idle,
     /// Malformed, oversized, timed out or failed.
     Failed(Error),
 }
@@ -258,15 +274,24 @@ impl Message for Push {
 }
 
 /// Reads frames from one connection. It reads as much as the socket has, so a frame that
-/// arrived whole costs one system call, and keeps what belongs to the next frame. Descriptors
-/// queue in arrival order and each frame takes as many as its message says it carries.
+/// arrived whole costs one system call, and keeps what belongs to the next frame. Each batch of
+/// descriptors is tagged with the stream position of the last byte read with it (the kernel ends a
+/// `recvmsg` right after data carrying descriptors), so it belongs to the frame holding that byte.
 #[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
     head: usize,
     tail: usize,
-    fds: VecDeque<OwnedFd>,
+    /// Stream position of `buf[0]`.
+    base: u64,
+    /// Descriptors not yet given to a frame, with the stream position they arrived at.
+    fds: VecDeque<(u64, OwnedFd)>,
 }
+
+/// Bytes of a frame per descriptor it may carry beyond [`fdpass::MAX_FDS`]: every descriptor
+/// comes with a lock's description, longer than this, so a peer cannot pile up descriptors in a
+/// small frame.
+const BYTES_PER_FD: usize = 32;
 
 impl Default for FrameReader {
     fn default() -> Self {
@@ -281,35 +306,37 @@ impl FrameReader {
             buf: vec![0; 8192],
             head: 0,
             tail: 0,
+            base: 0,
             fds: VecDeque::new(),
         }
     }
 
     /// Reads one frame and the descriptors that came with it. Waits for the first byte as long
-    /// as the socket's own receive timeout says (none on the daemon, the reply timeout on
-    /// clients); the rest of the frame must follow within [`FRAME_TIMEOUT`].
+    /// as the socket's own receive timeout says (ending in [`ReadError::Idle`]); the rest of the
+    /// frame must follow within [`FRAME_TIMEOUT`]. Descriptors that came inside the frame go
+    /// with the message if it expects exactly that many, are closed at once if it expects none,
+    /// and fail the read otherwise.
     pub fn read<T: Message>(
         &mut self,
         stream: &UnixStream,
     ) -> Result<(T, Vec<OwnedFd>), ReadError> {
         if self.head == self.tail {
+            self.base += self.head as u64;
             self.head = 0;
             self.tail = 0;
             let n = self.recv(stream, false).map_err(|e| {
-                ReadError::Failed(if is_timeout(&e) {
-                    Error::ServiceUnavailable {
-                        reason: "no answer from the lock daemon in time".into(),
-                    }
+                if is_timeout(&e) {
+                    ReadError::Idle
                 } else {
-                    Error::io("reading from the lock daemon socket", &e)
-                })
+                    ReadError::Failed(Error::io("reading from the lock daemon socket", &e))
+                }
             })?;
             if n == 0 {
                 return Err(ReadError::Closed);
             }
         }
         let deadline = Instant::now() + FRAME_TIMEOUT;
-        self.fill(stream, 4, deadline)?;
+        self.fill(stream, 4, fdpass::MAX_FDS, deadline)?;
         let mut header = [0u8; 4];
         header.copy_from_slice(&self.buf[self.head..self.head + 4]);
         let len = u32::from_be_bytes(header) as usize;
@@ -318,33 +345,67 @@ impl FrameReader {
                 "frame of {len} bytes exceeds the maximum of {MAX_FRAME}"
             ))));
         }
-        self.fill(stream, 4 + len, deadline)?;
+        self.fill(
+            stream,
+            4 + len,
+            fdpass::MAX_FDS + len / BYTES_PER_FD,
+            deadline,
+        )?;
+        let end = self.base + (self.head + 4 + len) as u64;
+        let mut fds = Vec::new();
+        while self.fds.front().is_some_and(|(at, _)| *at < end) {
+            if let Some((_, fd)) = self.fds.pop_front() {
+                fds.push(fd);
+            }
+        }
         let body = &self.buf[self.head + 4..self.head + 4 + len];
-        let msg: T = serde_json::from_slice(body)
-            .map_err(|e| ReadError::Failed(protocol(format!("malformed message: {e}"))))?;
+        let parsed = serde_json::from_slice::<T>(body);
         self.head += 4 + len;
-        let count = msg.fd_count().min(self.fds.len());
-        Ok((msg, self.fds.drain(..count).collect()))
+        let msg =
+            parsed.map_err(|e| ReadError::Failed(protocol(format!("malformed message: {e}"))))?;
+        match msg.fd_count() {
+            n if n == fds.len() => Ok((msg, fds)),
+            // Descriptors nobody asked for would stay open in this process: close them now.
+            0 => Ok((msg, Vec::new())),
+            n => Err(ReadError::Failed(protocol(format!(
+                "the message expects {n} descriptors but {} came with it",
+                fds.len()
+            )))),
+        }
     }
 
     fn recv(&mut self, stream: &UnixStream, dont_wait: bool) -> std::io::Result<usize> {
         let mut fds = Vec::new();
         let n = fdpass::recv_with_fds(stream, &mut self.buf[self.tail..], &mut fds, dont_wait)?;
         self.tail += n;
-        self.fds.extend(fds);
+        if n > 0 {
+            let at = self.base + self.tail as u64 - 1;
+            self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
+        }
         Ok(n)
     }
 
-    /// Buffers at least `need` bytes of the current frame, waiting at most until `deadline`.
+    /// Buffers at least `need` bytes of the current frame, waiting at most until `deadline`, with
+    /// at most `max_fds` descriptors (plus one message's worth that may start the next frame).
     fn fill(
         &mut self,
         stream: &UnixStream,
         need: usize,
+        max_fds: usize,
         deadline: Instant,
     ) -> Result<(), ReadError> {
-        while self.tail - self.head < need {
+        loop {
+            if self.fds.len() > max_fds + fdpass::MAX_FDS {
+                return Err(ReadError::Failed(protocol(format!(
+                    "more than {max_fds} descriptors sent with one frame"
+                ))));
+            }
+            if self.tail - self.head >= need {
+                return Ok(());
+            }
             if self.buf.len() - self.head < need || self.tail == self.buf.len() {
                 self.buf.copy_within(self.head..self.tail, 0);
+                self.base += self.head as u64;
                 self.tail -= self.head;
                 self.head = 0;
                 if self.buf.len() < need {
@@ -391,7 +452,6 @@ impl FrameReader {
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -470,6 +530,45 @@ mod tests {
         assert_eq!(reader.read::<Push>(&b).unwrap().0, Push::Finished);
         drop(a);
         assert!(matches!(reader.read::<Push>(&b), Err(ReadError::Closed)));
+    }
+
+    #[test]
+    fn each_frame_gets_exactly_its_own_descriptors_however_many() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = OwnedFd::from(tempfile::tempfile().unwrap());
+        let fds: Vec<OwnedFd> = (0..600).map(|_| file.try_clone().unwrap()).collect();
+        let lock = |ino| HeldLock {
+            resource: Resource::disk("/d", vmlock::DiskMode::Exclusive).unwrap(),
+            key: LockKey {
+                dev: 1,
+                ino,
+                byte: 0,
+            },
+        };
+        let keep = Push::Keep {
+            seq: 1,
+            locks: (0..600).map(lock).collect(),
+        };
+        let writer = std::thread::spawn(move || {
+            let refs: Vec<&OwnedFd> = fds.iter().collect();
+            // Unexpected descriptors, then 600 in one frame, then a mismatch.
+            write_frame(&a, &Push::Finished, &refs[..3]).unwrap();
+            write_frame(&a, &keep, &refs).unwrap();
+            write_frame(&a, &Push::Finished, &[]).unwrap();
+            let short = Push::Keep {
+                seq: 2,
+                locks: vec![lock(1), lock(2)],
+            };
+            write_frame(&a, &short, &refs[..1]).unwrap();
+        });
+        let mut reader = FrameReader::new();
+        let (first, none) = reader.read::<Push>(&b).unwrap();
+        assert_eq!((first, none.len()), (Push::Finished, 0));
+        let (_, many) = reader.read::<Push>(&b).unwrap();
+        assert_eq!(many.len(), 600);
+        assert_eq!(reader.read::<Push>(&b).unwrap().1.len(), 0);
+        assert!(matches!(reader.read::<Push>(&b), Err(ReadError::Failed(_))));
+        writer.join().unwrap();
     }
 
     #[test]

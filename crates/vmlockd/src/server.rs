@@ -39,7 +39,9 @@ pub struct Daemon {
     next_link: AtomicU64,
     config: Config,
     max_clients: usize,
-    clients: AtomicUsize,
+    /// Open request connections (holder connections are not counted: see `max_clients`).
+    requests: AtomicUsize,
+    idle_timeout: Duration,
     wake: Mutex<File>,
     uid: u32,
     lease_check_interval: Duration,
@@ -65,6 +67,7 @@ impl Daemon {
                 .unwrap_or_else(|| "localhost".into())
         });
         let max_clients = config.max_clients;
+        let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
         let lease_check_interval = Duration::from_millis(config.lease_check_interval_ms);
         let lock_failure_grace = Duration::from_millis(config.lock_failure_grace_ms);
         let mut table = LockTable::new(host::policy(&config), host);
@@ -106,7 +109,8 @@ impl Daemon {
             next_link: AtomicU64::new(1),
             config,
             max_clients,
-            clients: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            idle_timeout,
             wake: Mutex::new(File::from(wake_tx)),
             uid: nix::unistd::geteuid().as_raw(),
             lease_check_interval,
@@ -157,25 +161,59 @@ impl Daemon {
         std::thread::Builder::new()
             .name("lease-checker".into())
             .spawn(move || checker.check_leases())?;
-        for stream in listener.incoming() {
-            let stream = match stream {
-                Ok(s) => s,
+        // Out of descriptors (or memory), accept fails at once as long as the connection waits in
+        // the backlog: back off instead of spinning, and say so once per episode, not per try.
+        let mut backoff: Option<Duration> = None;
+        loop {
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // The peer gave up before we took it: nothing to do.
+                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECONNABORTED as i32) => {
+                    continue
+                }
                 Err(e) => {
-                    tracing::warn!("accept: {e}");
+                    let pause = match backoff {
+                        None => {
+                            tracing::error!(
+                                "accept: {e}; backing off until connections can be taken again"
+                            );
+                            ACCEPT_BACKOFF_MIN
+                        }
+                        Some(p) => (p * 2).min(ACCEPT_BACKOFF_MAX),
+                    };
+                    backoff = Some(pause);
+                    std::thread::sleep(pause);
                     continue;
                 }
             };
+            if backoff.take().is_some() {
+                tracing::warn!("accepting connections again");
+            }
             let daemon = Arc::clone(self);
-            let _ = std::thread::Builder::new()
+            if let Err(e) = std::thread::Builder::new()
                 .name("client".into())
-                .spawn(move || daemon.serve_connection(stream));
+                .spawn(move || daemon.serve_connection(stream))
+            {
+                // The connection is dropped (closed) with the closure; the client sees it closed.
+                tracing::warn!("no thread for a connection: {e}");
+            }
         }
-        Ok(())
     }
 
     fn serve_connection(self: Arc<Self>, stream: UnixStream) {
-        let count = self.clients.fetch_add(1, Ordering::AcqRel) + 1;
-        let _guard = ClientCount(&self.clients);
+        // Counted as a request connection until it becomes a holder.
+        let mut slot = RequestSlot::take(&self.requests);
+        // A request connection that sends nothing for idle_timeout is closed (the frame reader
+        // reports it as idle); its writes get the same bound, so a client that stops reading its
+        // reply frees its thread.
+        if let Err(e) = stream
+            .set_read_timeout(Some(self.idle_timeout))
+            .and_then(|()| stream.set_write_timeout(Some(self.idle_timeout)))
+        {
+            tracing::warn!("socket timeouts: {e}");
+            return;
+        }
         let peer =
             match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
             {
@@ -195,16 +233,6 @@ impl Daemon {
                         "uid {uid} may not use this vmlockd (only root and uid {})",
                         self.uid
                     ),
-                }),
-                &[],
-            );
-            return;
-        }
-        if count > self.max_clients {
-            let _ = write_frame(
-                &stream,
-                &Reply::Error(Error::ServiceUnavailable {
-                    reason: format!("too many clients (max_clients = {})", self.max_clients),
                 }),
                 &[],
             );
@@ -243,31 +271,73 @@ impl Daemon {
                 );
                 return;
             }
-            Err(ReadError::Closed) => return,
+            Err(ReadError::Closed) | Err(ReadError::Idle) => return,
             Err(ReadError::Failed(e)) => {
                 let _ = write_frame(&stream, &Reply::Error(e), &[]);
                 return;
             }
         }
         let mut restricted = false;
+        let mut first = true;
         loop {
             let (request, fds) = match reader.read::<Request>(&stream) {
                 Ok(r) => r,
                 Err(ReadError::Closed) => return,
+                Err(ReadError::Idle) => {
+                    let _ = write_frame(
+                        &stream,
+                        &Reply::Error(Error::ServiceUnavailable {
+                            reason: format!(
+                                "connection idle for {:?} (idle_timeout_ms); closed",
+                                self.idle_timeout
+                            ),
+                        }),
+                        &[],
+                    );
+                    return;
+                }
                 Err(ReadError::Failed(e)) => {
                     // The stream may be out of step now: answer and close.
                     let _ = write_frame(&stream, &Reply::Error(e), &[]);
                     return;
                 }
             };
+            // The limit is checked on the first request, once the connection says what it is:
+            // a VM's holder (Hold) is never refused by it, so a restarted daemon takes every
+            // running VM's locks back however many request connections are open.
+            if std::mem::take(&mut first)
+                && !matches!(request, Request::Hold { .. })
+                && self.requests.load(Ordering::Acquire) > self.max_clients
+            {
+                tracing::warn!(max_clients = self.max_clients, "too many clients");
+                let _ = write_frame(
+                    &stream,
+                    &Reply::Error(Error::ServiceUnavailable {
+                        reason: format!("too many clients (max_clients = {})", self.max_clients),
+                    }),
+                    &[],
+                );
+                return;
+            }
             let (reply, reply_fds) = match request {
                 _ if restricted => (Reply::Error(Error::Restricted), Vec::new()),
                 Request::Hold {
                     vm,
                     adopt,
                     incoming,
+                    flags,
                 } => {
-                    self.serve_holder((stream, reader), peer_pid, vm, adopt, fds, incoming);
+                    slot.release();
+                    // A holder connection lives as long as its VM: no idle timeout. Pushes to a
+                    // holder that stopped reading must fail after a bound, not block forever.
+                    if stream.set_read_timeout(None).is_err()
+                        || stream
+                            .set_write_timeout(Some(HOLDER_WRITE_TIMEOUT))
+                            .is_err()
+                    {
+                        return;
+                    }
+                    self.serve_holder((stream, reader), peer_pid, vm, adopt, fds, incoming, flags);
                     return;
                 }
                 Request::Restrict => {
@@ -530,6 +600,7 @@ impl Daemon {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn serve_holder(
         &self,
         (stream, mut reader): (UnixStream, FrameReader),
@@ -538,6 +609,7 @@ impl Daemon {
         adopt: Vec<HeldLock>,
         fds: Vec<OwnedFd>,
         incoming: bool,
+        flags: Option<crate::proto::AcquireFlags>,
     ) {
         let Ok(writer) = stream.try_clone() else {
             return;
@@ -555,7 +627,7 @@ impl Daemon {
                 ),
             })
         } else {
-            self.register_holder(peer_pid, id, &link, vm, adopt, fds, incoming)
+            self.register_holder(peer_pid, id, &link, vm, adopt, fds, incoming, flags)
         };
         let registered = result.is_ok();
         let reply = match result {
@@ -598,6 +670,7 @@ impl Daemon {
         adopt: Vec<HeldLock>,
         fds: Vec<OwnedFd>,
         incoming: bool,
+        flags: Option<crate::proto::AcquireFlags>,
     ) -> Result<(), Error> {
         // Everything that reads /proc or fstats a description happens before the table is locked.
         let guest = host::process(vm.pid, None)?;
@@ -623,7 +696,7 @@ impl Daemon {
                     Err(e) => (Err(e), Effects::default()),
                 }
             } else {
-                t.hold(h, peer_pid, id, vm, guest, kept, None)
+                t.hold(h, peer_pid, id, vm, guest, kept, flags)
             }
         });
         self.wake_watcher();
@@ -789,11 +862,34 @@ fn power_off(process: &ProcessHandle, grace: Duration) {
     }
 }
 
-struct ClientCount<'a>(&'a AtomicUsize);
+/// Bound on a write to a holder: a supervisor that stopped reading fails the push instead of
+/// blocking the daemon.
+const HOLDER_WRITE_TIMEOUT: Duration = crate::holder::ACK_TIMEOUT;
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-impl Drop for ClientCount<'_> {
+/// One open request connection, counted while it lives (or until it becomes a holder).
+struct RequestSlot<'a> {
+    count: &'a AtomicUsize,
+    held: bool,
+}
+
+impl<'a> RequestSlot<'a> {
+    fn take(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        RequestSlot { count, held: true }
+    }
+
+    fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for RequestSlot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.release();
     }
 }
 
