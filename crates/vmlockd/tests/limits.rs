@@ -128,7 +128,8 @@ fn descriptors_a_message_does_not_expect_are_closed_at_once() {
     );
 
     // A Hold that adopts nothing keeps none of what came with it; its connection stays open
-    // (one socket, one pidfd), and so do the acks it sends.
+    // (the socket and its writing clone, pidfds of the holder and of the guest, and the
+    // watcher's copy of the latter), and so do the acks it sends.
     let guest = Guest::spawn();
     let h = raw_connection(&socket);
     let mut hold = Request::Hold {
@@ -148,7 +149,7 @@ fn descriptors_a_message_does_not_expect_are_closed_at_once() {
     write_frame(&s, &Request::Status, &[]).unwrap();
     assert!(matches!(read_reply(&s), Some(Reply::Status(_))));
     eventually("the holder's extra descriptors to be closed", || {
-        open_fds(pid) <= before + 4
+        open_fds(pid) <= before + 6
     });
 
     // A Hold whose descriptors do not match what it adopts is refused and keeps nothing.
@@ -171,7 +172,7 @@ fn descriptors_a_message_does_not_expect_are_closed_at_once() {
     ));
     drop(h2);
     eventually("the refused holder's descriptors to be closed", || {
-        open_fds(pid) <= before + 4
+        open_fds(pid) <= before + 6
     });
     drop((s, h));
 }
