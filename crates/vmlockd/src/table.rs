@@ -8,16 +8,17 @@
 use crate::config::Config;
 use crate::holder::HolderLink;
 use crate::proto::{AcquireFlags, HeldLock, HeldResource, LockKey, OwnerStatus, VmIdentity};
+use crate::sys::disk;
 use crate::sys::ofd::{self, LockKind};
 use crate::sys::pidfd::ProcessHandle;
 use crate::sys::procfs;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 use vmlock::{DiskMode, Error, ForeignHolder, Holder, Resource, ResourceFailure};
@@ -282,9 +283,15 @@ impl Table {
             Resource::Disk { path, .. } => match &self.config.file_lockspace_dir {
                 None => Ok((path.clone(), 0, false)),
                 Some(dir) => {
-                    let canonical = std::fs::canonicalize(path)
-                        .map_err(|e| Error::io(format!("resolving disk {}", path.display()), &e))?;
-                    Ok((dir.join(lockspace_name(&canonical)), 0, true))
+                    // By inode, as direct mode: a hard link or bind mount reaches the same name.
+                    let (_, id) = disk::identify(path).map_err(|e| {
+                        Error::io_for_resource(
+                            resource.label(),
+                            format!("resolving disk {}", path.display()),
+                            &e,
+                        )
+                    })?;
+                    Ok((dir.join(lockspace_name(&id)), 0, true))
                 }
             },
         }
@@ -292,28 +299,23 @@ impl Table {
 
     fn open_target(&self, resource: &Resource) -> Result<(File, LockKey), Error> {
         let (path, byte, create) = self.target(resource)?;
-        let mut options = OpenOptions::new();
-        options.read(true).custom_flags(nix::libc::O_NOCTTY);
-        if kind_of(resource) == LockKind::Exclusive {
-            options.write(true);
-        }
-        if create {
-            options.write(true).create(true).mode(0o600);
-        }
-        let file = options.open(&path).map_err(|e| {
-            Error::io(
+        let opened = if create {
+            disk::open_or_create(&path, 0o600)
+        } else {
+            disk::open(&path, kind_of(resource) == LockKind::Exclusive)
+        };
+        let (file, id) = opened.map_err(|e| {
+            Error::io_for_resource(
+                resource.label(),
                 format!("opening {} to lock {}", path.display(), resource.label()),
                 &e,
             )
         })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {}", path.display()), &e))?;
         Ok((
             file,
             LockKey {
-                dev: meta.dev(),
-                ino: meta.ino(),
+                dev: id.dev,
+                ino: id.ino,
                 byte,
             },
         ))
@@ -1171,7 +1173,7 @@ impl Table {
         let file = if self.config.file_lockspace_dir.is_none() {
             opened
         } else {
-            own = File::open(path).ok()?;
+            own = disk::open(path, false).ok()?.0;
             &own
         };
         for (byte, what) in [
@@ -1209,9 +1211,15 @@ impl Table {
     }
 }
 
-/// The indirect-mode lock file name of a disk: lowercase hex SHA-256 of its canonical path.
-pub fn lockspace_name(canonical: &Path) -> String {
-    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+/// The indirect-mode lock file name of a disk: lowercase hex SHA-256 of `"DEV:INO"` (decimal
+/// `st_dev` and `st_ino`), or of `"block:RDEV"` for a block device (decimal `st_rdev`, shared by
+/// every device node of it), so every alias of one disk names one lock file.
+pub fn lockspace_name(id: &disk::Identity) -> String {
+    let text = match id.block_device {
+        Some(rdev) => format!("block:{rdev}"),
+        None => format!("{}:{}", id.dev, id.ino),
+    };
+    let digest = Sha256::digest(text.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -1277,13 +1285,24 @@ mod tests {
 
     #[test]
     fn lockspace_names_are_sha256_hex() {
-        assert_eq!(
-            lockspace_name(Path::new("/var/lib/libvirt/images/a.qcow2")).len(),
-            64
+        let id = |dev, ino, block_device| disk::Identity {
+            dev,
+            ino,
+            block_device,
+        };
+        assert_eq!(lockspace_name(&id(2049, 131, None)).len(), 64);
+        assert_ne!(
+            lockspace_name(&id(2049, 131, None)),
+            lockspace_name(&id(2049, 132, None))
         );
         assert_ne!(
-            lockspace_name(Path::new("/a")),
-            lockspace_name(Path::new("/b"))
+            lockspace_name(&id(1, 23, None)),
+            lockspace_name(&id(12, 3, None))
+        );
+        // Two nodes of one block device share a name.
+        assert_eq!(
+            lockspace_name(&id(5, 100, Some(2048))),
+            lockspace_name(&id(5, 200, Some(2048)))
         );
     }
 }
