@@ -2,8 +2,10 @@
 //! driver, honouring the capabilities it declares.
 //!
 //! A driver crate implements [`Harness`] and expands [`conformance_tests!`](crate::conformance_tests)
-//! in a test file; each scenario becomes its own `#[test]`. Guests are real processes
-//! (`sleep`), so owner death is a real `SIGKILL`.
+//! in a test file declared `harness = false`; each scenario becomes its own trial (libtest-mimic),
+//! which fails on a panic or after [`SCENARIO_TIMEOUT`], and shows as *ignored*, with the
+//! reason, when the driver's capabilities leave its point untested ([`Outcome::Skipped`]).
+//! Guests are real processes (`sleep`), so owner death is a real `SIGKILL`.
 //!
 //! Rules every driver must keep, checked here:
 //! - dropping a [`Manager`] releases nothing: locks follow the guest, not the manager object;
@@ -23,6 +25,29 @@ use crate::resource::{DiskMode, Resource};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+/// What a scenario found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every check ran and held (a failed check panics).
+    Passed,
+    /// The driver's capabilities left the scenario's point untested; reported as ignored, with
+    /// the reason.
+    Skipped(String),
+}
+
+fn no_exclusion() -> Outcome {
+    Outcome::Skipped("the driver declares no exclusion".into())
+}
+
+fn no_migration() -> Outcome {
+    Outcome::Skipped(
+        "the driver declares no migration (checked: migration steps are refused as unsupported)"
+            .into(),
+    )
+}
 
 /// What a driver provides to the kit.
 pub trait Harness: Send + Sync {
@@ -126,7 +151,7 @@ pub fn assert_busy<T: std::fmt::Debug>(result: crate::Result<T>, disk: &Resource
 
 /// Start, status, shutdown: a guest's disks are held while it runs and free after shutdown;
 /// shutdown is refused while the guest runs.
-pub fn start_and_shutdown(h: &dyn Harness) {
+pub fn start_and_shutdown(h: &dyn Harness) -> Outcome {
     let d = disk(h, "boot", DiskMode::Exclusive);
     let mut guest = Guest::spawn();
     let mut a = start(h, vm("vm-a", &guest), std::slice::from_ref(&d)).expect("start");
@@ -146,11 +171,12 @@ pub fn start_and_shutdown(h: &dyn Harness) {
     a.shutdown().expect("shutdown after the guest exited");
     let other = Guest::spawn();
     start(h, vm("vm-b", &other), &[d]).expect("disk free after shutdown");
+    Outcome::Passed
 }
 
 /// A second VM asking for a held disk is refused, is told who holds it, and holds nothing
 /// afterwards (all or nothing).
-pub fn conflicting_second_vm(h: &dyn Harness) {
+pub fn conflicting_second_vm(h: &dyn Harness) -> Outcome {
     let d = disk(h, "data", DiskMode::Exclusive);
     let free = disk(h, "free", DiskMode::Exclusive);
     let ga = Guest::spawn();
@@ -159,38 +185,42 @@ pub fn conflicting_second_vm(h: &dyn Harness) {
     let second = start(h, vm("vm-b", &gb), &[free.clone(), d.clone()]);
     if !excludes(h) {
         second.expect("a driver without exclusion grants everything");
-        return;
+        return no_exclusion();
     }
     assert_busy(second, &d, "vm-a");
     let gc = Guest::spawn();
     start(h, vm("vm-c", &gc), &[free]).expect("B's failed start left nothing held");
+    Outcome::Passed
 }
 
 /// Shared disks are held by several VMs; an exclusive request then fails.
-pub fn shared_disks(h: &dyn Harness) {
+pub fn shared_disks(h: &dyn Harness) -> Outcome {
     let d = disk(h, "cluster", DiskMode::Shared);
     let (ga, gb, gc) = (Guest::spawn(), Guest::spawn(), Guest::spawn());
     let _a = start(h, vm("vm-a", &ga), std::slice::from_ref(&d)).expect("A shared");
     let _b = start(h, vm("vm-b", &gb), std::slice::from_ref(&d)).expect("B shared");
     let exclusive = Resource::disk(d.path(), DiskMode::Exclusive).expect("disk");
     let c = start(h, vm("vm-c", &gc), std::slice::from_ref(&exclusive));
-    if excludes(h) {
-        let err = c.expect_err("exclusive over shared holders must fail");
-        assert!(matches!(err, Error::Busy { .. }), "{err}");
+    if !excludes(h) {
+        return no_exclusion();
     }
+    let err = c.expect_err("exclusive over shared holders must fail");
+    assert!(matches!(err, Error::Busy { .. }), "{err}");
+    Outcome::Passed
 }
 
 /// Read-only disks take no lock: a reader starts beside a writer.
-pub fn readonly_disks(h: &dyn Harness) {
+pub fn readonly_disks(h: &dyn Harness) -> Outcome {
     let d = disk(h, "base", DiskMode::Exclusive);
     let (ga, gb) = (Guest::spawn(), Guest::spawn());
     let _a = start(h, vm("vm-a", &ga), std::slice::from_ref(&d)).expect("writer");
     let ro = Resource::disk(d.path(), DiskMode::ReadOnly).expect("disk");
     start(h, vm("vm-b", &gb), &[ro]).expect("a read-only user is not refused");
+    Outcome::Passed
 }
 
 /// The same owner acquiring what it holds succeeds; dropping its manager releases nothing.
-pub fn idempotent_and_drop_keeps_locks(h: &dyn Harness) {
+pub fn idempotent_and_drop_keeps_locks(h: &dyn Harness) -> Outcome {
     let d = disk(h, "idem", DiskMode::Exclusive);
     let ga = Guest::spawn();
     let vm_a = vm("vm-a", &ga);
@@ -200,19 +230,21 @@ pub fn idempotent_and_drop_keeps_locks(h: &dyn Harness) {
             .expect("re-acquire by the same owner");
     }
     drop(a);
-    if excludes(h) {
-        let gb = Guest::spawn();
-        assert_busy(
-            start(h, vm("vm-b", &gb), std::slice::from_ref(&d)),
-            &d,
-            "vm-a",
-        );
+    if !excludes(h) {
+        return no_exclusion();
     }
+    let gb = Guest::spawn();
+    assert_busy(
+        start(h, vm("vm-b", &gb), std::slice::from_ref(&d)),
+        &d,
+        "vm-a",
+    );
+    Outcome::Passed
 }
 
 /// The VM manager restarts while the guest runs: a manager in attach mode finds the guest's pid
 /// and goes on with hotplug and release (the seed's `NEW_ATTACH` + `GetChild`).
-pub fn restart_with_running_guest(h: &dyn Harness) {
+pub fn restart_with_running_guest(h: &dyn Harness) -> Outcome {
     let d = disk(h, "root", DiskMode::Exclusive);
     let extra = disk(h, "extra", DiskMode::Exclusive);
     let ga = Guest::spawn();
@@ -232,11 +264,12 @@ pub fn restart_with_running_guest(h: &dyn Harness) {
         domain::disk_attach(&mut again, extra.clone()).expect("hotplug after attach");
         domain::disk_detach(&mut again, &extra).expect("unplug after attach");
     }
+    Outcome::Passed
 }
 
 /// Hotplug takes a disk for the running VM, refuses one another VM holds, and unplug frees it;
 /// releasing a disk not held is an error that changes nothing.
-pub fn hotplug_and_unplug(h: &dyn Harness) {
+pub fn hotplug_and_unplug(h: &dyn Harness) -> Outcome {
     let caps = h.plugin().driver().capabilities();
     let d = disk(h, "root", DiskMode::Exclusive);
     let hot = disk(h, "hot", DiskMode::Exclusive);
@@ -245,7 +278,9 @@ pub fn hotplug_and_unplug(h: &dyn Harness) {
     if !caps.hotplug {
         let e = domain::disk_attach(&mut a, hot).expect_err("hotplug unsupported");
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
-        return;
+        return Outcome::Skipped(
+            "the driver declares no hotplug (checked: hotplug is refused as unsupported)".into(),
+        );
     }
     domain::disk_attach(&mut a, hot.clone()).expect("hotplug");
     let gb = Guest::spawn();
@@ -273,16 +308,18 @@ pub fn hotplug_and_unplug(h: &dyn Harness) {
             "vm-a",
         );
     }
+    Outcome::Passed
 }
 
 /// A guest killed with SIGKILL frees its locks: the next VM gets the disk at once.
-pub fn owner_death(h: &dyn Harness) {
+pub fn owner_death(h: &dyn Harness) -> Outcome {
     let d = disk(h, "orphan", DiskMode::Exclusive);
     let mut ga = Guest::spawn();
     let _a = start(h, vm("vm-a", &ga), std::slice::from_ref(&d)).expect("start");
     ga.kill();
     let gb = Guest::spawn();
     start(h, vm("vm-b", &gb), &[d]).expect("disk free once its guest died");
+    Outcome::Passed
 }
 
 fn migration_pair(
@@ -312,9 +349,9 @@ fn migration_pair(
 }
 
 /// Migration that succeeds: the destination holds the disks, the source none.
-pub fn migration_success(h: &dyn Harness) {
+pub fn migration_success(h: &dyn Harness) -> Outcome {
     let Some((mut src, vm_dst, disks, mut src_guest, _dst_guest, state)) = migration_pair(h) else {
-        return;
+        return no_migration();
     };
     let text = state.to_string();
     let mut dst = domain::migration_incoming(
@@ -340,12 +377,13 @@ pub fn migration_success(h: &dyn Harness) {
         let g = Guest::spawn();
         assert_busy(start(h, vm("vm-y", &g), &disks), &disks[0], "vm-m");
     }
+    Outcome::Passed
 }
 
 /// Migration cancelled on the destination side first, then the source: the source keeps all.
-pub fn migration_cancel_on_destination(h: &dyn Harness) {
+pub fn migration_cancel_on_destination(h: &dyn Harness) -> Outcome {
     let Some((mut src, vm_dst, disks, _sg, _dg, state)) = migration_pair(h) else {
-        return;
+        return no_migration();
     };
     let mut dst = domain::migration_incoming(
         &h.plugin(),
@@ -367,12 +405,13 @@ pub fn migration_cancel_on_destination(h: &dyn Harness) {
         let g = Guest::spawn();
         assert_busy(start(h, vm("vm-x", &g), &disks), &disks[0], "vm-m");
     }
+    Outcome::Passed
 }
 
 /// Migration cancelled on the source before the destination acquired: nothing moves.
-pub fn migration_cancel_on_source(h: &dyn Harness) {
+pub fn migration_cancel_on_source(h: &dyn Harness) -> Outcome {
     let Some((mut src, _vm_dst, disks, _sg, _dg, _state)) = migration_pair(h) else {
-        return;
+        return no_migration();
     };
     domain::migration_cancel(&mut src, None).expect("cancel");
     assert_eq!(src.phase(), crate::Phase::Held);
@@ -380,13 +419,14 @@ pub fn migration_cancel_on_source(h: &dyn Harness) {
         let g = Guest::spawn();
         assert_busy(start(h, vm("vm-x", &g), &disks), &disks[0], "vm-m");
     }
+    Outcome::Passed
 }
 
 /// A destination given another driver's state is refused.
-pub fn migration_driver_mismatch(h: &dyn Harness) {
+pub fn migration_driver_mismatch(h: &dyn Harness) -> Outcome {
     let caps = h.plugin().driver().capabilities();
     if !caps.migration {
-        return;
+        return no_migration();
     }
     let g = Guest::spawn();
     let other = if h.plugin().driver().name() == "nop" {
@@ -403,17 +443,21 @@ pub fn migration_driver_mismatch(h: &dyn Harness) {
     )
     .expect_err("mismatched driver");
     assert!(matches!(e, Error::DriverMismatch { .. }), "{e}");
+    Outcome::Passed
 }
 
 /// A destination presenting a forged state (a version that is not current), or the state of a
 /// migration that already completed, is refused (drivers that keep lock state).
-pub fn migration_stale_or_forged_state(h: &dyn Harness) {
+pub fn migration_stale_or_forged_state(h: &dyn Harness) -> Outcome {
     let caps = h.plugin().driver().capabilities();
-    if !caps.lock_state || !caps.migration {
-        return;
+    if !caps.migration {
+        return no_migration();
+    }
+    if !caps.lock_state {
+        return Outcome::Skipped("the driver keeps no lock state (versions)".into());
     }
     let Some((mut src, vm_dst, disks, mut src_guest, _dst_guest, state)) = migration_pair(h) else {
-        return;
+        return no_migration();
     };
     let mut forged = state.clone();
     for e in &mut forged.entries {
@@ -455,10 +499,11 @@ pub fn migration_stale_or_forged_state(h: &dyn Harness) {
         ),
         "{e}"
     );
+    Outcome::Passed
 }
 
 /// Steps in the wrong order and bad input are refused with clear errors and change nothing.
-pub fn bad_input_changes_nothing(h: &dyn Harness) {
+pub fn bad_input_changes_nothing(h: &dyn Harness) -> Outcome {
     let g = Guest::spawn();
     let mut m = Manager::new(&h.plugin(), vm("vm-q", &g), StartMode::Start).expect("manager");
     let d = disk(h, "q", DiskMode::Exclusive);
@@ -485,27 +530,140 @@ pub fn bad_input_changes_nothing(h: &dyn Harness) {
     m.register_resource(d.clone()).expect("register");
     m.acquire(&AcquireOptions::default())
         .expect("acquire after refusals");
+    Outcome::Passed
 }
 
-/// Expands to one `#[test]` per scenario; `$harness` is an expression giving a value whose
-/// reference is a `&dyn Harness` (evaluated once per test).
+/// One scenario of the kit.
+pub type Scenario = fn(&dyn Harness) -> Outcome;
+
+/// Every scenario, by name: one trial each.
+pub const SCENARIOS: &[(&str, Scenario)] = &[
+    ("start_and_shutdown", start_and_shutdown),
+    ("conflicting_second_vm", conflicting_second_vm),
+    ("shared_disks", shared_disks),
+    ("readonly_disks", readonly_disks),
+    (
+        "idempotent_and_drop_keeps_locks",
+        idempotent_and_drop_keeps_locks,
+    ),
+    ("restart_with_running_guest", restart_with_running_guest),
+    ("hotplug_and_unplug", hotplug_and_unplug),
+    ("owner_death", owner_death),
+    ("migration_success", migration_success),
+    (
+        "migration_cancel_on_destination",
+        migration_cancel_on_destination,
+    ),
+    ("migration_cancel_on_source", migration_cancel_on_source),
+    ("migration_driver_mismatch", migration_driver_mismatch),
+    (
+        "migration_stale_or_forged_state",
+        migration_stale_or_forged_state,
+    ),
+    ("bad_input_changes_nothing", bad_input_changes_nothing),
+];
+
+/// How long one scenario may take, harness set-up included, before it fails instead of hanging
+/// (a driver that never answers, a guest that never dies). `VMLOCK_CONFORMANCE_TIMEOUT_SECS`
+/// overrides it.
+pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn scenario_timeout() -> Duration {
+    std::env::var("VMLOCK_CONFORMANCE_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(SCENARIO_TIMEOUT)
+}
+
+/// The `main` of a conformance test (`harness = false`): one libtest-mimic trial per scenario,
+/// each with a fresh harness from `make`. Scenarios that the driver's capabilities skip show as
+/// ignored, with the reason.
+pub fn run_all<H: Harness + 'static>(
+    make: impl Fn() -> H + Send + Sync + 'static,
+) -> std::process::ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    let make = Arc::new(make);
+    let timeout = scenario_timeout();
+    let trials = SCENARIOS
+        .iter()
+        .map(|&(name, scenario)| {
+            let make = Arc::clone(&make);
+            libtest_mimic::Trial::ignorable_test(name, move || {
+                match run_bounded(name, timeout, move || scenario(&make()))? {
+                    Outcome::Passed => Ok(libtest_mimic::Completion::Completed),
+                    Outcome::Skipped(reason) => Ok(libtest_mimic::Completion::ignored_with(reason)),
+                }
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// Runs `body` on a thread of its own and waits at most `timeout`: a panic is an error with its
+/// message, and so is a body still running at the deadline (its thread is abandoned and ends
+/// with the test process), so a hung scenario fails instead of hanging the run.
+fn run_bounded(
+    name: &str,
+    timeout: Duration,
+    body: impl FnOnce() -> Outcome + Send + 'static,
+) -> Result<Outcome, String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+            let _ = tx.send(result.map_err(|p| panic_message(&*p)));
+        })
+        .map_err(|e| format!("starting the scenario thread: {e}"))?;
+    match rx.recv_timeout(timeout) {
+        Ok(result) => result,
+        Err(_) => Err(format!("{name} did not finish within {timeout:?}")),
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panicked".to_owned()
+    }
+}
+
+/// Expands to the `main` of a conformance test file, which must be declared with
+/// `harness = false` in its crate's `Cargo.toml`: one trial per scenario in [`SCENARIOS`]
+/// (filter them as with `cargo test`); `$harness` is an expression giving a [`Harness`],
+/// evaluated once per trial.
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:expr) => {
-        $crate::conformance_tests!(@each $harness;
-            start_and_shutdown, conflicting_second_vm, shared_disks, readonly_disks,
-            idempotent_and_drop_keeps_locks, restart_with_running_guest, hotplug_and_unplug,
-            owner_death, migration_success, migration_cancel_on_destination,
-            migration_cancel_on_source, migration_driver_mismatch, migration_stale_or_forged_state,
-            bad_input_changes_nothing);
+        fn main() -> ::std::process::ExitCode {
+            $crate::conformance::run_all(|| $harness)
+        }
     };
-    (@each $harness:expr; $($name:ident),*) => {
-        $(
-            #[test]
-            fn $name() {
-                let harness = $harness;
-                $crate::conformance::$name(&harness);
-            }
-        )*
-    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scenario_passes_skips_fails_or_times_out() {
+        let t = Duration::from_secs(5);
+        assert_eq!(run_bounded("p", t, || Outcome::Passed), Ok(Outcome::Passed));
+        assert_eq!(
+            run_bounded("s", t, || Outcome::Skipped("why".into())),
+            Ok(Outcome::Skipped("why".into()))
+        );
+        let e = run_bounded("f", t, || panic!("check failed")).unwrap_err();
+        assert!(e.contains("check failed"), "{e}");
+        let e = run_bounded("h", Duration::from_millis(50), || {
+            std::thread::sleep(Duration::from_secs(2));
+            Outcome::Passed
+        })
+        .unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+    }
 }

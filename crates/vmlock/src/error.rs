@@ -235,6 +235,23 @@ impl Error {
         }
     }
 
+    /// An I/O failure on `resource`: a refusal of the file itself (`InvalidInput`, e.g. a FIFO
+    /// named as a disk) is an [`Error::InvalidResource`]; anything else an [`Error::Io`].
+    pub fn io_for_resource(
+        resource: impl Into<String>,
+        context: impl Into<String>,
+        err: &std::io::Error,
+    ) -> Self {
+        if err.kind() == std::io::ErrorKind::InvalidInput {
+            Error::InvalidResource {
+                resource: resource.into(),
+                reason: err.to_string(),
+            }
+        } else {
+            Error::io(context, err)
+        }
+    }
+
     /// Shorthand for an unsupported step.
     pub fn unsupported(driver: &str, operation: &str) -> Self {
         Error::Unsupported {

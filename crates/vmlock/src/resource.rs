@@ -212,6 +212,14 @@ fn validate_path(path: &Path, label: &str) -> Result<()> {
         "path longer than PATH_MAX"
     } else if path.as_os_str().as_encoded_bytes().contains(&0) {
         "path contains a NUL byte"
+    } else if path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .any(|b| *b < 0x20 || *b == 0x7f)
+    {
+        // A newline or escape in a path would forge rows in `vmlock status` and in logs.
+        "path contains a control character (below 0x20, or DEL)"
     } else if path.components().any(|c| matches!(c, Component::ParentDir)) {
         // `..` makes two strings name one file; refuse rather than guess which one is meant.
         "path must not contain '..'"
@@ -236,6 +244,30 @@ fn invalid(r: &Resource, reason: String) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_in_paths_are_refused() {
+        for bad in [
+            "/img/a\nb.qcow2",
+            "/img/\tx",
+            "/img/\x1b[2Jx",
+            "/img/del\x7f",
+        ] {
+            let e = Resource::disk(bad, DiskMode::Exclusive).unwrap_err();
+            assert!(e.to_string().contains("control character"), "{e}");
+            assert!(bad.parse::<Resource>().is_err());
+            assert!(Resource::lease("ls", "k", bad, 0).is_err());
+            let r = Resource::Disk {
+                path: bad.into(),
+                mode: DiskMode::Shared,
+            };
+            assert!(
+                r.validate().is_err(),
+                "validation as the daemon receives it"
+            );
+        }
+        assert!(Resource::disk("/img/ünïcode a.qcow2", DiskMode::Exclusive).is_ok());
+    }
 
     #[test]
     fn parses_disk_flags() {

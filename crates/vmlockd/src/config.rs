@@ -14,9 +14,9 @@ pub struct Config {
     /// Refuse an acquire with writable exclusive disks but no explicit lease. Default: the
     /// opposite of `auto_disk_leases`, as in libvirt.
     pub require_lease_for_disks: Option<bool>,
-    /// Indirect mode: lock a file in this directory named by the SHA-256 of the disk's canonical
-    /// path instead of byte 0 of the disk itself. Needed when the daemon may not open images for
-    /// writing or for block devices shared by several hosts through a common directory.
+    /// Indirect mode: lock a file in this directory named by the SHA-256 of the disk's identity
+    /// (device and inode, or a block device's number; see docs/lockd.md) instead of byte 0 of the
+    /// disk itself. Needed when the daemon may not open images for writing.
     pub file_lockspace_dir: Option<PathBuf>,
     /// libvirt's LVM lockspace (by LV UUID). Not supported yet: setting it is an error, so
     /// nobody believes LVM volumes are keyed by UUID when they are not.

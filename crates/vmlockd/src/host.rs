@@ -7,17 +7,17 @@
 
 use crate::config::Config;
 use sha2::{Digest, Sha256};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::time::SystemTime;
 use vmlock::{Error, Resource};
 use vmlock_core::types::LockKey;
 use vmlock_core::{Conflict, Host, LockKind, Opened, ProcInfo};
-use vmlock_sys::ofd;
 use vmlock_sys::pidfd::ProcessHandle;
 use vmlock_sys::procfs;
+use vmlock_sys::{disk, ofd};
 
 /// Linux under the core: descriptions are `OwnedFd`s, processes pidfds.
 #[derive(Debug, Default)]
@@ -83,9 +83,15 @@ fn target(config: &Config, resource: &Resource) -> Result<(PathBuf, u64, bool), 
         Resource::Disk { path, .. } => match &config.file_lockspace_dir {
             None => Ok((path.clone(), 0, false)),
             Some(dir) => {
-                let canonical = std::fs::canonicalize(path)
-                    .map_err(|e| Error::io(format!("resolving disk {}", path.display()), &e))?;
-                Ok((dir.join(lockspace_name(&canonical)), 0, true))
+                // By inode, as direct mode: a hard link or bind mount reaches the same name.
+                let (_, id) = disk::identify(path).map_err(|e| {
+                    Error::io_for_resource(
+                        resource.label(),
+                        format!("resolving disk {}", path.display()),
+                        &e,
+                    )
+                })?;
+                Ok((dir.join(lockspace_name(&id)), 0, true))
             }
         },
     }
@@ -96,32 +102,30 @@ fn target(config: &Config, resource: &Resource) -> Result<(PathBuf, u64, bool), 
 pub fn open_target(config: &Config, resource: &Resource) -> Result<Opened<OwnedFd>, Error> {
     resource.validate()?;
     let (path, byte, create) = target(config, resource)?;
-    let mut options = OpenOptions::new();
-    options.read(true).custom_flags(nix::libc::O_NOCTTY);
-    if resource.mode() == vmlock::DiskMode::Exclusive {
-        options.write(true);
-    }
-    if create {
-        options.write(true).create(true).mode(0o600);
-    }
-    let file = options.open(&path).map_err(|e| {
-        Error::io(
+    // Only regular files and block devices, never blocking on a FIFO (vmlock_sys::disk).
+    let opened = if create {
+        disk::open_or_create(&path, 0o600)
+    } else {
+        disk::open(&path, resource.mode() == vmlock::DiskMode::Exclusive)
+    };
+    let (file, id) = opened.map_err(|e| {
+        Error::io_for_resource(
+            resource.label(),
             format!("opening {} to lock {}", path.display(), resource.label()),
             &e,
         )
     })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::io(format!("stat {}", path.display()), &e))?;
     let image = match (resource, config.file_lockspace_dir.is_some()) {
-        (Resource::Disk { path, .. }, true) => File::open(path).ok().map(OwnedFd::from),
+        (Resource::Disk { path, .. }, true) => {
+            disk::open(path, false).ok().map(|(f, _)| OwnedFd::from(f))
+        }
         _ => None,
     };
     Ok(Opened {
         resource: resource.clone(),
         key: LockKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
+            dev: id.dev,
+            ino: id.ino,
             byte,
         },
         desc: OwnedFd::from(file),
@@ -200,9 +204,15 @@ pub fn recheck_kept(lock: &vmlock_core::types::HeldLock, fd: &OwnedFd) -> Result
     Ok(())
 }
 
-/// Indirect mode's lock-file name for a disk: SHA-256 of its canonical path, in hex.
-pub fn lockspace_name(canonical: &Path) -> String {
-    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+/// The indirect-mode lock file name of a disk: lowercase hex SHA-256 of `"DEV:INO"` (decimal
+/// `st_dev` and `st_ino`), or of `"block:RDEV"` for a block device (decimal `st_rdev`, shared by
+/// every device node of it), so every alias of one disk names one lock file.
+pub fn lockspace_name(id: &disk::Identity) -> String {
+    let text = match id.block_device {
+        Some(rdev) => format!("block:{rdev}"),
+        None => format!("{}:{}", id.dev, id.ino),
+    };
+    let digest = Sha256::digest(text.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -212,9 +222,24 @@ mod tests {
 
     #[test]
     fn lockspace_names_are_sha256_hex() {
-        let name = lockspace_name(Path::new("/var/lib/images/a.qcow2"));
-        assert_eq!(name.len(), 64);
-        assert!(name.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(name, lockspace_name(Path::new("/var/lib/images/b.qcow2")));
+        let id = |dev, ino, block_device| disk::Identity {
+            dev,
+            ino,
+            block_device,
+        };
+        assert_eq!(lockspace_name(&id(2049, 131, None)).len(), 64);
+        assert_ne!(
+            lockspace_name(&id(2049, 131, None)),
+            lockspace_name(&id(2049, 132, None))
+        );
+        assert_ne!(
+            lockspace_name(&id(1, 23, None)),
+            lockspace_name(&id(12, 3, None))
+        );
+        // Two nodes of one block device share a name.
+        assert_eq!(
+            lockspace_name(&id(5, 100, Some(2048))),
+            lockspace_name(&id(5, 200, Some(2048)))
+        );
     }
 }

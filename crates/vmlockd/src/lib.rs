@@ -23,6 +23,9 @@ pub mod host;
 /// Runs the daemon with command-line `args` (shared by `vmlockd` and `vmlock daemon`).
 pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     use std::io::Write;
+    // However it was started (a parent with blocked or ignored signals), SIGTERM and friends stop
+    // the daemon; stopping it kills no guest. Before any thread exists, so all inherit the mask.
+    sys::child::default_stop_signals()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMLOCK_LOG")

@@ -134,11 +134,17 @@ pub fn spawn_daemon(
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    // Its own process group: a Ctrl-C meant for the CLI must not stop the daemon.
-    cmd.process_group(0)
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
+    // A clean start: the caller may be `vmlock run`, whose signal mask blocks the stop signals
+    // and whose descriptors include VMs' lock descriptions. Its own session also keeps a Ctrl-C
+    // meant for the CLI from stopping the daemon. READY comes back on stdout (fd 1), kept.
+    // SAFETY: reset_before_exec is async-signal-safe (no allocation, no lock; sigprocmask,
+    // sigaction, setsid, close_range, fcntl), as a pre_exec closure must be.
+    unsafe {
+        cmd.pre_exec(|| crate::sys::child::reset_before_exec());
+    }
     let mut child = cmd.spawn().map_err(|e| {
         Error::io(
             format!("starting the lock daemon {}", program.display()),

@@ -1,0 +1,165 @@
+//! A daemon started by a client (as `vmlock run` starts it) starts clean — no blocked or ignored
+//! stop signal, no inherited descriptor, a session of its own — and SIGTERM stops it however it
+//! was started.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use nix::libc;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vmlockd::runtime::{spawn_daemon, RuntimeDir};
+
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGTERM];
+
+/// A daemon this test started (our child), SIGKILLed and reaped if the test fails first.
+struct Spawned(Pid);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGKILL);
+        let _ = waitpid(self.0, None);
+    }
+}
+
+impl Spawned {
+    /// Sends SIGTERM and waits (bounded) for the daemon to die of it.
+    fn terminate(self) {
+        kill(self.0, Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match waitpid(self.0, Some(WaitPidFlag::WNOHANG)).unwrap() {
+                WaitStatus::StillAlive => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "vmlockd {} ignored SIGTERM for 10 s",
+                        self.0
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                WaitStatus::Signaled(_, Signal::SIGTERM, _) => break,
+                other => panic!("vmlockd ended otherwise: {other:?}"),
+            }
+        }
+        std::mem::forget(self);
+    }
+}
+
+/// Blocks the stop signals on the calling thread, as `vmlock run` does before it starts anything.
+fn block_stop_signals() {
+    // SAFETY: stack memory; changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        assert_eq!(
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+            0
+        );
+    }
+}
+
+/// A hex mask line of /proc/PID/status.
+fn mask(pid: Pid, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+}
+
+fn stop_bits() -> u64 {
+    STOP_SIGNALS.iter().map(|s| 1u64 << (s - 1)).sum()
+}
+
+#[test]
+fn a_daemon_spawned_by_a_supervisor_inherits_nothing_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("marker");
+    std::fs::write(&marker, b"").unwrap();
+    let runtime = RuntimeDir::resolve(Some(&dir.path().join("run"))).unwrap();
+    let rt = runtime.clone();
+    let m = marker.clone();
+    // Spawned from a thread in the supervisor's state: stop signals blocked, and a descriptor
+    // without close-on-exec (like a received lock description).
+    let spawner = std::thread::spawn(move || {
+        block_stop_signals();
+        let stray = nix::fcntl::open(
+            &m,
+            nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        let r = spawn_daemon(&rt, Path::new(env!("CARGO_BIN_EXE_vmlockd")), &[], None);
+        let _ = nix::unistd::close(stray);
+        r
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spawner.is_finished() {
+        assert!(Instant::now() < deadline, "the daemon never said READY");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    spawner.join().unwrap().unwrap();
+    let pid = Pid::from_raw(runtime.daemon_pid().unwrap() as i32);
+    let daemon = Spawned(pid);
+
+    assert_eq!(
+        mask(pid, "SigBlk:") & stop_bits(),
+        0,
+        "stop signals blocked"
+    );
+    assert_eq!(
+        mask(pid, "SigIgn:") & stop_bits(),
+        0,
+        "stop signals ignored"
+    );
+    assert_eq!(nix::unistd::getsid(Some(pid)).unwrap(), pid, "own session");
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(entry.unwrap().path()).unwrap_or_default();
+        assert_ne!(
+            target, marker,
+            "the daemon inherited the spawner's descriptor"
+        );
+    }
+    daemon.terminate();
+}
+
+#[test]
+fn sigterm_stops_a_daemon_started_with_stop_signals_blocked_and_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlockd"));
+    cmd.arg("--runtime-dir")
+        .arg(dir.path().join("run"))
+        .arg("--notify-stdout")
+        .env("VMLOCK_LOG", "warn")
+        .stdout(Stdio::piped());
+    // SAFETY: sigprocmask and sigaction only, async-signal-safe as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in STOP_SIGNALS {
+                libc::sigaddset(&mut set, s);
+                libc::signal(s, libc::SIG_IGN);
+            }
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    #[allow(clippy::zombie_processes)] // reaped by pid in `Spawned`
+    let mut child = cmd.spawn().unwrap();
+    let daemon = Spawned(Pid::from_raw(child.id() as i32));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "READY");
+    assert_eq!(mask(daemon.0, "SigBlk:") & stop_bits(), 0);
+    assert_eq!(mask(daemon.0, "SigIgn:") & stop_bits(), 0);
+    daemon.terminate();
+}
