@@ -167,16 +167,7 @@ fn status_text(env: &Env) -> String {
 /// `vmlock run` of a guest that would leave a mark if it ever started.
 fn try_start(env: &Env, name: &str, disk: &Path) -> (Output, bool) {
     let marker = env.dir.path().join(format!("{name}.started"));
-    let out = env
-        .vmlock()
-        .args(["run", "--name", name, "--disk"])
-        .arg(disk)
-        .arg("--")
-        .arg("touch")
-        .arg(&marker)
-        .output()
-        .unwrap();
-    (out, marker.exists())
+    qemu::try_run(env.vmlock(), name, disk, &marker)
 }
 
 #[test]

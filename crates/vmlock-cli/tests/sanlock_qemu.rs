@@ -58,16 +58,7 @@ impl Host {
     /// `vmlock run` of a guest that leaves a mark if it ever starts.
     fn try_start(&self, name: &str, disk: &Path) -> (Output, bool) {
         let marker = disk.with_file_name(format!("{name}.started"));
-        let out = self
-            .vmlock()
-            .args(["run", "--name", name, "--disk"])
-            .arg(disk)
-            .arg("--")
-            .arg("touch")
-            .arg(&marker)
-            .output()
-            .unwrap();
-        (out, marker.exists())
+        qemu::try_run(self.vmlock(), name, disk, &marker)
     }
 
     /// Joins the lockspace directly (the file exists once host A's driver created it) and waits

@@ -15,10 +15,10 @@ pub const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn kill_and_wait(pid: u32) {
     if let Ok(h) = ProcessHandle::open(pid, None) {
         let _ = h.signal(rustix::process::Signal::KILL);
-        assert!(
-            h.wait_exit(Some(KILL_TIMEOUT)),
-            "pid {pid} still running {KILL_TIMEOUT:?} after SIGKILL"
-        );
+        // Not while unwinding (a drop during a failed test): a second panic would abort.
+        if !h.wait_exit(Some(KILL_TIMEOUT)) && !std::thread::panicking() {
+            panic!("pid {pid} still running {KILL_TIMEOUT:?} after SIGKILL");
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::process::{kill_and_wait, kill_child, read_line};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Output, Stdio};
 use std::time::Duration;
 
 /// The emulator (TCG, so no KVM is needed).
@@ -165,6 +165,34 @@ impl Drop for DaemonizedQemu {
     fn drop(&mut self) {
         // Not our child: wait for its exit through a pidfd.
         kill_and_wait(self.pid);
+    }
+}
+
+/// `vmlock run` of a guest that only leaves a mark if it ever starts: `vmlock` is the `vmlock`
+/// command with its global options; returns its output and whether the guest ran. Panics if it
+/// takes over [`START_TIMEOUT`] (after killing it).
+pub fn try_run(mut vmlock: Command, name: &str, disk: &Path, marker: &Path) -> (Output, bool) {
+    let child = vmlock
+        .args(["run", "--name", name, "--disk"])
+        .arg(disk)
+        .arg("--")
+        .arg("touch")
+        .arg(marker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmlock run");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(out) => (out.expect("wait for vmlock run"), marker.exists()),
+        Err(_) => {
+            kill_and_wait(pid);
+            panic!("vmlock run of {name} still running after {START_TIMEOUT:?}");
+        }
     }
 }
 
