@@ -1,34 +1,27 @@
-//! The real sanlock daemon (Debian's sanlock 3.8.5), driven over its UNIX-socket protocol (no CLI,
-//! no libsanlock): one daemon as one host, leases in a file on the work directory's file system
-//! (O_DIRECT), lockspace io_timeout 1 s, no watchdog (`-w 0`, tests only).
+//! The real sanlock daemon (Debian's sanlock 3.8.5), driven over its UNIX-socket protocol through
+//! the sanlock driver's codec and client (`vmlock_sanlock::proto`; no CLI, no libsanlock): one
+//! daemon as one host, leases in a file on the work directory's file system (O_DIRECT), lockspace
+//! io_timeout 1 s, no watchdog (`-w 0`, tests only).
 
 use crate::report::{Memory, Restart, SysResult};
 use crate::util::{self, Fast, Op, Proc, Samples};
 use crate::Cfg;
-use anyhow::{bail, Context, Result};
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use anyhow::{bail, Result};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use vmlock_sanlock::proto::{
+    flags, rv, Client as SanlockClient, ClientError, ClientResult, LockspaceSpec, Registered,
+    ResourceSpec, MAX_RESOURCES,
+};
 
-const MAGIC: u32 = 0x0428_2010;
-const CMD_REGISTER: u32 = 1;
-const CMD_ADD_LOCKSPACE: u32 = 2;
-const CMD_ACQUIRE: u32 = 7;
-const CMD_RELEASE: u32 = 8;
-const CMD_WRITE_LOCKSPACE: u32 = 18;
-const CMD_WRITE_RESOURCE: u32 = 19;
-const CMD_VERSION: u32 = 28;
 /// `SANLK_RES_ALIGN1M | SANLK_RES_SECTOR512` (same values for lockspaces).
-const ALIGN_FLAGS: u32 = 0x10 | 0x100;
+const ALIGN_FLAGS: u32 = flags::ALIGN1M | flags::SECTOR512;
 const ALIGN: u64 = 1 << 20;
 const LOCKSPACE: &str = "BENCH";
-/// Most leases per acquire or release call.
-const MAX_PER_CALL: usize = 8;
-const EEXIST: i32 = -17;
-const EAGAIN: i32 = -11;
-const EBUSY: i32 = -16;
+/// Lockspace io_timeout in seconds.
+const IO_TIMEOUT: u32 = 1;
 
 /// The sanlock binary, if installed.
 pub fn find() -> Option<PathBuf> {
@@ -46,118 +39,57 @@ pub struct Lease {
     offset: u64,
 }
 
-fn put_name(b: &mut Vec<u8>, s: &str, len: usize) {
-    let start = b.len();
-    b.extend_from_slice(&s.as_bytes()[..s.len().min(len - 1)]);
-    b.resize(start + len, 0);
-}
-
-fn disk(b: &mut Vec<u8>, path: &Path, offset: u64) {
-    put_name(b, &path.to_string_lossy(), 1024);
-    b.extend_from_slice(&offset.to_ne_bytes());
-    b.extend_from_slice(&[0u8; 8]); // pad1, pad2
-}
-
-fn lockspace(host_id: u64, path: &Path) -> Vec<u8> {
-    let mut b = Vec::with_capacity(1104);
-    put_name(&mut b, LOCKSPACE, 48);
-    b.extend_from_slice(&host_id.to_ne_bytes());
-    b.extend_from_slice(&ALIGN_FLAGS.to_ne_bytes());
-    b.extend_from_slice(&[0u8; 4]); // hole
-    disk(&mut b, path, 0);
-    b
-}
-
-fn resource(b: &mut Vec<u8>, lease: &Lease, with_disk: bool) {
-    put_name(b, LOCKSPACE, 48);
-    put_name(b, &lease.name, 48);
-    b.extend_from_slice(&[0u8; 8 + 8 + 4 + 4]); // lver, data64, data32, unused
-    b.extend_from_slice(&ALIGN_FLAGS.to_ne_bytes());
-    b.extend_from_slice(&1u32.to_ne_bytes()); // num_disks
-    if with_disk {
-        disk(b, &lease.path, lease.offset);
+impl Lease {
+    fn spec(&self) -> ResourceSpec {
+        ResourceSpec {
+            lockspace: LOCKSPACE.into(),
+            name: self.name.clone(),
+            path: self.path.clone(),
+            offset: self.offset,
+            lver: 0,
+            flags: ALIGN_FLAGS,
+        }
     }
 }
 
-/// One connection to the daemon.
+fn lockspace(host_id: u64, path: &Path) -> LockspaceSpec {
+    LockspaceSpec {
+        name: LOCKSPACE.into(),
+        host_id,
+        flags: ALIGN_FLAGS,
+        path: path.to_owned(),
+        offset: 0,
+    }
+}
+
+/// A registered connection to the daemon (the sanlock driver's codec and client).
 #[derive(Debug)]
 pub struct Client {
-    s: UnixStream,
+    conn: Registered,
 }
 
 impl Client {
-    /// Connects to the daemon of `run_dir`.
-    pub fn connect(run_dir: &Path) -> Result<Self> {
-        let p = run_dir.join("sanlock.sock");
-        let s =
-            UnixStream::connect(&p).with_context(|| format!("connecting to {}", p.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(120)))?;
-        Ok(Client { s })
-    }
-
-    fn send(&mut self, cmd: u32, flags: u32, data: u32, data2: u32, body: &[u8]) -> Result<()> {
-        let mut f = Vec::with_capacity(32 + body.len());
-        for w in [
-            MAGIC,
-            1,
-            cmd,
-            flags,
-            (32 + body.len()) as u32,
-            0,
-            data,
-            data2,
-        ] {
-            f.extend_from_slice(&w.to_ne_bytes());
-        }
-        f.extend_from_slice(body);
-        self.s.write_all(&f).context("writing to sanlock")
-    }
-
-    /// Sends a request and returns the reply's result (`data`, negative on error).
-    fn request(&mut self, cmd: u32, flags: u32, data: u32, data2: u32, body: &[u8]) -> Result<i32> {
-        self.send(cmd, flags, data, data2, body)?;
-        let mut h = [0u8; 32];
-        self.s.read_exact(&mut h).context("reading from sanlock")?;
-        let word =
-            |i: usize| u32::from_ne_bytes([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]]);
-        anyhow::ensure!(word(0) == MAGIC, "bad reply magic {:#x}", word(0));
-        let extra = (word(4) as usize).saturating_sub(32);
-        if extra > 0 {
-            let mut rest = vec![0u8; extra];
-            self.s.read_exact(&mut rest)?;
-        }
-        Ok(word(6) as i32)
-    }
-
-    /// REGISTER: this process becomes a lease owner through this connection (no reply).
-    pub fn register(&mut self) -> Result<()> {
-        self.send(CMD_REGISTER, 0, 0, 0, &[])
-    }
-
-    fn leases_call(&mut self, cmd: u32, leases: &[Lease]) -> Result<i32> {
-        let mut rv = 0;
-        for chunk in leases.chunks(MAX_PER_CALL) {
-            let mut b = Vec::new();
-            for l in chunk {
-                resource(&mut b, l, cmd == CMD_ACQUIRE);
-            }
-            if cmd == CMD_ACQUIRE {
-                let mut opt = Vec::new();
-                put_name(&mut opt, "vmlock-bench", 48);
-                opt.extend_from_slice(&[0u8; 8]); // flags, len = 0
-                b.extend_from_slice(&opt);
-            }
-            rv = self.request(cmd, 0, chunk.len() as u32, u32::MAX, &b)?;
-            if rv != 0 {
-                return Ok(rv);
+    /// The daemon's result for `leases`, at most [`MAX_RESOURCES`] per call: 0, or the first
+    /// failure's (negative) result.
+    fn leases_call(
+        &mut self,
+        leases: &[Lease],
+        mut call: impl FnMut(&mut Registered, &[ResourceSpec]) -> ClientResult<()>,
+    ) -> Result<i32> {
+        for chunk in leases.chunks(MAX_RESOURCES) {
+            let specs: Vec<ResourceSpec> = chunk.iter().map(Lease::spec).collect();
+            match call(&mut self.conn, &specs) {
+                Ok(()) => {}
+                Err(ClientError::Daemon(rv)) => return Ok(rv),
+                Err(e) => bail!("sanlock: {e}"),
             }
         }
-        Ok(rv)
+        Ok(0)
     }
 
-    /// ACQUIRE for this registered connection, at most 8 per call; the first failure's result.
+    /// ACQUIRE for this registered connection; the first failure's result.
     pub fn acquire(&mut self, leases: &[Lease]) -> Result<i32> {
-        self.leases_call(CMD_ACQUIRE, leases)
+        self.leases_call(leases, |c, specs| c.acquire(specs, 0, "vmlock-bench"))
     }
 
     fn must_acquire(&mut self, leases: &[Lease]) -> Result<()> {
@@ -167,19 +99,23 @@ impl Client {
         }
     }
 
-    /// RELEASE, at most 8 per call.
+    /// RELEASE.
     pub fn release(&mut self, leases: &[Lease]) -> Result<()> {
-        match self.leases_call(CMD_RELEASE, leases)? {
+        match self.leases_call(leases, |c, specs| c.release(specs))? {
             0 => Ok(()),
             rv => bail!("sanlock release of {} failed: {rv}", leases[0].name),
         }
     }
 }
 
+/// Registers this process through a new connection to the daemon of `run`.
 fn registered(run: &Path) -> Result<Client> {
-    let mut c = Client::connect(run)?;
-    c.register()?;
-    Ok(c)
+    let conn = SanlockClient::new(run)
+        .register()
+        .map_err(|e| anyhow::anyhow!("registering with sanlock at {}: {e}", run.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Client { conn })
 }
 
 /// The guest of workload 4: registers itself, acquires, says HELD and waits to be killed.
@@ -236,8 +172,8 @@ fn start_daemon(bin: &Path, dir: &Path) -> Result<Daemon> {
             if !proc.running() {
                 bail!("sanlock exited; see {}", dir.join("sanlock.log").display());
             }
-            Ok(Client::connect(&run)
-                .and_then(|mut c| c.request(CMD_VERSION, 0, 0, 0, &[]))
+            Ok(SanlockClient::new(&run)
+                .version(Duration::from_secs(1))
                 .ok())
         },
     )?;
@@ -245,9 +181,10 @@ fn start_daemon(bin: &Path, dir: &Path) -> Result<Daemon> {
 }
 
 fn join_lockspace(run: &Path, file: &Path) -> Result<()> {
-    let rv = Client::connect(run)?.request(CMD_ADD_LOCKSPACE, 0, 1, 0, &lockspace(1, file))?;
-    anyhow::ensure!(rv == 0 || rv == EEXIST, "add_lockspace failed: {rv}");
-    Ok(())
+    match SanlockClient::new(run).add_lockspace(&lockspace(1, file), IO_TIMEOUT) {
+        Ok(()) | Err(ClientError::Daemon(rv::EEXIST)) => Ok(()),
+        Err(e) => bail!("add_lockspace failed: {e}"),
+    }
 }
 
 fn fail(e: anyhow::Error) -> String {
@@ -261,9 +198,9 @@ fn set_up(bin: &Path, dir: &Path, n: usize) -> Result<(Daemon, Vec<Lease>, PathB
     // Lockspace: one 1 MiB area, zero-filled, written by the daemon with io_timeout 1.
     let ls_file = dir.join("lockspace");
     std::fs::write(&ls_file, vec![0u8; ALIGN as usize])?;
-    let rv =
-        Client::connect(&d.run)?.request(CMD_WRITE_LOCKSPACE, 0, 0, 1, &lockspace(0, &ls_file))?;
-    anyhow::ensure!(rv == 0, "write_lockspace failed: {rv}");
+    SanlockClient::new(&d.run)
+        .write_lockspace(&lockspace(0, &ls_file), IO_TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("write_lockspace failed: {e}"))?;
     // Leases: 1 MiB each in one sparse file, formatted by the daemon.
     let res_file = dir.join("leases");
     std::fs::File::create(&res_file)?.set_len(n as u64 * ALIGN)?;
@@ -275,12 +212,10 @@ fn set_up(bin: &Path, dir: &Path, n: usize) -> Result<(Daemon, Vec<Lease>, PathB
             offset: i as u64 * ALIGN,
         })
         .collect();
-    let mut c = Client::connect(&d.run)?;
+    let c = SanlockClient::new(&d.run);
     for l in &leases {
-        let mut b = Vec::new();
-        resource(&mut b, l, true);
-        let rv = c.request(CMD_WRITE_RESOURCE, 0, 0, 0, &b)?;
-        anyhow::ensure!(rv == 0, "write_resource {} failed: {rv}", l.name);
+        c.write_resource(&l.spec())
+            .map_err(|e| anyhow::anyhow!("write_resource {} failed: {e}", l.name))?;
     }
     eprintln!(
         "  sanlock: formatted {n} leases in {:.1} s",
@@ -367,7 +302,8 @@ pub fn run(cfg: &Cfg, bin: &Path, dir: &Path) -> SysResult {
             loop {
                 match b.acquire(death_lease)? {
                     0 => break,
-                    EEXIST | EAGAIN | EBUSY if t.elapsed() < Duration::from_secs(30) => {}
+                    rv::EEXIST | rv::EAGAIN | rv::EBUSY
+                        if t.elapsed() < Duration::from_secs(30) => {}
                     rv => bail!("acquire after owner death: {rv}"),
                 }
             }

@@ -8,10 +8,12 @@
 
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmlock::{domain, AcquireOptions, DiskMode, MigrationOutcome, Plugin, Resource, VmParams};
+use vmlock_testkit::process::KillOnDrop;
+use vmlock_testkit::qemu::{qcow2, QemuLine};
 use vmlockd::client::Endpoint;
 use vmlockd::driver::LockdDriver;
 use vmlockd::qmp::Qmp;
@@ -19,43 +21,21 @@ use vmlockd::runtime::RuntimeDir;
 
 const RUNS: usize = 10;
 
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn qemu(disks: &[PathBuf], qmp: &Path, incoming: bool) -> Qemu {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-nodefaults",
-        "-display",
-        "none",
-        "-machine",
-        "q35,accel=tcg",
-        "-m",
-        "64",
-        "-qmp",
-    ])
-    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-    .args(["-device", "virtio-scsi-pci,id=scsi0"]);
-    for (i, d) in disks.iter().enumerate() {
-        cmd.arg("-blockdev").arg(format!(
-            "driver=file,filename={},node-name=f{i}",
-            d.display()
-        ));
-        cmd.arg("-blockdev")
-            .arg(format!("driver=qcow2,file=f{i},node-name=d{i}"));
-        cmd.arg("-device")
-            .arg(format!("scsi-hd,drive=d{i},bus=scsi0.0,id=hd{i}"));
-    }
-    if incoming {
-        cmd.args(["-incoming", "defer"]);
-    }
-    Qemu(cmd.stdin(Stdio::null()).spawn().unwrap())
+/// A QEMU with `disks` as SCSI disks (as libvirt attaches many), SIGKILLed and reaped on drop.
+fn qemu(disks: &[PathBuf], qmp: &Path, incoming: bool) -> KillOnDrop {
+    let line = QemuLine {
+        memory_mb: 64,
+        qmp: vec![qmp.to_owned()],
+        disks: disks.to_vec(),
+        scsi_disks: true,
+        scsi_controller: true,
+        extra: if incoming {
+            vec!["-incoming".into(), "defer".into()]
+        } else {
+            Vec::new()
+        },
+    };
+    KillOnDrop(line.command().stdin(Stdio::null()).spawn().unwrap())
 }
 
 fn connect(path: &Path) -> Qmp {
@@ -72,11 +52,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if !vmlock_testkit::qemu::available() {
         println!("skipped: qemu-system-x86_64 is not installed (run scripts/install-test-deps.sh)");
         return;
     }
@@ -97,17 +73,7 @@ fn main() {
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for run in 0..RUNS {
             let disks: Vec<PathBuf> = (0..ndisks)
-                .map(|i| {
-                    let p = dir.path().join(format!("d{ndisks}-{run}-{i}.qcow2"));
-                    assert!(Command::new("qemu-img")
-                        .args(["create", "-q", "-f", "qcow2"])
-                        .arg(&p)
-                        .arg("16M")
-                        .status()
-                        .unwrap()
-                        .success());
-                    p
-                })
+                .map(|i| qcow2(dir.path(), &format!("d{ndisks}-{run}-{i}.qcow2")))
                 .collect();
             let resources: Vec<Resource> = disks
                 .iter()
@@ -127,7 +93,7 @@ fn main() {
             )
             .unwrap();
             let src_qemu = qemu(&disks, &sq, false);
-            src.guest_started(src_qemu.0.id()).unwrap();
+            src.guest_started(src_qemu.pid()).unwrap();
             let mut src_qmp = connect(&sq);
 
             let t = Instant::now();
@@ -144,7 +110,7 @@ fn main() {
             .unwrap();
             let t_accept = t.elapsed();
             let dst_qemu = qemu(&disks, &dq, true);
-            dst.guest_started(dst_qemu.0.id()).unwrap();
+            dst.guest_started(dst_qemu.pid()).unwrap();
             let mut dst_qmp = connect(&dq);
 
             let port = std::net::TcpListener::bind("127.0.0.1:0")

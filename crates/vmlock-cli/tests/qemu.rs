@@ -4,11 +4,16 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use serde_json::json;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
+use vmlock_testkit::process::kill_and_wait;
+use vmlock_testkit::qemu::{self, DaemonizedQemu, QemuLine, Supervised};
+use vmlock_testkit::vmlockd as vmlockd_kit;
 use vmlockd::qmp::Qmp;
+
+/// How long a supervisor may take to exit once its guest was told to.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// A private runtime directory; the daemon the CLI starts there is killed by pid at the end.
 struct Env {
@@ -61,29 +66,11 @@ impl Env {
     }
 
     fn qcow2(&self, name: &str) -> PathBuf {
-        let p = self.dir.path().join(name);
-        let ok = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&p)
-            .arg("16M")
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        p
-    }
-
-    fn daemon_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.run_dir().join("vmlockd.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        qemu::qcow2(self.dir.path(), name)
     }
 
     fn kill_daemon(&self) {
-        if let Some(pid) = self.daemon_pid() {
-            kill_and_wait(pid);
-        }
+        vmlockd_kit::kill_in(&self.run_dir());
     }
 }
 
@@ -93,41 +80,16 @@ impl Drop for Env {
     }
 }
 
-/// SIGKILL a process that is not our child and wait for it to be gone, through a pidfd.
-fn kill_and_wait(pid: u32) {
-    vmlockd::sys::pidfd::kill_and_wait(pid);
-}
-
 /// A QEMU guest under `vmlock run`.
 struct Vm {
-    supervisor: Child,
-    stderr: BufReader<ChildStderr>,
+    run: Supervised,
     qemu_pid: u32,
     qmp_path: PathBuf,
     uuid: String,
 }
 
-fn qemu_args(disk: &Path, qmp: &Path) -> Vec<String> {
-    vec![
-        "qemu-system-x86_64".into(),
-        "-nodefaults".into(),
-        "-display".into(),
-        "none".into(),
-        "-machine".into(),
-        "q35,accel=tcg".into(),
-        "-m".into(),
-        "32".into(),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp.display()),
-        "-blockdev".into(),
-        format!("driver=file,filename={},node-name=f0", disk.display()),
-        "-blockdev".into(),
-        "driver=qcow2,file=f0,node-name=d0".into(),
-        "-device".into(),
-        "virtio-blk-pci,drive=d0".into(),
-        "-device".into(),
-        "virtio-scsi-pci,id=scsi0".into(),
-    ]
+fn qemu_line(disk: &Path, qmp: &Path) -> QemuLine {
+    QemuLine::new(disk).qmp(qmp).scsi_controller()
 }
 
 impl Vm {
@@ -159,37 +121,23 @@ impl Vm {
         let qmp_path = env.dir.path().join(format!("{name}-{tag}.qmp"));
         // QEMU serves one client per QMP socket: vmlock gets its own, the test keeps the other.
         let vmlock_qmp = env.dir.path().join(format!("{name}-{tag}.vmlock.qmp"));
-        let mut qemu = qemu_args(disk, &qmp_path);
-        qemu.extend([
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", vmlock_qmp.display()),
-        ]);
-        qemu.extend(extra_qemu.iter().map(|a| a.to_string()));
-        let mut supervisor = env
-            .vmlock()
-            .args(["run", "--name", name, "--uuid", uuid, "--qmp"])
+        let qemu = qemu_line(disk, &qmp_path)
+            .qmp(&vmlock_qmp)
+            .extra(extra_qemu)
+            .argv();
+        let mut cmd = env.vmlock();
+        cmd.args(["run", "--name", name, "--uuid", uuid, "--qmp"])
             .arg(&vmlock_qmp)
             .args(options)
             .arg("--disk")
             .arg(disk)
             .arg("--")
-            .args(qemu)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(supervisor.stderr.take().unwrap());
-        // The supervisor says "... guest pid N" once the leases are held and QEMU is started.
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        let qemu_pid = line
-            .rsplit("guest pid ")
-            .next()
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no guest pid in {line:?}"));
+            .args(qemu);
+        // Returns once the supervisor says "... guest pid N": leases held, QEMU started.
+        let run = Supervised::spawn(cmd);
         Vm {
-            supervisor,
-            stderr,
-            qemu_pid,
+            qemu_pid: run.guest_pid,
+            run,
             qmp_path,
             uuid: uuid.to_owned(),
         }
@@ -202,18 +150,7 @@ impl Vm {
     }
 
     fn wait(mut self) -> i32 {
-        let status = self.supervisor.wait().unwrap();
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut self.stderr, &mut rest);
-        status.code().unwrap_or(-1)
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        kill_and_wait(self.qemu_pid);
-        let _ = self.supervisor.kill();
-        let _ = self.supervisor.wait();
+        self.run.wait(WAIT).0
     }
 }
 
@@ -230,16 +167,7 @@ fn status_text(env: &Env) -> String {
 /// `vmlock run` of a guest that would leave a mark if it ever started.
 fn try_start(env: &Env, name: &str, disk: &Path) -> (Output, bool) {
     let marker = env.dir.path().join(format!("{name}.started"));
-    let out = env
-        .vmlock()
-        .args(["run", "--name", name, "--disk"])
-        .arg(disk)
-        .arg("--")
-        .arg("touch")
-        .arg(&marker)
-        .output()
-        .unwrap();
-    (out, marker.exists())
+    qemu::try_run(env.vmlock(), name, disk, &marker)
 }
 
 #[test]
@@ -431,29 +359,16 @@ fn a_qemu_started_outside_vmlock_blocks_vmlock_run_and_is_named() {
     let disk = env.qcow2("f.qcow2");
     let pidfile = env.dir.path().join("foreign.pid");
     let qmp = env.dir.path().join("foreign.qmp");
-    let mut args = qemu_args(&disk, &qmp);
-    args.extend([
-        "-daemonize".into(),
-        "-pidfile".into(),
-        pidfile.display().to_string(),
-    ]);
     // -daemonize returns once QEMU is set up with its disk open.
-    assert!(Command::new(&args[0])
-        .args(&args[1..])
-        .status()
-        .unwrap()
-        .success());
-    let foreign: u32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let foreign = DaemonizedQemu::start(&qemu_line(&disk, &qmp), &pidfile);
     let (out, started) = try_start(&env, "mine", &disk);
-    kill_and_wait(foreign);
+    let foreign_pid = foreign.pid;
+    drop(foreign); // killed and waited for by pid
+
     assert!(!out.status.success() && !started);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("process {foreign}"))
+        err.contains(&format!("process {foreign_pid}"))
             && err.contains("qemu")
             && err.contains("QEMU write lock"),
         "{err}"

@@ -6,73 +6,28 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use serde_json::json;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-use vmlock_sanlock::proto::{flags, Client, HostState, LockspaceSpec};
+use std::process::{Command, Output};
+use std::time::Duration;
+use vmlock_sanlock::proto::{flags, LockspaceSpec};
+use vmlock_testkit::process::wait_until;
+use vmlock_testkit::qemu::{self, QemuLine, Supervised};
+use vmlock_testkit::sanlock::{self, SanlockDaemon};
 use vmlockd::qmp::Qmp;
 
 const IO_TIMEOUT: u32 = 1;
 const LOCKSPACE: &str = "vmlock-disks";
 
-/// A sanlock daemon acting as one host (the minimum of vmlock-sanlock's test fixture), with a
-/// private run directory; SIGKILLed and reaped by pid when dropped.
-struct Daemon {
-    run_dir: PathBuf,
-    child: Child,
-}
-
-impl Daemon {
-    fn start(base: &Path, name: &str) -> Self {
-        let run_dir = base.join(format!("run-{name}"));
-        std::fs::create_dir_all(&run_dir).unwrap();
-        let log = std::fs::File::create(base.join(format!("sanlock-{name}.log"))).unwrap();
-        let mut child = Command::new("sanlock")
-            .args([
-                "daemon", "-D", "-w", "0", "-l", "0", "-h", "0", "-U", "root", "-G", "root", "-e",
-                name,
-            ])
-            .env("SANLOCK_PRIVILEGED", "0")
-            .env("SANLOCK_RUN_DIR", &run_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn sanlock daemon (is sanlock installed?)");
-        // The daemon announces nothing when ready: poll its socket (bounded) until it answers.
-        let client = Client::new(&run_dir);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client.version(Duration::from_secs(1)).is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "sanlock {name} exited");
-            assert!(Instant::now() < deadline, "sanlock {name} not ready");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Daemon { run_dir, child }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(&self.run_dir)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One host: its daemon and the driver configuration `vmlock` is given.
 struct Host {
-    daemon: Daemon,
+    daemon: SanlockDaemon,
     config: PathBuf,
     runtime: PathBuf,
 }
 
 impl Host {
     fn start(base: &Path, name: &str, host_id: u64) -> Self {
-        let daemon = Daemon::start(base, name);
+        let daemon = SanlockDaemon::start(base, name);
         let config = base.join(format!("sanlock-{name}.toml"));
         std::fs::write(
             &config,
@@ -103,16 +58,7 @@ impl Host {
     /// `vmlock run` of a guest that leaves a mark if it ever starts.
     fn try_start(&self, name: &str, disk: &Path) -> (Output, bool) {
         let marker = disk.with_file_name(format!("{name}.started"));
-        let out = self
-            .vmlock()
-            .args(["run", "--name", name, "--disk"])
-            .arg(disk)
-            .arg("--")
-            .arg("touch")
-            .arg(&marker)
-            .output()
-            .unwrap();
-        (out, marker.exists())
+        qemu::try_run(self.vmlock(), name, disk, &marker)
     }
 
     /// Joins the lockspace directly (the file exists once host A's driver created it) and waits
@@ -127,25 +73,13 @@ impl Host {
             offset: 0,
         };
         self.daemon.client().add_lockspace(&ls, IO_TIMEOUT).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let hosts = self.daemon.client().get_hosts(LOCKSPACE, 0).unwrap();
-            if hosts
-                .iter()
-                .any(|h| h.host_id == other_id && h.state == HostState::Live)
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "host {other_id} never live");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.daemon.wait_sees_live(LOCKSPACE, other_id);
     }
 }
 
 /// QEMU under `vmlock run`; QEMU and the supervisor are SIGKILLed and reaped by pid on drop.
 struct Vm {
-    supervisor: Child,
-    stderr: BufReader<ChildStderr>,
+    run: Supervised,
     qemu_pid: u32,
     qmp_path: PathBuf,
 }
@@ -164,57 +98,18 @@ impl Vm {
         extra_qemu: &[&str],
     ) -> Self {
         let qmp_path = disk.with_file_name(format!("{name}-{}.qmp", uuid::Uuid::new_v4().simple()));
-        let mut supervisor = host
-            .vmlock()
-            .args(["run", "--name", name, "--uuid", uuid])
+        let mut cmd = host.vmlock();
+        cmd.args(["run", "--name", name, "--uuid", uuid])
             .args(options)
             .arg("--disk")
             .arg(disk)
-            .args([
-                "--",
-                "qemu-system-x86_64",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-machine",
-                "q35,accel=tcg",
-                "-m",
-                "32",
-                "-qmp",
-                &format!("unix:{},server=on,wait=off", qmp_path.display()),
-                "-blockdev",
-                &format!("driver=file,filename={},node-name=f0", disk.display()),
-                "-blockdev",
-                "driver=qcow2,file=f0,node-name=d0",
-                "-device",
-                "virtio-blk-pci,drive=d0",
-            ])
-            .args(extra_qemu)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(supervisor.stderr.take().unwrap());
-        // The supervisor says "... guest pid N" once the lease is held and QEMU started.
-        let mut seen = String::new();
-        let qemu_pid = loop {
-            let mut line = String::new();
-            if stderr.read_line(&mut line).unwrap() == 0 {
-                let _ = supervisor.wait();
-                panic!("vmlock run of {name} ended: {seen}");
-            }
-            seen.push_str(&line);
-            if let Some(pid) = line
-                .rsplit("guest pid ")
-                .next()
-                .filter(|_| line.contains("guest pid "))
-            {
-                break pid.trim().parse::<u32>().unwrap();
-            }
-        };
+            .arg("--")
+            .args(QemuLine::new(disk).qmp(&qmp_path).extra(extra_qemu).argv());
+        // Returns once the supervisor says "... guest pid N": lease held, QEMU started.
+        let run = Supervised::spawn(cmd);
         Vm {
-            supervisor,
-            stderr,
-            qemu_pid,
+            qemu_pid: run.guest_pid,
+            run,
             qmp_path,
         }
     }
@@ -226,48 +121,17 @@ impl Vm {
     }
 
     fn wait(&mut self) -> (i32, String) {
-        let status = self.supervisor.wait().unwrap();
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut self.stderr, &mut rest);
-        (status.code().unwrap_or(-1), rest)
+        self.run.wait(Duration::from_secs(60))
     }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        kill_and_wait(self.qemu_pid);
-        let _ = self.supervisor.kill();
-        let _ = self.supervisor.wait();
-    }
-}
-
-/// SIGKILL a process that is not our child and wait for it to be gone, through a pidfd.
-fn kill_and_wait(pid: u32) {
-    vmlockd::sys::pidfd::kill_and_wait(pid);
-}
-
-fn qcow2(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&p)
-        .arg("16M")
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    p
 }
 
 #[test]
 fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
     // O_DIRECT lease I/O needs a real filesystem: /var/tmp, not tmpfs.
-    let dir = tempfile::Builder::new()
-        .prefix("vmlock-sanlock-qemu-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = sanlock::workdir("vmlock-sanlock-qemu-");
     let base = dir.path();
     let a = Host::start(base, "host-a", 1);
-    let disk = qcow2(base, "vm1.qcow2");
+    let disk = qemu::qcow2(base, "vm1.qcow2");
     let uuid = uuid::Uuid::new_v4().to_string();
 
     // The first `vmlock run` creates the lockspace, joins it (2-5 x io_timeout) and takes the
@@ -278,12 +142,7 @@ fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
         qmp.execute("query-status", json!({})).unwrap()["status"],
         "running"
     );
-    let status = Command::new("sanlock")
-        .args(["client", "status"])
-        .env("SANLOCK_RUN_DIR", &a.daemon.run_dir)
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = a.daemon.status_text();
     assert!(
         status
             .lines()
@@ -343,7 +202,7 @@ fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
         line.contains("vm1") && line.contains(&uuid) && line.contains(&vm.qemu_pid.to_string()),
         "{line}"
     );
-    let hot = qcow2(base, "hot.qcow2");
+    let hot = qemu::qcow2(base, "hot.qcow2");
     let out = a
         .vmlock()
         .args([
@@ -404,13 +263,10 @@ fn qemu_runs_with_its_disk_leased_and_a_second_run_is_refused() {
 
 #[test]
 fn cli_migration_from_host_a_to_host_b_hands_the_lease_over_with_its_version() {
-    let dir = tempfile::Builder::new()
-        .prefix("vmlock-sanlock-mig-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = sanlock::workdir("vmlock-sanlock-mig-");
     let base = dir.path();
     let a = Host::start(base, "host-a", 1);
-    let disk = qcow2(base, "mig.qcow2");
+    let disk = qemu::qcow2(base, "mig.qcow2");
     let uuid = uuid::Uuid::new_v4().to_string();
     let mut src = Vm::start(&a, "mover", &uuid, &disk);
     let mut src_qmp = src.qmp();
@@ -517,13 +373,10 @@ fn cli_migration_from_host_a_to_host_b_hands_the_lease_over_with_its_version() {
 
 #[test]
 fn a_lost_lockspace_pauses_the_guest_through_vmlocks_helper_and_releases_its_lease() {
-    let dir = tempfile::Builder::new()
-        .prefix("vmlock-sanlock-fail-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = sanlock::workdir("vmlock-sanlock-fail-");
     let base = dir.path();
     let a = Host::start(base, "host-a", 1);
-    let disk = qcow2(base, "pause.qcow2");
+    let disk = qemu::qcow2(base, "pause.qcow2");
     let uuid = uuid::Uuid::new_v4().to_string();
     // QEMU serves one client per QMP socket: vmlock gets its own.
     let vmlock_qmp = base.join("pause.vmlock.qmp");
@@ -564,26 +417,16 @@ fn a_lost_lockspace_pauses_the_guest_through_vmlocks_helper_and_releases_its_lea
     );
 
     // The lease goes right after the pause (no event to wait on: bounded poll of sanlock).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = Command::new("sanlock")
-            .args(["client", "status"])
-            .env("SANLOCK_RUN_DIR", &a.daemon.run_dir)
-            .output()
-            .unwrap();
-        if !String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with("r "))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the lease was not released");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "the lease to be released",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || !a.daemon.status_text().lines().any(|l| l.starts_with("r ")),
+    );
     // Neither the paused guest nor its supervisor was killed.
     assert!(vmlock::process::is_running(vm.qemu_pid));
     assert!(
-        vm.supervisor.try_wait().unwrap().is_none(),
+        vm.run.supervisor.try_wait().unwrap().is_none(),
         "the supervisor is still running"
     );
 }

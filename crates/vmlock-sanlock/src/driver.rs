@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use vmlock::registry::check_config_keys;
+use vmlock::registry::parse_config;
 use vmlock::{
     AcquireOptions, Capabilities, DiskMode, Driver, DriverConfig, Error, ForeignHolder, Holder,
     LockFailureAction, LockState, MigrationOutcome, Resource, ResourceFailure, Result, Session,
@@ -80,6 +80,23 @@ pub struct SanlockConfig {
     pub lock_failure_helper: Option<(PathBuf, PathBuf)>,
 }
 
+/// The TOML keys as written; any other key is refused. Numbers are read signed so that a
+/// negative or oversized value gets the range message of [`SanlockConfig::from_toml`].
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host_id: Option<i64>,
+    lease_dir: Option<PathBuf>,
+    lockspace: Option<String>,
+    io_timeout: Option<i64>,
+    run_dir: Option<PathBuf>,
+    host_name: Option<String>,
+    join_timeout: Option<i64>,
+    kill_program: Option<PathBuf>,
+    lock_failure_helper: Option<PathBuf>,
+    control_dir: Option<PathBuf>,
+}
+
 impl SanlockConfig {
     /// Defaults with the required `lease_dir` and `host_id`.
     pub fn new(lease_dir: impl Into<PathBuf>, host_id: u64) -> Self {
@@ -103,73 +120,45 @@ impl SanlockConfig {
     /// From a TOML table. Keys: `host_id` (required), `lease_dir`, `lockspace`, `io_timeout`,
     /// `run_dir`, `host_name`, `join_timeout` (seconds), `kill_program`.
     pub fn from_toml(config: &DriverConfig) -> Result<Self> {
-        check_config_keys(
-            NAME,
-            config,
-            &[
-                "host_id",
-                "lease_dir",
-                "lockspace",
-                "io_timeout",
-                "run_dir",
-                "host_name",
-                "join_timeout",
-                "kill_program",
-                "lock_failure_helper",
-                "control_dir",
-            ],
-        )?;
+        let f: FileConfig = parse_config(NAME, config)?;
         let bad = |reason: String| Error::Config {
             source_name: "sanlock driver configuration".into(),
             reason,
         };
-        let text = |key: &str| -> Result<Option<String>> {
-            match config.get(key) {
-                None => Ok(None),
-                Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(bad(format!("{key} must be a string"))),
-            }
-        };
-        let int = |key: &str| -> Result<Option<i64>> {
-            match config.get(key) {
-                None => Ok(None),
-                Some(toml::Value::Integer(i)) => Ok(Some(*i)),
-                Some(_) => Err(bad(format!("{key} must be an integer"))),
-            }
-        };
-        let host_id = int("host_id")?.ok_or_else(|| {
+        let host_id = f.host_id.ok_or_else(|| {
             bad("host_id is required: a number from 1 to 2000, unique for each host".into())
         })?;
         let host_id = u64::try_from(host_id)
             .map_err(|_| bad(format!("host_id {host_id} must be from 1 to {MAX_HOST_ID}")))?;
         let mut c = SanlockConfig::new(
-            text("lease_dir")?.unwrap_or_else(|| DEFAULT_LEASE_DIR.into()),
+            f.lease_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_LEASE_DIR)),
             host_id,
         );
-        if let Some(s) = text("lockspace")? {
+        if let Some(s) = f.lockspace {
             c.lockspace = s;
         }
-        if let Some(s) = text("run_dir")? {
-            c.run_dir = s.into();
+        if let Some(p) = f.run_dir {
+            c.run_dir = p;
         }
-        if let Some(s) = text("host_name")? {
+        if let Some(s) = f.host_name {
             c.host_name = s;
         }
-        if let Some(s) = text("kill_program")? {
-            c.kill_program = s.into();
+        if let Some(p) = f.kill_program {
+            c.kill_program = p;
         }
-        match (text("lock_failure_helper")?, text("control_dir")?) {
-            (Some(helper), Some(dir)) => c.lock_failure_helper = Some((helper.into(), dir.into())),
+        match (f.lock_failure_helper, f.control_dir) {
+            (Some(helper), Some(dir)) => c.lock_failure_helper = Some((helper, dir)),
             (None, None) => {}
             _ => return Err(bad("lock_failure_helper and control_dir go together".into())),
         }
-        if let Some(t) = int("io_timeout")? {
+        if let Some(t) = f.io_timeout {
             c.io_timeout = u32::try_from(t)
                 .ok()
                 .filter(|t| (1..=300).contains(t))
                 .ok_or_else(|| bad(format!("io_timeout {t} must be from 1 to 300 seconds")))?;
         }
-        if let Some(t) = int("join_timeout")? {
+        if let Some(t) = f.join_timeout {
             c.join_timeout = Duration::from_secs(
                 u64::try_from(t)
                     .map_err(|_| bad(format!("join_timeout {t} must not be negative")))?,
@@ -360,12 +349,15 @@ fn align_flags(align: u64) -> u32 {
 
 fn daemon_error(client: &Client, what: &str, e: &ClientError) -> Error {
     match e {
-        ClientError::Io(io) => Error::ServiceUnavailable {
-            reason: format!(
-                "sanlock daemon at {} ({what}): {io} (is sanlock running, with this SANLOCK_RUN_DIR?)",
-                client.socket().display()
+        // An I/O error keeps its kind (a missing socket stays NotFound, a refused one
+        // ConnectionRefused), so callers can tell "no daemon" from other failures.
+        ClientError::Io(io) => Error::io(
+            format!("sanlock daemon at {} ({what})", client.socket().display()),
+            &io::Error::new(
+                io.kind(),
+                format!("{io} (is sanlock running, with this SANLOCK_RUN_DIR?)"),
             ),
-        },
+        ),
         other => Error::ServiceUnavailable {
             reason: format!("sanlock {what} failed: {other}"),
         },
@@ -656,13 +648,16 @@ impl Shared {
                     describe_rv(code)
                 ),
             },
-            rv::ENODEV => Error::Io {
-                context: format!(
+            rv::ENODEV => Error::io(
+                format!(
                     "sanlock opening lease file {} for {label}",
                     spec.path.display()
                 ),
-                message: describe_rv(code),
-            },
+                &io::Error::new(
+                    io::Error::from_raw_os_error(-code).kind(),
+                    describe_rv(code),
+                ),
+            ),
             _ => Error::ServiceUnavailable {
                 reason: format!("sanlock refused the lease of {label}: {}", describe_rv(code)),
             },
@@ -1492,7 +1487,11 @@ mod tests {
         let e = parse("host_id = 0").unwrap_err().to_string();
         assert!(e.contains("1 to 2000"), "{e}");
         let e = parse("host_id = 1\ncolour = 2").unwrap_err().to_string();
-        assert!(e.contains("colour"), "{e}");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = parse("host_id = 1\nio_timeout = \"10\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("io_timeout"), "a bad value names its key: {e}");
         let e = parse("host_id = 1\nlockspace = \"a:b\"")
             .unwrap_err()
             .to_string();
@@ -1500,6 +1499,26 @@ mod tests {
         let c = parse("host_id = 5\nio_timeout = 1\nlease_dir = \"/l\"").unwrap();
         assert_eq!((c.host_id, c.io_timeout), (5, 1));
         assert_eq!(c.lockspace, DEFAULT_LOCKSPACE);
+    }
+
+    #[test]
+    fn socket_errors_keep_their_io_kind() {
+        let client = Client::new(Path::new("/nonexistent/run"));
+        let e = daemon_error(
+            &client,
+            "register",
+            &ClientError::Io(io::ErrorKind::NotFound.into()),
+        );
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::NotFound), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("/nonexistent/run/sanlock.sock") && text.contains("register"),
+            "{text}"
+        );
+        assert_eq!(
+            daemon_error(&client, "register", &ClientError::Daemon(-16)).io_kind(),
+            None
+        );
     }
 
     #[test]

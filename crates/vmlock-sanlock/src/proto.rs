@@ -160,16 +160,153 @@ impl From<io::Error> for ClientError {
 /// The result of a client call.
 pub type ClientResult<T> = Result<T, ClientError>;
 
-const HEADER_LEN: usize = 32;
 const NAME_LEN: usize = 48;
 const PATH_LEN: usize = 1024;
-const DISK_LEN: usize = 1040;
-const LOCKSPACE_LEN: usize = 1104;
-const RESOURCE_LEN: usize = 128;
-const OPTIONS_LEN: usize = 56;
 const HELPER_LEN: usize = 128;
 /// Leases per acquire or release call (`SANLK_MAX_RESOURCES`).
 pub const MAX_RESOURCES: usize = 8;
+
+/// The wire structs, `#[repr(C)]` as in sanlock's headers, every hole an explicit field so that
+/// they are plain bytes both ways (zerocopy checks that at compile time, and the asserts below
+/// check each size against sanlock's).
+pub mod wire {
+    use super::{HELPER_LEN, NAME_LEN, PATH_LEN};
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+    /// `struct sm_header`: every request and reply starts with it.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+    pub struct Header {
+        /// `SM_MAGIC`.
+        pub magic: u32,
+        /// `SM_PROTO`.
+        pub version: u32,
+        /// Command number.
+        pub cmd: u32,
+        /// Command flags.
+        pub cmd_flags: u32,
+        /// Header plus body bytes.
+        pub length: u32,
+        /// Unused by the daemon.
+        pub seq: u32,
+        /// Command argument; the result in replies.
+        pub data: u32,
+        /// Second argument; a count or version in replies.
+        pub data2: u32,
+    }
+
+    /// `struct sanlk_disk`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+    pub struct Disk {
+        /// NUL-terminated path.
+        pub path: [u8; PATH_LEN],
+        /// Offset of the area in it.
+        pub offset: u64,
+        /// Padding.
+        pub pad1: u32,
+        /// Padding.
+        pub pad2: u32,
+    }
+
+    /// `struct sanlk_lockspace`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+    pub struct Lockspace {
+        /// Name (NUL not required at 48 bytes).
+        pub name: [u8; NAME_LEN],
+        /// This host's id.
+        pub host_id: u64,
+        /// `SANLK_LSF_*`.
+        pub flags: u32,
+        /// The hole before the 8-aligned disk.
+        pub pad: u32,
+        /// Where the delta leases are.
+        pub host_id_disk: Disk,
+    }
+
+    /// `struct sanlk_resource` (its disks follow it on the wire).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+    pub struct Resource {
+        /// Lockspace name.
+        pub lockspace_name: [u8; NAME_LEN],
+        /// Resource name.
+        pub name: [u8; NAME_LEN],
+        /// Leader version.
+        pub lver: u64,
+        /// Command-specific.
+        pub data64: u64,
+        /// Command-specific.
+        pub data32: u32,
+        /// Unused.
+        pub unused: u32,
+        /// `SANLK_RES_*`.
+        pub flags: u32,
+        /// Disks that follow.
+        pub num_disks: u32,
+    }
+
+    /// A `struct sanlk_resource` with its one disk, as this client always sends them.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+    pub struct ResourceDisk {
+        /// The resource.
+        pub res: Resource,
+        /// Its disk.
+        pub disk: Disk,
+    }
+
+    /// `struct sanlk_options` without its trailing string.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+    pub struct Options {
+        /// Shown in `sanlock client status`.
+        pub owner_name: [u8; NAME_LEN],
+        /// Flags.
+        pub flags: u32,
+        /// Length of the string that follows (0).
+        pub len: u32,
+    }
+
+    /// `struct sanlk_host`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+    pub struct Host {
+        /// Host id.
+        pub host_id: u64,
+        /// Generation.
+        pub generation: u64,
+        /// Last timestamp seen.
+        pub timestamp: u64,
+        /// io_timeout.
+        pub io_timeout: u32,
+        /// `SANLK_HOST_*` state in the low bits.
+        pub flags: u32,
+    }
+
+    /// The body of `SM_CMD_KILLPATH`: program and arguments.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+    pub struct Killpath {
+        /// Program.
+        pub path: [u8; HELPER_LEN],
+        /// Arguments, split on spaces by the daemon.
+        pub args: [u8; HELPER_LEN],
+    }
+
+    // The sizes of sanlock 3.8.5's structs on 64-bit Linux.
+    const _: () = assert!(size_of::<Header>() == 32);
+    const _: () = assert!(size_of::<Disk>() == 1040);
+    const _: () = assert!(size_of::<Lockspace>() == 1104);
+    const _: () = assert!(size_of::<Resource>() == 128);
+    const _: () = assert!(size_of::<ResourceDisk>() == 128 + 1040);
+    const _: () = assert!(size_of::<Options>() == 56);
+    const _: () = assert!(size_of::<Host>() == 32);
+    const _: () = assert!(size_of::<Killpath>() == 256);
+}
+
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 /// A lockspace (`struct sanlk_lockspace`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,55 +358,76 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn put_str(buf: &mut [u8], at: usize, len: usize, s: &[u8]) -> ClientResult<()> {
-    if s.len() > len || s.contains(&0) {
+/// Copies `s` into a zeroed field, refusing more than `max` bytes or a NUL inside.
+fn put_str(field: &mut [u8], max: usize, s: &[u8]) -> ClientResult<()> {
+    if s.len() > max.min(field.len()) || s.contains(&0) {
         return Err(ClientError::Protocol(format!(
-            "\"{}\" does not fit a {len}-byte sanlock field",
+            "\"{}\" does not fit a {max}-byte sanlock field",
             String::from_utf8_lossy(s)
         )));
     }
-    buf[at..at + s.len()].copy_from_slice(s);
+    field[..s.len()].copy_from_slice(s);
     Ok(())
 }
 
-fn put_u32(buf: &mut [u8], at: usize, v: u32) {
-    buf[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+impl wire::Disk {
+    /// A disk at `path` and `offset`; the path must stay NUL-terminated: at most 1023 bytes.
+    pub fn new(path: &Path, offset: u64) -> ClientResult<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut d = Self::new_zeroed();
+        put_str(&mut d.path, PATH_LEN - 1, path.as_os_str().as_bytes())?;
+        d.offset = offset;
+        Ok(d)
+    }
 }
 
-fn put_u64(buf: &mut [u8], at: usize, v: u64) {
-    buf[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+impl wire::Lockspace {
+    /// Encodes `ls`.
+    pub fn new(ls: &LockspaceSpec) -> ClientResult<Self> {
+        let mut w = Self::new_zeroed();
+        put_str(&mut w.name, NAME_LEN, ls.name.as_bytes())?;
+        w.host_id = ls.host_id;
+        w.flags = ls.flags;
+        w.host_id_disk = wire::Disk::new(&ls.path, ls.offset)?;
+        Ok(w)
+    }
 }
 
-fn encode_disk(buf: &mut [u8], path: &Path, offset: u64) -> ClientResult<()> {
-    use std::os::unix::ffi::OsStrExt;
-    // The path must stay NUL-terminated: at most 1023 bytes.
-    put_str(buf, 0, PATH_LEN - 1, path.as_os_str().as_bytes())?;
-    put_u64(buf, PATH_LEN, offset);
-    Ok(())
+impl wire::Resource {
+    /// Encodes `r` without its disk (one disk announced).
+    pub fn new(r: &ResourceSpec) -> ClientResult<Self> {
+        let mut w = Self::new_zeroed();
+        put_str(&mut w.lockspace_name, NAME_LEN, r.lockspace.as_bytes())?;
+        put_str(&mut w.name, NAME_LEN, r.name.as_bytes())?;
+        w.lver = r.lver;
+        w.flags = r.flags;
+        w.num_disks = 1;
+        Ok(w)
+    }
+}
+
+impl wire::ResourceDisk {
+    /// Encodes `r` with its disk.
+    pub fn new(r: &ResourceSpec) -> ClientResult<Self> {
+        Ok(wire::ResourceDisk {
+            res: wire::Resource::new(r)?,
+            disk: wire::Disk::new(&r.path, r.offset)?,
+        })
+    }
 }
 
 /// Encodes a `struct sanlk_lockspace`.
 pub fn encode_lockspace(ls: &LockspaceSpec) -> ClientResult<Vec<u8>> {
-    let mut b = vec![0u8; LOCKSPACE_LEN];
-    put_str(&mut b, 0, NAME_LEN, ls.name.as_bytes())?;
-    put_u64(&mut b, 48, ls.host_id);
-    put_u32(&mut b, 56, ls.flags);
-    encode_disk(&mut b[64..], &ls.path, ls.offset)?;
-    Ok(b)
+    Ok(wire::Lockspace::new(ls)?.as_bytes().to_vec())
 }
 
 /// Encodes a `struct sanlk_resource`, with its disk when `with_disk`.
 pub fn encode_resource(r: &ResourceSpec, with_disk: bool) -> ClientResult<Vec<u8>> {
-    let mut b = vec![0u8; RESOURCE_LEN + if with_disk { DISK_LEN } else { 0 }];
-    put_str(&mut b, 0, NAME_LEN, r.lockspace.as_bytes())?;
-    put_str(&mut b, 48, NAME_LEN, r.name.as_bytes())?;
-    put_u64(&mut b, 96, r.lver);
-    put_u32(&mut b, 120, r.flags);
-    put_u32(&mut b, 124, 1);
-    if with_disk {
-        encode_disk(&mut b[RESOURCE_LEN..], &r.path, r.offset)?;
-    }
-    Ok(b)
+    Ok(if with_disk {
+        wire::ResourceDisk::new(r)?.as_bytes().to_vec()
+    } else {
+        wire::Resource::new(r)?.as_bytes().to_vec()
+    })
 }
 
 /// A reply header.
@@ -324,39 +482,45 @@ impl Connection {
         data2: u32,
         body: &[u8],
     ) -> ClientResult<()> {
-        let length = u32::try_from(HEADER_LEN + body.len())
+        let header_len = size_of::<wire::Header>();
+        let length = u32::try_from(header_len + body.len())
             .map_err(|_| ClientError::Protocol("request too large".into()))?;
-        let mut msg = Vec::with_capacity(HEADER_LEN + body.len());
-        for v in [
-            SM_MAGIC, SM_PROTO, command, cmd_flags, length, 0, data, data2,
-        ] {
-            msg.extend_from_slice(&v.to_ne_bytes());
-        }
+        let header = wire::Header {
+            magic: SM_MAGIC,
+            version: SM_PROTO,
+            cmd: command,
+            cmd_flags,
+            length,
+            seq: 0,
+            data,
+            data2,
+        };
+        let mut msg = Vec::with_capacity(header_len + body.len());
+        msg.extend_from_slice(header.as_bytes());
         msg.extend_from_slice(body);
         self.send_all(&msg)
     }
 
     /// Reads one reply header.
     pub fn recv_header(&mut self) -> ClientResult<Reply> {
-        let mut h = [0u8; HEADER_LEN];
-        self.stream.read_exact(&mut h)?;
-        let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        if word(0) != SM_MAGIC {
+        let mut h = wire::Header::new_zeroed();
+        self.stream.read_exact(h.as_mut_bytes())?;
+        if h.magic != SM_MAGIC {
             return Err(ClientError::Protocol(format!(
                 "reply magic {:#x} is not sanlock's {SM_MAGIC:#x}",
-                word(0)
+                h.magic
             )));
         }
         Ok(Reply {
-            length: word(16),
-            data: word(24) as i32,
-            data2: word(28),
+            length: h.length,
+            data: h.data as i32,
+            data2: h.data2,
         })
     }
 
     /// Reads the reply body announced by `reply.length`.
     pub fn recv_body(&mut self, reply: &Reply) -> ClientResult<Vec<u8>> {
-        let len = (reply.length as usize).saturating_sub(HEADER_LEN);
+        let len = (reply.length as usize).saturating_sub(size_of::<wire::Header>());
         if len > 64 << 20 {
             return Err(ClientError::Protocol(format!("reply body of {len} bytes")));
         }
@@ -425,9 +589,10 @@ impl Client {
 
     /// The daemon's default align size for `path` (the file must exist).
     pub fn align(&self, path: &Path) -> ClientResult<u64> {
-        let mut disk = vec![0u8; DISK_LEN];
-        encode_disk(&mut disk, path, 0)?;
-        let reply = self.transient()?.call(cmd::ALIGN, 0, 0, 0, &disk)?;
+        let disk = wire::Disk::new(path, 0)?;
+        let reply = self
+            .transient()?
+            .call(cmd::ALIGN, 0, 0, 0, disk.as_bytes())?;
         Ok(reply.data as u64)
     }
 
@@ -465,13 +630,10 @@ impl Client {
         if reply.data < 0 {
             return Err(ClientError::Daemon(reply.data));
         }
-        let lver = res
-            .get(96..104)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .ok_or_else(|| {
-                ClientError::Protocol(format!("read_resource reply of {} bytes", res.len()))
-            })?;
-        Ok(u64::from_ne_bytes(lver))
+        let (back, _) = wire::Resource::read_from_prefix(&res).map_err(|_| {
+            ClientError::Protocol(format!("read_resource reply of {} bytes", res.len()))
+        })?;
+        Ok(back.lver)
     }
 
     /// Joins a lockspace as `ls.host_id`; blocks until joined (2–5 × io_timeout) or failed.
@@ -522,26 +684,16 @@ impl Client {
         }
         let body = c.recv_body(&reply)?;
         Ok(body
-            .chunks_exact(HOST_LEN)
+            .chunks_exact(size_of::<wire::Host>())
             .take(reply.data2 as usize)
-            .map(|h| {
-                let u64_at = |i: usize| {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(&h[i..i + 8]);
-                    u64::from_ne_bytes(b)
-                };
-                let u32_at = |i: usize| {
-                    let mut b = [0u8; 4];
-                    b.copy_from_slice(&h[i..i + 4]);
-                    u32::from_ne_bytes(b)
-                };
-                HostStatus {
-                    host_id: u64_at(0),
-                    generation: u64_at(8),
-                    timestamp: u64_at(16),
-                    io_timeout: u32_at(24),
-                    state: HostState::from_flags(u32_at(28)),
-                }
+            // The body is a Vec<u8>, not aligned for u64: copy each entry out.
+            .filter_map(|h| wire::Host::read_from_bytes(h).ok())
+            .map(|h| HostStatus {
+                host_id: h.host_id,
+                generation: h.generation,
+                timestamp: h.timestamp,
+                io_timeout: h.io_timeout,
+                state: HostState::from_flags(h.flags),
             })
             .collect())
     }
@@ -555,8 +707,6 @@ impl Client {
         Ok(Registered { conn: c })
     }
 }
-
-const HOST_LEN: usize = 32;
 
 /// A host's state as seen by this host's daemon (`SANLK_HOST_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -610,6 +760,11 @@ pub struct Registered {
 }
 
 impl Registered {
+    /// Limits how long a reply may take (`None` waits for ever).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> ClientResult<()> {
+        self.conn.set_read_timeout(timeout)
+    }
+
     /// Takes `resources` (≤ 8) for this client, all or nothing. `owner_name` shows in
     /// `sanlock client status`.
     pub fn acquire(
@@ -628,7 +783,7 @@ impl Registered {
         for r in resources {
             body.extend(encode_resource(r, true)?);
         }
-        let mut opt = vec![0u8; OPTIONS_LEN];
+        let mut opt = wire::Options::new_zeroed();
         let owner: String = owner_name
             .chars()
             .filter(|c| *c != '\0')
@@ -637,8 +792,8 @@ impl Registered {
                 (*len < NAME_LEN).then_some(c)
             })
             .collect();
-        put_str(&mut opt, 0, NAME_LEN, owner.as_bytes())?;
-        body.extend(opt);
+        put_str(&mut opt.owner_name, NAME_LEN, owner.as_bytes())?;
+        body.extend_from_slice(opt.as_bytes());
         self.conn
             .call(cmd::ACQUIRE, cmd_flags, resources.len() as u32, SELF, &body)?;
         Ok(())
@@ -677,10 +832,14 @@ impl Registered {
     /// spaces by the daemon). Must precede acquire.
     pub fn killpath(&mut self, program: &Path, args: &str) -> ClientResult<()> {
         use std::os::unix::ffi::OsStrExt;
-        let mut body = vec![0u8; 2 * HELPER_LEN];
-        put_str(&mut body, 0, HELPER_LEN - 2, program.as_os_str().as_bytes())?;
-        put_str(&mut body, HELPER_LEN, HELPER_LEN - 2, args.as_bytes())?;
-        self.conn.call(cmd::KILLPATH, 0, 0, SELF, &body)?;
+        let mut body = wire::Killpath::new_zeroed();
+        put_str(
+            &mut body.path,
+            HELPER_LEN - 2,
+            program.as_os_str().as_bytes(),
+        )?;
+        put_str(&mut body.args, HELPER_LEN - 2, args.as_bytes())?;
+        self.conn.call(cmd::KILLPATH, 0, 0, SELF, body.as_bytes())?;
         Ok(())
     }
 
@@ -796,6 +955,32 @@ mod tests {
         assert_eq!(u32::from_ne_bytes(b[120..124].try_into().unwrap()), 1);
         assert_eq!(u32::from_ne_bytes(b[124..128].try_into().unwrap()), 1);
         assert_eq!(encode_resource(&r, false).unwrap().len(), 128);
+    }
+
+    #[test]
+    fn decodes_hosts_and_headers() {
+        let h = wire::Host {
+            host_id: 2,
+            generation: 3,
+            timestamp: 4,
+            io_timeout: 10,
+            flags: 3,
+        };
+        let back = wire::Host::read_from_bytes(h.as_bytes()).unwrap();
+        assert_eq!((back.host_id, back.flags), (2, 3));
+        assert_eq!(HostState::from_flags(back.flags), HostState::Live);
+        let header = wire::Header {
+            magic: SM_MAGIC,
+            length: 32,
+            data: (-243i32) as u32,
+            ..Default::default()
+        };
+        let b = header.as_bytes();
+        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()), SM_MAGIC);
+        assert_eq!(
+            u32::from_ne_bytes(b[24..28].try_into().unwrap()) as i32,
+            -243
+        );
     }
 
     #[test]

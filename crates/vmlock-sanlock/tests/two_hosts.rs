@@ -13,6 +13,7 @@ use vmlock::{
 };
 use vmlock_sanlock::proto::{flags, ResourceSpec};
 use vmlock_sanlock::{SanlockConfig, SanlockDriver};
+use vmlock_testkit::process::KillOnDrop;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -379,16 +380,6 @@ fn a_lease_held_by_another_sanlock_client_on_this_host() {
         !text.contains("vm-once"),
         "a released VM's record is gone: {text}"
     );
-}
-
-/// A child process SIGKILLed and reaped by pid when dropped, even if the test panics.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

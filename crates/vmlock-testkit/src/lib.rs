@@ -1,3 +1,8 @@
 //! Fixtures shared by vmlock's tests: one home for starting daemons, QEMU guests, qcow2 images
 //! and sanlock hosts, so every test starts its own processes in private directories and stops them
-//! by pid.
+//! by pid. Every wait here is bounded and panics on its timeout instead of hanging.
+
+pub mod process;
+pub mod qemu;
+pub mod sanlock;
+pub mod vmlockd;

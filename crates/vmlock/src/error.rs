@@ -215,6 +215,11 @@ pub enum Error {
         context: String,
         /// The OS error text.
         message: String,
+        /// The `io::ErrorKind`, by its name (`NotFound`, `PermissionDenied`, ...), so callers on
+        /// either side of the daemon's socket can still branch on it ([`Error::io_kind`]).
+        /// Missing in errors from older peers: read as `Other`.
+        #[serde(default = "other_kind")]
+        kind: String,
     },
 }
 
@@ -226,12 +231,65 @@ fn describe_failures(failures: &[ResourceFailure]) -> String {
         .join("; ")
 }
 
+fn other_kind() -> String {
+    kind_name(std::io::ErrorKind::Other).to_owned()
+}
+
+/// The kinds that survive serialisation by name; any other kind travels as `Other`.
+const KINDS: &[(std::io::ErrorKind, &str)] = {
+    use std::io::ErrorKind::*;
+    &[
+        (NotFound, "NotFound"),
+        (PermissionDenied, "PermissionDenied"),
+        (ConnectionRefused, "ConnectionRefused"),
+        (ConnectionReset, "ConnectionReset"),
+        (ConnectionAborted, "ConnectionAborted"),
+        (NotConnected, "NotConnected"),
+        (AddrInUse, "AddrInUse"),
+        (AddrNotAvailable, "AddrNotAvailable"),
+        (BrokenPipe, "BrokenPipe"),
+        (AlreadyExists, "AlreadyExists"),
+        (WouldBlock, "WouldBlock"),
+        (InvalidInput, "InvalidInput"),
+        (InvalidData, "InvalidData"),
+        (TimedOut, "TimedOut"),
+        (WriteZero, "WriteZero"),
+        (Interrupted, "Interrupted"),
+        (Unsupported, "Unsupported"),
+        (UnexpectedEof, "UnexpectedEof"),
+        (OutOfMemory, "OutOfMemory"),
+        (Other, "Other"),
+    ]
+};
+
+fn kind_name(kind: std::io::ErrorKind) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or("Other", |(_, name)| name)
+}
+
 impl Error {
-    /// An I/O error with what was being done.
+    /// An I/O error with what was being done; keeps the error's kind.
     pub fn io(context: impl Into<String>, err: &std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
             message: err.to_string(),
+            kind: kind_name(err.kind()).to_owned(),
+        }
+    }
+
+    /// The `io::ErrorKind` of an [`Error::Io`] (`Other` for kinds without a stable name);
+    /// `None` for every other variant.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            Error::Io { kind, .. } => Some(
+                KINDS
+                    .iter()
+                    .find(|(_, name)| name == kind)
+                    .map_or(std::io::ErrorKind::Other, |(k, _)| *k),
+            ),
+            _ => None,
         }
     }
 
@@ -291,6 +349,27 @@ mod tests {
         assert!(text.contains("/var/lib/images/a.qcow2"), "{text}");
         assert!(text.contains("\"web1\""), "{text}");
         assert!(text.contains("pid 4242"), "{text}");
+    }
+
+    #[test]
+    fn io_errors_keep_their_kind_across_json() {
+        let e = Error::io(
+            "opening /x",
+            &std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::NotFound));
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains("\"kind\":\"NotFound\""), "{json}");
+        let back: Error = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.io_kind(), Some(std::io::ErrorKind::NotFound));
+        assert_eq!(back, e);
+        let eacces = std::io::Error::from_raw_os_error(13);
+        let e = Error::io("locking /x", &eacces);
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::PermissionDenied));
+        // An error from a peer that did not send a kind.
+        let old: Error = serde_json::from_str(r#"{"Io":{"context":"c","message":"m"}}"#).unwrap();
+        assert_eq!(old.io_kind(), Some(std::io::ErrorKind::Other));
+        assert_eq!(Error::Restricted.io_kind(), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::driver::{AcquireOptions, Capabilities, Driver, MigrationOutcome, Sess
 use crate::error::{Error, ResourceFailure, Result};
 use crate::lockstate::{LockState, StateEntry};
 use crate::params::{StartMode, VmParams};
-use crate::registry::{check_config_keys, DriverConfig};
+use crate::registry::{parse_config, DriverConfig};
 use crate::resource::Resource;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,10 +19,15 @@ pub struct NopDriver;
 impl NopDriver {
     /// Factory for the registry; `nop` takes no options.
     pub fn from_config(config: &DriverConfig) -> Result<Arc<dyn Driver>> {
-        check_config_keys("nop", config, &[])?;
+        let NopConfig {} = parse_config("nop", config)?;
         Ok(Arc::new(NopDriver))
     }
 }
+
+/// `nop` has no options: any key is refused.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NopConfig {}
 
 impl Driver for NopDriver {
     fn name(&self) -> &str {

@@ -102,30 +102,71 @@ impl Plugin {
     }
 }
 
-/// Refuses keys of `config` outside `known`; drivers call this first so a typo is an error, not a
-/// silently ignored option.
-pub fn check_config_keys(driver: &str, config: &DriverConfig, known: &[&str]) -> Result<()> {
-    for key in config.keys() {
-        if !known.contains(&key.as_str()) {
-            return Err(Error::Config {
-                source_name: format!("{driver} driver configuration"),
-                reason: format!(
-                    "unknown key \"{key}\" (known: {})",
-                    if known.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            });
+/// Reads a driver's configuration into its serde struct. Drivers declare that struct with
+/// `#[serde(deny_unknown_fields)]`, so a typo is an error naming the key, not a silently ignored
+/// option; a value of the wrong type names the key too.
+pub fn parse_config<T: serde::de::DeserializeOwned>(
+    driver: &str,
+    config: &DriverConfig,
+) -> Result<T> {
+    let source_name = format!("{driver} driver configuration");
+    // Through the text rather than the table: toml's errors then carry a span (see parse_toml).
+    let text = toml::to_string(config).map_err(|e| Error::Config {
+        source_name: source_name.clone(),
+        reason: e.to_string(),
+    })?;
+    parse_toml(&source_name, &text)
+}
+
+/// Parses TOML `text` (from `source_name`) into `T`; an error names the key at fault, since the
+/// span's line names the key of a bad value, which a type error's message alone does not.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(source_name: &str, text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let message = e.message().to_owned();
+        let key = e.span().and_then(|span| {
+            let line_start = text.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+            let (key, _) = text.get(line_start..)?.split_once('=')?;
+            Some(key.trim().trim_matches('"').to_owned())
+        });
+        let reason = match key {
+            Some(key) if !key.is_empty() && !message.contains(&format!("`{key}`")) => {
+                format!("{key}: {message}")
+            }
+            _ => message,
+        };
+        Error::Config {
+            source_name: source_name.to_owned(),
+            reason,
         }
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // read only through Debug
+    struct Example {
+        path: Option<String>,
+        count: Option<u32>,
+    }
+
+    #[test]
+    fn parse_config_names_unknown_keys_and_bad_values() {
+        let table = |t: &str| t.parse::<DriverConfig>().unwrap();
+        let e = parse_config::<Example>("ex", &table("path = \"/a\"\npaht = 1")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("ex driver configuration") && text.contains("unknown field `paht`"),
+            "{text}"
+        );
+        let e = parse_config::<Example>("ex", &table("count = \"x\"")).unwrap_err();
+        assert!(e.to_string().contains("count"), "{e}");
+        let ok: Example = parse_config("ex", &table("count = 3")).unwrap();
+        assert_eq!(ok.count, Some(3));
+    }
 
     #[test]
     fn loads_nop_and_refuses_unknown_driver() {
@@ -146,7 +187,10 @@ mod tests {
         let e = r
             .load_with_toml("nop", "nop.toml", "colour = 1")
             .unwrap_err();
-        assert!(e.to_string().contains("colour"), "{e}");
+        assert!(
+            e.to_string().contains("unknown field `colour`"),
+            "the error names the key: {e}"
+        );
         let e = r.load_with_toml("nop", "nop.toml", "=").unwrap_err();
         assert!(e.to_string().contains("nop.toml"), "{e}");
     }

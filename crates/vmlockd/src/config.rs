@@ -65,10 +65,7 @@ impl Config {
 
     /// Parses and checks TOML text.
     pub fn parse(text: &str, source_name: &str) -> Result<Self, Error> {
-        let config: Config = toml::from_str(text).map_err(|e| Error::Config {
-            source_name: source_name.to_owned(),
-            reason: e.message().to_owned(),
-        })?;
+        let config: Config = vmlock::registry::parse_toml(source_name, text)?;
         config.check(source_name)?;
         Ok(config)
     }
@@ -142,7 +139,8 @@ mod tests {
         assert!(Config::parse("lvm_lockspace_dir = \"/x\"", "t").is_err());
         assert!(Config::parse("file_lockspace_dir = \"rel\"", "t").is_err());
         assert!(Config::parse("max_clients = 0", "t").is_err());
-        assert!(Config::parse("max_clients = \"many\"", "t").is_err());
+        let e = Config::parse("max_clients = \"many\"", "t").unwrap_err();
+        assert!(e.to_string().contains("max_clients"), "{e}");
         assert!(Config::parse("idle_timeout_ms = 0", "t").is_err());
         assert_eq!(
             Config::parse("idle_timeout_ms = 500", "t")

@@ -9,7 +9,7 @@ use crate::proto::{AcquireFlags, HeldResource, Reply, Request, VmIdentity};
 use crate::runtime::RuntimeDir;
 use std::path::PathBuf;
 use std::sync::Arc;
-use vmlock::registry::check_config_keys;
+use vmlock::registry::parse_config;
 use vmlock::{
     AcquireOptions, Capabilities, Driver, DriverConfig, Error, LockState, MigrationOutcome,
     Resource, Result, Session, StartMode, StateEntry, SupervisorCommand, VmParams,
@@ -33,40 +33,29 @@ impl LockdDriver {
     /// Registry factory. Keys: `runtime_dir` (default as `vmlock --runtime-dir`), `auto_start`
     /// (default true), `daemon` (program), `daemon_config` (file passed to a started daemon).
     pub fn from_config(config: &DriverConfig) -> Result<Arc<dyn Driver>> {
-        check_config_keys(
-            NAME,
-            config,
-            &["runtime_dir", "auto_start", "daemon", "daemon_config"],
-        )?;
-        let text = |key: &str| -> Result<Option<PathBuf>> {
-            match config.get(key) {
-                None => Ok(None),
-                Some(toml::Value::String(s)) => Ok(Some(PathBuf::from(s))),
-                Some(_) => Err(Error::Config {
-                    source_name: "lockd driver configuration".into(),
-                    reason: format!("{key} must be a string"),
-                }),
-            }
-        };
-        let runtime = RuntimeDir::resolve(text("runtime_dir")?.as_deref())?;
+        let c: LockdConfig = parse_config(NAME, config)?;
+        let runtime = RuntimeDir::resolve(c.runtime_dir.as_deref())?;
         let mut endpoint = Endpoint::new(runtime);
-        match config.get("auto_start") {
-            None => {}
-            Some(toml::Value::Boolean(b)) => endpoint.auto_start = *b,
-            Some(_) => {
-                return Err(Error::Config {
-                    source_name: "lockd driver configuration".into(),
-                    reason: "auto_start must be true or false".into(),
-                })
-            }
+        if let Some(b) = c.auto_start {
+            endpoint.auto_start = b;
         }
-        if let Some(p) = text("daemon")? {
+        if let Some(p) = c.daemon {
             endpoint.daemon_program = p;
             endpoint.daemon_args.clear();
         }
-        endpoint.daemon_config = text("daemon_config")?;
+        endpoint.daemon_config = c.daemon_config;
         Ok(Arc::new(LockdDriver::new(endpoint)))
     }
+}
+
+/// The `lockd` driver's TOML keys; every one is optional and any other key is refused.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockdConfig {
+    runtime_dir: Option<PathBuf>,
+    auto_start: Option<bool>,
+    daemon: Option<PathBuf>,
+    daemon_config: Option<PathBuf>,
 }
 
 /// Adds `lockd` to a registry.

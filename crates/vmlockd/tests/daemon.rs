@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmlock::conformance::{disk, vm, Guest, Harness};
 use vmlock::{domain, AcquireOptions, DiskMode, Error, ForeignHolder, Manager, Plugin, Resource};
+use vmlock_testkit::process::wait_until;
+use vmlock_testkit::qemu::{DaemonizedQemu, QemuLine};
 use vmlockd::driver::LockdDriver;
 use vmlockd::proto::{write_frame, Reply, Request, PROTOCOL_VERSION};
 use vmlockd::sys::ofd::{self, LockKind};
@@ -81,13 +83,13 @@ fn status(f: &Fixture) -> Vec<vmlockd::proto::OwnerStatus> {
 }
 
 /// Waits (bounded) for a condition the daemon reaches asynchronously and exposes no event for.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::yield_now();
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    wait_until(
+        what,
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        cond,
+    );
 }
 
 #[test]
@@ -158,13 +160,7 @@ fn stopping_the_daemon_with_sigterm_kills_no_guest_and_drops_no_lock() {
     let g = Guest::spawn();
     let d = disk(&f, "t", DiskMode::Exclusive);
     let _a = start(&f, "vm-a", &g, std::slice::from_ref(&d)).unwrap();
-    let mut child = f.daemon.child.take().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    child.wait().unwrap();
+    f.daemon.terminate();
     assert!(
         vmlock::process::is_running(g.pid()),
         "virtlockd kills guests on stop; vmlockd must not"
@@ -276,7 +272,7 @@ fn unauthorised_peer_is_refused() {
     let f = fixture();
     let run = f.daemon.runtime();
     // Open the file-system gate so that only the daemon's SO_PEERCRED check stands in the way.
-    for p in [f.daemon.dir.path().to_path_buf(), run.path().to_path_buf()] {
+    for p in [f.daemon.disk_dir().to_path_buf(), run.path().to_path_buf()] {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     std::fs::set_permissions(run.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
@@ -452,14 +448,7 @@ fn a_virtlockd_style_posix_lock_on_byte_0_makes_acquire_fail() {
 }
 
 fn qcow2(f: &Fixture, name: &str) -> Resource {
-    let path = f.daemon.disk_dir().join(name);
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&path)
-        .arg("16M")
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let path = vmlock_testkit::qemu::qcow2(f.daemon.disk_dir(), name);
     Resource::disk(path, DiskMode::Exclusive).unwrap()
 }
 
@@ -518,63 +507,15 @@ fn holding_qemu_bytes_makes_a_stray_qemu_refuse_to_write() {
     assert!(info.status.success(), "force-share readers still work");
 }
 
-/// A QEMU started outside vmlock, daemonized: `-daemonize` returns only once the guest is set
-/// up with its disks open, so no waiting is needed. Killed by the pid in its pid file.
-struct ForeignQemu {
-    pid: u32,
-}
-
-impl ForeignQemu {
-    fn start(dir: &Path, disk: &Path) -> Self {
-        let pidfile = dir.join("foreign-qemu.pid");
-        let status = Command::new("qemu-system-x86_64")
-            .args([
-                "-nodefaults",
-                "-display",
-                "none",
-                "-machine",
-                "q35,accel=tcg",
-                "-m",
-                "32",
-                "-daemonize",
-                "-pidfile",
-            ])
-            .arg(&pidfile)
-            .arg("-blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name=f0",
-                disk.display()
-            ))
-            .args([
-                "-blockdev",
-                "driver=qcow2,file=f0,node-name=d0",
-                "-device",
-                "virtio-blk-pci,drive=d0",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "QEMU did not start");
-        let pid = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        ForeignQemu { pid }
-    }
-}
-
-impl Drop for ForeignQemu {
-    fn drop(&mut self) {
-        // Not our child: wait for its exit through a pidfd.
-        vmlockd::sys::pidfd::kill_and_wait(self.pid);
-    }
-}
-
 #[test]
 fn a_qemu_writer_outside_vmlock_is_detected_and_named() {
     let f = fixture();
     let d = qcow2(&f, "w.qcow2");
-    let qemu = ForeignQemu::start(f.daemon.disk_dir(), d.path());
+    // Started outside vmlock, daemonized: set up with its disk open when this returns.
+    let qemu = DaemonizedQemu::start(
+        &QemuLine::new(d.path()),
+        &f.daemon.disk_dir().join("foreign-qemu.pid"),
+    );
     let g = Guest::spawn();
     let e = start(&f, "vm-a", &g, std::slice::from_ref(&d)).unwrap_err();
     match &e {

@@ -1,18 +1,15 @@
-//! Shared test support: a real vmlockd process in a private runtime directory.
+//! Shared test support: a real vmlockd process in a private runtime directory (the test kit's
+//! [`Vmlockd`]), with this crate's views of it.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
+use vmlock_testkit::vmlockd::Vmlockd;
 use vmlockd::client::Endpoint;
 use vmlockd::runtime::RuntimeDir;
 
 /// A running vmlockd, killed (SIGKILL) and reaped by pid when dropped.
-pub struct Daemon {
-    pub dir: tempfile::TempDir,
-    pub child: Option<Child>,
-    pub config: Option<PathBuf>,
-}
+pub struct Daemon(Vmlockd);
 
 impl Daemon {
     pub fn start() -> Self {
@@ -20,23 +17,14 @@ impl Daemon {
     }
 
     pub fn start_with_config(config: Option<&str>) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = config.map(|text| {
-            let p = dir.path().join("vmlockd.toml");
-            std::fs::write(&p, text).expect("write config");
-            p
-        });
-        let mut d = Daemon {
-            dir,
-            child: None,
+        Daemon(Vmlockd::start(
+            Path::new(env!("CARGO_BIN_EXE_vmlockd")),
             config,
-        };
-        d.restart();
-        d
+        ))
     }
 
     pub fn runtime(&self) -> RuntimeDir {
-        RuntimeDir::resolve(Some(&self.dir.path().join("run"))).expect("runtime dir")
+        RuntimeDir::resolve(Some(&self.0.run_dir())).expect("runtime dir")
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -44,50 +32,17 @@ impl Daemon {
         e.auto_start = false;
         e
     }
+}
 
-    pub fn disk_dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Starts the daemon (again) and waits until it says it serves.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "daemon already running");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlockd"));
-        cmd.arg("--runtime-dir")
-            .arg(self.runtime().path())
-            .arg("--notify-stdout")
-            .env("VMLOCK_LOG", "warn");
-        if let Some(c) = &self.config {
-            cmd.arg("--config").arg(c);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn vmlockd");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read READY");
-        assert_eq!(line.trim(), "READY", "vmlockd did not start");
-        self.child = Some(child);
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+impl Deref for Daemon {
+    type Target = Vmlockd;
+    fn deref(&self) -> &Vmlockd {
+        &self.0
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Vmlockd {
+        &mut self.0
     }
 }
