@@ -637,6 +637,14 @@ impl<H: Host> LockTable<H> {
             leftovers.extend(opened);
             return Err(e.into());
         };
+        if owner.migration.is_some() && !flags.register_only {
+            // The destination took copies of the descriptions at `acquire_incoming`: a lock
+            // taken now would pass to it without a copy it keeps, held by the daemon alone.
+            let e =
+                Error::invalid_state("acquire", format!("VM \"{}\" is migrating", owner.vm.name));
+            leftovers.extend(opened);
+            return Err(e.into());
+        }
         if let Err(e) = opened.iter().try_for_each(|o| o.resource.validate()) {
             leftovers.extend(opened);
             return Err(e.into());

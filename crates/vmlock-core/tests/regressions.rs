@@ -219,3 +219,43 @@ fn a_dead_supervisors_pid_no_longer_speaks_for_its_vm() {
         "unlocked once the guest has exited"
     );
 }
+
+/// Seed 1879: a disk hotplugged while the migration was under way passed to the destination
+/// with no copy the destination keeps (only the daemon's): a daemon restart would lose it
+/// under the running guest.
+#[test]
+fn no_acquire_while_migrating() {
+    let mut host = TinyHost::default();
+    let mut table = running_vm(&mut host, AcquireFlags::default());
+    table.migrate_prepare(10, UUID).expect("prepared");
+    let opened = vec![Opened {
+        resource: Resource::Disk {
+            path: "/images/b.qcow2".into(),
+            mode: DiskMode::Exclusive,
+        },
+        key: LockKey {
+            dev: 1,
+            ino: 2,
+            byte: 0,
+        },
+        desc: host.open(2),
+        image: None,
+    }];
+    let (r, _) = table.reserve(&mut host, 10, UUID, opened, &AcquireFlags::default());
+    assert!(r.is_err(), "hotplug during a migration");
+    assert!(!host.locked_by_anyone(2));
+    // Once the migration is cancelled, hotplug works again.
+    table.migrate_complete(10, UUID, false).expect("cancelled");
+    let opened = vec![Opened {
+        resource: disk(),
+        key: LockKey {
+            dev: 1,
+            ino: 1,
+            byte: 0,
+        },
+        desc: host.open(1),
+        image: None,
+    }];
+    let (r, _) = table.reserve(&mut host, 10, UUID, opened, &AcquireFlags::default());
+    assert!(r.is_ok(), "the same disk again is a no-op");
+}
