@@ -12,6 +12,14 @@ enum SabotageArg {
     SkipKernelLock,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GapArg {
+    /// A rogue migration destination hands `acquire_incoming` the versions from `status`.
+    VersionsFromStatus,
+    /// A process with a dead supervisor's pid speaks for its VM before the daemon knows.
+    PidReuseWindow,
+}
+
 /// Runs vmlock's lock core in a simulated world and checks its invariants after every step.
 #[derive(Debug, Parser)]
 #[command(name = "vmlock-sim")]
@@ -34,6 +42,10 @@ struct Args {
     /// Threads (seeds run in parallel).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Also try an attack the core does not stop yet (docs/RELIABILITY.md, "Known gaps");
+    /// repeatable.
+    #[arg(long = "gap", value_enum)]
+    gaps: Vec<GapArg>,
     /// Break the core on purpose, to see the simulator catch it.
     #[arg(long, value_enum, default_value_t = SabotageArg::None)]
     sabotage: SabotageArg,
@@ -49,6 +61,8 @@ fn main() -> ExitCode {
             SabotageArg::UnlockOnHolderClose => Sabotage::UnlockOnHolderClose,
             SabotageArg::SkipKernelLock => Sabotage::SkipKernelLock,
         },
+        gap_versions_from_status: args.gaps.contains(&GapArg::VersionsFromStatus),
+        gap_pid_reuse_window: args.gaps.contains(&GapArg::PidReuseWindow),
         ..Config::default()
     };
     match run_seeds(args.seed, args.seeds, args.steps, &config, args.threads) {

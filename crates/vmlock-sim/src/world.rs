@@ -29,12 +29,15 @@ pub struct Config {
     pub sabotage: Sabotage,
     /// Settle (deliver everything, reconnect everyone) and check for leaked locks this often.
     pub settle_every: u64,
-    /// Also try the attacks the core has no defence against yet (docs/RELIABILITY.md, "Known
+    /// Also try an attack the core has no defence against yet (docs/RELIABILITY.md, "Known
     /// gaps"): the rogue reads the current lock versions from `status` (root may) and hands
-    /// them to `acquire_incoming` as a migration destination (otherwise its versions are made
-    /// up, always stale); a process that got a dead supervisor's pid speaks for its VM before
-    /// the daemon has seen that supervisor's connection close (otherwise only after).
-    pub known_gaps: bool,
+    /// them to `acquire_incoming` as a migration destination. Without it the rogue's versions
+    /// are made up, always stale.
+    pub gap_versions_from_status: bool,
+    /// Also try the other known gap: a process that got a dead supervisor's pid speaks for its
+    /// VM before the daemon has seen (or when it never sees) that supervisor's connection
+    /// close. Without it, such a process speaks only once the daemon knows.
+    pub gap_pid_reuse_window: bool,
 }
 
 impl Default for Config {
@@ -44,7 +47,8 @@ impl Default for Config {
             disks: 8,
             sabotage: Sabotage::None,
             settle_every: 500,
-            known_gaps: false,
+            gap_versions_from_status: false,
+            gap_pid_reuse_window: false,
         }
     }
 }
@@ -156,7 +160,8 @@ struct Snapshot {
     persisted: String,
     locks: LockSnapshot,
     dead: BTreeSet<String>,
-    dead_keys: BTreeSet<(FileId, u64)>,
+    /// Files (every byte: the disk's and QEMU's) the dead owners hold.
+    dead_files: BTreeSet<FileId>,
 }
 
 /// The kinds of step, for choosing and counting.
@@ -204,7 +209,8 @@ pub struct World {
     next_link: u64,
     next_acquire: u64,
     settle_every: u64,
-    known_gaps: bool,
+    gap_versions_from_status: bool,
+    gap_pid_reuse_window: bool,
     /// Step counter.
     pub step: u64,
     /// Steps and faults by kind.
@@ -306,7 +312,8 @@ impl World {
             next_link: 0,
             next_acquire: 0,
             settle_every: config.settle_every.max(1),
-            known_gaps: config.known_gaps,
+            gap_versions_from_status: config.gap_versions_from_status,
+            gap_pid_reuse_window: config.gap_pid_reuse_window,
             step: 0,
             counts: BTreeMap::new(),
             trace: Vec::new(),
@@ -544,8 +551,8 @@ impl World {
         let daemon = self.daemon.as_ref()?;
         let kernel = self.kernel.borrow();
         let mut persisted = daemon.table.persisted();
-        let (dead, dead_keys) = match excluded {
-            Some(s) => (s.dead.clone(), s.dead_keys.clone()),
+        let (dead, dead_files) = match excluded {
+            Some(s) => (s.dead.clone(), s.dead_files.clone()),
             None => {
                 let dead: BTreeSet<String> = persisted
                     .owners
@@ -553,14 +560,14 @@ impl World {
                     .filter(|o| !kernel.is_alive(o.vm.pid, o.start_time))
                     .map(|o| o.vm.uuid.clone())
                     .collect();
-                let dead_keys: BTreeSet<(FileId, u64)> = daemon
+                let dead_files: BTreeSet<FileId> = daemon
                     .table
                     .grants()
                     .into_iter()
                     .filter(|(u, _, _, _)| dead.contains(*u))
-                    .map(|(_, k, _, _)| (k.ino, k.byte))
+                    .map(|(_, k, _, _)| k.ino)
                     .collect();
-                (dead, dead_keys)
+                (dead, dead_files)
             }
         };
         persisted.owners.retain(|o| !dead.contains(&o.vm.uuid));
@@ -568,14 +575,14 @@ impl World {
         // generation of its keys' versions.
         persisted
             .versions
-            .retain(|(k, _, _)| !dead_keys.contains(&(k.ino, k.byte)));
+            .retain(|(k, _, _)| !dead_files.contains(&k.ino));
         let mut locks = kernel.lock_snapshot();
-        locks.retain(|(k, _)| !dead_keys.contains(k));
+        locks.retain(|((file, _), _)| !dead_files.contains(file));
         Some(Snapshot {
             persisted: format!("{:?}", (persisted.owners, persisted.versions)),
             locks,
             dead,
-            dead_keys,
+            dead_files,
         })
     }
 
@@ -794,7 +801,7 @@ impl World {
             "migrate" => self.migrate(target)?,
             "migrate_cancel" => self.migrate_cancel(target)?,
             "daemon_crash" => self.daemon_crash(),
-            "daemon_restart" => self.daemon_restart(),
+            "daemon_restart" => self.daemon_restart()?,
             "reconnect" => self.reconnect(target)?,
             "deliver_event" => self.deliver_event()?,
             "storage_gone" => {
@@ -851,6 +858,8 @@ impl World {
             .expect("non-empty");
         let flags = AcquireFlags {
             on_lock_failure: action,
+            // Some VMs also hold QEMU's writer bytes (shared, on the same description).
+            hold_qemu_bytes: self.rng.chance(20),
             ..AcquireFlags::default()
         };
         let identity = self.identity(slot, &guest);
@@ -1131,9 +1140,9 @@ impl World {
         self.events.clear();
     }
 
-    fn daemon_restart(&mut self) {
+    fn daemon_restart(&mut self) -> Result<(), String> {
         if self.daemon.is_some() {
-            return;
+            return Ok(());
         }
         let mut table = LockTable::new(self.policy.clone(), "sim".into());
         let kernel = self.kernel.clone();
@@ -1143,6 +1152,20 @@ impl World {
                 .is_alive(pid, start_time)
                 .then_some(SimProc { pid, start_time })
         });
+        // 4: what was recorded of a VM whose guest still runs is back (its locks are waiting
+        // for its supervisor to hand them back).
+        for owner in &self.state_file.owners {
+            let alive = self
+                .kernel
+                .borrow()
+                .is_alive(owner.vm.pid, owner.start_time);
+            if alive && table.lookup(&owner.vm.uuid).is_err() {
+                return Err(format!(
+                    "invariant 4: the restarted daemon dropped {}, whose guest {} runs",
+                    owner.vm.name, owner.vm.pid
+                ));
+            }
+        }
         self.daemon = Some(Daemon { table });
         self.persist();
         // The rogue reconnects at once (it has nothing to hand back).
@@ -1150,6 +1173,7 @@ impl World {
         if let Some(h) = self.vms[self.rogue].holder.as_mut() {
             h.link = Some(link);
         }
+        Ok(())
     }
 
     /// A supervisor reconnects and hands back every description it kept.
@@ -1590,7 +1614,7 @@ impl World {
         // pid-reuse gap (docs/RELIABILITY.md); `reused_holder_pid` below covers the case the
         // core does handle.
         let pid_reused = table_holder == Some(liar.pid) && sim_holder != Some(liar);
-        if pid_reused && lie != 9 && !self.known_gaps {
+        if pid_reused && lie != 9 && !self.gap_pid_reuse_window {
             self.count("lie:skipped_in_pid_reuse_window");
             return Ok(());
         }
@@ -1603,7 +1627,7 @@ impl World {
             .as_ref()
             .and_then(|h| self.kernel.borrow().process(h.process.pid))
             .is_some_and(|p| self.close_pending_for_pid(p))
-            && !self.known_gaps;
+            && !self.gap_pid_reuse_window;
         let daemon = self.daemon.as_mut().expect("checked above");
         let refusal: Option<String> = match lie {
             0 => {
@@ -1736,7 +1760,7 @@ impl World {
                     .inquire(&uuid)
                     .map(|h| h.into_iter().map(|h| (h.resource, h.version)).collect())
                     .unwrap_or_default();
-                if !self.known_gaps || self.rng.chance(50) {
+                if !self.gap_versions_from_status || self.rng.chance(50) {
                     for v in &mut versions {
                         v.1 += 1;
                     }
@@ -1812,7 +1836,7 @@ impl World {
             .inquire(&uuid)
             .map(|h| h.into_iter().map(|h| (h.resource, h.version)).collect())
             .unwrap_or_default();
-        if !self.known_gaps {
+        if !self.gap_versions_from_status {
             for v in &mut versions {
                 v.1 += 1;
             }
@@ -1981,7 +2005,7 @@ impl World {
     /// Lets everything in flight land (daemon up, events delivered, acquires answered,
     /// supervisors reconnected, finished VMs reaped), then checks invariant 5.
     pub fn settle(&mut self) -> Result<(), String> {
-        self.daemon_restart();
+        self.daemon_restart()?;
         while !self.pending.is_empty() {
             self.complete_acquire(0)?;
         }

@@ -97,17 +97,30 @@ fn a_seed_replays_exactly() {
     assert_eq!(a.counts, b.counts);
 }
 
-/// The attacks the core does not stop yet (docs/RELIABILITY.md, "Known gaps"): the simulator
-/// finds them. Ignored until the core closes them; run with `--ignored` to see them.
-#[test]
-#[ignore = "known gaps of the core, see docs/RELIABILITY.md"]
-fn known_gaps_are_found() {
-    let config = Config {
-        known_gaps: true,
-        ..Config::default()
-    };
+fn gap_found(config: Config) {
     match run_seeds(1, 1_000, CI_STEPS, &config, 2) {
         Ok(report) => println!("no known gap found in {} steps", report.steps),
         Err(failure) => panic!("{failure}"),
     }
+}
+
+/// An attack the core does not stop yet (docs/RELIABILITY.md, "Known gaps"): the simulator
+/// finds it. Ignored until the core closes it; run with `--ignored` to see it.
+#[test]
+#[ignore = "known gap of the core, see docs/RELIABILITY.md"]
+fn gap_versions_from_status_is_found() {
+    gap_found(Config {
+        gap_versions_from_status: true,
+        ..Config::default()
+    });
+}
+
+/// The other known gap.
+#[test]
+#[ignore = "known gap of the core, see docs/RELIABILITY.md"]
+fn gap_pid_reuse_window_is_found() {
+    gap_found(Config {
+        gap_pid_reuse_window: true,
+        ..Config::default()
+    });
 }
