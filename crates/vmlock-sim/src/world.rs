@@ -499,10 +499,7 @@ impl World {
         let Some(holder) = self.holder_by_link(link) else {
             return; // that connection is gone: the push is lost with it
         };
-        if !holder.acking {
-            // A holder that stopped reading still gets its pushes once it reads again; model
-            // that as read now (what matters is that the daemon never waits for it).
-        }
+        // A holder that stopped acking still reads its pushes (they need no answer).
         match push {
             Push::Close(keys) if keys.is_empty() => holder.kept.retain(|k| k.pending.is_none()),
             Push::Close(keys) => holder.kept.retain(|k| !keys.contains(&k.lock.key)),
@@ -600,8 +597,8 @@ impl World {
     }
 
     fn refused(&mut self, what: &'static str) {
-        let _ = what;
         self.count("refused");
+        self.count(what);
     }
 
     // ---- requests --------------------------------------------------------------------------
@@ -628,14 +625,24 @@ impl World {
         let before = self.snapshot();
         let uuid = self.vms[slot].uuid.clone();
         let flags = self.vms[slot].flags.clone();
+        let from_holder = self.vms[slot]
+            .holder
+            .as_ref()
+            .is_some_and(|h| h.process.pid == caller && self.alive(&h.process));
         let daemon = self.daemon.as_mut().expect("checked above");
         let (result, fx) = daemon
             .table
             .reserve(&mut self.host, caller, &uuid, opened, &flags);
         self.apply(fx)?;
+        if result.is_ok() && !from_holder {
+            return Err(format!(
+                "invariant 3: pid {caller}, not its supervisor, acquired for {}",
+                self.vms[slot].name
+            ));
+        }
         match result {
             Err(refusal) => {
-                self.refused("acquire");
+                self.refused("refused:acquire");
                 let e = refusal.into_error(|_| None);
                 self.check_unchanged(before, "acquire", &e.to_string())?;
             }
@@ -753,7 +760,7 @@ impl World {
                 }
             }
             Err(e) => {
-                self.refused("release");
+                self.refused("refused:release");
                 if !matches!(e, Error::PartialRelease { .. }) || self.vms[slot].granted.is_empty() {
                     self.check_unchanged(before, "release", &e.to_string())?;
                 }
@@ -876,7 +883,7 @@ impl World {
         );
         self.apply(fx)?;
         if let Err(e) = result {
-            self.refused("hold");
+            self.refused("refused:hold");
             let mut k = self.kernel.borrow_mut();
             k.exit(guest.pid, guest.start_time);
             k.exit(holder.pid, holder.start_time);
@@ -959,7 +966,7 @@ impl World {
             let (result, fx) = daemon.table.shutdown(&mut self.host, pid, &uuid, guest_pid);
             self.apply(fx)?;
             if let Err(e) = result {
-                self.refused("shutdown");
+                self.refused("refused:shutdown");
                 self.check_unchanged(before, "shutdown", &e.to_string())?;
             }
         }
@@ -1363,7 +1370,7 @@ impl World {
                         });
                     }
                     Err(e) => {
-                        self.refused("migrate_prepare");
+                        self.refused("refused:migrate_prepare");
                         self.check_unchanged(before, "migrate_prepare", &e.to_string())?;
                     }
                 }
@@ -1400,7 +1407,7 @@ impl World {
                         }
                     }
                     Err(e) => {
-                        self.refused("hold_incoming");
+                        self.refused("refused:hold_incoming");
                         let mut k = self.kernel.borrow_mut();
                         k.exit(guest.pid, guest.start_time);
                         k.exit(holder.pid, holder.start_time);
@@ -1459,7 +1466,7 @@ impl World {
                         }
                     }
                     Err(e) => {
-                        self.refused("acquire_incoming");
+                        self.refused("refused:acquire_incoming");
                         self.check_unchanged(before, "acquire_incoming", &e.to_string())?;
                     }
                 }
@@ -1635,17 +1642,26 @@ impl World {
                     .table
                     .release(&mut self.host, liar.pid, &uuid, None, false);
                 self.apply(fx)?;
-                r.err().map(|e| e.to_string())
+                match r {
+                    Ok(_) => {
+                        return Err(format!(
+                            "invariant 3: pid {} released {}'s locks for its supervisor",
+                            liar.pid, self.vms[slot].name
+                        ))
+                    }
+                    Err(e) => Some(e.to_string()),
+                }
             }
             1 => {
                 let guest_pid = victim_guest.map_or(0, |g| g.pid);
+                let known = daemon.table.lookup(&uuid).is_ok();
                 let (r, fx) = daemon
                     .table
                     .shutdown(&mut self.host, liar.pid, &uuid, guest_pid);
                 self.apply(fx)?;
                 match r {
                     // No such VM: nothing to shut down, nothing changed.
-                    Ok(v) if v.is_empty() => None,
+                    Ok(_) if !known => None,
                     Ok(_) => {
                         return Err(format!(
                             "invariant 3: pid {} shut down {} for its supervisor",
@@ -1688,11 +1704,15 @@ impl World {
                     Err(e) => Some(e.to_string()),
                 }
             }
-            4 => daemon
-                .table
-                .migrate_prepare(liar.pid, &uuid)
-                .err()
-                .map(|e| e.to_string()),
+            4 => match daemon.table.migrate_prepare(liar.pid, &uuid) {
+                Ok(_) => {
+                    return Err(format!(
+                        "invariant 3: pid {} prepared a migration of {} for its supervisor",
+                        liar.pid, self.vms[slot].name
+                    ))
+                }
+                Err(e) => Some(e.to_string()),
+            },
             5 => {
                 // Registers a VM of its own whose "guest" is another VM's running guest.
                 let Some(foreign) =
@@ -1791,7 +1811,7 @@ impl World {
             }
         };
         if let Some(e) = refusal {
-            self.refused("lie");
+            self.refused("refused:lie");
             self.check_unchanged(before, "lie", &e)?;
         }
         Ok(())
@@ -1824,7 +1844,7 @@ impl World {
         let fx = match registered {
             Ok(fx) => fx,
             Err(e) => {
-                self.refused("lie");
+                self.refused("refused:lie");
                 return self.check_unchanged(before, "hold_incoming", &e.to_string());
             }
         };
