@@ -6,7 +6,7 @@
 use crate::kernel::{FileId, Kernel, KernelRef, LockSnapshot, Process, SimFd, SimHost, SimProc};
 use crate::rng::Rng;
 use std::collections::{BTreeMap, BTreeSet};
-use vmlock::{DiskMode, Error, LockFailureAction, Resource};
+use vmlock::{DiskMode, LockFailureAction, Resource};
 use vmlock_core::types::{AcquireFlags, HeldLock, LockKey, VmIdentity};
 use vmlock_core::{
     Effects, LinkId, LockKind, LockTable, Opened, Persisted, Policy, ProcInfo, Push, Sabotage,
@@ -761,9 +761,8 @@ impl World {
             }
             Err(e) => {
                 self.refused("refused:release");
-                if !matches!(e, Error::PartialRelease { .. }) || self.vms[slot].granted.is_empty() {
-                    self.check_unchanged(before, "release", &e.to_string())?;
-                }
+                // One resource per release: a partial release released nothing either.
+                self.check_unchanged(before, "release", &e.to_string())?;
             }
         }
         Ok(())
