@@ -245,6 +245,11 @@ struct Owner<D, P> {
 }
 
 impl<D, P> Owner<D, P> {
+    /// Whether `caller` is this VM's holder. Once the holder is known dead (`orphaned`), its
+    /// pid may already name another process (pid reuse): nobody speaks for the VM any more.
+    fn is_holder(&self, caller: u32) -> bool {
+        self.holder_pid == caller && !self.orphaned
+    }
     fn holder_identity(&self, host: &str) -> Holder {
         Holder {
             name: self.vm.name.clone(),
@@ -410,7 +415,7 @@ impl<H: Host> LockTable<H> {
     /// Only the VM's holder process may change it.
     fn check_holder(&self, uuid: &str, caller: u32, what: &str) -> Result<(), Error> {
         let owner = self.owner(uuid)?;
-        if owner.holder_pid != caller {
+        if !owner.is_holder(caller) {
             return Err(not_holder(what, &owner.label(), caller, owner.holder_pid));
         }
         Ok(())
@@ -485,6 +490,10 @@ impl<H: Host> LockTable<H> {
                         handle: guest.handle,
                     };
                     existing.vm.pid = vm.pid;
+                    // A new guest (the record holds nothing): its flags are the new guest's,
+                    // not the previous one's (a supervisor that got a dead one's pid starts a
+                    // VM with another lock-failure action).
+                    existing.flags_set = false;
                 }
                 existing.link = Some(link);
                 if let (Some(f), false) = (flags, existing.flags_set) {
@@ -628,6 +637,14 @@ impl<H: Host> LockTable<H> {
             leftovers.extend(opened);
             return Err(e.into());
         };
+        if owner.migration.is_some() && !flags.register_only {
+            // The destination took copies of the descriptions at `acquire_incoming`: a lock
+            // taken now would pass to it without a copy it keeps, held by the daemon alone.
+            let e =
+                Error::invalid_state("acquire", format!("VM \"{}\" is migrating", owner.vm.name));
+            leftovers.extend(opened);
+            return Err(e.into());
+        }
         if let Err(e) = opened.iter().try_for_each(|o| o.resource.validate()) {
             leftovers.extend(opened);
             return Err(e.into());
@@ -1090,7 +1107,7 @@ impl<H: Host> LockTable<H> {
         let Some(owner) = self.owners.get_mut(uuid) else {
             return (Ok(Vec::new()), fx);
         };
-        if owner.holder_pid != caller {
+        if !owner.is_holder(caller) {
             let e = not_holder("a shutdown", &owner.label(), caller, owner.holder_pid);
             return (Err(e), fx);
         }
@@ -1133,7 +1150,7 @@ impl<H: Host> LockTable<H> {
                 return Ok(fx);
             }
         }
-        if owner.holder_pid != caller {
+        if !owner.is_holder(caller) {
             return Err(not_holder(
                 "naming the guest",
                 &owner.label(),
@@ -1477,7 +1494,7 @@ impl<H: Host> LockTable<H> {
             .as_ref()
             .and_then(|m| m.incoming.as_ref())
             .map(|i| i.holder_pid);
-        if owner.holder_pid != caller && incoming_pid != Some(caller) {
+        if !owner.is_holder(caller) && incoming_pid != Some(caller) {
             return Err(not_holder(
                 "ending a migration",
                 &owner.label(),
@@ -1487,6 +1504,18 @@ impl<H: Host> LockTable<H> {
         }
         if owner.migration.is_none() {
             return Ok(fx);
+        }
+        // Only the source may say the migration succeeded (it gives up first, see
+        // `vmlock::domain::migration_finish`): any root process can register as the destination
+        // of a prepared migration and read the versions from `status`, so a destination's word
+        // would let it take a running VM's disks. A destination may still cancel.
+        if success && !owner.is_holder(caller) {
+            return Err(not_holder(
+                "finishing a migration",
+                &owner.label(),
+                caller,
+                owner.holder_pid,
+            ));
         }
         if !success {
             if let Some(i) = owner.migration.take().and_then(|m| m.incoming) {

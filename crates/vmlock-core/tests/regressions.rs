@@ -1,0 +1,261 @@
+//! Regressions found by the simulator (crates/vmlock-sim), each replayed here as the shortest
+//! sequence of table calls over a minimal host.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::SystemTime;
+use vmlock::{DiskMode, LockFailureAction, Resource};
+use vmlock_core::types::{AcquireFlags, LockKey, VmIdentity};
+use vmlock_core::{Conflict, Host, LinkId, LockKind, LockTable, Opened, Policy, ProcInfo};
+
+/// A description: its id and file (no reference counting needed here).
+#[derive(Debug)]
+struct Desc {
+    ofd: u64,
+    file: u64,
+}
+
+#[derive(Debug, Default)]
+struct TinyHost {
+    locks: HashMap<(u64, u64), Vec<(u64, LockKind)>>,
+    exited: BTreeSet<(u32, u64)>,
+    next_ofd: u64,
+}
+
+impl TinyHost {
+    fn open(&mut self, file: u64) -> Desc {
+        self.next_ofd += 1;
+        Desc {
+            ofd: self.next_ofd,
+            file,
+        }
+    }
+    fn locked_by_anyone(&self, file: u64) -> bool {
+        self.locks.get(&(file, 0)).is_some_and(|v| !v.is_empty())
+    }
+}
+
+impl Host for TinyHost {
+    type Desc = Desc;
+    type Proc = (u32, u64);
+    fn try_lock(&mut self, desc: &Desc, kind: LockKind, byte: u64) -> std::io::Result<bool> {
+        let holders = self.locks.entry((desc.file, byte)).or_default();
+        if holders.iter().any(|(o, k)| {
+            *o != desc.ofd && (kind == LockKind::Exclusive || *k == LockKind::Exclusive)
+        }) {
+            return Ok(false);
+        }
+        holders.retain(|(o, _)| *o != desc.ofd);
+        holders.push((desc.ofd, kind));
+        Ok(true)
+    }
+    fn unlock(&mut self, desc: &Desc) {
+        for holders in self.locks.values_mut() {
+            holders.retain(|(o, _)| *o != desc.ofd);
+        }
+    }
+    fn probe(&mut self, _desc: &Desc, _byte: u64) -> Option<Conflict> {
+        None
+    }
+    fn duplicate(&mut self, desc: &Desc) -> std::io::Result<Desc> {
+        Ok(Desc {
+            ofd: desc.ofd,
+            file: desc.file,
+        })
+    }
+    fn has_exited(&mut self, process: &(u32, u64)) -> bool {
+        self.exited.contains(process)
+    }
+    fn now(&mut self) -> SystemTime {
+        SystemTime::UNIX_EPOCH
+    }
+}
+
+const UUID: &str = "00000000-0000-4000-8000-000000000001";
+
+fn proc(pid: u32, start_time: u64, ppid: u32) -> ProcInfo<(u32, u64)> {
+    ProcInfo {
+        pid,
+        start_time,
+        ppid,
+        handle: (pid, start_time),
+    }
+}
+
+fn identity(guest_pid: u32) -> VmIdentity {
+    VmIdentity {
+        uuid: UUID.into(),
+        name: "vm".into(),
+        id: 1,
+        pid: guest_pid,
+    }
+}
+
+fn disk() -> Resource {
+    Resource::Disk {
+        path: "/images/a.qcow2".into(),
+        mode: DiskMode::Exclusive,
+    }
+}
+
+/// VM `UUID` with holder 10 (link 1) and guest 11, holding `disk()` on file 1.
+fn running_vm(host: &mut TinyHost, flags: AcquireFlags) -> LockTable<TinyHost> {
+    let mut table = LockTable::new(Policy::default(), "test".into());
+    let (r, _) = table.hold(
+        host,
+        10,
+        LinkId(1),
+        identity(11),
+        proc(11, 111, 10),
+        Vec::new(),
+        Some(flags.clone()),
+    );
+    r.expect("hold");
+    let opened = vec![Opened {
+        resource: disk(),
+        key: LockKey {
+            dev: 1,
+            ino: 1,
+            byte: 0,
+        },
+        desc: host.open(1),
+        image: None,
+    }];
+    let (r, _) = table.reserve(host, 10, UUID, opened, &flags);
+    let reservation = r.ok().flatten().expect("reserved");
+    let (r, _) = table.commit(UUID, reservation.ticket);
+    r.expect("committed");
+    table
+}
+
+/// Seed 1 of the first simulator run: a root process registered as the destination of a
+/// migration its source had prepared, took the descriptions with versions read from `status`,
+/// and finished the migration itself: the running source guest lost its disks.
+#[test]
+fn only_the_source_may_finish_a_migration() {
+    let mut host = TinyHost::default();
+    let mut table = running_vm(&mut host, AcquireFlags::default());
+    table.migrate_prepare(10, UUID).expect("prepared");
+    table
+        .hold_incoming(20, LinkId(2), &identity(21), proc(21, 121, 20))
+        .expect("any process may register as the destination");
+    let versions: Vec<(Resource, u64)> = table
+        .inquire(UUID)
+        .expect("status")
+        .into_iter()
+        .map(|h| (h.resource, h.version))
+        .collect();
+    let handover = table
+        .acquire_incoming(&mut host, 20, UUID, &versions)
+        .expect("current versions");
+    table.incoming_taken(UUID, handover.link).expect("taken");
+    assert!(
+        table.migrate_complete(20, UUID, true).is_err(),
+        "the destination finished the migration of a running VM"
+    );
+    assert_eq!(table.holder_pid(UUID), Some(10));
+    // The destination may still cancel; the source's own success hands over.
+    table
+        .migrate_complete(10, UUID, true)
+        .expect("source finishes");
+    assert_eq!(table.holder_pid(UUID), Some(20));
+}
+
+/// Seed 19: a supervisor that got a dead supervisor's pid started the VM again (its record
+/// empty, waiting) with `pause`; the table kept the dead guest's `ignore`.
+#[test]
+fn a_new_guest_brings_its_own_lock_failure_action() {
+    let mut host = TinyHost::default();
+    let mut table = LockTable::new(Policy::default(), "test".into());
+    let ignore = AcquireFlags {
+        on_lock_failure: LockFailureAction::Ignore,
+        ..AcquireFlags::default()
+    };
+    let (r, _) = table.hold(
+        &mut host,
+        10,
+        LinkId(1),
+        identity(11),
+        proc(11, 111, 10),
+        Vec::new(),
+        Some(ignore),
+    );
+    r.expect("hold");
+    let _ = table.holder_closed(&mut host, LinkId(1), true);
+    let pause = AcquireFlags {
+        on_lock_failure: LockFailureAction::Pause,
+        ..AcquireFlags::default()
+    };
+    let (r, _) = table.hold(
+        &mut host,
+        10,
+        LinkId(2),
+        identity(12),
+        proc(12, 222, 10),
+        Vec::new(),
+        Some(pause),
+    );
+    r.expect("hold of the new guest");
+    let recorded = table.persisted_owner(UUID).expect("recorded").flags;
+    assert_eq!(recorded.on_lock_failure, LockFailureAction::Pause);
+}
+
+/// Seed 7: a VM's supervisor died (its guest still running, being killed); another process got
+/// the dead supervisor's pid and released the VM's disks under the running guest.
+#[test]
+fn a_dead_supervisors_pid_no_longer_speaks_for_its_vm() {
+    let mut host = TinyHost::default();
+    let mut table = running_vm(&mut host, AcquireFlags::default());
+    let fx = table.holder_closed(&mut host, LinkId(1), false);
+    assert_eq!(fx.kill, vec![(11, 111)], "the orphaned guest is killed");
+    let (r, _) = table.release(&mut host, 10, UUID, None, false);
+    assert!(r.is_err(), "pid 10 now names another process");
+    assert!(host.locked_by_anyone(1), "the running guest keeps its lock");
+    let (r, _) = table.shutdown(&mut host, 10, UUID, 11);
+    assert!(r.is_err());
+    host.exited.insert((11, 111));
+    let _ = table.guest_exited(&mut host, UUID, 111);
+    assert!(
+        !host.locked_by_anyone(1),
+        "unlocked once the guest has exited"
+    );
+}
+
+/// Seed 1879: a disk hotplugged while the migration was under way passed to the destination
+/// with no copy the destination keeps (only the daemon's): a daemon restart would lose it
+/// under the running guest.
+#[test]
+fn no_acquire_while_migrating() {
+    let mut host = TinyHost::default();
+    let mut table = running_vm(&mut host, AcquireFlags::default());
+    table.migrate_prepare(10, UUID).expect("prepared");
+    let opened = vec![Opened {
+        resource: Resource::Disk {
+            path: "/images/b.qcow2".into(),
+            mode: DiskMode::Exclusive,
+        },
+        key: LockKey {
+            dev: 1,
+            ino: 2,
+            byte: 0,
+        },
+        desc: host.open(2),
+        image: None,
+    }];
+    let (r, _) = table.reserve(&mut host, 10, UUID, opened, &AcquireFlags::default());
+    assert!(r.is_err(), "hotplug during a migration");
+    assert!(!host.locked_by_anyone(2));
+    // Once the migration is cancelled, hotplug works again.
+    table.migrate_complete(10, UUID, false).expect("cancelled");
+    let opened = vec![Opened {
+        resource: disk(),
+        key: LockKey {
+            dev: 1,
+            ino: 1,
+            byte: 0,
+        },
+        desc: host.open(1),
+        image: None,
+    }];
+    let (r, _) = table.reserve(&mut host, 10, UUID, opened, &AcquireFlags::default());
+    assert!(r.is_ok(), "the same disk again is a no-op");
+}
