@@ -8,28 +8,42 @@
 //! [`HangFs::hang`] makes every operation that arrives from then on wait until
 //! [`HangFs::resume`], exactly as a hung NFS server or a dead disk would: the caller sleeps in the
 //! kernel. Byte-range locks (OFD, POSIX, flock) are left to the kernel (the filesystem does not ask
-//! for `FUSE_POSIX_LOCKS`), so they work as on a local filesystem and take no trip here.
+//! for `FUSE_POSIX_LOCKS`), so they work as on a local filesystem and take no trip here. Closing a
+//! description never waits either (`FLUSH` is not implemented and the kernel stops sending it; a
+//! release is sent in the background), so a process holding a description on a hung `HangFs` can
+//! still close it, exit or exec.
 //!
-//! Dropping a `HangFs` resumes it for good, then detaches the mount (`umount2(MNT_DETACH)`), so a
-//! failed test never leaves a hung mount behind. Descriptions still open elsewhere keep working
-//! (served by the filesystem's thread) until they close or this process exits, which ends the FUSE
-//! connection. Call [`private_mount_namespace`] first to keep the mount out of sight of every
-//! process but the test's own.
+//! The filesystem is served by a **process** of its own, forked from the mounting thread with
+//! `PR_SET_PDEATHSIG=SIGKILL`, never by a thread of the test: a request the server has read waits
+//! for its answer *uninterruptibly* (even a SIGKILLed requester, and every lookup of the same name
+//! behind it), and the kernel ends the connection only when the last holder of `/dev/fuse` is gone.
+//! With the server inside the test process, a test process that dies while the filesystem hangs
+//! could never finish dying. With a server process, its death (drop, or the death of the thread
+//! that mounted) aborts the connection and every waiter returns (`ENOTCONN`).
+//!
+//! Dropping a `HangFs` resumes it, detaches the mount (`umount2(MNT_DETACH)`) and ends the server,
+//! so a failed test never leaves a hung mount behind; descriptions still open on it fail from then
+//! on. Drop it (or resume it) *before* reaping processes that may wait in it: a process killed
+//! while its request waits here cannot exit until the request is answered. Call
+//! [`private_mount_namespace`] first to keep the mount out of sight of every process but the
+//! test's own.
 
 use fuser::{
     FileAttr, FileType, Filesystem, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyWrite, Request, Session, SessionACL, TimeOrNow,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult, Pid};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Size of the default `disk.img`.
@@ -37,12 +51,19 @@ pub const DISK_SIZE: u64 = 1 << 20;
 /// Name of the default file.
 pub const DISK_NAME: &str = "disk.img";
 
-/// How long a drop waits for the filesystem's thread to end after the detach (it ends at once
-/// when nothing has a file open on the filesystem any more).
-const SESSION_END_WAIT: Duration = Duration::from_millis(500);
 /// Entries and attributes are never cached: every lookup and stat reaches the filesystem.
 const NO_CACHE: Duration = Duration::ZERO;
 const ROOT: u64 = fuser::FUSE_ROOT_ID;
+
+// The control protocol between the test and the server process, one byte each.
+/// Test to server: hold every operation from now on.
+const CMD_HANG: u8 = b'h';
+/// Test to server: answer again.
+const CMD_RESUME: u8 = b'r';
+/// Server to test: an operation is held.
+const EVENT_HELD: u8 = b'H';
+/// Server to test: a held operation goes on.
+const EVENT_RELEASED: u8 = b'R';
 
 /// Moves the calling thread (and so every thread and process it starts from now on) into a mount
 /// namespace of its own whose mounts do not propagate back: a FUSE mount made after this is seen
@@ -64,14 +85,16 @@ pub fn private_mount_namespace() -> io::Result<()> {
 #[derive(Debug)]
 pub struct HangFs {
     mountpoint: PathBuf,
-    gate: Arc<Gate>,
-    session: Option<(JoinHandle<io::Result<()>>, Receiver<()>)>,
+    ctl: UnixStream,
+    server: Option<Pid>,
+    events: Arc<Events>,
     mounted: bool,
 }
 
 impl HangFs {
     /// Mounts the filesystem on `dir` (an existing empty directory) with one file,
-    /// [`DISK_NAME`], of [`DISK_SIZE`] zero bytes.
+    /// [`DISK_NAME`], of [`DISK_SIZE`] zero bytes. The server process lives until the drop or
+    /// until the calling thread ends.
     pub fn mount(dir: &Path) -> io::Result<Self> {
         Self::mount_with(dir, &[(DISK_NAME, DISK_SIZE)])
     }
@@ -79,8 +102,14 @@ impl HangFs {
     /// Mounts the filesystem on `dir` with the given regular files (name, size in bytes), all
     /// zero-filled, mode 0600, owned by the caller.
     pub fn mount_with(dir: &Path, files: &[(&str, u64)]) -> io::Result<Self> {
-        let gate = Arc::new(Gate::default());
-        let fs = MemFs::new(files, Arc::clone(&gate))?;
+        let (ctl, server_ctl) = UnixStream::pair()?;
+        let server_ctl_fd = server_ctl.as_raw_fd();
+        let fs = MemFs::new(files, server_ctl)?;
+        let null: OwnedFd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?
+            .into();
         let dev: OwnedFd = OpenOptions::new()
             .read(true)
             .write(true)
@@ -99,26 +128,46 @@ impl HangFs {
             Some(data.as_str()),
         )
         .map_err(io::Error::from)?;
-        // From here on, dropping `hang_fs` detaches the mount whatever fails next.
+        let events = Arc::new(Events::default());
+        // From here on, dropping `hang_fs` detaches the mount and ends the server.
         let mut hang_fs = HangFs {
             mountpoint: dir.to_owned(),
-            gate,
-            session: None,
+            ctl,
+            server: None,
+            events: Arc::clone(&events),
             mounted: true,
         };
+        // Everything the server needs is allocated before the fork.
         let mut session = Session::from_fd(fs, dev, SessionACL::All);
-        let (done_tx, done_rx) = channel();
-        let thread = std::thread::Builder::new()
-            .name("hangfs".into())
-            .spawn(move || {
-                let r = session.run();
-                let _ = done_tx.send(());
-                r
-            })?;
-        hang_fs.session = Some((thread, done_rx));
+        let keep = [session.as_fd().as_raw_fd(), server_ctl_fd, null.as_raw_fd()];
+        let parent = nix::unistd::getpid();
+        // SAFETY: the child only runs the FUSE session loop over objects allocated above, on its
+        // single thread: it takes no lock another thread of the test could have held at the fork
+        // (glibc's malloc is reset for the child by glibc itself; nothing here uses stdio, the
+        // environment or a logger) and ends with `_exit`, running no destructor of the parent's.
+        match unsafe { fork() }.map_err(io::Error::from)? {
+            ForkResult::Child => {
+                server_main(&mut session, parent, keep);
+            }
+            ForkResult::Parent { child } => hang_fs.server = Some(child),
+        }
+        // The parent keeps no copy of /dev/fuse: the server's death must end the connection.
+        drop(session);
+        drop(null);
+        let reader = hang_fs.ctl.try_clone()?;
+        std::thread::Builder::new()
+            .name("hangfs-events".into())
+            .spawn(move || events.read_from(reader))?;
         // The kernel holds every request until the filesystem answered FUSE_INIT: one stat of the
         // root proves it serves.
         std::fs::metadata(dir)?;
+        // Closing a description sends FUSE_FLUSH and waits for its answer, unless the filesystem
+        // once answered ENOSYS (as it does). Do that first close now, so that no close ever waits
+        // on a hung filesystem later: a process that forks and execs while it holds a description
+        // here (a test spawning a guest while its holder keeps a disk) closes it in the exec.
+        if let Some((name, _)) = files.first() {
+            drop(std::fs::File::open(dir.join(name))?);
+        }
         Ok(hang_fs)
     }
 
@@ -132,26 +181,26 @@ impl HangFs {
         self.mountpoint.join(name)
     }
 
-    /// Every operation that arrives from now on waits until [`HangFs::resume`] (operations
-    /// already answered are not affected).
+    /// Every operation that arrives from now on waits until [`HangFs::resume`] (an operation the
+    /// server is already answering is not affected).
     pub fn hang(&self) {
-        self.gate.set_hung(true);
+        let _ = (&self.ctl).write_all(&[CMD_HANG]);
     }
 
     /// Answers every waiting operation and serves normally again.
     pub fn resume(&self) {
-        self.gate.set_hung(false);
+        let _ = (&self.ctl).write_all(&[CMD_RESUME]);
     }
 
-    /// How many operations wait in the filesystem right now (0 or 1: the kernel hands them to
-    /// a single thread, the others queue in the kernel).
+    /// How many operations wait in the filesystem, as last reported by the server (0 or 1: the
+    /// server answers one request at a time; the others queue in the kernel).
     pub fn blocked(&self) -> usize {
-        self.gate.lock().blocked
+        self.events.lock().blocked
     }
 
     /// How many operations have been held by [`HangFs::hang`] so far, in all.
     pub fn held_so_far(&self) -> u64 {
-        self.gate.lock().held
+        self.events.lock().held
     }
 
     /// Waits until at least `n` operations in all have been held by [`HangFs::hang`] (counted by
@@ -159,14 +208,14 @@ impl HangFs {
     /// test knows a process is stuck in the filesystem, without sleeping.
     pub fn wait_held(&self, n: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut state = self.gate.lock();
+        let mut state = self.events.lock();
         while state.held < n {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || state.server_gone {
                 return false;
             }
             state = self
-                .gate
+                .events
                 .cond
                 .wait_timeout(state, left)
                 .unwrap_or_else(|p| p.into_inner())
@@ -175,27 +224,22 @@ impl HangFs {
         true
     }
 
-    /// Resumes for good and detaches the mount. Idempotent; also done by drop.
+    /// Resumes, detaches the mount and ends the server: every operation still waiting returns,
+    /// answered or with `ENOTCONN`. Idempotent; also done by drop.
     pub fn unmount(&mut self) -> io::Result<()> {
-        {
-            let mut state = self.gate.lock();
-            state.closed = true;
-            state.hung = false;
-            self.gate.cond.notify_all();
-        }
-        if self.mounted {
+        self.resume();
+        let detached = if self.mounted {
             self.mounted = false;
-            umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
+            umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)
+        } else {
+            Ok(())
+        };
+        if let Some(server) = self.server.take() {
+            let _ = self.ctl.shutdown(std::net::Shutdown::Both);
+            let _ = kill(server, Signal::SIGKILL);
+            let _ = waitpid(server, None);
         }
-        if let Some((thread, done)) = self.session.take() {
-            // The thread ends once the last description on the filesystem is closed. If something
-            // still has one open, leave the thread serving it (never hung any more); it ends with
-            // the process at the latest.
-            if done.recv_timeout(SESSION_END_WAIT).is_ok() {
-                let _ = thread.join();
-            }
-        }
-        Ok(())
+        detached
     }
 }
 
@@ -205,44 +249,156 @@ impl Drop for HangFs {
     }
 }
 
-#[derive(Debug, Default)]
-struct GateState {
-    hung: bool,
-    closed: bool,
-    blocked: usize,
-    held: u64,
+/// The server process: serves until the connection ends, the test closes the control socket, or
+/// the thread that forked it ends (PDEATHSIG). Never returns.
+fn server_main(session: &mut Session<MemFs>, parent: Pid, keep: [RawFd; 3]) -> ! {
+    let [_, _, null] = keep;
+    // SAFETY: plain system calls on integers; the descriptors closed here are copies this process
+    // inherited and never uses (no Rust object of this process refers to them, except the
+    // parent's control socket end, which is never used or dropped here: the process `_exit`s).
+    unsafe {
+        nix::libc::prctl(
+            nix::libc::PR_SET_PDEATHSIG,
+            nix::libc::SIGKILL as nix::libc::c_ulong,
+        );
+        if nix::libc::getppid() != parent.as_raw() {
+            nix::libc::_exit(0);
+        }
+        for std_fd in 0..3 {
+            nix::libc::dup2(null, std_fd);
+        }
+        let mut sorted = keep;
+        sorted.sort_unstable();
+        let mut from = 3;
+        for fd in sorted {
+            if fd > from {
+                close_range(from, fd - 1);
+            }
+            from = from.max(fd + 1);
+        }
+        close_range(from, RawFd::MAX);
+    }
+    let _ = session.run();
+    // SAFETY: ends this process at once, without running the parent's destructors or atexit
+    // handlers in the copy of its memory.
+    unsafe { nix::libc::_exit(0) }
 }
 
-/// Where every operation passes: it waits here while the filesystem hangs.
+/// Closes every descriptor in `first..=last`.
+///
+/// # Safety
+/// No live object may own a descriptor in the range.
+unsafe fn close_range(first: RawFd, last: RawFd) {
+    // SAFETY: the caller guarantees nothing owns these descriptors.
+    unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            first as nix::libc::c_uint,
+            last as nix::libc::c_uint,
+            0 as nix::libc::c_uint,
+        );
+    }
+}
+
 #[derive(Debug, Default)]
-struct Gate {
-    state: Mutex<GateState>,
+struct Reported {
+    blocked: usize,
+    held: u64,
+    server_gone: bool,
+}
+
+/// What the server reports, for the test's side.
+#[derive(Debug, Default)]
+struct Events {
+    state: Mutex<Reported>,
     cond: Condvar,
 }
 
-impl Gate {
-    fn lock(&self) -> MutexGuard<'_, GateState> {
+impl Events {
+    fn lock(&self) -> MutexGuard<'_, Reported> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_hung(&self, hung: bool) {
-        let mut state = self.lock();
-        state.hung = hung && !state.closed;
+    fn read_from(&self, mut ctl: UnixStream) {
+        let mut buf = [0u8; 64];
+        loop {
+            let n = match ctl.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut state = self.lock();
+            for byte in &buf[..n] {
+                match *byte {
+                    EVENT_HELD => {
+                        state.held += 1;
+                        state.blocked += 1;
+                    }
+                    EVENT_RELEASED => state.blocked = state.blocked.saturating_sub(1),
+                    _ => {}
+                }
+            }
+            self.cond.notify_all();
+        }
+        self.lock().server_gone = true;
         self.cond.notify_all();
     }
+}
 
-    fn pass(&self) {
-        let mut state = self.lock();
-        if !state.hung {
+/// The server's side of the control socket: where every operation passes, and waits while the
+/// filesystem hangs.
+#[derive(Debug)]
+struct Gate {
+    ctl: UnixStream,
+    hung: bool,
+}
+
+impl Gate {
+    fn apply(&mut self, commands: &[u8]) {
+        for c in commands {
+            match *c {
+                CMD_HANG => self.hung = true,
+                CMD_RESUME => self.hung = false,
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads one batch of commands, waiting for them if `wait`. The test gone ends the server.
+    fn read_commands(&mut self, wait: bool) {
+        let mut buf = [0u8; 64];
+        let flags = if wait {
+            nix::sys::socket::MsgFlags::empty()
+        } else {
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT
+        };
+        loop {
+            match nix::sys::socket::recv(self.ctl.as_raw_fd(), &mut buf, flags) {
+                Ok(0) => {
+                    // SAFETY: the test closed its end: end this process at once.
+                    unsafe { nix::libc::_exit(0) }
+                }
+                Ok(n) => {
+                    self.apply(&buf[..n]);
+                    if wait {
+                        return;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return, // EAGAIN: nothing more for now
+            }
+        }
+    }
+
+    fn pass(&mut self) {
+        self.read_commands(false);
+        if !self.hung {
             return;
         }
-        state.blocked += 1;
-        state.held += 1;
-        self.cond.notify_all();
-        while state.hung {
-            state = self.cond.wait(state).unwrap_or_else(|p| p.into_inner());
+        let _ = (&self.ctl).write_all(&[EVENT_HELD]);
+        while self.hung {
+            self.read_commands(true);
         }
-        state.blocked -= 1;
+        let _ = (&self.ctl).write_all(&[EVENT_RELEASED]);
     }
 }
 
@@ -257,14 +413,14 @@ struct Node {
 #[derive(Debug)]
 struct MemFs {
     files: BTreeMap<u64, Node>,
-    gate: Arc<Gate>,
+    gate: Gate,
     uid: u32,
     gid: u32,
     born: SystemTime,
 }
 
 impl MemFs {
-    fn new(files: &[(&str, u64)], gate: Arc<Gate>) -> io::Result<Self> {
+    fn new(files: &[(&str, u64)], ctl: UnixStream) -> io::Result<Self> {
         let mut map = BTreeMap::new();
         for (i, (name, size)) in files.iter().enumerate() {
             if name.is_empty() || name.contains('/') || *name == "." || *name == ".." {
@@ -286,7 +442,7 @@ impl MemFs {
         }
         Ok(MemFs {
             files: map,
-            gate,
+            gate: Gate { ctl, hung: false },
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             born: SystemTime::now(),
@@ -452,18 +608,6 @@ impl Filesystem for MemFs {
         reply.written(data.len() as u32);
     }
 
-    fn flush(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        _lock_owner: u64,
-        reply: ReplyEmpty,
-    ) {
-        self.gate.pass();
-        reply.ok();
-    }
-
     fn release(
         &mut self,
         _req: &Request<'_>,
@@ -557,9 +701,10 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
     use super::*;
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::io::{Seek, SeekFrom};
     use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
+    use std::sync::mpsc::channel;
     use vmlock_sys::ofd::{self, LockKind};
 
     fn mounted() -> (tempfile::TempDir, HangFs) {
@@ -647,7 +792,25 @@ mod tests {
             .unwrap();
         assert_eq!(len, DISK_SIZE);
         stat.join().unwrap();
-        assert_eq!(fs.blocked(), 0);
+    }
+
+    #[test]
+    fn closing_a_description_or_spawning_a_process_never_waits_on_a_hung_fs() {
+        let (_dir, fs) = mounted();
+        let file = std::fs::File::open(fs.file(DISK_NAME)).unwrap();
+        let copy = file.try_clone().unwrap();
+        fs.hang();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            // The child gets copies of both descriptions and closes them at its exec.
+            let status = std::process::Command::new("true").status().unwrap();
+            drop(file);
+            let _ = tx.send(status.success());
+        });
+        assert!(rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a close or an exec waited on the hung filesystem"));
+        drop(copy);
     }
 
     #[test]
@@ -665,8 +828,14 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("an open still hangs after the drop");
         opener.join().unwrap();
-        // The mount point is an empty directory again; the description opened before still works.
+        // The mount point is an empty directory again; the description opened before answers
+        // (with an error: the filesystem is gone) instead of hanging.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert_eq!(file.metadata().unwrap().len(), DISK_SIZE);
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(file.metadata().is_ok());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("an fstat on the ended filesystem hangs");
     }
 }
