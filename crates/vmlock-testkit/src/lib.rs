@@ -2,6 +2,7 @@
 //! and sanlock hosts, so every test starts its own processes in private directories and stops them
 //! by pid. Every wait here is bounded and panics on its timeout instead of hanging.
 
+pub mod fuse;
 pub mod process;
 pub mod qemu;
 pub mod sanlock;
