@@ -57,3 +57,21 @@ pub struct ProcInfo<P> {
     /// A handle to watch it by.
     pub handle: P,
 }
+
+/// Who sent a request: a process, by pid and start time (a later process given the same pid has
+/// another start time, so it is someone else).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Caller {
+    /// Its pid (from `SO_PEERCRED`).
+    pub pid: u32,
+    /// Its start time (clock ticks after boot); 0 = unknown (a record from before start times
+    /// were kept), which matches any process with that pid.
+    pub start_time: u64,
+}
+
+impl Caller {
+    /// Whether `other` is this very process.
+    pub fn is(&self, other: Caller) -> bool {
+        self.pid == other.pid && (self.start_time == 0 || self.start_time == other.start_time)
+    }
+}

@@ -6,7 +6,7 @@ pub mod host;
 pub mod table;
 pub mod types;
 
-pub use host::{Conflict, Host, LockKind, ProcInfo};
+pub use host::{Caller, Conflict, Host, LockKind, ProcInfo};
 pub use table::{
     Effects, Handover, LinkId, LockTable, LostLease, Opened, Persisted, PersistedOwner, Policy,
     Push, Refusal, Reservation, Sabotage, Ticket,

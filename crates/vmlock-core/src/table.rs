@@ -8,9 +8,10 @@
 //! another copy, so a lock survives the daemon.
 //!
 //! Ownership is checked here, not trusted from the client: every change to a VM comes from the
-//! process registered as its holder (`caller` is the peer's pid from the kernel, `SO_PEERCRED`).
+//! process registered as its holder (`caller` is the peer's pid from the kernel, `SO_PEERCRED`,
+//! with that process's start time, so a later process given the same pid is someone else).
 
-use crate::host::{Host, LockKind, ProcInfo};
+use crate::host::{Caller, Host, LockKind, ProcInfo};
 use crate::types::{AcquireFlags, HeldLock, HeldResource, LockKey, OwnerStatus, VmIdentity};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -230,7 +231,7 @@ struct Guest<P> {
 struct Owner<D, P> {
     vm: VmIdentity,
     /// The process keeping the descriptions (the supervisor).
-    holder_pid: u32,
+    holder: Caller,
     /// Its connection, while connected.
     link: Option<LinkId>,
     guest: Guest<P>,
@@ -247,8 +248,8 @@ struct Owner<D, P> {
 impl<D, P> Owner<D, P> {
     /// Whether `caller` is this VM's holder. Once the holder is known dead (`orphaned`), its
     /// pid may already name another process (pid reuse): nobody speaks for the VM any more.
-    fn is_holder(&self, caller: u32) -> bool {
-        self.holder_pid == caller && !self.orphaned
+    fn is_holder(&self, caller: Caller) -> bool {
+        self.holder.is(caller) && !self.orphaned
     }
     fn holder_identity(&self, host: &str) -> Holder {
         Holder {
@@ -271,7 +272,7 @@ struct Migration<P> {
 #[derive(Debug)]
 struct Incoming<P> {
     link: LinkId,
-    holder_pid: u32,
+    holder: Caller,
     guest: Guest<P>,
     /// The destination's holder keeps copies of every description.
     taken: bool,
@@ -306,6 +307,9 @@ pub struct PersistedOwner {
     pub vm: VmIdentity,
     /// The process keeping its descriptions.
     pub holder_pid: u32,
+    /// Its start time, so a later process given the same pid is not taken for it.
+    #[serde(default)]
+    pub holder_start: Option<u64>,
     /// The guest's start time.
     pub start_time: u64,
     /// Its acquire flags (lock-failure action, QMP socket).
@@ -349,7 +353,8 @@ fn not_migrating(uuid: &str) -> Error {
     )
 }
 
-fn not_holder(what: &str, owner_label: &str, caller: u32, holder: u32) -> Error {
+fn not_holder(what: &str, owner_label: &str, caller: Caller, holder: u32) -> Error {
+    let caller = caller.pid;
     Error::PermissionDenied {
         reason: format!(
             "{what} of VM {owner_label} may only come from its holder (pid {holder}), not pid {caller}"
@@ -413,10 +418,10 @@ impl<H: Host> LockTable<H> {
     }
 
     /// Only the VM's holder process may change it.
-    fn check_holder(&self, uuid: &str, caller: u32, what: &str) -> Result<(), Error> {
+    fn check_holder(&self, uuid: &str, caller: Caller, what: &str) -> Result<(), Error> {
         let owner = self.owner(uuid)?;
         if !owner.is_holder(caller) {
-            return Err(not_holder(what, &owner.label(), caller, owner.holder_pid));
+            return Err(not_holder(what, &owner.label(), caller, owner.holder.pid));
         }
         Ok(())
     }
@@ -430,7 +435,7 @@ impl<H: Host> LockTable<H> {
     pub fn hold(
         &mut self,
         host: &mut H,
-        caller: u32,
+        caller: Caller,
         link: LinkId,
         vm: VmIdentity,
         guest: ProcInfo<H::Proc>,
@@ -449,12 +454,12 @@ impl<H: Host> LockTable<H> {
         {
             return refuse(e, adopt);
         }
-        if guest.pid != vm.pid || (guest.pid != caller && guest.ppid != caller) {
+        if guest.pid != vm.pid || (guest.pid != caller.pid && guest.ppid != caller.pid) {
             return refuse(
                 Error::PermissionDenied {
                     reason: format!(
-                        "process {} is neither the holder (pid {caller}) nor its child",
-                        vm.pid
+                        "process {} is neither the holder (pid {}) nor its child",
+                        vm.pid, caller.pid
                     ),
                 },
                 adopt,
@@ -465,7 +470,7 @@ impl<H: Host> LockTable<H> {
         match self.owners.get_mut(&uuid) {
             Some(existing) => {
                 // Only the process that kept the descriptions may take them back.
-                if existing.link.is_some() || existing.holder_pid != caller {
+                if existing.link.is_some() || !existing.holder.is(caller) {
                     let holder = existing.holder_identity(&self.host_name);
                     return refuse(Error::OwnerExists { uuid, holder }, adopt);
                 }
@@ -507,7 +512,7 @@ impl<H: Host> LockTable<H> {
                     uuid.clone(),
                     Owner {
                         vm,
-                        holder_pid: caller,
+                        holder: caller,
                         link: Some(link),
                         guest: Guest {
                             pid: guest.pid,
@@ -589,7 +594,7 @@ impl<H: Host> LockTable<H> {
     pub fn reserve(
         &mut self,
         host: &mut H,
-        caller: u32,
+        caller: Caller,
         uuid: &str,
         opened: Vec<Opened<H::Desc>>,
         flags: &AcquireFlags,
@@ -608,7 +613,7 @@ impl<H: Host> LockTable<H> {
     fn reserve_inner(
         &mut self,
         host: &mut H,
-        caller: u32,
+        caller: Caller,
         uuid: &str,
         opened: Vec<Opened<H::Desc>>,
         flags: &AcquireFlags,
@@ -622,8 +627,8 @@ impl<H: Host> LockTable<H> {
                 return Err(e.into());
             }
         };
-        if owner.holder_pid != caller {
-            let e = not_holder("an acquire", &owner.label(), caller, owner.holder_pid);
+        if !owner.is_holder(caller) {
+            let e = not_holder("an acquire", &owner.label(), caller, owner.holder.pid);
             leftovers.extend(opened);
             return Err(e.into());
         }
@@ -1005,7 +1010,7 @@ impl<H: Host> LockTable<H> {
     pub fn release(
         &mut self,
         host: &mut H,
-        caller: u32,
+        caller: Caller,
         uuid: &str,
         resources: Option<&[Resource]>,
         holder_drops: bool,
@@ -1099,7 +1104,7 @@ impl<H: Host> LockTable<H> {
     pub fn shutdown(
         &mut self,
         host: &mut H,
-        caller: u32,
+        caller: Caller,
         uuid: &str,
         guest_pid: u32,
     ) -> (Result<Vec<HeldResource>, Error>, Fx<H>) {
@@ -1108,13 +1113,13 @@ impl<H: Host> LockTable<H> {
             return (Ok(Vec::new()), fx);
         };
         if !owner.is_holder(caller) {
-            let e = not_holder("a shutdown", &owner.label(), caller, owner.holder_pid);
+            let e = not_holder("a shutdown", &owner.label(), caller, owner.holder.pid);
             return (Err(e), fx);
         }
         if owner.vm.pid != guest_pid {
             return (Ok(Vec::new()), fx); // it runs as another guest now (migrated here)
         }
-        if !host.has_exited(&owner.guest.handle) && owner.guest.pid != caller {
+        if !host.has_exited(&owner.guest.handle) && owner.guest.pid != caller.pid {
             let e = Error::GuestRunning {
                 vm: owner.vm.name.clone(),
                 pid: owner.guest.pid,
@@ -1127,7 +1132,7 @@ impl<H: Host> LockTable<H> {
     /// Holder `caller` of VM `uuid` started its guest `guest`, which must be its child.
     pub fn guest_started(
         &mut self,
-        caller: u32,
+        caller: Caller,
         uuid: &str,
         guest: ProcInfo<H::Proc>,
     ) -> Result<Fx<H>, Error> {
@@ -1137,8 +1142,8 @@ impl<H: Host> LockTable<H> {
             reason: format!("process {} is not a child of the {who}", guest.pid),
         };
         if let Some(incoming) = owner.migration.as_mut().and_then(|m| m.incoming.as_mut()) {
-            if incoming.holder_pid == caller {
-                if guest.ppid != caller {
+            if incoming.holder.is(caller) {
+                if guest.ppid != caller.pid {
                     return Err(not_child("destination supervisor"));
                 }
                 incoming.guest = Guest {
@@ -1155,10 +1160,10 @@ impl<H: Host> LockTable<H> {
                 "naming the guest",
                 &owner.label(),
                 caller,
-                owner.holder_pid,
+                owner.holder.pid,
             ));
         }
-        if guest.ppid != caller {
+        if guest.ppid != caller.pid {
             return Err(not_child(&format!(
                 "supervisor of VM \"{}\"",
                 owner.vm.name
@@ -1254,7 +1259,7 @@ impl<H: Host> LockTable<H> {
             return fx;
         };
         owner.link = None;
-        if !holder_alive && owner.guest.pid != owner.holder_pid {
+        if !holder_alive && owner.guest.pid != owner.holder.pid {
             // A grant never outlives its guest, and a guest never runs without its grant: kill
             // the guest, unlock when it has exited.
             owner.orphaned = true;
@@ -1305,7 +1310,11 @@ impl<H: Host> LockTable<H> {
     }
 
     /// Source side: the versions to hand to the destination; marks the VM as migrating.
-    pub fn migrate_prepare(&mut self, caller: u32, uuid: &str) -> Result<Vec<HeldResource>, Error> {
+    pub fn migrate_prepare(
+        &mut self,
+        caller: Caller,
+        uuid: &str,
+    ) -> Result<Vec<HeldResource>, Error> {
         self.check_holder(uuid, caller, "a migration")?;
         let owner = self.owner_mut(uuid)?;
         if owner
@@ -1328,16 +1337,16 @@ impl<H: Host> LockTable<H> {
     /// Destination side: registers holder `caller` (connection `link`) for VM `vm`, migrating in.
     pub fn hold_incoming(
         &mut self,
-        caller: u32,
+        caller: Caller,
         link: LinkId,
         vm: &VmIdentity,
         guest: ProcInfo<H::Proc>,
     ) -> Result<Fx<H>, Error> {
-        if guest.pid != caller && guest.ppid != caller {
+        if guest.pid != caller.pid && guest.ppid != caller.pid {
             return Err(Error::PermissionDenied {
                 reason: format!(
-                    "process {} is neither the destination holder (pid {caller}) nor its child",
-                    guest.pid
+                    "process {} is neither the destination holder (pid {}) nor its child",
+                    guest.pid, caller.pid
                 ),
             });
         }
@@ -1356,7 +1365,7 @@ impl<H: Host> LockTable<H> {
         };
         match &migration.incoming {
             // The same process retrying (say after a refused state) replaces its registration.
-            Some(i) if i.holder_pid == caller && !i.taken => {
+            Some(i) if i.holder.is(caller) && !i.taken => {
                 fx.pushes.push((i.link, Push::Finished));
             }
             Some(_) => {
@@ -1369,7 +1378,7 @@ impl<H: Host> LockTable<H> {
         }
         migration.incoming = Some(Incoming {
             link,
-            holder_pid: caller,
+            holder: caller,
             guest: Guest {
                 pid: guest.pid,
                 start_time: guest.start_time,
@@ -1386,7 +1395,7 @@ impl<H: Host> LockTable<H> {
     pub fn acquire_incoming(
         &mut self,
         host: &mut H,
-        caller: u32,
+        caller: Caller,
         uuid: &str,
         versions: &[(Resource, u64)],
     ) -> Result<Handover<H::Desc>, Error> {
@@ -1396,12 +1405,12 @@ impl<H: Host> LockTable<H> {
             .as_ref()
             .and_then(|m| m.incoming.as_ref())
             .ok_or_else(|| not_migrating(uuid))?;
-        if incoming.holder_pid != caller {
+        if !incoming.holder.is(caller) {
             return Err(not_holder(
                 "taking the leases over",
                 &owner.label(),
                 caller,
-                incoming.holder_pid,
+                incoming.holder.pid,
             ));
         }
         let stale = |reason: String| Error::InvalidLockState {
@@ -1481,7 +1490,7 @@ impl<H: Host> LockTable<H> {
     /// Ends a migration, asked by the source's or the destination's holder.
     pub fn migrate_complete(
         &mut self,
-        caller: u32,
+        caller: Caller,
         uuid: &str,
         success: bool,
     ) -> Result<Fx<H>, Error> {
@@ -1489,17 +1498,17 @@ impl<H: Host> LockTable<H> {
         let Some(owner) = self.owners.get_mut(uuid) else {
             return Ok(fx);
         };
-        let incoming_pid = owner
+        let is_destination = owner
             .migration
             .as_ref()
             .and_then(|m| m.incoming.as_ref())
-            .map(|i| i.holder_pid);
-        if !owner.is_holder(caller) && incoming_pid != Some(caller) {
+            .is_some_and(|i| i.holder.is(caller));
+        if !owner.is_holder(caller) && !is_destination {
             return Err(not_holder(
                 "ending a migration",
                 &owner.label(),
                 caller,
-                owner.holder_pid,
+                owner.holder.pid,
             ));
         }
         if owner.migration.is_none() {
@@ -1514,7 +1523,7 @@ impl<H: Host> LockTable<H> {
                 "finishing a migration",
                 &owner.label(),
                 caller,
-                owner.holder_pid,
+                owner.holder.pid,
             ));
         }
         if !success {
@@ -1553,7 +1562,7 @@ impl<H: Host> LockTable<H> {
             .filter(|i| i.taken)
             .ok_or_else(|| not_migrating(uuid))?;
         let old = owner.link.replace(incoming.link);
-        owner.holder_pid = incoming.holder_pid;
+        owner.holder = incoming.holder;
         owner.vm.pid = incoming.guest.pid;
         owner.guest = incoming.guest;
         owner.orphaned = false;
@@ -1587,7 +1596,7 @@ impl<H: Host> LockTable<H> {
 
     /// The holder process of VM `uuid`.
     pub fn holder_pid(&self, uuid: &str) -> Option<u32> {
-        self.owners.get(uuid).map(|o| o.holder_pid)
+        self.owners.get(uuid).map(|o| o.holder.pid)
     }
 
     /// Everything, sorted by VM name.
@@ -1597,7 +1606,7 @@ impl<H: Host> LockTable<H> {
             .values()
             .map(|o| OwnerStatus {
                 vm: o.vm.clone(),
-                holder_pid: o.link.map(|_| o.holder_pid),
+                holder_pid: o.link.map(|_| o.holder.pid),
                 resources: held(o),
             })
             .collect();
@@ -1664,7 +1673,8 @@ impl<H: Host> LockTable<H> {
     pub fn persisted_owner(&self, uuid: &str) -> Option<PersistedOwner> {
         self.owners.get(uuid).map(|o| PersistedOwner {
             vm: o.vm.clone(),
-            holder_pid: o.holder_pid,
+            holder_pid: o.holder.pid,
+            holder_start: Some(o.holder.start_time),
             start_time: o.guest.start_time,
             flags: o.flags.clone(),
             grants: o
@@ -1737,7 +1747,11 @@ impl<H: Host> LockTable<H> {
                         handle,
                     },
                     vm: p.vm,
-                    holder_pid: p.holder_pid,
+                    holder: Caller {
+                        pid: p.holder_pid,
+                        // A record written before start times were kept names its holder by pid.
+                        start_time: p.holder_start.unwrap_or(0),
+                    },
                     link: None,
                     flags: p.flags,
                     flags_set: true,
@@ -1770,7 +1784,7 @@ impl<H: Host> LockTable<H> {
 
     /// The guest handle and holder pid of VM `uuid`, for invariant checks.
     pub fn guest_of(&self, uuid: &str) -> Option<(u32, u32)> {
-        self.owners.get(uuid).map(|o| (o.guest.pid, o.holder_pid))
+        self.owners.get(uuid).map(|o| (o.guest.pid, o.holder.pid))
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 use vmlock::{DiskMode, LockFailureAction, Resource};
 use vmlock_core::types::{AcquireFlags, LockKey, VmIdentity};
-use vmlock_core::{Conflict, Host, LinkId, LockKind, LockTable, Opened, Policy, ProcInfo};
+use vmlock_core::{Caller, Conflict, Host, LinkId, LockKind, LockTable, Opened, Policy, ProcInfo};
 
 /// A description: its id and file (no reference counting needed here).
 #[derive(Debug)]
@@ -72,6 +72,14 @@ impl Host for TinyHost {
 
 const UUID: &str = "00000000-0000-4000-8000-000000000001";
 
+/// A request from process `pid` (its start time as `proc` gives it).
+fn who(pid: u32) -> Caller {
+    Caller {
+        pid,
+        start_time: 100 + u64::from(pid),
+    }
+}
+
 fn proc(pid: u32, start_time: u64, ppid: u32) -> ProcInfo<(u32, u64)> {
     ProcInfo {
         pid,
@@ -102,7 +110,7 @@ fn running_vm(host: &mut TinyHost, flags: AcquireFlags) -> LockTable<TinyHost> {
     let mut table = LockTable::new(Policy::default(), "test".into());
     let (r, _) = table.hold(
         host,
-        10,
+        who(10),
         LinkId(1),
         identity(11),
         proc(11, 111, 10),
@@ -120,7 +128,7 @@ fn running_vm(host: &mut TinyHost, flags: AcquireFlags) -> LockTable<TinyHost> {
         desc: host.open(1),
         image: None,
     }];
-    let (r, _) = table.reserve(host, 10, UUID, opened, &flags);
+    let (r, _) = table.reserve(host, who(10), UUID, opened, &flags);
     let reservation = r.ok().flatten().expect("reserved");
     let (r, _) = table.commit(UUID, reservation.ticket);
     r.expect("committed");
@@ -134,9 +142,9 @@ fn running_vm(host: &mut TinyHost, flags: AcquireFlags) -> LockTable<TinyHost> {
 fn only_the_source_may_finish_a_migration() {
     let mut host = TinyHost::default();
     let mut table = running_vm(&mut host, AcquireFlags::default());
-    table.migrate_prepare(10, UUID).expect("prepared");
+    table.migrate_prepare(who(10), UUID).expect("prepared");
     table
-        .hold_incoming(20, LinkId(2), &identity(21), proc(21, 121, 20))
+        .hold_incoming(who(20), LinkId(2), &identity(21), proc(21, 121, 20))
         .expect("any process may register as the destination");
     let versions: Vec<(Resource, u64)> = table
         .inquire(UUID)
@@ -145,17 +153,17 @@ fn only_the_source_may_finish_a_migration() {
         .map(|h| (h.resource, h.version))
         .collect();
     let handover = table
-        .acquire_incoming(&mut host, 20, UUID, &versions)
+        .acquire_incoming(&mut host, who(20), UUID, &versions)
         .expect("current versions");
     table.incoming_taken(UUID, handover.link).expect("taken");
     assert!(
-        table.migrate_complete(20, UUID, true).is_err(),
+        table.migrate_complete(who(20), UUID, true).is_err(),
         "the destination finished the migration of a running VM"
     );
     assert_eq!(table.holder_pid(UUID), Some(10));
     // The destination may still cancel; the source's own success hands over.
     table
-        .migrate_complete(10, UUID, true)
+        .migrate_complete(who(10), UUID, true)
         .expect("source finishes");
     assert_eq!(table.holder_pid(UUID), Some(20));
 }
@@ -172,7 +180,7 @@ fn a_new_guest_brings_its_own_lock_failure_action() {
     };
     let (r, _) = table.hold(
         &mut host,
-        10,
+        who(10),
         LinkId(1),
         identity(11),
         proc(11, 111, 10),
@@ -187,7 +195,7 @@ fn a_new_guest_brings_its_own_lock_failure_action() {
     };
     let (r, _) = table.hold(
         &mut host,
-        10,
+        who(10),
         LinkId(2),
         identity(12),
         proc(12, 222, 10),
@@ -207,10 +215,10 @@ fn a_dead_supervisors_pid_no_longer_speaks_for_its_vm() {
     let mut table = running_vm(&mut host, AcquireFlags::default());
     let fx = table.holder_closed(&mut host, LinkId(1), false);
     assert_eq!(fx.kill, vec![(11, 111)], "the orphaned guest is killed");
-    let (r, _) = table.release(&mut host, 10, UUID, None, false);
+    let (r, _) = table.release(&mut host, who(10), UUID, None, false);
     assert!(r.is_err(), "pid 10 now names another process");
     assert!(host.locked_by_anyone(1), "the running guest keeps its lock");
-    let (r, _) = table.shutdown(&mut host, 10, UUID, 11);
+    let (r, _) = table.shutdown(&mut host, who(10), UUID, 11);
     assert!(r.is_err());
     host.exited.insert((11, 111));
     let _ = table.guest_exited(&mut host, UUID, 111);
@@ -227,7 +235,7 @@ fn a_dead_supervisors_pid_no_longer_speaks_for_its_vm() {
 fn no_acquire_while_migrating() {
     let mut host = TinyHost::default();
     let mut table = running_vm(&mut host, AcquireFlags::default());
-    table.migrate_prepare(10, UUID).expect("prepared");
+    table.migrate_prepare(who(10), UUID).expect("prepared");
     let opened = vec![Opened {
         resource: Resource::Disk {
             path: "/images/b.qcow2".into(),
@@ -241,11 +249,13 @@ fn no_acquire_while_migrating() {
         desc: host.open(2),
         image: None,
     }];
-    let (r, _) = table.reserve(&mut host, 10, UUID, opened, &AcquireFlags::default());
+    let (r, _) = table.reserve(&mut host, who(10), UUID, opened, &AcquireFlags::default());
     assert!(r.is_err(), "hotplug during a migration");
     assert!(!host.locked_by_anyone(2));
     // Once the migration is cancelled, hotplug works again.
-    table.migrate_complete(10, UUID, false).expect("cancelled");
+    table
+        .migrate_complete(who(10), UUID, false)
+        .expect("cancelled");
     let opened = vec![Opened {
         resource: disk(),
         key: LockKey {
@@ -256,6 +266,6 @@ fn no_acquire_while_migrating() {
         desc: host.open(1),
         image: None,
     }];
-    let (r, _) = table.reserve(&mut host, 10, UUID, opened, &AcquireFlags::default());
+    let (r, _) = table.reserve(&mut host, who(10), UUID, opened, &AcquireFlags::default());
     assert!(r.is_ok(), "the same disk again is a no-op");
 }

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use vmlock::{DiskMode, LockFailureAction, Resource};
 use vmlock_core::types::{AcquireFlags, HeldLock, LockKey, VmIdentity};
 use vmlock_core::{
-    Effects, LinkId, LockKind, LockTable, Opened, Persisted, Policy, ProcInfo, Push, Sabotage,
-    Ticket,
+    Caller, Effects, LinkId, LockKind, LockTable, Opened, Persisted, Policy, ProcInfo, Push,
+    Sabotage, Ticket,
 };
 
 /// The init process: parent of every supervisor.
@@ -217,6 +217,16 @@ pub struct World {
     pub counts: BTreeMap<&'static str, u64>,
     /// The last steps, for a failure report.
     trace: Vec<String>,
+}
+
+/// The caller a request from `pid` carries, as the daemon reads it (`SO_PEERCRED`, then the
+/// start time from `/proc`): that pid's live process; a dead pid matches nobody.
+fn caller_of(kernel: &KernelRef, pid: u32) -> Caller {
+    let start_time = kernel
+        .borrow()
+        .process(pid)
+        .map_or(u64::MAX, |p| p.start_time);
+    Caller { pid, start_time }
 }
 
 fn key_of(disk: usize) -> LockKey {
@@ -630,9 +640,13 @@ impl World {
             .as_ref()
             .is_some_and(|h| h.process.pid == caller && self.alive(&h.process));
         let daemon = self.daemon.as_mut().expect("checked above");
-        let (result, fx) = daemon
-            .table
-            .reserve(&mut self.host, caller, &uuid, opened, &flags);
+        let (result, fx) = daemon.table.reserve(
+            &mut self.host,
+            caller_of(&self.kernel, caller),
+            &uuid,
+            opened,
+            &flags,
+        );
         self.apply(fx)?;
         if result.is_ok() && !from_holder {
             return Err(format!(
@@ -743,10 +757,13 @@ impl World {
             return Ok(());
         };
         let list = [resource.clone()];
-        let (result, fx) =
-            daemon
-                .table
-                .release(&mut self.host, caller, &uuid, Some(&list), holder_drops);
+        let (result, fx) = daemon.table.release(
+            &mut self.host,
+            caller_of(&self.kernel, caller),
+            &uuid,
+            Some(&list),
+            holder_drops,
+        );
         self.apply(fx)?;
         match result {
             Ok(_) => {
@@ -873,7 +890,7 @@ impl World {
         let daemon = self.daemon.as_mut().expect("checked above");
         let (result, fx) = daemon.table.hold(
             &mut self.host,
-            holder.pid,
+            caller_of(&self.kernel, holder.pid),
             link,
             identity,
             proc_info(&self.kernel, &guest),
@@ -962,7 +979,12 @@ impl World {
             let before = self.snapshot();
             let uuid = self.vms[slot].uuid.clone();
             let daemon = self.daemon.as_mut().expect("checked above");
-            let (result, fx) = daemon.table.shutdown(&mut self.host, pid, &uuid, guest_pid);
+            let (result, fx) = daemon.table.shutdown(
+                &mut self.host,
+                caller_of(&self.kernel, pid),
+                &uuid,
+                guest_pid,
+            );
             self.apply(fx)?;
             if let Err(e) = result {
                 self.refused("refused:shutdown");
@@ -1219,7 +1241,7 @@ impl World {
         let daemon = self.daemon.as_mut().expect("checked above");
         let (result, fx) = daemon.table.hold(
             &mut self.host,
-            caller,
+            caller_of(&self.kernel, caller),
             link,
             identity,
             proc_info(&self.kernel, &guest),
@@ -1360,7 +1382,10 @@ impl World {
         match stage {
             0 => {
                 let daemon = self.daemon.as_mut().expect("checked above");
-                match daemon.table.migrate_prepare(source, &uuid) {
+                match daemon
+                    .table
+                    .migrate_prepare(caller_of(&self.kernel, source), &uuid)
+                {
                     Ok(held) => {
                         self.count("migration:prepared");
                         self.vms[slot].migration = Some(Migration {
@@ -1384,7 +1409,7 @@ impl World {
                 let identity = self.identity(slot, &guest);
                 let daemon = self.daemon.as_mut().expect("checked above");
                 match daemon.table.hold_incoming(
-                    holder.pid,
+                    caller_of(&self.kernel, holder.pid),
                     link,
                     &identity,
                     proc_info(&self.kernel, &guest),
@@ -1437,10 +1462,12 @@ impl World {
                 let dest = incoming.holder.process.pid;
                 let link = incoming.holder.link;
                 let daemon = self.daemon.as_mut().expect("checked above");
-                match daemon
-                    .table
-                    .acquire_incoming(&mut self.host, dest, &uuid, &versions)
-                {
+                match daemon.table.acquire_incoming(
+                    &mut self.host,
+                    caller_of(&self.kernel, dest),
+                    &uuid,
+                    &versions,
+                ) {
                     Ok(handover) => {
                         let Some(link) = link.filter(|l| *l == handover.link) else {
                             return Ok(());
@@ -1519,7 +1546,9 @@ impl World {
             .map(|i| i.guest.pid);
         let before = self.snapshot();
         let daemon = self.daemon.as_mut().expect("checked above");
-        let result = daemon.table.migrate_complete(caller, &uuid, success);
+        let result = daemon
+            .table
+            .migrate_complete(caller_of(&self.kernel, caller), &uuid, success);
         let owner_guest = daemon.table.guest_of(&uuid).map(|(g, _)| g);
         match result {
             Ok(fx) => {
@@ -1637,9 +1666,13 @@ impl World {
         let daemon = self.daemon.as_mut().expect("checked above");
         let refusal: Option<String> = match lie {
             0 => {
-                let (r, fx) = daemon
-                    .table
-                    .release(&mut self.host, liar.pid, &uuid, None, false);
+                let (r, fx) = daemon.table.release(
+                    &mut self.host,
+                    caller_of(&self.kernel, liar.pid),
+                    &uuid,
+                    None,
+                    false,
+                );
                 self.apply(fx)?;
                 match r {
                     Ok(_) => {
@@ -1654,9 +1687,12 @@ impl World {
             1 => {
                 let guest_pid = victim_guest.map_or(0, |g| g.pid);
                 let known = daemon.table.lookup(&uuid).is_ok();
-                let (r, fx) = daemon
-                    .table
-                    .shutdown(&mut self.host, liar.pid, &uuid, guest_pid);
+                let (r, fx) = daemon.table.shutdown(
+                    &mut self.host,
+                    caller_of(&self.kernel, liar.pid),
+                    &uuid,
+                    guest_pid,
+                );
                 self.apply(fx)?;
                 match r {
                     // No such VM: nothing to shut down, nothing changed.
@@ -1682,10 +1718,11 @@ impl World {
                     victim_guest.unwrap_or(liar_child)
                 };
                 let owner_guest = daemon.table.guest_of(&uuid).map(|(g, _)| g);
-                let r =
-                    daemon
-                        .table
-                        .guest_started(liar.pid, &uuid, proc_info(&self.kernel, &named));
+                let r = daemon.table.guest_started(
+                    caller_of(&self.kernel, liar.pid),
+                    &uuid,
+                    proc_info(&self.kernel, &named),
+                );
                 let owner_guest_now = daemon.table.guest_of(&uuid).map(|(g, _)| g);
                 match r {
                     Ok(fx) => {
@@ -1703,7 +1740,10 @@ impl World {
                     Err(e) => Some(e.to_string()),
                 }
             }
-            4 => match daemon.table.migrate_prepare(liar.pid, &uuid) {
+            4 => match daemon
+                .table
+                .migrate_prepare(caller_of(&self.kernel, liar.pid), &uuid)
+            {
                 Ok(_) => {
                     return Err(format!(
                         "invariant 3: pid {} prepared a migration of {} for its supervisor",
@@ -1728,7 +1768,7 @@ impl World {
                 let link = LinkId(u64::MAX - self.step);
                 let (r, fx) = daemon.table.hold(
                     &mut self.host,
-                    liar.pid,
+                    caller_of(&self.kernel, liar.pid),
                     link,
                     identity,
                     proc_info(&self.kernel, &foreign),
@@ -1764,10 +1804,13 @@ impl World {
                 if impostor_in_window {
                     return Ok(());
                 }
-                let (r, fx) =
-                    daemon
-                        .table
-                        .release(&mut self.host, impostor.pid, &uuid, None, false);
+                let (r, fx) = daemon.table.release(
+                    &mut self.host,
+                    caller_of(&self.kernel, impostor.pid),
+                    &uuid,
+                    None,
+                    false,
+                );
                 self.count("lie:reused_holder_pid:sent");
                 self.apply(fx)?;
                 r.err().map(|e| e.to_string())
@@ -1784,10 +1827,12 @@ impl World {
                         v.1 += 1;
                     }
                 }
-                match daemon
-                    .table
-                    .acquire_incoming(&mut self.host, liar.pid, &uuid, &versions)
-                {
+                match daemon.table.acquire_incoming(
+                    &mut self.host,
+                    caller_of(&self.kernel, liar.pid),
+                    &uuid,
+                    &versions,
+                ) {
                     // Only the registered destination gets copies (the rogue may be one, see
                     // `migration_walk`); dropping them unlocks nothing, and what it could do
                     // with them is for invariants 1 and 2 to judge.
@@ -1800,7 +1845,11 @@ impl World {
             }
             _ => {
                 let success = self.rng.chance(50);
-                match daemon.table.migrate_complete(liar.pid, &uuid, success) {
+                match daemon.table.migrate_complete(
+                    caller_of(&self.kernel, liar.pid),
+                    &uuid,
+                    success,
+                ) {
                     Ok(fx) => {
                         self.apply(fx)?;
                         None
@@ -1835,7 +1884,7 @@ impl World {
         let before = self.snapshot();
         let daemon = self.daemon.as_mut().expect("callers check");
         let registered = daemon.table.hold_incoming(
-            rogue.pid,
+            caller_of(&self.kernel, rogue.pid),
             rogue_link,
             &identity,
             proc_info(&self.kernel, &rogue_guest),
@@ -1860,14 +1909,15 @@ impl World {
                 v.1 += 1;
             }
         }
-        let handover =
-            match daemon
-                .table
-                .acquire_incoming(&mut self.host, rogue.pid, &uuid, &versions)
-            {
-                Ok(h) => h,
-                Err(_) => return Ok(()),
-            };
+        let handover = match daemon.table.acquire_incoming(
+            &mut self.host,
+            caller_of(&self.kernel, rogue.pid),
+            &uuid,
+            &versions,
+        ) {
+            Ok(h) => h,
+            Err(_) => return Ok(()),
+        };
         let taken = daemon.table.incoming_taken(&uuid, handover.link).is_ok();
         let disks: Vec<usize> = handover
             .handover
@@ -1886,7 +1936,11 @@ impl World {
         if !taken {
             return Ok(());
         }
-        if let Ok(fx) = daemon.table.migrate_complete(rogue.pid, &uuid, true) {
+        if let Ok(fx) =
+            daemon
+                .table
+                .migrate_complete(caller_of(&self.kernel, rogue.pid), &uuid, true)
+        {
             self.apply(fx)?;
             let owner = self.daemon.as_ref().and_then(|d| d.table.holder_pid(&uuid));
             if owner == Some(rogue.pid) {

@@ -22,11 +22,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmlock::Error;
 use vmlock::LockFailureAction;
 use vmlock_core::types::{HeldLock as CoreHeldLock, LockKey};
-use vmlock_core::{Effects, LinkId, LockTable, LostLease, Push};
+use vmlock_core::{Caller, Effects, LinkId, LockTable, LostLease, Push};
 
 /// A running daemon.
 #[derive(Debug)]
@@ -164,6 +164,7 @@ impl Daemon {
         // Out of descriptors (or memory), accept fails at once as long as the connection waits in
         // the backlog: back off instead of spinning, and say so once per episode, not per try.
         let mut backoff: Option<Duration> = None;
+        let mut last_failure = Instant::now();
         loop {
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
@@ -183,11 +184,15 @@ impl Daemon {
                         Some(p) => (p * 2).min(ACCEPT_BACKOFF_MAX),
                     };
                     backoff = Some(pause);
+                    last_failure = Instant::now();
                     std::thread::sleep(pause);
                     continue;
                 }
             };
-            if backoff.take().is_some() {
+            // One accepted connection may free a descriptor only for the next accept to fail
+            // again: the episode ends after a quiet spell, not at the first success.
+            if backoff.is_some() && last_failure.elapsed() > 2 * ACCEPT_BACKOFF_MAX {
+                backoff = None;
                 tracing::warn!("accepting connections again");
             }
             let daemon = Arc::clone(self);
@@ -238,7 +243,16 @@ impl Daemon {
             );
             return;
         }
-        let peer_pid = u32::try_from(peer.pid()).unwrap_or(0);
+        let caller = u32::try_from(peer.pid()).unwrap_or(0);
+        // The caller is this process, by pid and start time, so a later process given the same
+        // pid is never taken for it.
+        let Some(peer_start) = vmlock::process::stat(caller).map(|s| s.start_time) else {
+            return; // gone already
+        };
+        let caller = Caller {
+            pid: caller,
+            start_time: peer_start,
+        };
         let mut reader = FrameReader::new();
         match reader.read::<Request>(&stream) {
             Ok((Request::Hello { version }, _)) if version == PROTOCOL_VERSION => {
@@ -337,14 +351,14 @@ impl Daemon {
                     {
                         return;
                     }
-                    self.serve_holder((stream, reader), peer_pid, vm, adopt, fds, incoming, flags);
+                    self.serve_holder((stream, reader), caller, vm, adopt, fds, incoming, flags);
                     return;
                 }
                 Request::Restrict => {
                     restricted = true;
                     (Reply::Ok, Vec::new())
                 }
-                other => match self.dispatch(other, peer_pid, &mut restricted, &stream) {
+                other => match self.dispatch(other, caller, &mut restricted, &stream) {
                     Some(answer) => answer,
                     None => continue, // the reply went out with its descriptors already
                 },
@@ -414,7 +428,7 @@ impl Daemon {
     fn dispatch(
         &self,
         request: Request,
-        peer_pid: u32,
+        caller: Caller,
         restricted: &mut bool,
         stream: &UnixStream,
     ) -> Option<(Reply, Vec<OwnedFd>)> {
@@ -423,36 +437,34 @@ impl Daemon {
                 uuid,
                 resources,
                 flags,
-            } => return self.acquire(stream, peer_pid, &uuid, &resources, &flags, restricted),
+            } => return self.acquire(stream, caller, &uuid, &resources, &flags, restricted),
             Request::ReleaseKept { uuid, resources } => self
-                .with_table(|t, h| t.release(h, peer_pid, &uuid, Some(&resources), true))
+                .with_table(|t, h| t.release(h, caller, &uuid, Some(&resources), true))
                 .map_or_else(Reply::Error, Reply::Held),
             Request::Release { uuid, resources } => self
-                .with_table(|t, h| t.release(h, peer_pid, &uuid, resources.as_deref(), false))
+                .with_table(|t, h| t.release(h, caller, &uuid, resources.as_deref(), false))
                 .map_or_else(Reply::Error, Reply::Held),
             Request::AcquireIncoming { uuid, versions } => {
-                self.acquire_incoming(peer_pid, &uuid, &versions)
+                self.acquire_incoming(caller, &uuid, &versions)
             }
             Request::MigratePrepare { uuid } => self
-                .with_table(|t, _| (t.migrate_prepare(peer_pid, &uuid), Effects::default()))
+                .with_table(|t, _| (t.migrate_prepare(caller, &uuid), Effects::default()))
                 .map_or_else(Reply::Error, Reply::Held),
             Request::MigrateComplete { uuid, success } => {
-                self.with_table(|t, _| match t.migrate_complete(peer_pid, &uuid, success) {
+                self.with_table(|t, _| match t.migrate_complete(caller, &uuid, success) {
                     Ok(fx) => (Reply::Ok, fx),
                     Err(e) => (Reply::Error(e), Effects::default()),
                 })
             }
             Request::Shutdown { uuid, guest_pid } => self
-                .with_table(|t, h| t.shutdown(h, peer_pid, &uuid, guest_pid))
+                .with_table(|t, h| t.shutdown(h, caller, &uuid, guest_pid))
                 .map_or_else(Reply::Error, Reply::Held),
             Request::GuestStarted { uuid, pid } => match host::process(pid, None) {
                 Err(e) => Reply::Error(e),
-                Ok(guest) => {
-                    self.with_table(|t, _| match t.guest_started(peer_pid, &uuid, guest) {
-                        Ok(fx) => (Reply::Ok, fx),
-                        Err(e) => (Reply::Error(e), Effects::default()),
-                    })
-                }
+                Ok(guest) => self.with_table(|t, _| match t.guest_started(caller, &uuid, guest) {
+                    Ok(fx) => (Reply::Ok, fx),
+                    Err(e) => (Reply::Error(e), Effects::default()),
+                }),
             },
             Request::Inquire { uuid } => self
                 .lock_table()
@@ -482,7 +494,7 @@ impl Daemon {
     fn acquire(
         &self,
         stream: &UnixStream,
-        peer_pid: u32,
+        caller: Caller,
         uuid: &str,
         resources: &[vmlock::Resource],
         flags: &crate::proto::AcquireFlags,
@@ -501,7 +513,7 @@ impl Daemon {
                 }
             }
         }
-        let reserved = self.with_table(|t, h| t.reserve(h, peer_pid, uuid, opened, flags));
+        let reserved = self.with_table(|t, h| t.reserve(h, caller, uuid, opened, flags));
         let reservation = match reserved {
             Err(refusal) => {
                 return Some((
@@ -537,7 +549,7 @@ impl Daemon {
                 );
                 let taken: Vec<vmlock::Resource> =
                     locks.iter().map(|l| l.resource.clone()).collect();
-                let _ = self.with_table(|t, h| t.release(h, peer_pid, uuid, Some(&taken), true));
+                let _ = self.with_table(|t, h| t.release(h, caller, uuid, Some(&taken), true));
                 return None;
             }
             *restricted = flags.restrict;
@@ -569,13 +581,13 @@ impl Daemon {
     /// destination's holder with the table unlocked.
     fn acquire_incoming(
         &self,
-        peer_pid: u32,
+        caller: Caller,
         uuid: &str,
         versions: &[(vmlock::Resource, u64)],
     ) -> Reply {
         let handover = self.with_table(|t, h| {
             (
-                t.acquire_incoming(h, peer_pid, uuid, versions),
+                t.acquire_incoming(h, caller, uuid, versions),
                 Effects::default(),
             )
         });
@@ -604,7 +616,7 @@ impl Daemon {
     fn serve_holder(
         &self,
         (stream, mut reader): (UnixStream, FrameReader),
-        peer_pid: u32,
+        caller: Caller,
         vm: crate::proto::VmIdentity,
         adopt: Vec<HeldLock>,
         fds: Vec<OwnedFd>,
@@ -614,10 +626,10 @@ impl Daemon {
         let Ok(writer) = stream.try_clone() else {
             return;
         };
-        let link = Arc::new(HolderLink::new(writer, peer_pid));
+        let link = Arc::new(HolderLink::new(writer, caller.pid));
         let id = LinkId(self.next_link.fetch_add(1, Ordering::Relaxed));
         // A handle on the holder process, to tell its death from a dropped connection.
-        let holder_process = ProcessHandle::open(peer_pid, None).ok();
+        let holder_process = ProcessHandle::open(caller.pid, Some(caller.start_time)).ok();
         let result = if adopt.len() != fds.len() {
             Err(Error::Protocol {
                 reason: format!(
@@ -627,7 +639,7 @@ impl Daemon {
                 ),
             })
         } else {
-            self.register_holder(peer_pid, id, &link, vm, adopt, fds, incoming, flags)
+            self.register_holder(caller, id, &link, vm, adopt, fds, incoming, flags)
         };
         let registered = result.is_ok();
         let reply = match result {
@@ -663,7 +675,7 @@ impl Daemon {
     #[allow(clippy::too_many_arguments)]
     fn register_holder(
         &self,
-        peer_pid: u32,
+        caller: Caller,
         id: LinkId,
         link: &Arc<HolderLink>,
         vm: crate::proto::VmIdentity,
@@ -691,12 +703,12 @@ impl Daemon {
             .insert(id, Arc::clone(link));
         let result = self.with_table(|t, h| {
             if incoming {
-                match t.hold_incoming(peer_pid, id, &vm, guest) {
+                match t.hold_incoming(caller, id, &vm, guest) {
                     Ok(fx) => (Ok(()), fx),
                     Err(e) => (Err(e), Effects::default()),
                 }
             } else {
-                t.hold(h, peer_pid, id, vm, guest, kept, flags)
+                t.hold(h, caller, id, vm, guest, kept, flags)
             }
         });
         self.wake_watcher();
