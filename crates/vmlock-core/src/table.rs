@@ -989,18 +989,19 @@ impl<H: Host> LockTable<H> {
             .filter(|(_, g)| g.pending == Some(ticket))
             .map(|(k, _)| *k)
             .collect();
-        for key in keys {
-            if let Some(g) = owner.grants.remove(&key) {
+        for key in &keys {
+            if let Some(g) = owner.grants.remove(key) {
                 if let Some(d) = g.desc {
                     host.unlock(&d);
                     fx.close.push(d);
                 }
             }
-            unindex(&mut self.index, key, uuid);
+            unindex(&mut self.index, *key, uuid);
         }
-        if let Some(link) = owner.link {
-            // The holder may have kept some copies before failing: they hold nothing now.
-            fx.pushes.push((link, Push::Close(Vec::new())));
+        if let (Some(link), false) = (owner.link, keys.is_empty()) {
+            // The holder may have kept some copies before failing: they hold nothing now, and it
+            // should not keep them open.
+            fx.pushes.push((link, Push::Close(keys)));
         }
         fx
     }

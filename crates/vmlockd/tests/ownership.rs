@@ -1,0 +1,220 @@
+//! The daemon enforces ownership itself (issue 11, item 4): a process that is not a VM's holder
+//! cannot release its disks, shut it down, name a guest for it, acquire for it or walk its
+//! migration — even as root, and whatever the client library would have checked. Each refusal
+//! changes nothing: the disk stays locked in the kernel and listed in `status`.
+//!
+//! The stranger is a separate process (this test binary re-run as `stranger_process`), so the
+//! daemon sees another peer pid, exactly as it would for any other root client.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use common::Daemon;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use vmlock::conformance::{disk, vm, Guest, Harness};
+use vmlock::{domain, AcquireOptions, DiskMode, Error, Plugin};
+use vmlockd::driver::LockdDriver;
+use vmlockd::proto::{write_frame, FrameReader, Reply, Request, VmIdentity, PROTOCOL_VERSION};
+use vmlockd::sys::ofd::{self, LockKind};
+
+const STRANGER_ENV: &str = "VMLOCK_OWNERSHIP_STRANGER";
+
+struct Fixture {
+    daemon: Daemon,
+    plugin: Plugin,
+}
+
+impl Harness for Fixture {
+    fn plugin(&self) -> Plugin {
+        self.plugin.clone()
+    }
+    fn disk_dir(&self) -> &Path {
+        self.daemon.disk_dir()
+    }
+}
+
+fn locked_by_someone(path: &Path) -> bool {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    ofd::probe(file.as_fd(), LockKind::Exclusive, 0, 1)
+        .unwrap()
+        .is_some()
+}
+
+/// Sends each of `requests` from a process of its own (not this one) and returns its replies.
+fn as_stranger(socket: &Path, requests: &[Request]) -> Vec<Reply> {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "stranger_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(STRANGER_ENV, socket)
+        .env(
+            "VMLOCK_OWNERSHIP_REQUESTS",
+            serde_json::to_string(requests).unwrap(),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let replies: Vec<Reply> = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.split_once("REPLY ").map(|(_, r)| r.to_owned()))
+            .map(|r| serde_json::from_str(&r).unwrap())
+            .collect();
+        let _ = tx.send(replies);
+    });
+    let replies = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stranger process answered in time");
+    let _ = child.wait();
+    assert_eq!(replies.len(), requests.len(), "{replies:?}");
+    replies
+}
+
+/// Not a test of its own: the body of the stranger process.
+#[test]
+fn stranger_process() {
+    let Some(socket) = std::env::var_os(STRANGER_ENV) else {
+        return;
+    };
+    let requests: Vec<Request> =
+        serde_json::from_str(&std::env::var("VMLOCK_OWNERSHIP_REQUESTS").unwrap()).unwrap();
+    let stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = FrameReader::new();
+    write_frame(
+        &stream,
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+        &[],
+    )
+    .unwrap();
+    let _hello: (Reply, _) = reader.read(&stream).unwrap();
+    for request in requests {
+        write_frame(&stream, &request, &[]).unwrap();
+        let (reply, _): (Reply, _) = reader.read(&stream).unwrap();
+        println!("REPLY {}", serde_json::to_string(&reply).unwrap());
+    }
+}
+
+fn denied(reply: &Reply) -> bool {
+    matches!(reply, Reply::Error(Error::PermissionDenied { .. }))
+}
+
+#[test]
+fn only_a_vms_holder_can_change_it() {
+    let daemon = Daemon::start();
+    let plugin = Plugin::from_driver(Arc::new(LockdDriver::new(daemon.endpoint())));
+    let f = Fixture { daemon, plugin };
+    let d = disk(&f, "owned", DiskMode::Exclusive);
+    let other = disk(&f, "other", DiskMode::Exclusive);
+    let guest = Guest::spawn();
+    let params = vm("owned-vm", &guest);
+    let uuid = params.uuid.to_string();
+    let _manager =
+        domain::process_start(&f.plugin, params, [d.clone()], &AcquireOptions::default()).unwrap();
+    assert!(locked_by_someone(d.path()));
+
+    let socket = f.daemon.runtime().socket();
+    let stranger_vm = VmIdentity {
+        uuid: uuid::Uuid::new_v4().to_string(),
+        name: "stranger".into(),
+        id: 9,
+        // Not the stranger's child: the test's guest.
+        pid: guest.pid(),
+    };
+    let replies = as_stranger(
+        &socket,
+        &[
+            Request::Release {
+                uuid: uuid.clone(),
+                resources: None,
+            },
+            Request::Release {
+                uuid: uuid.clone(),
+                resources: Some(vec![d.clone()]),
+            },
+            Request::Shutdown {
+                uuid: uuid.clone(),
+                guest_pid: guest.pid(),
+            },
+            Request::GuestStarted {
+                uuid: uuid.clone(),
+                pid: std::process::id(),
+            },
+            Request::Acquire {
+                uuid: uuid.clone(),
+                resources: vec![other.clone()],
+                flags: Default::default(),
+            },
+            Request::MigratePrepare { uuid: uuid.clone() },
+            Request::MigrateComplete {
+                uuid: uuid.clone(),
+                success: true,
+            },
+            Request::Hold {
+                vm: stranger_vm,
+                adopt: Vec::new(),
+                incoming: false,
+                flags: None,
+            },
+        ],
+    );
+    for (i, reply) in replies.iter().enumerate() {
+        assert!(denied(reply), "request {i} from a stranger: {reply:?}");
+    }
+    // Nothing changed: the disk is still locked, the VM still holds it, its guest is unchanged,
+    // no migration was prepared, the other disk is free.
+    assert!(locked_by_someone(d.path()));
+    assert!(!locked_by_someone(other.path()));
+    let mut conn = f.daemon.endpoint().connect().unwrap();
+    match conn
+        .call(&Request::Inquire { uuid: uuid.clone() }, &[])
+        .unwrap()
+    {
+        Reply::Held(held) => assert_eq!(held.len(), 1, "{held:?}"),
+        other => panic!("{other:?}"),
+    }
+    match conn
+        .call(&Request::Lookup { uuid: uuid.clone() }, &[])
+        .unwrap()
+    {
+        Reply::Vm(v) => assert_eq!(v.pid, guest.pid()),
+        other => panic!("{other:?}"),
+    }
+
+    // Even the holder may not shut the VM down while its guest runs.
+    let shutdown = conn.call(
+        &Request::Shutdown {
+            uuid: uuid.clone(),
+            guest_pid: guest.pid(),
+        },
+        &[],
+    );
+    assert!(
+        matches!(shutdown, Err(Error::GuestRunning { .. })),
+        "shutdown under a running guest: {shutdown:?}"
+    );
+    assert!(locked_by_someone(d.path()));
+}
