@@ -22,7 +22,7 @@ struct Cli {
     #[arg(long, global = true, env = vmlockd::runtime::RUNTIME_DIR_ENV)]
     runtime_dir: Option<PathBuf>,
     /// Lock driver.
-    #[arg(long, global = true, default_value = "lockd")]
+    #[arg(long, global = true, default_value = "lockd", value_parser = clap::builder::PossibleValuesParser::new(registry().names()))]
     driver: String,
     /// Driver configuration file (TOML). For lockd it may name the daemon's own configuration
     /// with `daemon_config`.
@@ -120,9 +120,7 @@ struct Ctx {
 impl Ctx {
     fn new(cli: &Cli) -> anyhow::Result<Self> {
         let runtime = RuntimeDir::resolve(cli.runtime_dir.as_deref())?;
-        let mut registry = Registry::new();
-        vmlockd::driver::register(&mut registry);
-        vmlock_sanlock::register(&mut registry);
+        let registry = registry();
         let mut config = match &cli.driver_config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -168,6 +166,14 @@ impl Ctx {
             uuid,
         })
     }
+}
+
+/// Every driver this program can load.
+fn registry() -> Registry {
+    let mut registry = Registry::new();
+    vmlockd::driver::register(&mut registry);
+    vmlock_sanlock::register(&mut registry);
+    registry
 }
 
 fn main() {
