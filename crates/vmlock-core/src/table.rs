@@ -227,6 +227,16 @@ struct Guest<P> {
     handle: P,
 }
 
+impl<P> From<ProcInfo<P>> for Guest<P> {
+    fn from(p: ProcInfo<P>) -> Self {
+        Guest {
+            pid: p.pid,
+            start_time: p.start_time,
+            handle: p.handle,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Owner<D, P> {
     vm: VmIdentity,
@@ -489,11 +499,7 @@ impl<H: Host> LockTable<H> {
                             adopt,
                         );
                     }
-                    existing.guest = Guest {
-                        pid: guest.pid,
-                        start_time: guest.start_time,
-                        handle: guest.handle,
-                    };
+                    existing.guest = Guest::from(guest);
                     existing.vm.pid = vm.pid;
                     // A new guest (the record holds nothing): its flags are the new guest's,
                     // not the previous one's (a supervisor that got a dead one's pid starts a
@@ -514,11 +520,7 @@ impl<H: Host> LockTable<H> {
                         vm,
                         holder: caller,
                         link: Some(link),
-                        guest: Guest {
-                            pid: guest.pid,
-                            start_time: guest.start_time,
-                            handle: guest.handle,
-                        },
+                        guest: Guest::from(guest),
                         flags: flags.unwrap_or_default(),
                         flags_set,
                         grants: BTreeMap::new(),
@@ -1147,11 +1149,7 @@ impl<H: Host> LockTable<H> {
                 if guest.ppid != caller.pid {
                     return Err(not_child("destination supervisor"));
                 }
-                incoming.guest = Guest {
-                    pid: guest.pid,
-                    start_time: guest.start_time,
-                    handle: guest.handle,
-                };
+                incoming.guest = Guest::from(guest);
                 fx.rewatch = true;
                 return Ok(fx);
             }
@@ -1170,12 +1168,8 @@ impl<H: Host> LockTable<H> {
                 owner.vm.name
             )));
         }
-        owner.guest = Guest {
-            pid: guest.pid,
-            start_time: guest.start_time,
-            handle: guest.handle,
-        };
         owner.vm.pid = guest.pid;
+        owner.guest = Guest::from(guest);
         fx.rewatch = true;
         fx.changed.insert(uuid.to_owned());
         Ok(fx)
@@ -1380,11 +1374,7 @@ impl<H: Host> LockTable<H> {
         migration.incoming = Some(Incoming {
             link,
             holder: caller,
-            guest: Guest {
-                pid: guest.pid,
-                start_time: guest.start_time,
-                handle: guest.handle,
-            },
+            guest: Guest::from(guest),
             taken: false,
         });
         Ok(fx)
