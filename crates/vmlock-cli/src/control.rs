@@ -90,14 +90,14 @@ impl LockFailurePolicy {
         }
         let paused = self.action == LockFailureAction::Pause
             && self.qmp.as_deref().is_some_and(|q| {
-                vmlockd::qmp::Qmp::connect(q)
+                vmlock_client::qmp::Qmp::connect(q)
                     .and_then(|mut c| c.execute("stop", serde_json::json!({})))
                     .is_ok()
             });
         if !paused {
             // QEMU's `stop` drains and flushes its I/O; a guest we cannot pause must be dead
             // before its leases go.
-            if let Ok(h) = vmlockd::sys::pidfd::ProcessHandle::open(self.guest_pid, None) {
+            if let Ok(h) = vmlock_sys::pidfd::ProcessHandle::open(self.guest_pid, None) {
                 let _ = h.signal(rustix::process::Signal::TERM);
                 if !h.wait_exit(Some(Duration::from_secs(10))) {
                     let _ = h.signal(rustix::process::Signal::KILL);
