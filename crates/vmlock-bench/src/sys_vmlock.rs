@@ -1,4 +1,4 @@
-//! vmlock: a real vmlockd process, driven through `vmlockd::client` (the lockd driver's client).
+//! vmlock: a real vmlockd process, driven through `vmlock_client` (the lockd driver's client).
 
 use crate::report::{Memory, Outcome, Restart, SysResult};
 use crate::util::{self, Fast, Op, Proc, Samples};
@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmlock::{DiskMode, Error, Resource};
-use vmlockd::client::{Connection, Endpoint, Holder};
-use vmlockd::proto::{AcquireFlags, Reply, Request, VmIdentity};
-use vmlockd::runtime::RuntimeDir;
+use vmlock_client::proto::{AcquireFlags, Reply, Request, VmIdentity};
+use vmlock_client::runtime::RuntimeDir;
+use vmlock_client::{Connection, Endpoint, Holder};
 
 /// How the daemon is started.
 #[derive(Debug, Clone)]
@@ -111,7 +111,7 @@ fn acquire(
             Ok(held.len())
         }
         (Reply::Held(held), _) => Ok(held.len()),
-        (other, _) => Err(vmlockd::client::unexpected(&other)),
+        (other, _) => Err(vmlock_client::unexpected(&other)),
     }
 }
 
@@ -132,7 +132,7 @@ fn release(
             holder.forget_local(&released);
             Ok(())
         }
-        other => Err(vmlockd::client::unexpected(&other)),
+        other => Err(vmlock_client::unexpected(&other)),
     }
 }
 

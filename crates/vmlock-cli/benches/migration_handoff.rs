@@ -12,12 +12,12 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmlock::{domain, AcquireOptions, DiskMode, MigrationOutcome, Plugin, Resource, VmParams};
+use vmlock_client::driver::LockdDriver;
+use vmlock_client::qmp::Qmp;
+use vmlock_client::runtime::RuntimeDir;
+use vmlock_client::Endpoint;
 use vmlock_testkit::process::KillOnDrop;
 use vmlock_testkit::qemu::{qcow2, QemuLine};
-use vmlockd::client::Endpoint;
-use vmlockd::driver::LockdDriver;
-use vmlockd::qmp::Qmp;
-use vmlockd::runtime::RuntimeDir;
 
 const RUNS: usize = 10;
 

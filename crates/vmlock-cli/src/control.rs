@@ -3,16 +3,23 @@
 //! acquired them, so only the supervisor can hotplug, inquire or migrate them).
 //!
 //! `RUNTIME_DIR/vm-UUID.sock`, 0600 in the 0700 runtime directory, and only root or the
-//! supervisor's own uid is served (`SO_PEERCRED`). One JSON line per request, one per reply.
+//! supervisor's own uid is served (`SO_PEERCRED`). One request and one reply per connection, in
+//! vmlockd's frames ([`vmlock_client::proto`]: length-prefixed JSON, the same size limit and the
+//! same bound on a started frame), so there is one framing for both sockets.
 
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmlock::{Error, LockFailureAction, LockState, Manager, MigrationOutcome, Resource};
+use vmlock_client::proto::{write_frame, FrameReader, Message, ReadError};
+
+/// How long a supervisor waits for a client's request to start.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for a supervisor's reply (an attach may wait on the lock service).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A request to a supervisor.
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,6 +42,9 @@ pub enum ControlRequest {
     /// carry out the VM's action and release the leases.
     LockFailure,
 }
+
+/// Carries no descriptors.
+impl Message for ControlRequest {}
 
 /// A supervisor's answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -64,6 +74,9 @@ pub enum ControlReply {
     Error(Error),
 }
 
+/// Carries no descriptors.
+impl Message for ControlReply {}
+
 /// The control socket of VM `uuid` in `runtime_dir`.
 pub fn socket_path(runtime_dir: &Path, uuid: &str) -> PathBuf {
     runtime_dir.join(format!("vm-{uuid}.sock"))
@@ -90,14 +103,14 @@ impl LockFailurePolicy {
         }
         let paused = self.action == LockFailureAction::Pause
             && self.qmp.as_deref().is_some_and(|q| {
-                vmlockd::qmp::Qmp::connect(q)
+                vmlock_client::qmp::Qmp::connect(q)
                     .and_then(|mut c| c.execute("stop", serde_json::json!({})))
                     .is_ok()
             });
         if !paused {
             // QEMU's `stop` drains and flushes its I/O; a guest we cannot pause must be dead
             // before its leases go.
-            if let Ok(h) = vmlockd::sys::pidfd::ProcessHandle::open(self.guest_pid, None) {
+            if let Ok(h) = vmlock_sys::pidfd::ProcessHandle::open(self.guest_pid, None) {
                 let _ = h.signal(rustix::process::Signal::TERM);
                 if !h.wait_exit(Some(Duration::from_secs(10))) {
                     let _ = h.signal(rustix::process::Signal::KILL);
@@ -195,7 +208,7 @@ fn serve(
             reason: format!("peer credentials: {e}"),
         }),
     };
-    let _ = write_line(&stream, &reply);
+    let _ = write_frame(&stream, &reply, &[]);
 }
 
 fn answer(
@@ -252,31 +265,23 @@ fn answer(
 
 fn read_request(stream: &UnixStream) -> Result<ControlRequest, Error> {
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(REQUEST_TIMEOUT))
         .map_err(|e| Error::io("control socket", &e))?;
-    let mut line = String::new();
-    BufReader::new(stream.take_limited())
-        .read_line(&mut line)
-        .map_err(|e| Error::io("control socket", &e))?;
-    serde_json::from_str(&line).map_err(|e| Error::Protocol {
-        reason: format!("malformed control request: {e}"),
-    })
+    read_one(stream, "request")
 }
 
-fn write_line<T: Serialize>(mut stream: &UnixStream, msg: &T) -> std::io::Result<()> {
-    let mut text = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
-    text.push(b'\n');
-    stream.write_all(&text)
-}
-
-/// Limits what one request may send (a control request is small).
-trait TakeLimited {
-    fn take_limited(&self) -> std::io::Take<&UnixStream>;
-}
-
-impl TakeLimited for UnixStream {
-    fn take_limited(&self) -> std::io::Take<&UnixStream> {
-        std::io::Read::take(self, 64 * 1024)
+/// Reads the one frame of a connection.
+fn read_one<T: Message>(stream: &UnixStream, what: &str) -> Result<T, Error> {
+    match FrameReader::new().read::<T>(stream) {
+        Ok((msg, _)) => Ok(msg),
+        Err(ReadError::Closed) => Err(Error::Protocol {
+            reason: format!("the control socket closed before its {what}"),
+        }),
+        Err(ReadError::Idle) => Err(Error::io(
+            format!("waiting for the control {what}"),
+            &std::io::ErrorKind::TimedOut.into(),
+        )),
+        Err(ReadError::Failed(e)) => Err(e),
     }
 }
 
@@ -319,19 +324,12 @@ pub fn call(
 ) -> Result<ControlReply, Error> {
     let stream = connect(runtime_dir, uuid)?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
+        .set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(|e| Error::io("control socket", &e))?;
-    write_line(&stream, request).map_err(|e| Error::io("control socket", &e))?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .map_err(|e| Error::io("control socket", &e))?;
-    match serde_json::from_str(&line) {
-        Ok(ControlReply::Error(e)) => Err(e),
-        Ok(reply) => Ok(reply),
-        Err(e) => Err(Error::Protocol {
-            reason: format!("malformed control reply: {e}"),
-        }),
+    write_frame(&stream, request, &[])?;
+    match read_one(&stream, "reply")? {
+        ControlReply::Error(e) => Err(e),
+        reply => Ok(reply),
     }
 }
 
@@ -368,4 +366,32 @@ pub fn describe_all(runtime_dir: &Path) -> Vec<ControlReply> {
         _ => (String::new(), String::new()),
     });
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_request_travels_in_one_frame_and_a_json_line_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        write_frame(&a, &ControlRequest::MigrateComplete(true), &[]).unwrap();
+        assert!(matches!(
+            read_request(&b),
+            Ok(ControlRequest::MigrateComplete(true))
+        ));
+        // The old line format reads as an oversized frame: refused before anything is read.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"\"Inquire\"\n").unwrap();
+        assert!(matches!(read_request(&b), Err(Error::Protocol { .. })));
+    }
+
+    #[test]
+    fn a_silent_client_times_out_with_its_io_kind() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let e = read_one::<ControlRequest>(&b, "request").unwrap_err();
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::TimedOut));
+    }
 }

@@ -7,9 +7,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use vmlock::{DriverConfig, Plugin, Registry, Resource};
-use vmlockd::client::Endpoint;
-use vmlockd::proto::{Reply, Request};
-use vmlockd::runtime::RuntimeDir;
+use vmlock_client::proto::{Reply, Request};
+use vmlock_client::runtime::RuntimeDir;
+use vmlock_client::Endpoint;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,7 +19,7 @@ use vmlockd::runtime::RuntimeDir;
 )]
 struct Cli {
     /// Runtime directory of the lock daemon (socket, pid file, state).
-    #[arg(long, global = true, env = vmlockd::runtime::RUNTIME_DIR_ENV)]
+    #[arg(long, global = true, env = vmlock_client::runtime::RUNTIME_DIR_ENV)]
     runtime_dir: Option<PathBuf>,
     /// Lock driver.
     #[arg(long, global = true, default_value = "lockd", value_parser = clap::builder::PossibleValuesParser::new(registry().names()))]
@@ -130,7 +130,7 @@ impl Ctx {
             }
             None => DriverConfig::new(),
         };
-        if cli.driver == vmlockd::driver::NAME && !config.contains_key("runtime_dir") {
+        if cli.driver == vmlock_client::driver::NAME && !config.contains_key("runtime_dir") {
             config.insert(
                 "runtime_dir".into(),
                 toml::Value::String(runtime.path().display().to_string()),
@@ -171,7 +171,7 @@ impl Ctx {
 /// Every driver this program can load.
 fn registry() -> Registry {
     let mut registry = Registry::new();
-    vmlockd::driver::register(&mut registry);
+    vmlock_client::driver::register(&mut registry);
     vmlock_sanlock::register(&mut registry);
     registry
 }
@@ -353,7 +353,7 @@ fn status(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
 
 /// What the supervisors in `runtime_dir` hold (drivers without a daemon-wide table), in the
 /// daemon's status shape.
-fn supervised_status(runtime_dir: &std::path::Path) -> Vec<vmlockd::proto::OwnerStatus> {
+fn supervised_status(runtime_dir: &std::path::Path) -> Vec<vmlock_client::proto::OwnerStatus> {
     control::describe_all(runtime_dir)
         .into_iter()
         .filter_map(|reply| match reply {
@@ -367,8 +367,8 @@ fn supervised_status(runtime_dir: &std::path::Path) -> Vec<vmlockd::proto::Owner
             } => {
                 let since = std::time::UNIX_EPOCH + std::time::Duration::from_secs(since);
                 let state: vmlock::LockState = state.parse().ok()?;
-                Some(vmlockd::proto::OwnerStatus {
-                    vm: vmlockd::proto::VmIdentity {
+                Some(vmlock_client::proto::OwnerStatus {
+                    vm: vmlock_client::proto::VmIdentity {
                         uuid,
                         name,
                         id,
@@ -378,7 +378,7 @@ fn supervised_status(runtime_dir: &std::path::Path) -> Vec<vmlockd::proto::Owner
                     resources: state
                         .entries
                         .into_iter()
-                        .map(|e| vmlockd::proto::HeldResource {
+                        .map(|e| vmlock_client::proto::HeldResource {
                             resource: e.resource,
                             version: e.version,
                             since,

@@ -7,10 +7,10 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+use vmlock_client::qmp::Qmp;
 use vmlock_testkit::process::kill_and_wait;
 use vmlock_testkit::qemu::{self, DaemonizedQemu, QemuLine, Supervised};
 use vmlock_testkit::vmlockd as vmlockd_kit;
-use vmlockd::qmp::Qmp;
 
 /// How long a supervisor may take to exit once its guest was told to.
 const WAIT: Duration = Duration::from_secs(60);

@@ -9,11 +9,11 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+use vmlock_client::qmp::Qmp;
 use vmlock_sanlock::proto::{flags, LockspaceSpec};
 use vmlock_testkit::process::wait_until;
 use vmlock_testkit::qemu::{self, QemuLine, Supervised};
 use vmlock_testkit::sanlock::{self, SanlockDaemon};
-use vmlockd::qmp::Qmp;
 
 const IO_TIMEOUT: u32 = 1;
 const LOCKSPACE: &str = "vmlock-disks";

@@ -1,5 +1,5 @@
 //! QEMU for tests: qcow2 images, the guest's command line, a QEMU started outside vmlock, and a
-//! guest under `vmlock run`. Waiting for QMP is `vmlockd::qmp::Qmp::connect_when_ready` (bounded).
+//! guest under `vmlock run`. Waiting for QMP is `vmlock_client::qmp::Qmp::connect_when_ready` (bounded).
 
 use crate::process::{kill_and_wait, kill_child, read_line};
 use std::path::{Path, PathBuf};

@@ -1,23 +1,19 @@
-//! vmlockd, the local lock daemon, and the `lockd` driver that talks to it.
+//! vmlockd, the local lock daemon. Its clients (the `lockd` driver among them) live in `vmlock-client`.
 //!
 //! - [`server`]: the daemon process (socket, connections, owner watcher, state file);
 //! - [`host`]: the lock core's host on Linux, and the work done outside the table lock;
-//! - [`proto`]: the wire protocol;
-//! - [`client`]: request connections and the holder that keeps a VM's lock descriptions;
-//! - [`driver`]: the `lockd` driver of the lock manager API;
-//! - [`runtime`]: the runtime directory and starting the embedded daemon;
 //! - [`sys`]: every Linux call (OFD locks, pidfds, fd passing, `/proc`).
+//!
+//! The wire protocol, the runtime directory and the QMP client live in `vmlock-client`, which
+//! clients use without this crate; they are imported here under their old module names.
 
-pub mod client;
 pub mod config;
-pub mod driver;
 pub mod holder;
-pub mod proto;
-pub mod qmp;
-pub mod runtime;
 pub mod server;
 pub mod store;
 pub use vmlock_sys as sys;
+// Crate-internal names for what moved to vmlock-client (the daemon's modules say `crate::proto`).
+use vmlock_client::{proto, qmp, runtime};
 pub mod host;
 
 /// Runs the daemon with command-line `args` (shared by `vmlockd` and `vmlock daemon`).

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use vmlock::conformance::Harness;
 use vmlock::Plugin;
-use vmlockd::driver::LockdDriver;
+use vmlock_client::driver::LockdDriver;
 
 struct Lockd {
     daemon: common::Daemon,

@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmlock::conformance::{disk, vm, Guest, Harness};
 use vmlock::{domain, AcquireOptions, DiskMode, Error, ForeignHolder, Manager, Plugin, Resource};
+use vmlock_client::driver::LockdDriver;
+use vmlock_client::proto::{write_frame, Reply, Request, PROTOCOL_VERSION};
+use vmlock_sys::ofd::{self, LockKind};
 use vmlock_testkit::process::wait_until;
 use vmlock_testkit::qemu::{DaemonizedQemu, QemuLine};
-use vmlockd::driver::LockdDriver;
-use vmlockd::proto::{write_frame, Reply, Request, PROTOCOL_VERSION};
-use vmlockd::sys::ofd::{self, LockKind};
 
 struct Fixture {
     daemon: Daemon,
@@ -68,7 +68,7 @@ fn locked_by_someone(path: &Path) -> bool {
         .is_some()
 }
 
-fn status(f: &Fixture) -> Vec<vmlockd::proto::OwnerStatus> {
+fn status(f: &Fixture) -> Vec<vmlock_client::proto::OwnerStatus> {
     match f
         .daemon
         .endpoint()
@@ -237,7 +237,7 @@ fn restricted_connection_can_do_nothing_more() {
     let d = disk(&f, "r", DiskMode::Exclusive);
     let m = start(&f, "vm-a", &g, &[]).unwrap();
     let mut conn = f.daemon.endpoint().connect().unwrap();
-    let flags = vmlockd::proto::AcquireFlags {
+    let flags = vmlock_client::proto::AcquireFlags {
         restrict: true,
         ..Default::default()
     };
@@ -328,12 +328,16 @@ fn raw_connection(f: &Fixture) -> UnixStream {
         &[],
     )
     .unwrap();
-    let _: (Reply, _) = vmlockd::proto::read_frame(&s).map_err(|_| ()).unwrap();
+    let _: (Reply, _) = vmlock_client::proto::read_frame(&s)
+        .map_err(|_| ())
+        .unwrap();
     s
 }
 
 fn read_reply(s: &UnixStream) -> Option<Reply> {
-    vmlockd::proto::read_frame::<Reply>(s).ok().map(|(r, _)| r)
+    vmlock_client::proto::read_frame::<Reply>(s)
+        .ok()
+        .map(|(r, _)| r)
 }
 
 #[test]
@@ -573,7 +577,7 @@ fn indirect_mode_locks_a_hashed_file_and_excludes_aliases() {
     std::os::unix::fs::symlink(d.path(), &link).unwrap();
     let (ga, gb) = (Guest::spawn(), Guest::spawn());
     let _a = start(&f, "vm-a", &ga, std::slice::from_ref(&d)).unwrap();
-    let (_, id) = vmlockd::sys::disk::identify(d.path()).unwrap();
+    let (_, id) = vmlock_sys::disk::identify(d.path()).unwrap();
     let lock_file = lockspace.join(vmlockd::host::lockspace_name(&id));
     assert!(
         locked_by_someone(&lock_file),

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmlock::conformance::{disk, vm, Guest, Harness};
 use vmlock::{domain, AcquireOptions, DiskMode, Error, Manager, Plugin, Resource};
-use vmlockd::driver::LockdDriver;
-use vmlockd::proto::{Reply, Request};
-use vmlockd::sys::ofd::{self, LockKind};
+use vmlock_client::driver::LockdDriver;
+use vmlock_client::proto::{Reply, Request};
+use vmlock_sys::ofd::{self, LockKind};
 
 /// Longest any refusal may take: far more than a refusal needs, far less than a blocked open.
 const BOUND: Duration = Duration::from_secs(5);
@@ -229,7 +229,7 @@ fn indirect_mode_gives_one_lock_to_every_alias_of_a_disk() {
 
         let (ga, gb) = (Guest::spawn(), Guest::spawn());
         let a = start(&f, "vm-a", &ga, std::slice::from_ref(&d)).unwrap();
-        let (_, id) = vmlockd::sys::disk::identify(&path).unwrap();
+        let (_, id) = vmlock_sys::disk::identify(&path).unwrap();
         let lock_file = lockspace.path().join(vmlockd::host::lockspace_name(&id));
         assert!(locked_by_someone(&lock_file), "{}", lock_file.display());
         assert_eq!(

@@ -6,7 +6,7 @@ use vmlock::Registry;
 
 fn registry() -> Registry {
     let mut r = Registry::new();
-    vmlockd::driver::register(&mut r);
+    vmlock_client::driver::register(&mut r);
     r
 }
 

@@ -18,10 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmlock::conformance::{disk, vm, Guest, Harness};
 use vmlock::{domain, AcquireOptions, DiskMode, Error, LockFailureAction, Plugin, Resource};
-use vmlockd::client::{Connection, Holder};
-use vmlockd::driver::LockdDriver;
-use vmlockd::proto::{write_frame, AcquireFlags, Reply, Request, VmIdentity, PROTOCOL_VERSION};
-use vmlockd::sys::ofd::{self, LockKind};
+use vmlock_client::driver::LockdDriver;
+use vmlock_client::proto::{
+    write_frame, AcquireFlags, Reply, Request, VmIdentity, PROTOCOL_VERSION,
+};
+use vmlock_client::{Connection, Holder};
+use vmlock_sys::ofd::{self, LockKind};
 
 struct Fixture {
     daemon: Daemon,
@@ -85,10 +87,12 @@ fn raw_connection(socket: &Path) -> UnixStream {
 }
 
 fn read_reply(s: &UnixStream) -> Option<Reply> {
-    vmlockd::proto::read_frame::<Reply>(s).ok().map(|(r, _)| r)
+    vmlock_client::proto::read_frame::<Reply>(s)
+        .ok()
+        .map(|(r, _)| r)
 }
 
-fn status(conn: &mut Connection) -> Vec<vmlockd::proto::OwnerStatus> {
+fn status(conn: &mut Connection) -> Vec<vmlock_client::proto::OwnerStatus> {
     match conn.call(&Request::Status, &[]).unwrap() {
         Reply::Status(s) => s,
         other => panic!("{other:?}"),
@@ -156,9 +160,9 @@ fn descriptors_a_message_does_not_expect_are_closed_at_once() {
     let h2 = raw_connection(&socket);
     if let Request::Hold { vm, adopt, .. } = &mut hold {
         vm.uuid = uuid::Uuid::new_v4().to_string();
-        adopt.push(vmlockd::proto::HeldLock {
+        adopt.push(vmlock_client::proto::HeldLock {
             resource: disk(&f, "x", DiskMode::Exclusive),
-            key: vmlockd::proto::LockKey {
+            key: vmlock_client::proto::LockKey {
                 dev: 1,
                 ino: 1,
                 byte: 0,

@@ -21,9 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use vmlock::conformance::{disk, vm, Guest, Harness};
 use vmlock::{domain, AcquireOptions, DiskMode, Error, Plugin};
-use vmlockd::driver::LockdDriver;
-use vmlockd::proto::{write_frame, FrameReader, Reply, Request, VmIdentity, PROTOCOL_VERSION};
-use vmlockd::sys::ofd::{self, LockKind};
+use vmlock_client::driver::LockdDriver;
+use vmlock_client::proto::{
+    write_frame, FrameReader, Reply, Request, VmIdentity, PROTOCOL_VERSION,
+};
+use vmlock_sys::ofd::{self, LockKind};
 
 const STRANGER_ENV: &str = "VMLOCK_OWNERSHIP_STRANGER";
 

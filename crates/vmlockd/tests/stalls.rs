@@ -25,12 +25,12 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use vmlock::conformance::Guest;
 use vmlock::{DiskMode, Error, LockFailureAction, Resource};
+use vmlock_client::proto::{AcquireFlags, HeldResource, Reply, Request, VmIdentity};
+use vmlock_client::runtime::RuntimeDir;
+use vmlock_client::{Endpoint, Holder};
+use vmlock_sys::ofd::{self, LockKind};
 use vmlock_sys::pidfd::ProcessHandle;
 use vmlock_testkit::fuse::{private_mount_namespace, HangFs, DISK_NAME};
-use vmlockd::client::{Endpoint, Holder};
-use vmlockd::proto::{AcquireFlags, HeldResource, Reply, Request, VmIdentity};
-use vmlockd::runtime::RuntimeDir;
-use vmlockd::sys::ofd::{self, LockKind};
 
 /// The longest any request of a VM that is not stuck may take.
 const BOUND: Duration = Duration::from_millis(500);
@@ -500,7 +500,7 @@ fn a_stopped_supervisor_stalls_no_other_vm_and_its_hotplug_leaves_nothing_held()
 
 /// A holder connection for `vm` that registers and then never reads again.
 fn raw_hold(socket: &Path, vm: &VmIdentity) -> std::os::unix::net::UnixStream {
-    use vmlockd::proto::{write_frame, FrameReader, PROTOCOL_VERSION};
+    use vmlock_client::proto::{write_frame, FrameReader, PROTOCOL_VERSION};
     let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
     let mut reader = FrameReader::new();
     write_frame(

@@ -4,9 +4,9 @@
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
+use vmlock_client::runtime::RuntimeDir;
+use vmlock_client::Endpoint;
 use vmlock_testkit::vmlockd::Vmlockd;
-use vmlockd::client::Endpoint;
-use vmlockd::runtime::RuntimeDir;
 
 /// A running vmlockd, killed (SIGKILL) and reaped by pid when dropped.
 pub struct Daemon(Vmlockd);

@@ -311,6 +311,12 @@ impl FrameReader {
         }
     }
 
+    /// Whether bytes already read wait here (a frame, or the start of one): a caller that polls
+    /// the socket must read them first, since they no longer wake `poll`.
+    pub fn buffered(&self) -> bool {
+        self.head != self.tail
+    }
+
     /// Reads one frame and the descriptors that came with it. Waits for the first byte as long
     /// as the socket's own receive timeout says (ending in [`ReadError::Idle`]); the rest of the
     /// frame must follow within [`FRAME_TIMEOUT`]. Descriptors that came inside the frame go

@@ -143,7 +143,7 @@ pub fn spawn_daemon(
     // SAFETY: reset_before_exec is async-signal-safe (no allocation, no lock; sigprocmask,
     // sigaction, setsid, close_range, fcntl), as a pre_exec closure must be.
     unsafe {
-        cmd.pre_exec(|| crate::sys::child::reset_before_exec());
+        cmd.pre_exec(|| vmlock_sys::child::reset_before_exec());
     }
     let mut child = cmd.spawn().map_err(|e| {
         Error::io(

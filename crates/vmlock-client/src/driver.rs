@@ -4,7 +4,8 @@
 //! acquires through a request connection; the daemon hands each lock's description to the holder.
 //! Dropping the manager releases nothing: locks follow the guest process.
 
-use crate::client::{unexpected, Connection, Endpoint, Holder};
+use crate::connection::{unexpected, Connection, Endpoint};
+use crate::holder::Holder;
 use crate::proto::{AcquireFlags, HeldResource, Reply, Request, VmIdentity};
 use crate::runtime::RuntimeDir;
 use std::path::PathBuf;
