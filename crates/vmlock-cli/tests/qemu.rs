@@ -606,10 +606,17 @@ fn cancelled_migration_leaves_the_source_holding_and_running() {
 
     // A forged state (wrong version) is refused and never starts the destination's guest.
     let state = prepare(&env, &src.uuid);
-    let forged = state
-        .rsplit_once(':')
-        .map(|(head, v)| format!("{head}:{}", v.parse::<u64>().unwrap() + 1))
-        .unwrap();
+    let forged: Vec<String> = state
+        .split(';')
+        .map(|entry| match entry.strip_prefix("d:") {
+            Some(_) => entry
+                .rsplit_once(':')
+                .map(|(head, v)| format!("{head}:{}", v.parse::<u64>().unwrap() + 1))
+                .unwrap(),
+            None => entry.to_owned(),
+        })
+        .collect();
+    let forged = forged.join(";");
     let marker = env.dir.path().join("forged-started");
     let out = env
         .vmlock()

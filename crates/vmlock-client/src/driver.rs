@@ -178,6 +178,7 @@ impl LockdSession {
                     version: h.version,
                 })
                 .collect(),
+            handover: None,
         }
     }
 
@@ -212,6 +213,7 @@ impl Session for LockdSession {
             if let Err(e) = self.held(&Request::AcquireIncoming {
                 uuid: self.vm.uuid.clone(),
                 versions,
+                token: state.handover.clone(),
             }) {
                 holder.stop(); // takes nothing: the source keeps everything
                 return Err(e);
@@ -347,9 +349,17 @@ impl Session for LockdSession {
     }
 
     fn prepare_migration(&mut self, _destination_uri: &str) -> Result<LockState> {
-        self.held(&Request::MigratePrepare {
+        let request = Request::MigratePrepare {
             uuid: self.vm.uuid.clone(),
-        })
+        };
+        match self.conn.call(&request, &[])? {
+            Reply::Prepared { held, token } => {
+                let mut state = Self::state(held);
+                state.handover = Some(token);
+                Ok(state)
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 
     fn complete_migration(&mut self, outcome: MigrationOutcome, _incoming: bool) -> Result<()> {

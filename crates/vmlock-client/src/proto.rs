@@ -73,6 +73,9 @@ pub enum Request {
         uuid: String,
         /// What to take over, with the version the source's state gave each.
         versions: Vec<(Resource, u64)>,
+        /// The hand-over secret the source's `MigratePrepare` returned.
+        #[serde(default)]
+        token: Option<String>,
     },
     /// Source of a migration: the state to hand to the destination. The source keeps holding.
     MigratePrepare {
@@ -157,6 +160,13 @@ pub enum Reply {
     Ok,
     /// What is held, with versions.
     Held(Vec<HeldResource>),
+    /// A migration prepared: what is held, and the hand-over secret the destination must present.
+    Prepared {
+        /// What is held, with versions.
+        held: Vec<HeldResource>,
+        /// The secret.
+        token: String,
+    },
     /// Granted, with one descriptor per entry of `locks` attached: the holder keeps them.
     Kept {
         /// What was granted.

@@ -277,6 +277,8 @@ impl<D, P> Owner<D, P> {
 #[derive(Debug)]
 struct Migration<P> {
     incoming: Option<Incoming<P>>,
+    /// The hand-over secret the source's prepare handed out; the destination must present it.
+    token: String,
 }
 
 #[derive(Debug)]
@@ -1305,11 +1307,15 @@ impl<H: Host> LockTable<H> {
     }
 
     /// Source side: the versions to hand to the destination; marks the VM as migrating.
+    /// `token` is a fresh secret (the daemon draws it from the kernel's random source); a
+    /// migration already prepared keeps the one it handed out. Returns what the destination needs:
+    /// the versions and the secret.
     pub fn migrate_prepare(
         &mut self,
         caller: Caller,
         uuid: &str,
-    ) -> Result<Vec<HeldResource>, Error> {
+        token: String,
+    ) -> Result<(Vec<HeldResource>, String), Error> {
         self.check_holder(uuid, caller, "a migration")?;
         let owner = self.owner_mut(uuid)?;
         if owner
@@ -1323,10 +1329,15 @@ impl<H: Host> LockTable<H> {
                         .into(),
             });
         }
-        owner
+        let token = owner
             .migration
-            .get_or_insert_with(|| Migration { incoming: None });
-        Ok(held(owner))
+            .get_or_insert_with(|| Migration {
+                incoming: None,
+                token,
+            })
+            .token
+            .clone();
+        Ok((held(owner), token))
     }
 
     /// Destination side: registers holder `caller` (connection `link`) for VM `vm`, migrating in.
@@ -1389,12 +1400,16 @@ impl<H: Host> LockTable<H> {
         caller: Caller,
         uuid: &str,
         versions: &[(Resource, u64)],
+        token: Option<&str>,
     ) -> Result<Handover<H::Desc>, Error> {
         let owner = self.owners.get(uuid).ok_or_else(|| not_migrating(uuid))?;
-        let incoming = owner
+        let migration = owner
             .migration
             .as_ref()
-            .and_then(|m| m.incoming.as_ref())
+            .ok_or_else(|| not_migrating(uuid))?;
+        let incoming = migration
+            .incoming
+            .as_ref()
             .ok_or_else(|| not_migrating(uuid))?;
         if !incoming.holder.is(caller) {
             return Err(not_holder(
@@ -1407,6 +1422,12 @@ impl<H: Host> LockTable<H> {
         let stale = |reason: String| Error::InvalidLockState {
             reason: format!("stale or forged migration state: {reason}"),
         };
+        // The versions are no secret (`status` shows them); the source's hand-over token is.
+        if token != Some(migration.token.as_str()) {
+            return Err(stale(
+                "it does not carry the hand-over token of the source's migrate-prepare".into(),
+            ));
+        }
         let mut handover = Vec::new();
         let mut refused = None;
         for (resource, version) in versions {

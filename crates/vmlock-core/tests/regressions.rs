@@ -142,7 +142,10 @@ fn running_vm(host: &mut TinyHost, flags: AcquireFlags) -> LockTable<TinyHost> {
 fn only_the_source_may_finish_a_migration() {
     let mut host = TinyHost::default();
     let mut table = running_vm(&mut host, AcquireFlags::default());
-    table.migrate_prepare(who(10), UUID).expect("prepared");
+    // Even a destination that got the source's whole state (token included) cannot finish.
+    let (_, token) = table
+        .migrate_prepare(who(10), UUID, "secret".into())
+        .expect("prepared");
     table
         .hold_incoming(who(20), LinkId(2), &identity(21), proc(21, 121, 20))
         .expect("any process may register as the destination");
@@ -153,7 +156,7 @@ fn only_the_source_may_finish_a_migration() {
         .map(|h| (h.resource, h.version))
         .collect();
     let handover = table
-        .acquire_incoming(&mut host, who(20), UUID, &versions)
+        .acquire_incoming(&mut host, who(20), UUID, &versions, Some(&token))
         .expect("current versions");
     table.incoming_taken(UUID, handover.link).expect("taken");
     assert!(
@@ -235,7 +238,9 @@ fn a_dead_supervisors_pid_no_longer_speaks_for_its_vm() {
 fn no_acquire_while_migrating() {
     let mut host = TinyHost::default();
     let mut table = running_vm(&mut host, AcquireFlags::default());
-    table.migrate_prepare(who(10), UUID).expect("prepared");
+    table
+        .migrate_prepare(who(10), UUID, "secret".into())
+        .expect("prepared");
     let opened = vec![Opened {
         resource: Resource::Disk {
             path: "/images/b.qcow2".into(),
@@ -268,4 +273,39 @@ fn no_acquire_while_migrating() {
     }];
     let (r, _) = table.reserve(&mut host, who(10), UUID, opened, &AcquireFlags::default());
     assert!(r.is_ok(), "the same disk again is a no-op");
+}
+
+/// The versions are public (`status` shows them): a process that registers as the destination of
+/// a prepared migration and presents them, without the source's hand-over token, gets nothing.
+/// Found by the simulator with `--gap versions-from-status` (seed 4, step 311).
+#[test]
+fn versions_from_status_do_not_take_a_vm_over() {
+    let mut host = TinyHost::default();
+    let mut table = running_vm(&mut host, AcquireFlags::default());
+    let (_, token) = table
+        .migrate_prepare(who(10), UUID, "secret".into())
+        .expect("prepared");
+    table
+        .hold_incoming(who(20), LinkId(2), &identity(21), proc(21, 121, 20))
+        .expect("any process may register as the destination");
+    let versions: Vec<(Resource, u64)> = table
+        .inquire(UUID)
+        .expect("status")
+        .into_iter()
+        .map(|h| (h.resource, h.version))
+        .collect();
+    for guess in [None, Some("guess")] {
+        let e = table
+            .acquire_incoming(&mut host, who(20), UUID, &versions, guess)
+            .expect_err("no copies without the token");
+        assert!(e.to_string().contains("hand-over token"), "{e}");
+    }
+    // A second prepare hands out the same token (prepare is idempotent).
+    let (_, again) = table
+        .migrate_prepare(who(10), UUID, "other".into())
+        .expect("prepared");
+    assert_eq!(again, token);
+    assert!(table
+        .acquire_incoming(&mut host, who(20), UUID, &versions, Some(&token))
+        .is_ok());
 }

@@ -100,6 +100,8 @@ struct Incoming {
 struct Migration {
     /// What the source's prepare returned.
     versions: Vec<(Resource, u64)>,
+    /// The hand-over secret it returned.
+    token: String,
     incoming: Option<Incoming>,
 }
 
@@ -1381,15 +1383,17 @@ impl World {
         self.note(format!("  migration stage {stage}"));
         match stage {
             0 => {
+                let fresh = format!("{:016x}", self.rng.next_u64());
                 let daemon = self.daemon.as_mut().expect("checked above");
                 match daemon
                     .table
-                    .migrate_prepare(caller_of(&self.kernel, source), &uuid)
+                    .migrate_prepare(caller_of(&self.kernel, source), &uuid, fresh)
                 {
-                    Ok(held) => {
+                    Ok((held, token)) => {
                         self.count("migration:prepared");
                         self.vms[slot].migration = Some(Migration {
                             versions: held.into_iter().map(|h| (h.resource, h.version)).collect(),
+                            token,
                             incoming: None,
                         });
                     }
@@ -1461,12 +1465,14 @@ impl World {
                 };
                 let dest = incoming.holder.process.pid;
                 let link = incoming.holder.link;
+                let token = self.vms[slot].migration.as_ref().map(|m| m.token.clone());
                 let daemon = self.daemon.as_mut().expect("checked above");
                 match daemon.table.acquire_incoming(
                     &mut self.host,
                     caller_of(&self.kernel, dest),
                     &uuid,
                     &versions,
+                    token.as_deref(),
                 ) {
                     Ok(handover) => {
                         let Some(link) = link.filter(|l| *l == handover.link) else {
@@ -1740,10 +1746,11 @@ impl World {
                     Err(e) => Some(e.to_string()),
                 }
             }
-            4 => match daemon
-                .table
-                .migrate_prepare(caller_of(&self.kernel, liar.pid), &uuid)
-            {
+            4 => match daemon.table.migrate_prepare(
+                caller_of(&self.kernel, liar.pid),
+                &uuid,
+                "liar".into(),
+            ) {
                 Ok(_) => {
                     return Err(format!(
                         "invariant 3: pid {} prepared a migration of {} for its supervisor",
@@ -1827,11 +1834,13 @@ impl World {
                         v.1 += 1;
                     }
                 }
+                // The liar never saw the source's prepare reply: no token, or a guess.
                 match daemon.table.acquire_incoming(
                     &mut self.host,
                     caller_of(&self.kernel, liar.pid),
                     &uuid,
                     &versions,
+                    Some("0123456789abcdef"),
                 ) {
                     // Only the registered destination gets copies (the rogue may be one, see
                     // `migration_walk`); dropping them unlocks nothing, and what it could do
@@ -1909,11 +1918,13 @@ impl World {
                 v.1 += 1;
             }
         }
+        // Versions are public (`status`); the source's hand-over token is not.
         let handover = match daemon.table.acquire_incoming(
             &mut self.host,
             caller_of(&self.kernel, rogue.pid),
             &uuid,
             &versions,
+            None,
         ) {
             Ok(h) => h,
             Err(_) => return Ok(()),

@@ -2,7 +2,8 @@
 //!
 //! It is one printable line safe to put inside XML attributes and JSON strings unescaped:
 //! `vmlock1;DRIVER;ENTRY;ENTRY...` where an entry is `d:PATH:MODE:VERSION` for a disk or
-//! `l:LOCKSPACE:KEY:PATH:OFFSET:VERSION` for a lease. Every field is percent-encoded outside
+//! `l:LOCKSPACE:KEY:PATH:OFFSET:VERSION` for a lease, and at most one `t:TOKEN`, a migration's
+//! hand-over secret. Every field is percent-encoded outside
 //! `[A-Za-z0-9/._-]`, so `;`, `:`, `<`, `&`, `"` and spaces never appear raw. The driver name travels
 //! in every state, so a destination on another driver is refused even when there are no leases.
 
@@ -33,6 +34,10 @@ pub struct LockState {
     pub driver: String,
     /// What was held.
     pub entries: Vec<StateEntry>,
+    /// A migration's hand-over secret (`t:` entry): handed out by the source's prepare, required
+    /// from the destination, so knowing the versions (which `status` shows) is not enough to take
+    /// a running VM's locks over. `None` where the driver uses none.
+    pub handover: Option<String>,
 }
 
 impl LockState {
@@ -41,6 +46,7 @@ impl LockState {
         LockState {
             driver: driver.to_owned(),
             entries: Vec::new(),
+            handover: None,
         }
     }
 
@@ -80,6 +86,9 @@ impl fmt::Display for LockState {
                 )?,
             }
         }
+        if let Some(t) = &self.handover {
+            write!(f, ";t:{}", encode(t))?;
+        }
         Ok(())
     }
 }
@@ -105,9 +114,14 @@ impl FromStr for LockState {
             return Err(bad("driver name missing"));
         }
         let mut entries = Vec::new();
+        let mut handover = None;
         for part in parts {
             let fields: Vec<&str> = part.split(':').collect();
             let entry = match fields.as_slice() {
+                ["t", token] if handover.is_none() => {
+                    handover = Some(decode(token)?);
+                    continue;
+                }
                 ["d", path, mode, version] => {
                     let mode = match *mode {
                         "exclusive" => DiskMode::Exclusive,
@@ -140,7 +154,11 @@ impl FromStr for LockState {
             };
             entries.push(entry);
         }
-        Ok(LockState { driver, entries })
+        Ok(LockState {
+            driver,
+            entries,
+            handover,
+        })
     }
 }
 
@@ -208,6 +226,7 @@ mod tests {
                     version: 2,
                 },
             ],
+            handover: Some("5f0c6e1d;<x>".into()),
         }
     }
 
@@ -249,7 +268,7 @@ mod tests {
             let Ok(resource) = Resource::disk(format!("/d/{name}"), DiskMode::Shared) else {
                 return Ok(());
             };
-            let state = LockState { driver: "nop".into(), entries: vec![StateEntry { resource, version }] };
+            let state = LockState { driver: "nop".into(), entries: vec![StateEntry { resource, version }], handover: None };
             let text = state.to_string();
             proptest::prop_assert_eq!(text.parse::<LockState>().unwrap(), state);
         }

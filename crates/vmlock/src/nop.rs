@@ -73,6 +73,7 @@ impl NopSession {
                     version: 0,
                 })
                 .collect(),
+            handover: None,
         }
     }
 }

@@ -444,12 +444,22 @@ impl Daemon {
             Request::Release { uuid, resources } => self
                 .with_table(|t, h| t.release(h, caller, &uuid, resources.as_deref(), false))
                 .map_or_else(Reply::Error, Reply::Held),
-            Request::AcquireIncoming { uuid, versions } => {
-                self.acquire_incoming(caller, &uuid, &versions)
+            Request::AcquireIncoming {
+                uuid,
+                versions,
+                token,
+            } => self.acquire_incoming(caller, &uuid, &versions, token.as_deref()),
+            Request::MigratePrepare { uuid } => {
+                // 128 bits from the kernel's random source, drawn before the table is locked.
+                let fresh = uuid::Uuid::new_v4().simple().to_string();
+                self.with_table(|t, _| {
+                    (t.migrate_prepare(caller, &uuid, fresh), Effects::default())
+                })
+                .map_or_else(Reply::Error, |(held, token)| Reply::Prepared {
+                    held,
+                    token,
+                })
             }
-            Request::MigratePrepare { uuid } => self
-                .with_table(|t, _| (t.migrate_prepare(caller, &uuid), Effects::default()))
-                .map_or_else(Reply::Error, Reply::Held),
             Request::MigrateComplete { uuid, success } => {
                 self.with_table(|t, _| match t.migrate_complete(caller, &uuid, success) {
                     Ok(fx) => (Reply::Ok, fx),
@@ -584,10 +594,11 @@ impl Daemon {
         caller: Caller,
         uuid: &str,
         versions: &[(vmlock::Resource, u64)],
+        token: Option<&str>,
     ) -> Reply {
         let handover = self.with_table(|t, h| {
             (
-                t.acquire_incoming(h, caller, uuid, versions),
+                t.acquire_incoming(h, caller, uuid, versions, token),
                 Effects::default(),
             )
         });

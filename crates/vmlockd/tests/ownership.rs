@@ -99,24 +99,36 @@ fn stranger_process() {
     };
     let requests: Vec<Request> =
         serde_json::from_str(&std::env::var("VMLOCK_OWNERSHIP_REQUESTS").unwrap()).unwrap();
-    let stream = UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+    // One connection per request: a `Hold` turns its connection into a holder connection, kept
+    // open until the process ends. A `Hold` naming pid 0 names this process as its guest.
+    let mut holders = Vec::new();
+    for mut request in requests {
+        if let Request::Hold { vm, .. } = &mut request {
+            if vm.pid == 0 {
+                vm.pid = std::process::id();
+            }
+        }
+        let stream = UnixStream::connect(&socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = FrameReader::new();
+        write_frame(
+            &stream,
+            &Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            &[],
+        )
         .unwrap();
-    let mut reader = FrameReader::new();
-    write_frame(
-        &stream,
-        &Request::Hello {
-            version: PROTOCOL_VERSION,
-        },
-        &[],
-    )
-    .unwrap();
-    let _hello: (Reply, _) = reader.read(&stream).unwrap();
-    for request in requests {
+        let _hello: (Reply, _) = reader.read(&stream).unwrap();
+        let is_hold = matches!(request, Request::Hold { .. });
         write_frame(&stream, &request, &[]).unwrap();
         let (reply, _): (Reply, _) = reader.read(&stream).unwrap();
         println!("REPLY {}", serde_json::to_string(&reply).unwrap());
+        if is_hold {
+            holders.push(stream);
+        }
     }
 }
 
@@ -218,5 +230,76 @@ fn only_a_vms_holder_can_change_it() {
         matches!(shutdown, Err(Error::GuestRunning { .. })),
         "shutdown under a running guest: {shutdown:?}"
     );
+    assert!(locked_by_someone(d.path()));
+}
+
+/// A process that registers as the destination of a prepared migration and presents the
+/// versions `status` shows, without the source's hand-over token, gets no copy of the VM's locks.
+#[test]
+fn a_migration_is_taken_over_only_with_the_sources_token() {
+    let daemon = Daemon::start();
+    let plugin = Plugin::from_driver(Arc::new(LockdDriver::new(daemon.endpoint())));
+    let f = Fixture { daemon, plugin };
+    let d = disk(&f, "migrating", DiskMode::Exclusive);
+    let guest = Guest::spawn();
+    let params = vm("migrating-vm", &guest);
+    let uuid = params.uuid.to_string();
+    let mut manager =
+        domain::process_start(&f.plugin, params, [d.clone()], &AcquireOptions::default()).unwrap();
+    let state = manager.prepare_migration("vmlock://elsewhere").unwrap();
+    assert!(state.handover.is_some(), "{state}");
+    let versions: Vec<(vmlock::Resource, u64)> = state
+        .entries
+        .iter()
+        .map(|e| (e.resource.clone(), e.version))
+        .collect();
+    let socket = f.daemon.runtime().socket();
+    let take_over = |token: Option<&str>| Request::AcquireIncoming {
+        uuid: uuid.clone(),
+        versions: versions.clone(),
+        token: token.map(str::to_owned),
+    };
+    let replies = as_stranger(
+        &socket,
+        &[
+            Request::Hold {
+                vm: VmIdentity {
+                    uuid: uuid.clone(),
+                    name: "migrating-vm".into(),
+                    id: 1,
+                    pid: 0,
+                },
+                adopt: Vec::new(),
+                incoming: true,
+                flags: None,
+            },
+            take_over(None),
+            take_over(Some("0123456789abcdef0123456789abcdef")),
+        ],
+    );
+    assert_eq!(
+        replies[0],
+        Reply::Ok,
+        "any process may register as a destination"
+    );
+    for reply in &replies[1..] {
+        assert!(
+            matches!(reply, Reply::Error(Error::InvalidLockState { reason }) if reason.contains("hand-over token")),
+            "{reply:?}"
+        );
+    }
+    // The source still owns everything.
+    assert!(locked_by_someone(d.path()));
+    let mut conn = f.daemon.endpoint().connect().unwrap();
+    match conn
+        .call(&Request::Lookup { uuid: uuid.clone() }, &[])
+        .unwrap()
+    {
+        Reply::Vm(v) => assert_eq!(v.pid, guest.pid()),
+        other => panic!("{other:?}"),
+    }
+    manager
+        .complete_migration(vmlock::MigrationOutcome::Cancel)
+        .unwrap();
     assert!(locked_by_someone(d.path()));
 }
