@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::Daemon;
+use common::{locked_by_someone, raw_connection, read_reply, Daemon, Fixture};
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
@@ -13,37 +13,20 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmlock::conformance::{disk, vm, Guest, Harness};
-use vmlock::{domain, AcquireOptions, DiskMode, Error, ForeignHolder, Manager, Plugin, Resource};
-use vmlock_client::driver::LockdDriver;
-use vmlock_client::proto::{write_frame, Reply, Request, PROTOCOL_VERSION};
+use vmlock::conformance::{disk, vm, Guest};
+use vmlock::{domain, AcquireOptions, DiskMode, Error, ForeignHolder, Manager, Resource};
+use vmlock_client::proto::{write_frame, Reply, Request};
 use vmlock_sys::ofd::{self, LockKind};
 use vmlock_testkit::process::wait_until;
 use vmlock_testkit::qemu::{DaemonizedQemu, QemuLine};
-
-struct Fixture {
-    daemon: Daemon,
-    plugin: Plugin,
-}
-
-impl Harness for Fixture {
-    fn plugin(&self) -> Plugin {
-        self.plugin.clone()
-    }
-    fn disk_dir(&self) -> &Path {
-        self.daemon.disk_dir()
-    }
-}
 
 fn fixture() -> Fixture {
     fixture_with(Daemon::start())
 }
 
 fn fixture_with(daemon: Daemon) -> Fixture {
-    let plugin = Plugin::from_driver(Arc::new(LockdDriver::new(daemon.endpoint())));
-    Fixture { daemon, plugin }
+    Fixture::new(daemon)
 }
 
 fn start(f: &Fixture, name: &str, guest: &Guest, disks: &[Resource]) -> vmlock::Result<Manager> {
@@ -53,19 +36,6 @@ fn start(f: &Fixture, name: &str, guest: &Guest, disks: &[Resource]) -> vmlock::
         disks.iter().cloned(),
         &AcquireOptions::default(),
     )
-}
-
-/// True if some other description holds a lock on byte 0 of `path` (asked from this process,
-/// through a description of its own, as any outsider would).
-fn locked_by_someone(path: &Path) -> bool {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    ofd::probe(file.as_fd(), LockKind::Exclusive, 0, 1)
-        .unwrap()
-        .is_some()
 }
 
 fn status(f: &Fixture) -> Vec<vmlock_client::proto::OwnerStatus> {
@@ -318,28 +288,6 @@ print(exact(n).decode())
     assert!(status(&f).is_empty());
 }
 
-fn raw_connection(f: &Fixture) -> UnixStream {
-    let s = UnixStream::connect(f.daemon.runtime().socket()).unwrap();
-    write_frame(
-        &s,
-        &Request::Hello {
-            version: PROTOCOL_VERSION,
-        },
-        &[],
-    )
-    .unwrap();
-    let _: (Reply, _) = vmlock_client::proto::read_frame(&s)
-        .map_err(|_| ())
-        .unwrap();
-    s
-}
-
-fn read_reply(s: &UnixStream) -> Option<Reply> {
-    vmlock_client::proto::read_frame::<Reply>(s)
-        .ok()
-        .map(|(r, _)| r)
-}
-
 #[test]
 fn malformed_oversized_and_truncated_frames_change_nothing() {
     let f = fixture();
@@ -349,7 +297,7 @@ fn malformed_oversized_and_truncated_frames_change_nothing() {
     let before = status(&f);
 
     // Oversized: refused from the header alone, then closed.
-    let mut s = raw_connection(&f);
+    let mut s = raw_connection(&f.daemon.runtime().socket());
     s.write_all(&u32::MAX.to_be_bytes()).unwrap();
     assert!(matches!(
         read_reply(&s),
@@ -368,7 +316,7 @@ fn malformed_oversized_and_truncated_frames_change_nothing() {
         br#"{"Acquire": {"uuid": 7}}"#,
         br#"{"Release": null}"#,
     ] {
-        let mut s = raw_connection(&f);
+        let mut s = raw_connection(&f.daemon.runtime().socket());
         s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
         s.write_all(body).unwrap();
         assert!(
@@ -391,7 +339,7 @@ fn malformed_oversized_and_truncated_frames_change_nothing() {
     ));
 
     // A frame that stops halfway: the daemon gives up after its frame timeout, not never.
-    let mut s = raw_connection(&f);
+    let mut s = raw_connection(&f.daemon.runtime().socket());
     s.write_all(&100u32.to_be_bytes()).unwrap();
     s.write_all(b"{\"Sta").unwrap();
     let started = Instant::now();

@@ -6,39 +6,19 @@
 
 mod common;
 
-use common::Daemon;
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
+use common::{locked_by_someone, Daemon, Fixture};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmlock::conformance::{disk, vm, Guest, Harness};
-use vmlock::{domain, AcquireOptions, DiskMode, Error, Manager, Plugin, Resource};
-use vmlock_client::driver::LockdDriver;
+use vmlock::{domain, AcquireOptions, DiskMode, Error, Manager, Resource};
 use vmlock_client::proto::{Reply, Request};
-use vmlock_sys::ofd::{self, LockKind};
 
 /// Longest any refusal may take: far more than a refusal needs, far less than a blocked open.
 const BOUND: Duration = Duration::from_secs(5);
 
-struct Fixture {
-    daemon: Daemon,
-    plugin: Plugin,
-}
-
-impl Harness for Fixture {
-    fn plugin(&self) -> Plugin {
-        self.plugin.clone()
-    }
-    fn disk_dir(&self) -> &Path {
-        self.daemon.disk_dir()
-    }
-}
-
 fn fixture_with(daemon: Daemon) -> Fixture {
-    let plugin = Plugin::from_driver(Arc::new(LockdDriver::new(daemon.endpoint())));
-    Fixture { daemon, plugin }
+    Fixture::new(daemon)
 }
 
 fn start(f: &Fixture, name: &str, guest: &Guest, disks: &[Resource]) -> vmlock::Result<Manager> {
@@ -70,18 +50,6 @@ fn held(f: &Fixture) -> Vec<(String, usize)> {
             .collect(),
         other => panic!("{other:?}"),
     }
-}
-
-/// True if some other description holds a lock on byte 0 of `path`.
-fn locked_by_someone(path: &Path) -> bool {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    ofd::probe(file.as_fd(), LockKind::Exclusive, 0, 1)
-        .unwrap()
-        .is_some()
 }
 
 #[test]

@@ -7,42 +7,19 @@
 
 mod common;
 
-use common::Daemon;
-use std::fs::OpenOptions;
+use common::{locked_by_someone, raw_connection, read_reply, Daemon, Fixture};
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmlock::conformance::{disk, vm, Guest, Harness};
-use vmlock::{domain, AcquireOptions, DiskMode, Error, LockFailureAction, Plugin, Resource};
-use vmlock_client::driver::LockdDriver;
-use vmlock_client::proto::{
-    write_frame, AcquireFlags, Reply, Request, VmIdentity, PROTOCOL_VERSION,
-};
+use vmlock::conformance::{disk, vm, Guest};
+use vmlock::{domain, AcquireOptions, DiskMode, Error, LockFailureAction, Resource};
+use vmlock_client::proto::{write_frame, AcquireFlags, Reply, Request, VmIdentity};
 use vmlock_client::{Connection, Holder};
-use vmlock_sys::ofd::{self, LockKind};
-
-struct Fixture {
-    daemon: Daemon,
-    plugin: Plugin,
-}
-
-impl Harness for Fixture {
-    fn plugin(&self) -> Plugin {
-        self.plugin.clone()
-    }
-    fn disk_dir(&self) -> &Path {
-        self.daemon.disk_dir()
-    }
-}
 
 fn fixture(config: Option<&str>) -> Fixture {
-    let daemon = Daemon::start_with_config(config);
-    let plugin = Plugin::from_driver(Arc::new(LockdDriver::new(daemon.endpoint())));
-    Fixture { daemon, plugin }
+    Fixture::new(Daemon::start_with_config(config))
 }
 
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
@@ -57,39 +34,6 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count()
-}
-
-fn locked_by_someone(path: &Path) -> bool {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    ofd::probe(file.as_fd(), LockKind::Exclusive, 0, 1)
-        .unwrap()
-        .is_some()
-}
-
-/// A connection that said hello; reads fail after 10 s instead of hanging the test.
-fn raw_connection(socket: &Path) -> UnixStream {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write_frame(
-        &s,
-        &Request::Hello {
-            version: PROTOCOL_VERSION,
-        },
-        &[],
-    )
-    .unwrap();
-    assert!(matches!(read_reply(&s), Some(Reply::Hello { .. })));
-    s
-}
-
-fn read_reply(s: &UnixStream) -> Option<Reply> {
-    vmlock_client::proto::read_frame::<Reply>(s)
-        .ok()
-        .map(|(r, _)| r)
 }
 
 fn status(conn: &mut Connection) -> Vec<vmlock_client::proto::OwnerStatus> {

@@ -10,49 +10,19 @@
 
 mod common;
 
-use common::Daemon;
-use std::fs::OpenOptions;
+use common::{locked_by_someone, Daemon, Fixture};
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
-use vmlock::conformance::{disk, vm, Guest, Harness};
-use vmlock::{domain, AcquireOptions, DiskMode, Error, Plugin};
-use vmlock_client::driver::LockdDriver;
+use vmlock::conformance::{disk, vm, Guest};
+use vmlock::{domain, AcquireOptions, DiskMode, Error};
 use vmlock_client::proto::{
     write_frame, FrameReader, Reply, Request, VmIdentity, PROTOCOL_VERSION,
 };
-use vmlock_sys::ofd::{self, LockKind};
 
 const STRANGER_ENV: &str = "VMLOCK_OWNERSHIP_STRANGER";
-
-struct Fixture {
-    daemon: Daemon,
-    plugin: Plugin,
-}
-
-impl Harness for Fixture {
-    fn plugin(&self) -> Plugin {
-        self.plugin.clone()
-    }
-    fn disk_dir(&self) -> &Path {
-        self.daemon.disk_dir()
-    }
-}
-
-fn locked_by_someone(path: &Path) -> bool {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    ofd::probe(file.as_fd(), LockKind::Exclusive, 0, 1)
-        .unwrap()
-        .is_some()
-}
 
 /// Sends each of `requests` from a process of its own (not this one) and returns its replies.
 fn as_stranger(socket: &Path, requests: &[Request]) -> Vec<Reply> {
@@ -139,8 +109,7 @@ fn denied(reply: &Reply) -> bool {
 #[test]
 fn only_a_vms_holder_can_change_it() {
     let daemon = Daemon::start();
-    let plugin = Plugin::from_driver(Arc::new(LockdDriver::new(daemon.endpoint())));
-    let f = Fixture { daemon, plugin };
+    let f = Fixture::new(daemon);
     let d = disk(&f, "owned", DiskMode::Exclusive);
     let other = disk(&f, "other", DiskMode::Exclusive);
     let guest = Guest::spawn();
@@ -238,8 +207,7 @@ fn only_a_vms_holder_can_change_it() {
 #[test]
 fn a_migration_is_taken_over_only_with_the_sources_token() {
     let daemon = Daemon::start();
-    let plugin = Plugin::from_driver(Arc::new(LockdDriver::new(daemon.endpoint())));
-    let f = Fixture { daemon, plugin };
+    let f = Fixture::new(daemon);
     let d = disk(&f, "migrating", DiskMode::Exclusive);
     let guest = Guest::spawn();
     let params = vm("migrating-vm", &guest);

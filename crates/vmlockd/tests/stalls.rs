@@ -14,10 +14,8 @@
 
 mod common;
 
-use common::Daemon;
-use std::fs::OpenOptions;
+use common::{locked_by_someone, Daemon};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -28,7 +26,6 @@ use vmlock::{DiskMode, Error, LockFailureAction, Resource};
 use vmlock_client::proto::{AcquireFlags, HeldResource, Reply, Request, VmIdentity};
 use vmlock_client::runtime::RuntimeDir;
 use vmlock_client::{Endpoint, Holder};
-use vmlock_sys::ofd::{self, LockKind};
 use vmlock_sys::pidfd::ProcessHandle;
 use vmlock_testkit::fuse::{private_mount_namespace, HangFs, DISK_NAME};
 
@@ -179,19 +176,6 @@ fn disk(dir: &Path, name: &str, mode: DiskMode) -> Resource {
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
     }
     Resource::disk(path, mode).unwrap()
-}
-
-/// True if some description holds a lock on byte 0 of `path` (asked through a description of
-/// this process's own, as any outsider would).
-fn locked_by_someone(path: &Path) -> bool {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    ofd::probe(file.as_fd(), LockKind::Exclusive, 0, 1)
-        .unwrap()
-        .is_some()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -46,3 +46,66 @@ impl DerefMut for Daemon {
         &mut self.0
     }
 }
+
+/// A real daemon and the `lockd` driver talking to it, as the conformance kit's harness.
+pub struct Fixture {
+    pub daemon: Daemon,
+    pub plugin: vmlock::Plugin,
+}
+
+impl Fixture {
+    pub fn new(daemon: Daemon) -> Self {
+        let plugin = vmlock::Plugin::from_driver(std::sync::Arc::new(
+            vmlock_client::driver::LockdDriver::new(daemon.endpoint()),
+        ));
+        Fixture { daemon, plugin }
+    }
+}
+
+impl vmlock::conformance::Harness for Fixture {
+    fn plugin(&self) -> vmlock::Plugin {
+        self.plugin.clone()
+    }
+    fn disk_dir(&self) -> &Path {
+        self.daemon.disk_dir()
+    }
+}
+
+/// True if some other description holds a lock on byte 0 of `path` (asked from this process,
+/// through a description of its own, as any outsider would).
+pub fn locked_by_someone(path: &Path) -> bool {
+    use std::os::fd::AsFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the disk");
+    vmlock_sys::ofd::probe(file.as_fd(), vmlock_sys::ofd::LockKind::Exclusive, 0, 1)
+        .expect("probe")
+        .is_some()
+}
+
+/// A connection that said hello; reads fail after 10 s instead of hanging the test.
+pub fn raw_connection(socket: &Path) -> std::os::unix::net::UnixStream {
+    use vmlock_client::proto::{write_frame, Reply, Request, PROTOCOL_VERSION};
+    let s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write_frame(
+        &s,
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+        &[],
+    )
+    .expect("hello");
+    assert!(matches!(read_reply(&s), Some(Reply::Hello { .. })));
+    s
+}
+
+/// The next reply on `s`, if one comes.
+pub fn read_reply(s: &std::os::unix::net::UnixStream) -> Option<vmlock_client::proto::Reply> {
+    vmlock_client::proto::read_frame::<vmlock_client::proto::Reply>(s)
+        .ok()
+        .map(|(r, _)| r)
+}
