@@ -12,15 +12,12 @@ mod common;
 
 use common::{locked_by_someone, Daemon, Fixture};
 use std::io::{BufRead, BufReader};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use vmlock::conformance::{disk, vm, Guest};
 use vmlock::{domain, AcquireOptions, DiskMode, Error};
-use vmlock_client::proto::{
-    write_frame, FrameReader, Reply, Request, VmIdentity, PROTOCOL_VERSION,
-};
+use vmlock_client::proto::{write_frame, Reply, Request, VmIdentity};
 
 const STRANGER_ENV: &str = "VMLOCK_OWNERSHIP_STRANGER";
 
@@ -78,23 +75,10 @@ fn stranger_process() {
                 vm.pid = std::process::id();
             }
         }
-        let stream = UnixStream::connect(&socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut reader = FrameReader::new();
-        write_frame(
-            &stream,
-            &Request::Hello {
-                version: PROTOCOL_VERSION,
-            },
-            &[],
-        )
-        .unwrap();
-        let _hello: (Reply, _) = reader.read(&stream).unwrap();
+        let stream = common::raw_connection(Path::new(&socket));
         let is_hold = matches!(request, Request::Hold { .. });
         write_frame(&stream, &request, &[]).unwrap();
-        let (reply, _): (Reply, _) = reader.read(&stream).unwrap();
+        let reply = common::read_reply(&stream).expect("a reply");
         println!("REPLY {}", serde_json::to_string(&reply).unwrap());
         if is_hold {
             holders.push(stream);

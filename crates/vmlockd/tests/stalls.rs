@@ -484,19 +484,8 @@ fn a_stopped_supervisor_stalls_no_other_vm_and_its_hotplug_leaves_nothing_held()
 
 /// A holder connection for `vm` that registers and then never reads again.
 fn raw_hold(socket: &Path, vm: &VmIdentity) -> std::os::unix::net::UnixStream {
-    use vmlock_client::proto::{write_frame, FrameReader, PROTOCOL_VERSION};
-    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    let mut reader = FrameReader::new();
-    write_frame(
-        &stream,
-        &Request::Hello {
-            version: PROTOCOL_VERSION,
-        },
-        &[],
-    )
-    .unwrap();
-    let (hello, _) = reader.read::<Reply>(&stream).unwrap();
-    assert!(matches!(hello, Reply::Hello { .. }), "{hello:?}");
+    use vmlock_client::proto::write_frame;
+    let stream = common::raw_connection(socket);
     write_frame(
         &stream,
         &Request::Hold {
@@ -508,8 +497,7 @@ fn raw_hold(socket: &Path, vm: &VmIdentity) -> std::os::unix::net::UnixStream {
         &[],
     )
     .unwrap();
-    let (reply, _) = reader.read::<Reply>(&stream).unwrap();
-    assert_eq!(reply, Reply::Ok);
+    assert_eq!(common::read_reply(&stream), Some(Reply::Ok));
     stream
 }
 
