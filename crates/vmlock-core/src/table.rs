@@ -503,6 +503,7 @@ impl<H: Host> LockTable<H> {
                     }
                     existing.guest = Guest::from(guest);
                     existing.vm.pid = vm.pid;
+                    fx.rewatch = true;
                     // A new guest (the record holds nothing): its flags are the new guest's,
                     // not the previous one's (a supervisor that got a dead one's pid starts a
                     // VM with another lock-failure action).

@@ -36,6 +36,8 @@ pub struct Daemon {
     table: Mutex<LockTable<LinuxHost>>,
     /// Connected holders by link id (the core names links; the daemon writes to them).
     links: Mutex<HashMap<LinkId, Arc<HolderLink>>>,
+    /// This host's name, for `Hello` (which then never waits for the table).
+    host_name: String,
     next_link: AtomicU64,
     config: Config,
     max_clients: usize,
@@ -70,6 +72,7 @@ impl Daemon {
         let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
         let lease_check_interval = Duration::from_millis(config.lease_check_interval_ms);
         let lock_failure_grace = Duration::from_millis(config.lock_failure_grace_ms);
+        let host_name = host.clone();
         let mut table = LockTable::new(host::policy(&config), host);
         let (store, persisted) = Store::open(&runtime).map_err(|e| {
             anyhow::anyhow!(
@@ -106,6 +109,7 @@ impl Daemon {
         let daemon = Arc::new(Daemon {
             table: Mutex::new(table),
             links: Mutex::new(HashMap::new()),
+            host_name,
             next_link: AtomicU64::new(1),
             config,
             max_clients,
@@ -256,7 +260,7 @@ impl Daemon {
         let mut reader = FrameReader::new();
         match reader.read::<Request>(&stream) {
             Ok((Request::Hello { version }, _)) if version == PROTOCOL_VERSION => {
-                let host = self.lock_table().host_name().to_owned();
+                let host = self.host_name.clone();
                 if write_frame(
                     &stream,
                     &Reply::Hello {
@@ -722,7 +726,6 @@ impl Daemon {
                 t.hold(h, caller, id, vm, guest, kept, flags)
             }
         });
-        self.wake_watcher();
         result?;
         if failures.is_empty() {
             Ok(())
