@@ -426,9 +426,9 @@ impl Daemon {
             .cloned()
     }
 
-    /// Answers one request; descriptors to attach to the reply come back beside it. The reply is
-    /// written by the caller; an acquire whose copies travel in the reply commits only once the
-    /// reply is out.
+    /// Answers one request; descriptors to attach to the reply come back beside it, and the caller
+    /// writes the reply. An acquire whose copies travel in the reply writes it itself (`None`):
+    /// it commits, then releases what it took if the reply cannot be delivered.
     fn dispatch(
         &self,
         request: Request,
@@ -546,8 +546,8 @@ impl Daemon {
             reservation.handover.into_iter().unzip();
         if reservation.direct {
             // The copies travel in the reply; once it is out they sit in the holder's socket
-            // queue, which outlives a daemon crash. Commit only then.
-            // A reply that cannot be delivered releases what the acquire took.
+            // queue, which outlives a daemon crash. The reply carries the committed versions, so
+            // commit first; a reply that cannot be delivered releases what the acquire took.
             let reply = match self.with_table(|t, _| t.commit(uuid, ticket)) {
                 Ok(held) => Reply::Kept {
                     held,
