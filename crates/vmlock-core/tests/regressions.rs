@@ -135,6 +135,24 @@ fn running_vm(host: &mut TinyHost, flags: AcquireFlags) -> LockTable<TinyHost> {
     table
 }
 
+/// The VM migrates: its source (pid 10) prepared, a process (pid 20) registered as the
+/// destination. Returns the source's hand-over token and the versions `status` shows.
+fn prepared_with_a_destination(table: &mut LockTable<TinyHost>) -> (String, Vec<(Resource, u64)>) {
+    let (_, token) = table
+        .migrate_prepare(who(10), UUID, "secret".into())
+        .expect("prepared");
+    table
+        .hold_incoming(who(20), LinkId(2), &identity(21), proc(21, 121, 20))
+        .expect("any process may register as the destination");
+    let versions = table
+        .inquire(UUID)
+        .expect("status")
+        .into_iter()
+        .map(|h| (h.resource, h.version))
+        .collect();
+    (token, versions)
+}
+
 /// Seed 1 of the first simulator run: a root process registered as the destination of a
 /// migration its source had prepared, took the descriptions with versions read from `status`,
 /// and finished the migration itself: the running source guest lost its disks.
@@ -143,18 +161,7 @@ fn only_the_source_may_finish_a_migration() {
     let mut host = TinyHost::default();
     let mut table = running_vm(&mut host, AcquireFlags::default());
     // Even a destination that got the source's whole state (token included) cannot finish.
-    let (_, token) = table
-        .migrate_prepare(who(10), UUID, "secret".into())
-        .expect("prepared");
-    table
-        .hold_incoming(who(20), LinkId(2), &identity(21), proc(21, 121, 20))
-        .expect("any process may register as the destination");
-    let versions: Vec<(Resource, u64)> = table
-        .inquire(UUID)
-        .expect("status")
-        .into_iter()
-        .map(|h| (h.resource, h.version))
-        .collect();
+    let (token, versions) = prepared_with_a_destination(&mut table);
     let handover = table
         .acquire_incoming(&mut host, who(20), UUID, &versions, Some(&token))
         .expect("current versions");
@@ -282,18 +289,7 @@ fn no_acquire_while_migrating() {
 fn versions_from_status_do_not_take_a_vm_over() {
     let mut host = TinyHost::default();
     let mut table = running_vm(&mut host, AcquireFlags::default());
-    let (_, token) = table
-        .migrate_prepare(who(10), UUID, "secret".into())
-        .expect("prepared");
-    table
-        .hold_incoming(who(20), LinkId(2), &identity(21), proc(21, 121, 20))
-        .expect("any process may register as the destination");
-    let versions: Vec<(Resource, u64)> = table
-        .inquire(UUID)
-        .expect("status")
-        .into_iter()
-        .map(|h| (h.resource, h.version))
-        .collect();
+    let (token, versions) = prepared_with_a_destination(&mut table);
     for guess in [None, Some("guess")] {
         let e = table
             .acquire_incoming(&mut host, who(20), UUID, &versions, guess)
