@@ -423,17 +423,8 @@ fn raise_fd_limit() -> String {
 
 fn private_namespace() -> Result<()> {
     use nix::mount::{mount, MsFlags};
-    use nix::sched::{unshare, CloneFlags};
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "needs root");
-    unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("making / private")?;
+    vmlock_sys::mountns::enter_private().context("entering a private mount namespace")?;
     for target in ["/run", "/var/log"] {
         mount(
             Some("tmpfs"),

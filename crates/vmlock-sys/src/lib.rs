@@ -11,6 +11,7 @@
 pub mod child;
 pub mod disk;
 pub mod fdpass;
+pub mod mountns;
 pub mod ofd;
 pub mod pidfd;
 pub mod procfs;

@@ -70,15 +70,7 @@ const EVENT_RELEASED: u8 = b'R';
 /// by the test and its children only, and goes away with them. Other threads of the test process
 /// keep the host's view. Needs root (`CAP_SYS_ADMIN`).
 pub fn private_mount_namespace() -> io::Result<()> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(io::Error::from)
+    vmlock_sys::mountns::enter_private()
 }
 
 /// A mounted FUSE filesystem that hangs on command. See the module documentation.

@@ -136,17 +136,8 @@ fn only_regular_files_and_block_devices_are_locked() {
 /// the host); the daemon and guests it starts inherit the namespace.
 fn in_private_mount_namespace(body: impl FnOnce() + Send + 'static) {
     let t = std::thread::spawn(move || {
-        use nix::mount::{mount, MsFlags};
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-            .expect("unshare(CLONE_NEWNS): the test needs root");
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .expect("making / private in the new namespace");
+        vmlock_sys::mountns::enter_private()
+            .expect("a private mount namespace: the test needs root");
         body();
     });
     let deadline = Instant::now() + Duration::from_secs(60);
