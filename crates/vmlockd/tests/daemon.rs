@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{locked_by_someone, raw_connection, read_reply, Daemon, Fixture};
+use common::{locked_by_someone, raw_connection, read_reply, start, Daemon, Fixture};
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
@@ -15,27 +15,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmlock::conformance::{disk, vm, Guest};
-use vmlock::{domain, AcquireOptions, DiskMode, Error, ForeignHolder, Manager, Resource};
+use vmlock::{domain, AcquireOptions, DiskMode, Error, ForeignHolder, Resource};
 use vmlock_client::proto::{write_frame, Reply, Request};
 use vmlock_sys::ofd::{self, LockKind};
 use vmlock_testkit::process::wait_until;
 use vmlock_testkit::qemu::{DaemonizedQemu, QemuLine};
 
 fn fixture() -> Fixture {
-    fixture_with(Daemon::start())
-}
-
-fn fixture_with(daemon: Daemon) -> Fixture {
-    Fixture::new(daemon)
-}
-
-fn start(f: &Fixture, name: &str, guest: &Guest, disks: &[Resource]) -> vmlock::Result<Manager> {
-    domain::process_start(
-        &f.plugin,
-        vm(name, guest),
-        disks.iter().cloned(),
-        &AcquireOptions::default(),
-    )
+    Fixture::new(Daemon::start())
 }
 
 fn status(f: &Fixture) -> Vec<vmlock_client::proto::OwnerStatus> {
@@ -516,7 +503,7 @@ fn indirect_mode_locks_a_hashed_file_and_excludes_aliases() {
     let dir = tempfile::tempdir().unwrap();
     let lockspace = dir.path().join("lockspace");
     std::fs::create_dir(&lockspace).unwrap();
-    let f = fixture_with(Daemon::start_with_config(Some(&format!(
+    let f = Fixture::new(Daemon::start_with_config(Some(&format!(
         "file_lockspace_dir = \"{}\"",
         lockspace.display()
     ))));

@@ -6,29 +6,16 @@
 
 mod common;
 
-use common::{locked_by_someone, Daemon, Fixture};
+use common::{locked_by_someone, start, Daemon, Fixture};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use vmlock::conformance::{disk, vm, Guest, Harness};
-use vmlock::{domain, AcquireOptions, DiskMode, Error, Manager, Resource};
+use vmlock::{domain, AcquireOptions, DiskMode, Error, Resource};
 use vmlock_client::proto::{Reply, Request};
 
 /// Longest any refusal may take: far more than a refusal needs, far less than a blocked open.
 const BOUND: Duration = Duration::from_secs(5);
-
-fn fixture_with(daemon: Daemon) -> Fixture {
-    Fixture::new(daemon)
-}
-
-fn start(f: &Fixture, name: &str, guest: &Guest, disks: &[Resource]) -> vmlock::Result<Manager> {
-    domain::process_start(
-        &f.plugin,
-        vm(name, guest),
-        disks.iter().cloned(),
-        &AcquireOptions::default(),
-    )
-}
 
 /// Runs `f` on its own thread; fails the test if it has not answered within [`BOUND`].
 fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -54,7 +41,7 @@ fn held(f: &Fixture) -> Vec<(String, usize)> {
 
 #[test]
 fn only_regular_files_and_block_devices_are_locked() {
-    let f = fixture_with(Daemon::start());
+    let f = Fixture::new(Daemon::start());
     let fifo = f.disk_dir().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let dir = f.disk_dir().join("a-directory");
@@ -165,7 +152,7 @@ fn bind(from: &Path, to: &Path) {
 fn indirect_mode_gives_one_lock_to_every_alias_of_a_disk() {
     in_private_mount_namespace(|| {
         let lockspace = tempfile::tempdir().unwrap();
-        let f = fixture_with(Daemon::start_with_config(Some(&format!(
+        let f = Fixture::new(Daemon::start_with_config(Some(&format!(
             "file_lockspace_dir = \"{}\"",
             lockspace.path().display()
         ))));

@@ -109,3 +109,18 @@ pub fn read_reply(s: &std::os::unix::net::UnixStream) -> Option<vmlock_client::p
         .ok()
         .map(|(r, _)| r)
 }
+
+/// Starts VM `name` with `guest` and `disks` through the API (a holder thread in this process).
+pub fn start(
+    f: &Fixture,
+    name: &str,
+    guest: &vmlock::conformance::Guest,
+    disks: &[vmlock::Resource],
+) -> vmlock::Result<vmlock::Manager> {
+    vmlock::domain::process_start(
+        &f.plugin,
+        vmlock::conformance::vm(name, guest),
+        disks.iter().cloned(),
+        &vmlock::AcquireOptions::default(),
+    )
+}
