@@ -8,7 +8,7 @@ use crate::proto::{
     write_frame, FrameReader, HeldLock, ReadError, Reply, Request, PROTOCOL_VERSION,
 };
 use crate::runtime::RuntimeDir;
-use crate::store::Store;
+use crate::store::{PendingSnapshot, Store};
 use crate::sys::ofd::{self, LockKind};
 use crate::sys::pidfd::ProcessHandle;
 use rustix::event::{poll, PollFd, PollFlags};
@@ -122,7 +122,12 @@ impl Daemon {
             store: Mutex::new(store),
             _pid_lock: pid_lock,
         });
-        daemon.snapshot(&daemon.lock_table());
+        let full = daemon.lock_table().persisted();
+        daemon
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot_now(full);
         Ok((daemon, listener, File::from(wake_rx)))
     }
 
@@ -132,20 +137,26 @@ impl Daemon {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records VM `uuid`'s entry. Called with the table locked, after every change to that VM.
-    fn persist(&self, table: &LockTable<LinuxHost>, uuid: &str) {
+    /// Records VM `uuid`'s entry. Called with the table locked, after every change to that VM:
+    /// one append to a journal already open. When the journal has outgrown the table, returns a
+    /// snapshot for the caller to write once the table is unlocked.
+    fn persist(&self, table: &LockTable<LinuxHost>, uuid: &str) -> Option<PendingSnapshot> {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         store.record(uuid, table.persisted_owner(uuid));
         if store.wants_snapshot(table.owner_count()) {
-            store.snapshot(&table.persisted());
+            store.begin_snapshot(table.persisted())
+        } else {
+            None
         }
     }
 
-    fn snapshot(&self, table: &LockTable<LinuxHost>) {
+    /// Writes a snapshot handed out by [`Daemon::persist`]; call with the table unlocked.
+    fn write_snapshot(&self, pending: PendingSnapshot) {
+        pending.write();
         self.store
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .snapshot(&table.persisted());
+            .snapshot_written();
     }
 
     fn wake_watcher(&self) {
@@ -374,9 +385,10 @@ impl Daemon {
         }
     }
 
-    /// Runs one core call under the table lock, persists what it changed (still under the lock, so
-    /// the journal follows the table's order), then carries out its effects with the table
-    /// unlocked: descriptions closed, pushes written, guests killed, the watcher woken.
+    /// Runs one core call under the table lock, appends what it changed to the journal (still
+    /// under the lock, so the journal follows the table's order), then with the table unlocked
+    /// writes a snapshot if one is due and carries out the call's effects: descriptions closed,
+    /// pushes written, guests killed, the watcher woken.
     fn with_table<R>(
         &self,
         call: impl FnOnce(&mut LockTable<LinuxHost>, &mut LinuxHost) -> (R, Effects<OwnedFd>),
@@ -384,10 +396,14 @@ impl Daemon {
         let mut host = LinuxHost;
         let mut table = self.lock_table();
         let (result, fx) = call(&mut table, &mut host);
+        let mut snapshot = None;
         for uuid in &fx.changed {
-            self.persist(&table, uuid);
+            snapshot = snapshot.or(self.persist(&table, uuid));
         }
         drop(table);
+        if let Some(pending) = snapshot {
+            self.write_snapshot(pending);
+        }
         self.apply(fx);
         result
     }

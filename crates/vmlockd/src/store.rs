@@ -1,7 +1,14 @@
-//! What survives a daemon restart: a snapshot (`state.json`) and a journal (`state.journal`) of
-//! per-VM changes since it. Each change appends one line with the VM's whole entry (or its
-//! removal), so a request costs one small write however many locks the host holds; the snapshot is
-//! rewritten, and the journal emptied, once the journal outgrows the table.
+//! What survives a daemon restart: a snapshot (`state.json`) and journals of per-VM changes since
+//! it. Each change appends one line with the VM's whole entry (or its removal) and a sequence
+//! number, so a request costs one small write to a descriptor already open, however many locks
+//! the host holds.
+//!
+//! The snapshot is rewritten once the journal outgrows the table, **with the table unlocked**:
+//! under the table lock the store only switches appends to its second journal (both are open from
+//! the start, so nothing is opened there) and hands back a [`PendingSnapshot`] of the table as it
+//! was; the caller writes it afterwards, then empties the journal it switched away from. A crash
+//! at any point replays correctly: the snapshot names the last change it holds, and lines of both
+//! journals are replayed in sequence order on top of it, those it already holds skipped.
 
 use crate::runtime::RuntimeDir;
 use serde::{Deserialize, Serialize};
@@ -9,6 +16,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use vmlock_core::{Persisted, PersistedOwner};
 
 /// One journal line.
@@ -16,98 +24,222 @@ use vmlock_core::{Persisted, PersistedOwner};
 struct Change {
     uuid: String,
     owner: Option<PersistedOwner>,
+    /// Order of the change (0 in lines written before journals were numbered).
+    #[serde(default)]
+    seq: u64,
 }
 
-/// The snapshot and the journal.
+/// `state.json`: the table and the last change it holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotFile {
+    #[serde(default)]
+    seq: u64,
+    #[serde(flatten)]
+    state: Persisted,
+}
+
+/// The snapshot and the journals.
 #[derive(Debug)]
 pub struct Store {
     runtime: RuntimeDir,
-    journal: File,
+    /// `state.journal` and `state.journal.1`; appends go to `journals[current]`.
+    journals: [File; 2],
+    current: usize,
+    /// The last change numbered.
+    seq: u64,
+    /// Lines in the current journal.
     lines: usize,
+    /// A snapshot was handed out and not yet written.
+    snapshot_pending: bool,
+}
+
+/// A snapshot to write with the table unlocked ([`PendingSnapshot::write`]), then
+/// [`Store::snapshot_written`].
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    state: Persisted,
+    seq: u64,
+    path: PathBuf,
+    /// The journal appends switched away from: every line in it is in the snapshot.
+    old_journal: File,
+}
+
+fn journal_paths(runtime: &RuntimeDir) -> [PathBuf; 2] {
+    let first = runtime.state_file().with_extension("journal");
+    let second = runtime.state_file().with_extension("journal.1");
+    [first, second]
+}
+
+fn open_journal(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn read_changes(path: &Path, into: &mut Vec<Change>) {
+    let Ok(file) = File::open(path) else {
+        return;
+    };
+    for line in BufReader::new(file).lines().map_while(Result::ok) {
+        match serde_json::from_str::<Change>(&line) {
+            Ok(c) => into.push(c),
+            Err(e) => tracing::warn!("skipping a journal line of {}: {e}", path.display()),
+        }
+    }
 }
 
 impl Store {
-    /// Opens the store and returns what it holds (snapshot with the journal replayed on top).
+    /// Opens the store and returns what it holds (snapshot with the journals replayed on top).
     /// Unreadable lines are skipped: the kernel still holds every lock, and holders hand their
     /// descriptions back, so a lost line only delays naming a holder.
     pub fn open(runtime: &RuntimeDir) -> std::io::Result<(Self, Persisted)> {
-        let mut persisted = match std::fs::read(runtime.state_file()) {
+        let snapshot = match std::fs::read(runtime.state_file()) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::error!(
                     "ignoring unreadable {}: {e}",
                     runtime.state_file().display()
                 );
-                Persisted::default()
+                SnapshotFile {
+                    seq: 0,
+                    state: Persisted::default(),
+                }
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SnapshotFile {
+                seq: 0,
+                state: Persisted::default(),
+            },
             Err(e) => return Err(e),
         };
-        let path = runtime.state_file().with_extension("journal");
+        let paths = journal_paths(runtime);
+        let mut changes = Vec::new();
+        for path in &paths {
+            read_changes(path, &mut changes);
+        }
+        // Appends are numbered under the table lock, so the numbers give the order across both
+        // journals; unnumbered (older) lines keep their file order.
+        changes.sort_by_key(|c| c.seq);
+        let SnapshotFile {
+            seq: snapshot_seq,
+            state: mut persisted,
+        } = snapshot;
         let mut owners: BTreeMap<String, PersistedOwner> = persisted
             .owners
             .drain(..)
             .map(|o| (o.vm.uuid.clone(), o))
             .collect();
-        if let Ok(file) = File::open(&path) {
-            for line in BufReader::new(file).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Change>(&line) {
-                    Ok(Change {
-                        uuid,
-                        owner: Some(o),
-                    }) => {
-                        persisted.note_versions(&o);
-                        owners.insert(uuid, o);
-                    }
-                    Ok(Change { uuid, owner: None }) => {
-                        owners.remove(&uuid);
-                    }
-                    Err(e) => tracing::warn!("skipping a journal line of {}: {e}", path.display()),
+        let mut seq = snapshot_seq;
+        for change in changes {
+            if change.seq != 0 && change.seq <= snapshot_seq {
+                continue; // already in the snapshot
+            }
+            seq = seq.max(change.seq);
+            match change.owner {
+                Some(o) => {
+                    persisted.note_versions(&o);
+                    owners.insert(change.uuid, o);
+                }
+                None => {
+                    owners.remove(&change.uuid);
                 }
             }
         }
         persisted.owners = owners.into_values().collect();
-        let journal = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)?;
+        let journals = [open_journal(&paths[0])?, open_journal(&paths[1])?];
         Ok((
             Store {
                 runtime: runtime.clone(),
-                journal,
+                journals,
+                current: 0,
+                seq,
                 lines: 0,
+                snapshot_pending: false,
             },
             persisted,
         ))
     }
 
-    /// Records the new entry of VM `uuid` (`None`: it holds nothing any more).
+    /// Records the new entry of VM `uuid` (`None`: it holds nothing any more). Called with the
+    /// table locked, so lines are numbered in the table's order.
     pub fn record(&mut self, uuid: &str, owner: Option<PersistedOwner>) {
+        self.seq += 1;
         let mut line = match serde_json::to_vec(&Change {
             uuid: uuid.to_owned(),
             owner,
+            seq: self.seq,
         }) {
             Ok(l) => l,
             Err(e) => return tracing::error!("encoding a journal line: {e}"),
         };
         line.push(b'\n');
-        if let Err(e) = self.journal.write_all(&line) {
+        if let Err(e) = self.journals[self.current].write_all(&line) {
             tracing::error!("appending to the state journal: {e}");
         }
         self.lines += 1;
     }
 
-    /// Whether the journal has outgrown a table of `owners` VMs.
+    /// Whether the journal has outgrown a table of `owners` VMs (and no snapshot is on its way).
     pub fn wants_snapshot(&self, owners: usize) -> bool {
-        self.lines > 1024.max(owners * 4)
+        !self.snapshot_pending && self.lines > 1024.max(owners * 4)
     }
 
-    /// Writes a full snapshot, then empties the journal. A crash in between leaves journal lines
-    /// that replay onto the new snapshot harmlessly (each line is a whole entry).
-    pub fn snapshot(&mut self, full: &Persisted) {
-        let path = self.runtime.state_file();
-        let tmp = path.with_extension("tmp");
-        let result = serde_json::to_vec(full)
+    /// With the table locked: switches appends to the other journal (empty: emptied when the last
+    /// snapshot was written) and returns `full`, the table now, to write with the table unlocked.
+    pub fn begin_snapshot(&mut self, full: Persisted) -> Option<PendingSnapshot> {
+        if self.snapshot_pending {
+            return None;
+        }
+        let old_journal = match self.journals[self.current].try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("preparing a state snapshot: {e}");
+                return None;
+            }
+        };
+        self.current = 1 - self.current;
+        self.lines = 0;
+        self.snapshot_pending = true;
+        Some(PendingSnapshot {
+            state: full,
+            seq: self.seq,
+            path: self.runtime.state_file(),
+            old_journal,
+        })
+    }
+
+    /// The snapshot handed out was written (or failed): another may start.
+    pub fn snapshot_written(&mut self) {
+        self.snapshot_pending = false;
+    }
+
+    /// Writes a full snapshot now and empties both journals (at start, before anything else
+    /// appends).
+    pub fn snapshot_now(&mut self, full: Persisted) {
+        if let Some(pending) = self.begin_snapshot(full) {
+            if pending.write() {
+                for journal in &self.journals {
+                    if let Err(e) = journal.set_len(0) {
+                        tracing::error!("emptying a state journal: {e}");
+                    }
+                }
+                self.lines = 0;
+            }
+            self.snapshot_written();
+        }
+    }
+}
+
+impl PendingSnapshot {
+    /// Writes the snapshot, then empties the journal whose lines it holds. A crash in between
+    /// leaves lines the next start skips by their numbers. Returns whether it was written.
+    pub fn write(self) -> bool {
+        let tmp = self.path.with_extension("tmp");
+        let file = SnapshotFile {
+            seq: self.seq,
+            state: self.state,
+        };
+        let result = serde_json::to_vec(&file)
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
                 let mut f = OpenOptions::new()
@@ -117,12 +249,15 @@ impl Store {
                     .mode(0o600)
                     .open(&tmp)?;
                 f.write_all(&bytes)?;
-                std::fs::rename(&tmp, &path)?;
-                self.journal.set_len(0)
+                std::fs::rename(&tmp, &self.path)?;
+                self.old_journal.set_len(0)
             });
         match result {
-            Ok(()) => self.lines = 0,
-            Err(e) => tracing::error!("writing {}: {e}", path.display()),
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("writing {}: {e}", self.path.display());
+                false
+            }
         }
     }
 }
@@ -134,20 +269,29 @@ mod tests {
     use vmlock_core::{LockTable, Policy};
     use vmlock_sys::pidfd::ProcessHandle;
 
+    fn owner(name: &str) -> PersistedOwner {
+        let me = std::process::id();
+        let started = vmlock::process::stat(me).unwrap().start_time;
+        serde_json::from_value(serde_json::json!({
+            "vm": {"uuid": uuid_of(name), "name": name, "id": 1, "pid": me},
+            "holder_pid": me, "start_time": started, "flags": {"register_only": false, "restrict": false, "on_lock_failure": "Poweroff"},
+            "grants": [[{"dev": 1, "ino": 2, "byte": 0}, {"Disk": {"path": "/d", "mode": "Exclusive"}}, {"secs_since_epoch": 1, "nanos_since_epoch": 0}, 3]]
+        }))
+        .unwrap()
+    }
+
+    fn uuid_of(name: &str) -> String {
+        format!("7c9e6679-7425-40de-944b-e07fc1f90a{name}")
+    }
+
+    fn names(p: &Persisted) -> Vec<String> {
+        p.owners.iter().map(|o| o.vm.name.clone()).collect()
+    }
+
     #[test]
     fn journal_replays_on_the_snapshot_and_snapshots_empty_it() {
         let dir = tempfile::tempdir().unwrap();
         let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
-        let me = std::process::id();
-        let started = vmlock::process::stat(me).unwrap().start_time;
-        let owner = |name: &str| -> PersistedOwner {
-            serde_json::from_value(serde_json::json!({
-                "vm": {"uuid": format!("7c9e6679-7425-40de-944b-e07fc1f90a{name}"), "name": name, "id": 1, "pid": me},
-                "holder_pid": me, "start_time": started, "flags": {"register_only": false, "restrict": false, "on_lock_failure": "Poweroff"},
-                "grants": [[{"dev": 1, "ino": 2, "byte": 0}, {"Disk": {"path": "/d", "mode": "Exclusive"}}, {"secs_since_epoch": 1, "nanos_since_epoch": 0}, 3]]
-            }))
-            .unwrap()
-        };
         let (mut store, empty) = Store::open(&runtime).unwrap();
         assert!(empty.owners.is_empty());
         store.record("a", Some(owner("a1")));
@@ -160,14 +304,49 @@ mod tests {
             ProcessHandle::open(pid, Some(start)).ok()
         });
         assert_eq!(recovered, 1);
-        store.snapshot(&table.persisted());
+        store.snapshot_now(table.persisted());
+        for path in journal_paths(&runtime) {
+            assert_eq!(std::fs::metadata(path).unwrap().len(), 0);
+        }
+        let (_, again) = Store::open(&runtime).unwrap();
+        assert_eq!(again.owners.len(), 1);
+    }
+
+    /// A snapshot taken while changes go on: the changes after it survive in the other journal,
+    /// and a crash at any point of the hand-over replays to the latest state.
+    #[test]
+    fn changes_made_while_a_snapshot_is_written_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
+        let (mut store, _) = Store::open(&runtime).unwrap();
+        store.record(&uuid_of("a1"), Some(owner("a1")));
+        let at_switch = Persisted {
+            owners: vec![owner("a1")],
+            versions: Vec::new(),
+        };
+        let pending = store.begin_snapshot(at_switch).expect("a snapshot");
+        // More changes land before the snapshot is written (the table is unlocked by then).
+        store.record(&uuid_of("b2"), Some(owner("b2")));
+        store.record(&uuid_of("a1"), None);
+        assert!(
+            store.begin_snapshot(Persisted::default()).is_none(),
+            "one at a time"
+        );
+        // A crash now: the old snapshot (none) plus both journals.
+        let (_, crashed_before) = Store::open(&runtime).unwrap();
+        assert_eq!(names(&crashed_before), vec!["b2"]);
+        assert!(pending.write());
+        store.snapshot_written();
+        // A crash after: the snapshot plus the lines that came after it.
+        let (_, crashed_after) = Store::open(&runtime).unwrap();
+        assert_eq!(names(&crashed_after), vec!["b2"]);
+        // The next snapshot switches back to the first journal, emptied by the last one.
+        assert!(store.begin_snapshot(crashed_after).is_some());
         assert_eq!(
-            std::fs::metadata(runtime.state_file().with_extension("journal"))
+            std::fs::metadata(&journal_paths(&runtime)[0])
                 .unwrap()
                 .len(),
             0
         );
-        let (_, again) = Store::open(&runtime).unwrap();
-        assert_eq!(again.owners.len(), 1);
     }
 }
