@@ -39,18 +39,22 @@ pub fn signal_and_wait(
         .and_then(rustix::process::Pid::from_raw)
         .expect("a child's pid");
     rustix::process::kill_process(pid, signal).expect("signal the child");
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for the child") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
+    wait_child(child, timeout).unwrap_or_else(|| {
+        panic!(
             "pid {} still running {timeout:?} after {signal:?}",
             child.id()
-        );
-        std::thread::sleep(Duration::from_millis(5));
+        )
+    })
+}
+
+/// Waits (at most `timeout`) for our child to exit, on its pidfd (no polling), and reaps it;
+/// `None` if it still runs.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    if let Ok(handle) = vmlock_sys::pidfd::ProcessHandle::open(child.id(), None) {
+        handle.wait_exit(Some(timeout));
     }
+    // Exited (or already reaped, when the pidfd could not be opened): reap it.
+    child.try_wait().expect("wait for the child")
 }
 
 /// A child SIGKILLed and reaped by pid when dropped.

@@ -250,16 +250,8 @@ impl Supervised {
     /// the rest of its stderr. Panics on the timeout.
     pub fn wait(&mut self, timeout: Duration) -> (i32, String) {
         let deadline = std::time::Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.supervisor.try_wait().expect("wait for vmlock run") {
-                break s;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "vmlock run still running after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = crate::process::wait_child(&mut self.supervisor, timeout)
+            .unwrap_or_else(|| panic!("vmlock run still running after {timeout:?}"));
         // The rest of stderr, bounded too: a guest that outlived its supervisor keeps the pipe
         // open.
         let mut rest = String::new();

@@ -660,6 +660,7 @@ mod tests {
         let e = run_bounded("f", t, || panic!("check failed")).unwrap_err();
         assert!(e.contains("check failed"), "{e}");
         let e = run_bounded("h", Duration::from_millis(50), || {
+            // A scenario that hangs (longer than its bound).
             std::thread::sleep(Duration::from_secs(2));
             Outcome::Passed
         })

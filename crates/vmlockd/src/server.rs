@@ -797,7 +797,7 @@ impl Daemon {
         let (results_tx, results_rx) = mpsc::channel::<Vec<(String, LockKey)>>();
         let mut workers: HashMap<u64, LeaseWorker> = HashMap::new();
         loop {
-            std::thread::sleep(self.lease_check_interval);
+            let round_ends = Instant::now() + self.lease_check_interval;
             let targets = self.lock_table().lease_targets();
             let mut by_device: HashMap<u64, Vec<LeaseTarget>> = HashMap::new();
             for target in targets {
@@ -809,19 +809,21 @@ impl Daemon {
                     .or_insert_with(|| LeaseWorker::start(self.config.clone(), results_tx.clone()));
                 worker.offer(batch);
             }
-            let mut findings = Vec::new();
-            while let Ok(f) = results_rx.try_recv() {
-                findings.extend(f);
-            }
-            if findings.is_empty() {
-                continue;
-            }
-            let lost = self.lock_table().leases_lost(&findings);
-            for l in lost {
-                let grace = self.lock_failure_grace;
-                let _ = std::thread::Builder::new()
-                    .name("lock-failure".into())
-                    .spawn(move || enforce(l, grace));
+            // Until the next round, act on each finding as its worker reports it (a worker on a
+            // hung device reports nothing and holds up no one).
+            loop {
+                let left = round_ends.saturating_duration_since(Instant::now());
+                let findings = match results_rx.recv_timeout(left) {
+                    Ok(f) => f,
+                    Err(_) => break, // the round is over (or no worker is left)
+                };
+                let lost = self.lock_table().leases_lost(&findings);
+                for l in lost {
+                    let grace = self.lock_failure_grace;
+                    let _ = std::thread::Builder::new()
+                        .name("lock-failure".into())
+                        .spawn(move || enforce(l, grace));
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ mod common;
 use common::{locked_by_someone, start, Daemon, Fixture};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmlock::conformance::{disk, vm, Guest, Harness};
 use vmlock::{domain, AcquireOptions, DiskMode, Error, Resource};
 use vmlock_client::proto::{Reply, Request};
@@ -122,15 +122,18 @@ fn only_regular_files_and_block_devices_are_locked() {
 /// Runs `body` on a thread of its own in a private mount namespace (so bind mounts never reach
 /// the host); the daemon and guests it starts inherit the namespace.
 fn in_private_mount_namespace(body: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
         vmlock_sys::mountns::enter_private()
             .expect("a private mount namespace: the test needs root");
         body();
+        let _ = done.send(());
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !t.is_finished() {
-        assert!(Instant::now() < deadline, "test body timed out");
-        std::thread::sleep(Duration::from_millis(10));
+    // A panicking body drops `done` without sending: that ends the wait too.
+    if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        finished.recv_timeout(Duration::from_secs(60))
+    {
+        panic!("test body timed out");
     }
     if let Err(p) = t.join() {
         std::panic::resume_unwind(p);

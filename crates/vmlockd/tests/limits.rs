@@ -22,12 +22,15 @@ fn fixture(config: Option<&str>) -> Fixture {
     Fixture::new(Daemon::start_with_config(config))
 }
 
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Waits (bounded) for a state of the daemon that comes with no event: descriptors it closed, a
+/// lease check it ran.
+fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    vmlock_testkit::process::wait_until(
+        what,
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        cond,
+    );
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -266,7 +269,7 @@ fn idle_request_connections_time_out_and_holders_do_not() {
     assert_eq!(quiet.read_to_end(&mut rest).unwrap_or(1), 0, "closed");
 
     // The holder connection outlived several idle timeouts: the VM's lock is kept, and a change
-    // pushed to it still works.
+    // pushed to it still works. (What is tested is that nothing happens, so time must pass.)
     std::thread::sleep(Duration::from_millis(1000));
     assert!(locked_by_someone(d.path()));
     let mut conn = f.daemon.endpoint().connect().unwrap();
@@ -319,6 +322,7 @@ fn out_of_descriptors_the_daemon_backs_off_quietly_and_recovers() {
             let clients: Vec<UnixStream> = (0..10)
                 .map(|_| UnixStream::connect(&socket).unwrap())
                 .collect();
+            // The test counts log lines over a window: time must pass, no event marks its end.
             std::thread::sleep(Duration::from_millis(1500));
             let text = std::fs::read_to_string(&log).unwrap();
             let lines = text.lines().filter(|l| l.contains("accept")).count();
@@ -385,6 +389,7 @@ fn a_restart_without_state_files_keeps_the_guest_pid_and_the_lock_failure_action
     eventually("the lost lease to be noticed", || {
         status(&mut conn)[0].resources.iter().any(|r| r.lost)
     });
+    // `ignore` means nothing happens to the guest: give a wrongly taken action time to show.
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         vmlock::process::is_running(g.pid()),

@@ -12,8 +12,9 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmlock_client::runtime::{spawn_daemon, RuntimeDir};
+use vmlock_sys::pidfd::ProcessHandle;
 
 const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGTERM];
 
@@ -30,21 +31,16 @@ impl Drop for Spawned {
 impl Spawned {
     /// Sends SIGTERM and waits (bounded) for the daemon to die of it.
     fn terminate(self) {
+        let handle = ProcessHandle::open(self.0.as_raw() as u32, None).unwrap();
         kill(self.0, Signal::SIGTERM).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match waitpid(self.0, Some(WaitPidFlag::WNOHANG)).unwrap() {
-                WaitStatus::StillAlive => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "vmlockd {} ignored SIGTERM for 10 s",
-                        self.0
-                    );
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                WaitStatus::Signaled(_, Signal::SIGTERM, _) => break,
-                other => panic!("vmlockd ended otherwise: {other:?}"),
-            }
+        assert!(
+            handle.wait_exit(Some(Duration::from_secs(10))),
+            "vmlockd {} ignored SIGTERM for 10 s",
+            self.0
+        );
+        match waitpid(self.0, Some(WaitPidFlag::WNOHANG)).unwrap() {
+            WaitStatus::Signaled(_, Signal::SIGTERM, _) => {}
+            other => panic!("vmlockd ended otherwise: {other:?}"),
         }
         std::mem::forget(self);
     }
@@ -101,7 +97,8 @@ fn a_daemon_spawned_by_a_supervisor_inherits_nothing_and_stops_on_sigterm() {
     let m = marker.clone();
     // Spawned from a thread in the supervisor's state: stop signals blocked, and a descriptor
     // without close-on-exec (like a received lock description).
-    let spawner = std::thread::spawn(move || {
+    let (done, spawned) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         block_stop_signals();
         let stray = nix::fcntl::open(
             &m,
@@ -111,14 +108,12 @@ fn a_daemon_spawned_by_a_supervisor_inherits_nothing_and_stops_on_sigterm() {
         .unwrap();
         let r = spawn_daemon(&rt, Path::new(env!("CARGO_BIN_EXE_vmlockd")), &[], None);
         let _ = nix::unistd::close(stray);
-        r
+        let _ = done.send(r.map_err(|e| e.to_string()));
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !spawner.is_finished() {
-        assert!(Instant::now() < deadline, "the daemon never said READY");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    spawner.join().unwrap().unwrap();
+    spawned
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the daemon never said READY")
+        .unwrap();
     let pid = Pid::from_raw(runtime.daemon_pid().unwrap() as i32);
     let daemon = Spawned(pid);
 

@@ -9,7 +9,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmlock::{DiskMode, Resource};
 use vmlock_client::proto::{AcquireFlags, Reply, Request, VmIdentity};
 use vmlock_client::{Connection, HoldConnection, RuntimeDir};
@@ -186,20 +186,14 @@ fn a_forked_child_holds_acquires_and_releases_without_a_thread() {
             unsafe { nix::libc::_exit(code) }
         }
         ForkResult::Parent { child } => {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let status = loop {
-                match waitpid(child, Some(WaitPidFlag::WNOHANG)).expect("waitpid") {
-                    WaitStatus::StillAlive if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    WaitStatus::StillAlive => {
-                        let _ = nix::sys::signal::kill(child, nix::sys::signal::SIGKILL);
-                        let _ = waitpid(child, None);
-                        panic!("the forked child did not finish in 60 s");
-                    }
-                    other => break other,
-                }
-            };
+            let handle = vmlock_sys::pidfd::ProcessHandle::open(child.as_raw() as u32, None)
+                .expect("a pidfd of the forked child");
+            if !handle.wait_exit(Some(Duration::from_secs(60))) {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::SIGKILL);
+                let _ = waitpid(child, None);
+                panic!("the forked child did not finish in 60 s");
+            }
+            let status = waitpid(child, Some(WaitPidFlag::WNOHANG)).expect("waitpid");
             assert_eq!(
                 status,
                 WaitStatus::Exited(child, 0),
