@@ -18,7 +18,6 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct HolderLink {
     stream: Mutex<UnixStream>,
-    pid: u32,
     next_seq: AtomicU64,
     waiting: Mutex<HashMap<u64, Sender<()>>>,
     connected: AtomicBool,
@@ -26,29 +25,18 @@ pub struct HolderLink {
 
 impl HolderLink {
     /// A link writing to `stream`, a clone of the connection whose reader calls [`HolderLink::acked`].
-    pub fn new(stream: UnixStream, pid: u32) -> Self {
+    pub fn new(stream: UnixStream) -> Self {
         HolderLink {
             stream: Mutex::new(stream),
-            pid,
             next_seq: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(true),
         }
     }
 
-    /// The holder process.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// Whether the connection is still up.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
-    }
-
-    /// Whether the holder process itself is gone.
-    pub fn is_gone(&self) -> bool {
-        !vmlock::process::is_running(self.pid)
     }
 
     /// The connection closed.
@@ -78,28 +66,22 @@ impl HolderLink {
             .lock()
             .map_err(|_| unavailable("holder link poisoned"))?
             .insert(seq, tx);
+        // One frame, however many descriptors: `write_frame` spreads them over as many
+        // `sendmsg` calls as the kernel needs, and the reader gives them all to this frame.
         let refs: Vec<&OwnedFd> = fds.iter().collect();
-        for (chunk_locks, chunk_fds) in locks
-            .chunks(crate::sys::fdpass::MAX_FDS)
-            .zip(refs.chunks(crate::sys::fdpass::MAX_FDS))
-        {
-            let push = Push::Keep {
-                seq,
-                locks: chunk_locks.to_vec(),
-            };
-            if let Err(e) = self.send(&push, chunk_fds) {
-                self.forget(seq);
-                return Err(e);
-            }
+        let push = Push::Keep {
+            seq,
+            locks: locks.to_vec(),
+        };
+        if let Err(e) = self.send(&push, &refs) {
+            self.forget(seq);
+            return Err(e);
         }
-        let chunks = locks.len().div_ceil(crate::sys::fdpass::MAX_FDS).max(1);
-        for _ in 0..chunks {
-            if rx.recv_timeout(ACK_TIMEOUT).is_err() {
-                self.forget(seq);
-                return Err(unavailable(
-                    "the VM's supervisor did not confirm it keeps the new locks",
-                ));
-            }
+        if rx.recv_timeout(ACK_TIMEOUT).is_err() {
+            self.forget(seq);
+            return Err(unavailable(
+                "the VM's supervisor did not confirm it keeps the new locks",
+            ));
         }
         self.forget(seq);
         Ok(())

@@ -2,7 +2,10 @@
 //!
 //! - [`server`]: the daemon process (socket, connections, owner watcher, state file);
 //! - [`host`]: the lock core's host on Linux, and the work done outside the table lock;
-//! - [`sys`]: every Linux call (OFD locks, pidfds, fd passing, `/proc`).
+//! - [`store`]: what survives a restart;
+//! - [`holder`]: the daemon's side of a holder connection.
+//!
+//! The lock table is `vmlock_core::LockTable`; every Linux call is in `vmlock-sys`.
 //!
 //! The wire protocol, the runtime directory and the QMP client live in `vmlock-client`, which
 //! clients use without this crate; they are imported here under their old module names.
@@ -11,7 +14,6 @@ pub mod config;
 pub mod holder;
 pub mod server;
 pub mod store;
-pub use vmlock_sys as sys;
 // Crate-internal names for what moved to vmlock-client (the daemon's modules say `crate::proto`).
 use vmlock_client::{proto, qmp, runtime};
 pub mod host;
@@ -21,7 +23,7 @@ pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     use std::io::Write;
     // However it was started (a parent with blocked or ignored signals), SIGTERM and friends stop
     // the daemon; stopping it kills no guest. Before any thread exists, so all inherit the mask.
-    sys::child::default_stop_signals()?;
+    vmlock_sys::child::default_stop_signals()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMLOCK_LOG")

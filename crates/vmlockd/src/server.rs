@@ -9,8 +9,6 @@ use crate::proto::{
 };
 use crate::runtime::RuntimeDir;
 use crate::store::{PendingSnapshot, Store};
-use crate::sys::ofd::{self, LockKind};
-use crate::sys::pidfd::ProcessHandle;
 use rustix::event::{poll, PollFd, PollFlags};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -27,6 +25,8 @@ use vmlock::Error;
 use vmlock::LockFailureAction;
 use vmlock_core::types::{HeldLock as CoreHeldLock, LockKey};
 use vmlock_core::{Caller, Effects, LinkId, LockTable, LostLease, Push};
+use vmlock_sys::ofd::{self, LockKind};
+use vmlock_sys::pidfd::ProcessHandle;
 
 /// A running daemon.
 #[derive(Debug)]
@@ -657,7 +657,7 @@ impl Daemon {
         let Ok(writer) = stream.try_clone() else {
             return;
         };
-        let link = Arc::new(HolderLink::new(writer, caller.pid));
+        let link = Arc::new(HolderLink::new(writer));
         let id = LinkId(self.next_link.fetch_add(1, Ordering::Relaxed));
         // A handle on the holder process, to tell its death from a dropped connection.
         let holder_process = ProcessHandle::open(caller.pid, Some(caller.start_time)).ok();
