@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs what vmlock's tests need on Debian 12 (bookworm): QEMU from bookworm-backports (to match
-# the preinstalled qemu-utils 10.x), virtlockd for the side-by-side benchmark, sanlock, etcd and
+# the preinstalled qemu-utils 10.x), virtlockd for the side-by-side benchmark, libvirtd with its
+# QEMU driver, virsh and the stock lockd plugin (the testkit's private libvirtd), sanlock, etcd and
 # protoc. Idempotent; needs root. Skips the install when everything is already there.
 set -euo pipefail
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu)
 command -v virtlockd >/dev/null || need+=(qemu)
+command -v libvirtd >/dev/null || need+=(qemu)
+command -v virsh >/dev/null || need+=(qemu)
+# Only a Recommends of the other libvirt packages: checked on its own.
+[ -f /usr/lib/x86_64-linux-gnu/libvirt/lock-driver/lockd.so ] || need+=(qemu)
 command -v sanlock >/dev/null || need+=(other)
 command -v etcd >/dev/null || need+=(other)
 command -v protoc >/dev/null || need+=(other)
@@ -30,6 +35,7 @@ EOT
 fi
 $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends -t bookworm-backports \
-  qemu-system-x86 libvirt-daemon-lock
+  qemu-system-x86 libvirt-daemon-lock \
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon-plugin-lockd
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
   sanlock etcd-server etcd-client protobuf-compiler
