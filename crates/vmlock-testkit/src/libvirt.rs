@@ -374,7 +374,15 @@ impl LibvirtDaemon {
             .arg(sbin("virtlockd").unwrap_or_else(|| "virtlockd".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup unshare.out"))
-            .stderr(out);
+            .stderr(out)
+            // A clean environment: libvirt passes parts of its own (LD_LIBRARY_PATH, ...) on to
+            // QEMU, and the test runner's LIBVIRT_* variables must not reach the daemon.
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("LC_ALL", "C");
         if let Some(pd) = &self.options.plugin_dir {
             cmd.env("LIBVIRT_LOCK_MANAGER_PLUGIN_DIR", pd);
         }
@@ -462,28 +470,42 @@ impl LibvirtDaemon {
 impl Drop for LibvirtDaemon {
     fn drop(&mut self) {
         for pid in self.qemu_pids() {
-            // Only a QEMU of ours: a stale pid file's pid may have been reused.
-            let Ok(h) = ProcessHandle::open(pid, None) else {
-                continue;
-            };
-            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
-                .unwrap_or(false);
-            if ours {
-                let _ = h.signal(rustix::process::Signal::KILL);
-                let gone = h.wait_exit(Some(crate::process::KILL_TIMEOUT));
-                if !gone && !std::thread::panicking() {
-                    panic!("QEMU {pid} still running after SIGKILL");
-                }
-            }
+            kill_if_named(pid, "qemu-system");
         }
         if let Some(mut c) = self.libvirtd.take() {
             kill_child(&mut c);
         }
-        if let Some(pid) = self.virtlockd_pid.take() {
-            kill_and_wait(pid);
+        // Also when a failed start never got to record it.
+        let virtlockd = self.virtlockd_pid.take().or_else(|| {
+            std::fs::read_to_string(self.dir().join("virtlockd.pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        });
+        if let Some(pid) = virtlockd {
+            kill_if_named(pid, "virtlockd");
         }
         publish_caps(&self.dir().join("cache/qemu"));
+    }
+}
+
+/// SIGKILLs `pid` and waits (bounded) until it is gone, if its command line contains `name`: the
+/// pid comes from a pid file, which may be stale and its pid reused.
+fn kill_if_named(pid: u32, name: &str) {
+    let Ok(h) = ProcessHandle::open(pid, None) else {
+        return;
+    };
+    // Read after the pidfd is open: from here on the pid cannot be reused under us.
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(name));
+    if ours {
+        let _ = h.signal(rustix::process::Signal::KILL);
+        let gone = h.wait_exit(Some(crate::process::KILL_TIMEOUT));
+        // Not while unwinding (a drop during a failed test): a second panic would abort.
+        if !gone && !std::thread::panicking() {
+            panic!("{name} {pid} still running after SIGKILL");
+        }
     }
 }
 

@@ -116,3 +116,56 @@ fn lockd_domain_locks_its_disk_and_survives_a_libvirtd_restart() {
         "no mounts left on the host"
     );
 }
+
+#[test]
+fn two_daemons_side_by_side_with_the_nop_manager() {
+    if !libvirt::available() {
+        println!("skipped: libvirtd or virsh not installed (scripts/install-test-deps.sh)");
+        return;
+    }
+    // Started in parallel, as parallel tests do (beside the other test of this file).
+    let daemons: Vec<LibvirtDaemon> = std::thread::scope(|s| {
+        let started: Vec<_> = (0..2)
+            .map(|i| {
+                s.spawn(move || {
+                    LibvirtDaemon::builder()
+                        .etc_file("qemu-extra.conf", format!("instance = {i}\n"))
+                        .start()
+                })
+            })
+            .collect();
+        started
+            .into_iter()
+            .map(|h| h.join().expect("daemon started"))
+            .collect()
+    });
+    for (i, d) in daemons.iter().enumerate() {
+        assert_eq!(
+            std::fs::read_to_string(d.dir().join("etc/qemu-extra.conf")).expect("extra file"),
+            format!("instance = {i}\n")
+        );
+        assert_eq!(d.virtlockd_pid(), None);
+        let img = qemu::qcow2(d.dir(), "a.qcow2");
+        // The same name and uuid in both: the daemons share nothing.
+        d.define(&domain_xml(
+            "same",
+            Some("5b7c2c6e-0d1f-4a55-9d0e-3f6f1f6a2b11"),
+            &[&img],
+        ));
+        d.virsh_ok(&["start", "same"]);
+        assert!(
+            posix_lockers(&img).is_empty(),
+            "no lock manager: no whole-file lock"
+        );
+    }
+    for d in &daemons {
+        assert_eq!(d.domstate("same"), "running", "{}", d.diagnostics());
+    }
+    let pids: Vec<u32> = daemons
+        .iter()
+        .map(|d| d.qemu_pid("same").expect("QEMU's pid"))
+        .collect();
+    assert_ne!(pids[0], pids[1]);
+    drop(daemons);
+    assert!(pids.iter().all(|&p| !alive(p)), "QEMUs stopped by drop");
+}
