@@ -11,6 +11,10 @@
 //! QEMU's capability cache (`D/cache/qemu`) is shared between instances through
 //! [`CAPS_CACHE`]: probing QEMU takes seconds on a first start, a seeded start a fraction of one.
 //! libvirt checks the cache against the emulator and itself and probes again if it is stale.
+//!
+//! Expected noise in `libvirtd.out`: `dmidecode ... /dev/mem: No such file or directory` at start
+//! and `At least one cgroup controller is required` at each domain start or reattach
+//! (`cgroup_controllers = [ ]`, so that daemons do not share host-wide cgroups).
 
 use crate::process::{kill_and_wait, kill_child, wait_child};
 use std::ffi::OsString;
@@ -341,7 +345,9 @@ impl LibvirtDaemon {
     /// Stops libvirtd (SIGTERM, SIGKILL after [`STOP_TIMEOUT`]) and starts a new one on the same
     /// directory, in a fresh mount namespace with the same mounts (the old namespace goes away
     /// with its last process). virtlockd and running QEMUs are left alone: libvirtd reattaches
-    /// to its domains from their status XML in `D/run/libvirt/qemu`.
+    /// to its domains from their status XML in `D/run/libvirt/qemu` (tried: also after a
+    /// SIGKILL of libvirtd; the QEMU pid and virtlockd's lock stay, and the new libvirtd can
+    /// destroy the domain).
     pub fn restart(&mut self) {
         let mut old = self.libvirtd.take().expect("libvirtd running");
         let pid = i32::try_from(old.id())
