@@ -1,86 +1,21 @@
-//! The supervisor's control socket: how later `vmlock` commands reach a running VM whose leases
-//! belong to its supervisor process (drivers such as sanlock tie leases to the process that
-//! acquired them, so only the supervisor can hotplug, inquire or migrate them).
-//!
-//! `RUNTIME_DIR/vm-UUID.sock`, 0600 in the 0700 runtime directory, and only root or the
-//! supervisor's own uid is served (`SO_PEERCRED`). One request and one reply per connection, in
-//! vmlockd's frames ([`vmlock_client::proto`]: length-prefixed JSON, the same size limit and the
-//! same bound on a started frame), so there is one framing for both sockets.
+//! The server side of a supervisor's control socket ([`vmlock_client::control`] has the protocol
+//! and the client): answers each request with the VM's [`Manager`], which this process owns.
 
-use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vmlock::{Error, LockFailureAction, LockState, Manager, MigrationOutcome, Resource};
-use vmlock_client::proto::{write_frame, FrameReader, Message, ReadError};
+use vmlock::{
+    AcquireOptions, Error, LockFailureAction, LockState, Manager, MigrationOutcome, Phase,
+    Resource, StartMode,
+};
+use vmlock_client::control::read_request;
+use vmlock_client::proto::write_frame;
 
-/// How long a supervisor waits for a client's request to start.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client waits for a supervisor's reply (an attach may wait on the lock service).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A request to a supervisor.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum ControlRequest {
-    /// The lock state.
-    Inquire,
-    /// The guest pid.
-    GuestPid,
-    /// Who the VM is and what it holds (for `vmlock status`).
-    Describe,
-    /// Lock one more disk (before hotplug).
-    AttachDisk(Resource),
-    /// Release a disk (after unplug).
-    DetachDisk(Resource),
-    /// Migration source: the state for the destination.
-    MigratePrepare(String),
-    /// End a migration on this side.
-    MigrateComplete(bool),
-    /// The lock service lost this VM's leases (sanlock's kill path runs `vmlock lock-failure`):
-    /// carry out the VM's action and release the leases.
-    LockFailure,
-}
-
-/// Carries no descriptors.
-impl Message for ControlRequest {}
-
-/// A supervisor's answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum ControlReply {
-    /// Done.
-    Ok,
-    /// A lock state, printed.
-    State(String),
-    /// A pid.
-    Pid(Option<u32>),
-    /// A VM and its lock state.
-    Vm {
-        /// VM name.
-        name: String,
-        /// VM uuid.
-        uuid: String,
-        /// Domain id.
-        id: u32,
-        /// Guest pid.
-        pid: Option<u32>,
-        /// Lock state, printed.
-        state: String,
-        /// When the supervisor took the leases (seconds since the epoch).
-        since: u64,
-    },
-    /// Failed.
-    Error(Error),
-}
-
-/// Carries no descriptors.
-impl Message for ControlReply {}
-
-/// The control socket of VM `uuid` in `runtime_dir`.
-pub fn socket_path(runtime_dir: &Path, uuid: &str) -> PathBuf {
-    runtime_dir.join(format!("vm-{uuid}.sock"))
-}
+pub use vmlock_client::control::{
+    call, describe_all, socket_path, state, ControlReply, ControlRequest,
+};
 
 /// What the supervisor does when its leases are lost.
 #[derive(Debug, Clone)]
@@ -91,9 +26,24 @@ pub struct LockFailurePolicy {
     pub qmp: Option<PathBuf>,
     /// The guest process.
     pub guest_pid: u32,
+    /// The VM manager that runs the guest, when it must carry the action out itself: libvirt
+    /// (its connection uri and the domain's uuid), so its view of the domain stays true.
+    pub libvirt: Option<(String, String)>,
 }
 
 impl LockFailurePolicy {
+    /// Asks libvirt to `suspend` or `destroy` the domain; whether it did.
+    fn virsh(&self, command: &str) -> bool {
+        let Some((uri, uuid)) = &self.libvirt else {
+            return false;
+        };
+        std::process::Command::new("virsh")
+            .args(["-q", "-c", uri, command, uuid])
+            .stdin(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Stops the guest writing (pause over QMP, or SIGTERM then SIGKILL), then releases every
     /// lease: the lock service must see them gone before it escalates.
     fn enforce(&self, manager: &mut Manager) -> vmlock::Result<()> {
@@ -102,12 +52,13 @@ impl LockFailurePolicy {
             return Ok(());
         }
         let paused = self.action == LockFailureAction::Pause
-            && self.qmp.as_deref().is_some_and(|q| {
-                vmlock_client::qmp::Qmp::connect(q)
-                    .and_then(|mut c| c.execute("stop", serde_json::json!({})))
-                    .is_ok()
-            });
-        if !paused {
+            && (self.virsh("suspend")
+                || self.qmp.as_deref().is_some_and(|q| {
+                    vmlock_client::qmp::Qmp::connect(q)
+                        .and_then(|mut c| c.execute("stop", serde_json::json!({})))
+                        .is_ok()
+                }));
+        if !paused && !self.virsh("destroy") {
             // QEMU's `stop` drains and flushes its I/O; a guest we cannot pause must be dead
             // before its leases go.
             if let Ok(h) = vmlock_sys::pidfd::ProcessHandle::open(self.guest_pid, None) {
@@ -211,6 +162,59 @@ fn serve(
     let _ = write_frame(&stream, &reply, &[]);
 }
 
+/// Makes `manager` hold every one of `resources` (see [`ControlRequest::Ensure`]).
+fn ensure(
+    manager: &mut Manager,
+    policy: &LockFailurePolicy,
+    state: Option<&str>,
+    resources: Vec<Resource>,
+) -> vmlock::Result<ControlReply> {
+    if manager.mode() == StartMode::IncomingMigration
+        && matches!(manager.phase(), Phase::Created | Phase::Registered)
+    {
+        let state: LockState = state
+            .ok_or_else(|| Error::InvalidLockState {
+                reason: format!(
+                    "VM \"{}\" is a migration destination: it takes its leases over only with \
+                     the source's lock state",
+                    manager.vm().name
+                ),
+            })?
+            .parse()?;
+        let options = AcquireOptions {
+            on_lock_failure: policy.action,
+            ..Default::default()
+        };
+        manager.acquire_incoming(&state, &options)?;
+        manager.guest_started(policy.guest_pid)?;
+    }
+    if manager.phase() == Phase::MigratingOut {
+        // The source runs again: its migration failed or was cancelled, so it keeps everything
+        // and the destination nothing.
+        manager.complete_migration(MigrationOutcome::Cancel)?;
+    }
+    let missing: Vec<Resource> = resources
+        .into_iter()
+        .filter(|r| !manager.resources().contains(r))
+        .collect();
+    let mut taken: Vec<Resource> = Vec::new();
+    for resource in missing {
+        let result = match resource {
+            Resource::Disk { .. } => vmlock::domain::disk_attach(manager, resource.clone()),
+            Resource::Lease(_) => vmlock::domain::lease_attach(manager, resource.clone()),
+        };
+        if let Err(e) = result {
+            // All or nothing: what this request took goes back.
+            for r in taken.iter().rev() {
+                let _ = manager.release_resource(r);
+            }
+            return Err(e);
+        }
+        taken.push(resource);
+    }
+    Ok(ControlReply::Held(manager.inquire()?.to_string()))
+}
+
 fn answer(
     manager: &mut Manager,
     policy: &LockFailurePolicy,
@@ -230,6 +234,10 @@ fn answer(
             .inquire()
             .map(|s| ControlReply::State(s.to_string())),
         ControlRequest::GuestPid => manager.guest_pid().map(ControlReply::Pid),
+        ControlRequest::Serves => Ok(ControlReply::Pid(Some(policy.guest_pid))),
+        ControlRequest::Ensure { state, resources } => {
+            ensure(manager, policy, state.as_deref(), resources)
+        }
         ControlRequest::Describe => manager.inquire().and_then(|state| {
             Ok(ControlReply::Vm {
                 name: manager.vm().name.clone(),
@@ -261,137 +269,4 @@ fn answer(
         }
     };
     result.unwrap_or_else(ControlReply::Error)
-}
-
-fn read_request(stream: &UnixStream) -> Result<ControlRequest, Error> {
-    stream
-        .set_read_timeout(Some(REQUEST_TIMEOUT))
-        .map_err(|e| Error::io("control socket", &e))?;
-    read_one(stream, "request")
-}
-
-/// Reads the one frame of a connection.
-fn read_one<T: Message>(stream: &UnixStream, what: &str) -> Result<T, Error> {
-    match FrameReader::new().read::<T>(stream) {
-        Ok((msg, _)) => Ok(msg),
-        Err(ReadError::Closed) => Err(Error::Protocol {
-            reason: format!("the control socket closed before its {what}"),
-        }),
-        Err(ReadError::Idle) => Err(Error::io(
-            format!("waiting for the control {what}"),
-            &std::io::ErrorKind::TimedOut.into(),
-        )),
-        Err(ReadError::Failed(e)) => Err(e),
-    }
-}
-
-/// The supervisor of VM `uuid`: its own socket, else one that serves beside it (a migration
-/// destination on this host whose source has gone).
-fn connect(runtime_dir: &Path, uuid: &str) -> Result<UnixStream, Error> {
-    let path = socket_path(runtime_dir, uuid);
-    let first = match UnixStream::connect(&path) {
-        Ok(s) => return Ok(s),
-        Err(e) => e,
-    };
-    let prefix = format!("vm-{uuid}.");
-    let beside = std::fs::read_dir(runtime_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name().to_str().is_some_and(|n| {
-                n.starts_with(&prefix) && n.ends_with(".sock") && n != format!("vm-{uuid}.sock")
-            })
-        });
-    for entry in beside {
-        if let Ok(s) = UnixStream::connect(entry.path()) {
-            return Ok(s);
-        }
-    }
-    Err(Error::UnknownOwner {
-        uuid: format!(
-            "{uuid} (no supervisor answers at {}: {first})",
-            path.display()
-        ),
-    })
-}
-
-/// Sends `request` to the supervisor of VM `uuid`.
-pub fn call(
-    runtime_dir: &Path,
-    uuid: &str,
-    request: &ControlRequest,
-) -> Result<ControlReply, Error> {
-    let stream = connect(runtime_dir, uuid)?;
-    stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .map_err(|e| Error::io("control socket", &e))?;
-    write_frame(&stream, request, &[])?;
-    match read_one(&stream, "reply")? {
-        ControlReply::Error(e) => Err(e),
-        reply => Ok(reply),
-    }
-}
-
-/// The state in a reply.
-pub fn state(reply: ControlReply) -> Result<LockState, Error> {
-    match reply {
-        ControlReply::State(s) => s.parse(),
-        other => Err(Error::Protocol {
-            reason: format!("unexpected control reply {other:?}"),
-        }),
-    }
-}
-
-/// Every supervisor answering in `runtime_dir`, described (stale sockets are skipped).
-pub fn describe_all(runtime_dir: &Path) -> Vec<ControlReply> {
-    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
-        return Vec::new();
-    };
-    let mut all: Vec<ControlReply> = entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let stem = name.strip_prefix("vm-")?.strip_suffix(".sock")?;
-            // Only each VM's own socket: one beside it belongs to the same VM.
-            if stem.contains('.') {
-                return None;
-            }
-            let uuid = stem.to_owned();
-            call(runtime_dir, &uuid, &ControlRequest::Describe).ok()
-        })
-        .collect();
-    all.sort_by_key(|r| match r {
-        ControlReply::Vm { name, uuid, .. } => (name.clone(), uuid.clone()),
-        _ => (String::new(), String::new()),
-    });
-    all
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn a_request_travels_in_one_frame_and_a_json_line_is_refused() {
-        let (a, b) = UnixStream::pair().unwrap();
-        write_frame(&a, &ControlRequest::MigrateComplete(true), &[]).unwrap();
-        assert!(matches!(
-            read_request(&b),
-            Ok(ControlRequest::MigrateComplete(true))
-        ));
-        // The old line format reads as an oversized frame: refused before anything is read.
-        let (mut a, b) = UnixStream::pair().unwrap();
-        a.write_all(b"\"Inquire\"\n").unwrap();
-        assert!(matches!(read_request(&b), Err(Error::Protocol { .. })));
-    }
-
-    #[test]
-    fn a_silent_client_times_out_with_its_io_kind() {
-        let (_a, b) = UnixStream::pair().unwrap();
-        b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let e = read_one::<ControlRequest>(&b, "request").unwrap_err();
-        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::TimedOut));
-    }
 }

@@ -1,6 +1,7 @@
 //! `vmlock`: run a guest under disk leases, and inspect or change what VMs hold.
 
 mod control;
+mod libvirt;
 mod supervise;
 
 use anyhow::{bail, Context};
@@ -103,6 +104,9 @@ enum Command {
         #[command(flatten)]
         args: vmlockd::DaemonArgs,
     },
+    /// libvirt's lock-driver plugin: install, uninstall (and the per-domain holder it starts).
+    #[command(subcommand)]
+    Libvirt(libvirt::LibvirtCommand),
     /// Print the guest pid of a running VM (the seed's GetChild).
     Pid {
         /// The VM's uuid.
@@ -232,6 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Daemon { .. } => Ok(0),
+        Command::Libvirt(command) => libvirt::run(&ctx.plugin, ctx.runtime.path(), command),
         Command::Pid { uuid } => match ctx.vm(&uuid)?.guest_pid()? {
             Some(pid) => {
                 println!("{pid}");

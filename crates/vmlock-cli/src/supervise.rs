@@ -159,6 +159,7 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result
         action: on_lock_failure,
         qmp: args.qmp.clone(),
         guest_pid,
+        libvirt: None,
     };
     let control = crate::control::ControlServer::start(
         crate::control::socket_path(runtime_dir, &uuid.to_string()),

@@ -101,11 +101,19 @@ impl Driver for LockdDriver {
                 other => return Err(unexpected(&other)),
             }
         }
+        // A destination registers at once, so a start that is no migration (nothing prepared
+        // on the source) is refused before its guest runs, with the source named.
+        let holder = match mode {
+            StartMode::IncomingMigration => {
+                Some(Holder::start_incoming(&self.endpoint, identity.clone())?)
+            }
+            _ => None,
+        };
         Ok(Box::new(LockdSession {
             endpoint: self.endpoint.clone(),
             conn,
             vm: identity,
-            holder: None,
+            holder,
             mode,
         }))
     }
@@ -204,7 +212,10 @@ impl Session for LockdSession {
             let state = state.ok_or_else(|| Error::InvalidLockState {
                 reason: "a migration destination needs the source's state".into(),
             })?;
-            let holder = Holder::start_incoming(&self.endpoint, self.vm.clone())?;
+            let holder = match self.holder.take() {
+                Some(h) => h,
+                None => Holder::start_incoming(&self.endpoint, self.vm.clone())?,
+            };
             let versions = state
                 .entries
                 .iter()

@@ -6,11 +6,13 @@
 //! - [`holder`]: the holder that keeps a VM's lock descriptions, on a thread of its own
 //!   ([`Holder`]) or in the caller's own loop without any thread ([`HoldConnection`], usable in a
 //!   forked child before exec: see [`holder`] for the contract);
+//! - [`control`]: the control socket of a VM's supervisor (protocol and client);
 //! - [`driver`]: the `lockd` driver of the lock manager API;
 //! - [`runtime`]: the runtime directory and starting the embedded daemon;
 //! - [`qmp`]: a minimal QMP client (the daemon and the supervisor pause guests with it).
 
 pub mod connection;
+pub mod control;
 pub mod driver;
 pub mod holder;
 pub mod proto;

@@ -54,8 +54,22 @@ pub struct ProcInfo<P> {
     pub start_time: u64,
     /// Its parent's pid.
     pub ppid: u32,
+    /// It is the parent of the process asking (read from the caller's `/proc` entry while this
+    /// process's handle was held): a holder started by its guest-to-be before that execs, as
+    /// libvirt's plugin starts one from QEMU's pre-exec child.
+    pub parent_of_caller: bool,
     /// A handle to watch it by.
     pub handle: P,
+}
+
+impl<P> ProcInfo<P> {
+    /// Whether holder `caller` may name this process as its guest: it is the holder itself, the
+    /// holder's child (a supervisor started it) or the holder's parent (it started the holder).
+    /// Any other process is someone else's, and naming it would let a client aim the daemon's
+    /// lock-failure kill at a stranger.
+    pub fn guarded_by(&self, caller: Caller) -> bool {
+        self.pid == caller.pid || self.ppid == caller.pid || self.parent_of_caller
+    }
 }
 
 /// Who sent a request: a process, by pid and start time (a later process given the same pid has

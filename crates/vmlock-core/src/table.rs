@@ -466,11 +466,11 @@ impl<H: Host> LockTable<H> {
         {
             return refuse(e, adopt);
         }
-        if guest.pid != vm.pid || (guest.pid != caller.pid && guest.ppid != caller.pid) {
+        if guest.pid != vm.pid || !guest.guarded_by(caller) {
             return refuse(
                 Error::PermissionDenied {
                     reason: format!(
-                        "process {} is neither the holder (pid {}) nor its child",
+                        "process {} is neither the holder (pid {}) nor its child or parent",
                         vm.pid, caller.pid
                     ),
                 },
@@ -1135,7 +1135,8 @@ impl<H: Host> LockTable<H> {
         self.release(host, caller, uuid, None, false)
     }
 
-    /// Holder `caller` of VM `uuid` started its guest `guest`, which must be its child.
+    /// Holder `caller` of VM `uuid` names its guest `guest`, which must be its child (a
+    /// supervisor started it) or its parent (the guest-to-be started the holder).
     pub fn guest_started(
         &mut self,
         caller: Caller,
@@ -1145,11 +1146,14 @@ impl<H: Host> LockTable<H> {
         let mut fx = Fx::<H>::default();
         let owner = self.owner_mut(uuid)?;
         let not_child = |who: &str| Error::PermissionDenied {
-            reason: format!("process {} is not a child of the {who}", guest.pid),
+            reason: format!(
+                "process {} is neither a child nor the parent of the {who}",
+                guest.pid
+            ),
         };
         if let Some(incoming) = owner.migration.as_mut().and_then(|m| m.incoming.as_mut()) {
             if incoming.holder.is(caller) {
-                if guest.ppid != caller.pid {
+                if !guest.guarded_by(caller) {
                     return Err(not_child("destination supervisor"));
                 }
                 incoming.guest = Guest::from(guest);
@@ -1165,7 +1169,7 @@ impl<H: Host> LockTable<H> {
                 owner.holder.pid,
             ));
         }
-        if guest.ppid != caller.pid {
+        if !guest.guarded_by(caller) {
             return Err(not_child(&format!(
                 "supervisor of VM \"{}\"",
                 owner.vm.name
@@ -1349,10 +1353,10 @@ impl<H: Host> LockTable<H> {
         vm: &VmIdentity,
         guest: ProcInfo<H::Proc>,
     ) -> Result<Fx<H>, Error> {
-        if guest.pid != caller.pid && guest.ppid != caller.pid {
+        if !guest.guarded_by(caller) {
             return Err(Error::PermissionDenied {
                 reason: format!(
-                    "process {} is neither the destination holder (pid {}) nor its child",
+                    "process {} is neither the destination holder (pid {}) nor its child or parent",
                     guest.pid, caller.pid
                 ),
             });

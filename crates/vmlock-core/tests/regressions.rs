@@ -85,6 +85,7 @@ fn proc(pid: u32, start_time: u64, ppid: u32) -> ProcInfo<(u32, u64)> {
         pid,
         start_time,
         ppid,
+        parent_of_caller: false,
         handle: (pid, start_time),
     }
 }

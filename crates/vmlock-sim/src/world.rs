@@ -262,6 +262,8 @@ fn proc_info(kernel: &KernelRef, p: &Process) -> ProcInfo<SimProc> {
         pid: p.pid,
         start_time: p.start_time,
         ppid,
+        // The simulated supervisors start their guests; none is started by its guest.
+        parent_of_caller: false,
         handle: SimProc {
             pid: p.pid,
             start_time: p.start_time,

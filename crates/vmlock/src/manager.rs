@@ -305,7 +305,9 @@ impl Manager {
     /// holding everything until [`Manager::complete_migration`].
     pub fn prepare_migration(&mut self, destination_uri: &str) -> Result<LockState> {
         self.require(self.capabilities.migration, "migration")?;
-        self.require_phase("prepare a migration", &[Phase::Held])?;
+        // Asked again (libvirt inquires at each migration step), the service hands out the same
+        // secret.
+        self.require_phase("prepare a migration", &[Phase::Held, Phase::MigratingOut])?;
         if destination_uri.is_empty() {
             return Err(Error::InvalidParameter {
                 key: "destination uri".into(),

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 use vmlock::{Error, Resource};
 use vmlock_core::types::LockKey;
-use vmlock_core::{Conflict, Host, LockKind, Opened, ProcInfo};
+use vmlock_core::{Caller, Conflict, Host, LockKind, Opened, ProcInfo};
 use vmlock_sys::pidfd::ProcessHandle;
 use vmlock_sys::procfs;
 use vmlock_sys::{disk, ofd};
@@ -159,8 +159,19 @@ pub fn process(pid: u32, expected_start: Option<u64>) -> Result<ProcInfo<Process
         pid,
         start_time: handle.start_time,
         ppid,
+        parent_of_caller: false,
         handle,
     })
+}
+
+/// [`process`], and whether it is `caller`'s parent. The caller's parent is read while the
+/// process's pidfd is open and after its start time was checked, so a pid reused meanwhile is
+/// not taken for it (a process's parent changes only when that parent dies).
+pub fn process_for(pid: u32, caller: Caller) -> Result<ProcInfo<ProcessHandle>, Error> {
+    let mut info = process(pid, None)?;
+    info.parent_of_caller = vmlock::process::stat(caller.pid).is_some_and(|s| s.ppid == pid)
+        && !info.handle.has_exited();
+    Ok(info)
 }
 
 /// Names the process holding a lock on `key` (scans `/proc`; call with the table unlocked).

@@ -489,7 +489,7 @@ impl Daemon {
             Request::Shutdown { uuid, guest_pid } => self
                 .with_table(|t, h| t.shutdown(h, caller, &uuid, guest_pid))
                 .map_or_else(Reply::Error, Reply::Held),
-            Request::GuestStarted { uuid, pid } => match host::process(pid, None) {
+            Request::GuestStarted { uuid, pid } => match host::process_for(pid, caller) {
                 Err(e) => Reply::Error(e),
                 Ok(guest) => self.with_table(|t, _| match t.guest_started(caller, &uuid, guest) {
                     Ok(fx) => (Reply::Ok, fx),
@@ -716,7 +716,7 @@ impl Daemon {
         flags: Option<crate::proto::AcquireFlags>,
     ) -> Result<(), Error> {
         // Everything that reads /proc or fstats a description happens before the table is locked.
-        let guest = host::process(vm.pid, None)?;
+        let guest = host::process_for(vm.pid, caller)?;
         let mut failures = Vec::new();
         let mut kept = Vec::new();
         for (lock, fd) in adopt.into_iter().zip(fds) {

@@ -1,0 +1,318 @@
+//! `vmlock libvirt`: what libvirt's `vmlock` lock-driver plugin (crate `vmlock-libvirt`) needs
+//! from this program.
+//!
+//! - `holder`: the per-domain holder. The plugin starts it from libvirt's forked child just before
+//!   that child execs QEMU, so the holder is QEMU's child. It takes the domain's leases (or, for
+//!   an incoming migration, registers as the destination), keeps their descriptions for as long
+//!   as QEMU lives, and serves the domain's control socket, through which the plugin's later
+//!   calls (CPU start, pause, hotplug, unplug, migration) reach the leases: vmlockd takes changes
+//!   to a VM only from its holder process. It reports its start on a pipe the plugin reads.
+//! - `install` / `uninstall`: put the plugin and a default `qemu-vmlock.conf` in place, or take
+//!   away what `install` wrote (and nothing else).
+
+use anyhow::{bail, Context};
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use vmlock::{AcquireOptions, LockFailureAction, Manager, Plugin, Resource, StartMode, VmParams};
+
+/// The marker the plugin carries in its binary, so `uninstall` removes only a plugin it wrote.
+const PLUGIN_MARKER: &[u8] = b"vmlock-libvirt-plugin:";
+/// The first line of a configuration `install` wrote.
+const CONFIG_HEADER: &str = "# qemu-vmlock.conf, written by `vmlock libvirt install`";
+
+/// `vmlock libvirt ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum LibvirtCommand {
+    /// Install the lock-driver plugin and a default qemu-vmlock.conf (idempotent), and print the
+    /// line to add to qemu.conf.
+    Install(InstallArgs),
+    /// Remove what `install` put in place (nothing else).
+    Uninstall(InstallArgs),
+    /// The per-domain holder the plugin starts from libvirt's child before QEMU's exec.
+    #[command(hide = true)]
+    Holder(HolderArgs),
+}
+
+/// Where the plugin and its configuration go.
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// libvirt's lock-driver directory.
+    #[arg(long, default_value = "/usr/lib/x86_64-linux-gnu/libvirt/lock-driver")]
+    plugin_dir: PathBuf,
+    /// libvirt's configuration directory (qemu.conf's).
+    #[arg(long, default_value = "/etc/libvirt")]
+    config_dir: PathBuf,
+    /// The plugin to install (default: libvmlock_libvirt.so beside this program).
+    #[arg(long)]
+    plugin: Option<PathBuf>,
+}
+
+/// Arguments of the holder (built by the plugin).
+#[derive(Debug, clap::Args)]
+pub struct HolderArgs {
+    /// Domain name.
+    #[arg(long)]
+    name: String,
+    /// Domain uuid.
+    #[arg(long)]
+    uuid: String,
+    /// Domain id.
+    #[arg(long)]
+    id: u32,
+    /// The guest: this holder's parent, the process that execs QEMU.
+    #[arg(long)]
+    guest_pid: u32,
+    /// A disk: PATH[,shared|,readonly].
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// A lease: LOCKSPACE:KEY:PATH:OFFSET.
+    #[arg(long = "lease")]
+    leases: Vec<String>,
+    /// poweroff, pause or ignore.
+    #[arg(long, default_value = "poweroff")]
+    on_lock_failure: String,
+    /// libvirt's connection uri, through which lock-failure actions are carried out.
+    #[arg(long)]
+    uri: Option<String>,
+    /// The domain is a migration destination: the disks are held by its source, and the leases
+    /// are taken over, version-checked, when libvirt starts its CPUs.
+    #[arg(long)]
+    incoming: bool,
+    /// The pipe on which the start is reported ("OK" or "ERR reason").
+    #[arg(long)]
+    ready_fd: RawFd,
+}
+
+/// Runs a `vmlock libvirt` command.
+pub fn run(plugin: &Plugin, runtime_dir: &Path, command: LibvirtCommand) -> anyhow::Result<i32> {
+    match command {
+        LibvirtCommand::Install(args) => install(&args).map(|()| 0),
+        LibvirtCommand::Uninstall(args) => uninstall(&args).map(|()| 0),
+        LibvirtCommand::Holder(args) => hold(plugin, runtime_dir, args),
+    }
+}
+
+fn hold(plugin: &Plugin, runtime_dir: &Path, args: HolderArgs) -> anyhow::Result<i32> {
+    // SAFETY: the plugin passes the write end of its pipe under this number and nothing else in
+    // this process owns it; it is closed once the start is reported.
+    let mut ready = unsafe { std::fs::File::from_raw_fd(args.ready_fd) };
+    let _ = rustix::io::fcntl_setfd(&ready, rustix::io::FdFlags::CLOEXEC);
+    let started = start(plugin, &args);
+    let (manager, policy) = match started {
+        Ok(held) => held,
+        Err(e) => {
+            // One line: the plugin hands it to libvirt as the domain's error.
+            let line = format!("{e:#}").replace('\n', " ");
+            let _ = writeln!(ready, "ERR {line}");
+            return Ok(1);
+        }
+    };
+    let guest = vmlock_sys::pidfd::ProcessHandle::open(args.guest_pid, None)
+        .context("watching the guest")?;
+    let uuid = manager.vm().uuid.to_string();
+    let manager = Arc::new(Mutex::new(manager));
+    let control = crate::control::ControlServer::start(
+        crate::control::socket_path(runtime_dir, &uuid),
+        Arc::clone(&manager),
+        policy,
+    );
+    if let Err(e) = control {
+        let _ = writeln!(ready, "ERR no control socket for the domain: {e:#}");
+        return Ok(1);
+    }
+    if writeln!(ready, "OK").is_err() {
+        // The child gave up waiting: it will not exec QEMU. Our exit frees what we took.
+        return Ok(1);
+    }
+    drop(ready);
+    // The leases live as long as QEMU: when it exits the daemon unlocks them from the guest's
+    // own pidfd (or hands them to a migration destination that took them over), so there is
+    // nothing left to release here.
+    guest.wait_exit(None);
+    drop(control);
+    Ok(0)
+}
+
+/// Takes the leases (or registers as a migration destination) and names the guest.
+fn start(
+    plugin: &Plugin,
+    args: &HolderArgs,
+) -> anyhow::Result<(Manager, crate::control::LockFailurePolicy)> {
+    let parent = nix::unistd::getppid().as_raw();
+    if u32::try_from(parent).ok() != Some(args.guest_pid) {
+        bail!(
+            "the holder's parent is pid {parent}, not the guest {}",
+            args.guest_pid
+        );
+    }
+    let uuid = vmlock::params::parse_uuid(&args.uuid)?;
+    let vm = VmParams::new(args.id, uuid, &args.name)?;
+    let action: LockFailureAction = args.on_lock_failure.parse()?;
+    let mut resources = Vec::new();
+    for d in &args.disks {
+        resources.push(d.parse::<Resource>()?);
+    }
+    for l in &args.leases {
+        resources.push(Resource::parse_lease(l)?);
+    }
+    vmlockd::raise_fd_limit();
+    let mode = if args.incoming {
+        StartMode::IncomingMigration
+    } else {
+        StartMode::Start
+    };
+    let mut manager = Manager::new(plugin, vm, mode)?;
+    for r in resources {
+        manager.register_resource(r)?;
+    }
+    if !args.incoming {
+        manager.acquire(&AcquireOptions {
+            on_lock_failure: action,
+            ..Default::default()
+        })?;
+        manager.guest_started(args.guest_pid)?;
+    }
+    let policy = crate::control::LockFailurePolicy {
+        action,
+        qmp: None,
+        guest_pid: args.guest_pid,
+        libvirt: args.uri.clone().map(|u| (u, args.uuid.clone())),
+    };
+    Ok((manager, policy))
+}
+
+/// The plugin built beside this program.
+fn default_plugin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this program")?;
+    let dir = exe.parent().context("this program's directory")?;
+    for candidate in [
+        dir.join("libvmlock_libvirt.so"),
+        dir.join("../lib/vmlock/libvmlock_libvirt.so"),
+    ] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "no libvmlock_libvirt.so beside {} (build it with `cargo build -p vmlock-libvirt`, or \
+         name it with --plugin)",
+        exe.display()
+    )
+}
+
+fn is_our_plugin(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|bytes| {
+        bytes
+            .windows(PLUGIN_MARKER.len())
+            .any(|w| w == PLUGIN_MARKER)
+    })
+}
+
+fn default_config() -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("locating this program")?;
+    Ok(format!(
+        "{CONFIG_HEADER}\n\
+         # The vmlock lock driver of libvirt's QEMU driver (qemu.conf: lock_manager = \"vmlock\").\n\
+         # See docs/libvirt.md.\n\
+         \n\
+         # Lock every disk automatically (else only <lease> elements).\n\
+         auto_disk_leases = 1\n\
+         \n\
+         # Refuse domains with writable disks but no <lease> (default: !auto_disk_leases).\n\
+         #require_lease_for_disks = 0\n\
+         \n\
+         # vmlockd's runtime directory (its socket, state, and each domain's control socket).\n\
+         #runtime_dir = \"/run/vmlock\"\n\
+         \n\
+         # The program that holds each domain's leases.\n\
+         vmlock_binary = \"{}\"\n",
+        exe.display()
+    ))
+}
+
+fn install(args: &InstallArgs) -> anyhow::Result<()> {
+    let plugin = match &args.plugin {
+        Some(p) => p.clone(),
+        None => default_plugin()?,
+    };
+    if !is_our_plugin(&plugin) {
+        bail!("{} is not vmlock's libvirt plugin", plugin.display());
+    }
+    let target = args.plugin_dir.join("vmlock.so");
+    if target.exists() && !is_our_plugin(&target) {
+        bail!(
+            "{} exists and is not vmlock's plugin: not replacing it",
+            target.display()
+        );
+    }
+    std::fs::create_dir_all(&args.plugin_dir)
+        .with_context(|| format!("creating {}", args.plugin_dir.display()))?;
+    // Written beside and renamed over, so a libvirtd loading it never sees half a file.
+    let partial = args.plugin_dir.join(".vmlock.so.partial");
+    std::fs::copy(&plugin, &partial)
+        .with_context(|| format!("copying {} to {}", plugin.display(), partial.display()))?;
+    std::fs::rename(&partial, &target)
+        .with_context(|| format!("installing {}", target.display()))?;
+    println!("installed {}", target.display());
+    let config = args.config_dir.join("qemu-vmlock.conf");
+    if config.exists() {
+        println!("kept {} (already there)", config.display());
+    } else {
+        std::fs::create_dir_all(&args.config_dir)
+            .with_context(|| format!("creating {}", args.config_dir.display()))?;
+        std::fs::write(&config, default_config()?)
+            .with_context(|| format!("writing {}", config.display()))?;
+        println!("wrote {}", config.display());
+    }
+    println!(
+        "add this line to {} and restart libvirtd:\n  lock_manager = \"vmlock\"",
+        args.config_dir.join("qemu.conf").display()
+    );
+    Ok(())
+}
+
+fn uninstall(args: &InstallArgs) -> anyhow::Result<()> {
+    let target = args.plugin_dir.join("vmlock.so");
+    if is_our_plugin(&target) {
+        std::fs::remove_file(&target).with_context(|| format!("removing {}", target.display()))?;
+        println!("removed {}", target.display());
+    } else if target.exists() {
+        println!("left {} (not vmlock's plugin)", target.display());
+    }
+    let config = args.config_dir.join("qemu-vmlock.conf");
+    match std::fs::read_to_string(&config) {
+        Ok(text)
+            if text == default_config()? || text.starts_with(CONFIG_HEADER) && !edited(&text)? =>
+        {
+            std::fs::remove_file(&config)
+                .with_context(|| format!("removing {}", config.display()))?;
+            println!("removed {}", config.display());
+        }
+        Ok(_) => println!("left {} (changed since install)", config.display()),
+        Err(_) => {}
+    }
+    let uses_vmlock = std::fs::read_to_string(args.config_dir.join("qemu.conf")).is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.trim_start().starts_with("lock_manager") && l.contains("\"vmlock\""))
+    });
+    if uses_vmlock {
+        println!(
+            "qemu.conf still says lock_manager = \"vmlock\": remove that line before restarting libvirtd"
+        );
+    }
+    Ok(())
+}
+
+/// Whether a configuration `install` wrote was changed since (only the program's path may
+/// differ: this program may have moved).
+fn edited(text: &str) -> anyhow::Result<bool> {
+    let strip = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with("vmlock_binary"))
+            .map(str::to_owned)
+            .collect()
+    };
+    Ok(strip(text) != strip(&default_config()?))
+}

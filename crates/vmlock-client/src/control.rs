@@ -1,0 +1,276 @@
+//! The control socket of a VM's supervisor (`vmlock run`, or the holder libvirt's plugin
+//! starts): how later commands reach a running VM whose leases belong to that process — drivers
+//! such as sanlock tie leases to the process that acquired them, and vmlockd takes changes to a
+//! VM only from its holder process.
+//!
+//! `RUNTIME_DIR/vm-UUID.sock` (a migration destination on the same host serves beside its source
+//! as `vm-UUID.PID.sock`), 0600 in the 0700 runtime directory; only root or the supervisor's own
+//! uid is served (`SO_PEERCRED`). One request and one reply per connection, in vmlockd's frames
+//! ([`crate::proto`]: length-prefixed JSON, the same size limit and the same bound on a started
+//! frame), so there is one framing for both sockets. This module is the protocol and the client;
+//! the server is the supervisor's (`vmlock-cli`).
+
+use crate::proto::{write_frame, FrameReader, Message, ReadError};
+use serde::{Deserialize, Serialize};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmlock::{Error, LockState, Resource};
+
+/// How long a supervisor waits for a client's request to start.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for a supervisor's reply (an attach may wait on the lock service).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request to a supervisor.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// The lock state.
+    Inquire,
+    /// The guest pid.
+    GuestPid,
+    /// Who the VM is and what it holds (for `vmlock status`).
+    Describe,
+    /// Lock one more disk (before hotplug).
+    AttachDisk(Resource),
+    /// Release a disk (after unplug).
+    DetachDisk(Resource),
+    /// Migration source: the state for the destination.
+    MigratePrepare(String),
+    /// End a migration on this side.
+    MigrateComplete(bool),
+    /// The guest process this supervisor serves (its child, or for libvirt's holder its parent).
+    /// Two supervisors of one VM serve on a host during a migration: this tells them apart.
+    Serves,
+    /// Make sure the VM holds every one of `resources`, taking the missing ones all or nothing
+    /// (libvirt's acquire at CPU start, resume and hotplug). A migration destination that has
+    /// not taken its leases over yet does so first, with `state` (the source's, version-checked).
+    Ensure {
+        /// The source's lock state, for a migration destination.
+        state: Option<String>,
+        /// What must be held.
+        resources: Vec<Resource>,
+    },
+    /// The lock service lost this VM's leases (sanlock's kill path runs `vmlock lock-failure`):
+    /// carry out the VM's action and release the leases.
+    LockFailure,
+}
+
+/// Carries no descriptors.
+impl Message for ControlRequest {}
+
+/// A supervisor's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// Done.
+    Ok,
+    /// Done; what the VM holds now.
+    Held(String),
+    /// A lock state, printed.
+    State(String),
+    /// A pid.
+    Pid(Option<u32>),
+    /// A VM and its lock state.
+    Vm {
+        /// VM name.
+        name: String,
+        /// VM uuid.
+        uuid: String,
+        /// Domain id.
+        id: u32,
+        /// Guest pid.
+        pid: Option<u32>,
+        /// Lock state, printed.
+        state: String,
+        /// When the supervisor took the leases (seconds since the epoch).
+        since: u64,
+    },
+    /// Failed.
+    Error(Error),
+}
+
+/// Carries no descriptors.
+impl Message for ControlReply {}
+
+/// The control socket of VM `uuid` in `runtime_dir`.
+pub fn socket_path(runtime_dir: &Path, uuid: &str) -> PathBuf {
+    runtime_dir.join(format!("vm-{uuid}.sock"))
+}
+
+pub fn read_request(stream: &UnixStream) -> Result<ControlRequest, Error> {
+    stream
+        .set_read_timeout(Some(REQUEST_TIMEOUT))
+        .map_err(|e| Error::io("control socket", &e))?;
+    read_one(stream, "request")
+}
+
+/// Reads the one frame of a connection.
+pub fn read_one<T: Message>(stream: &UnixStream, what: &str) -> Result<T, Error> {
+    match FrameReader::new().read::<T>(stream) {
+        Ok((msg, _)) => Ok(msg),
+        Err(ReadError::Closed) => Err(Error::Protocol {
+            reason: format!("the control socket closed before its {what}"),
+        }),
+        Err(ReadError::Idle) => Err(Error::io(
+            format!("waiting for the control {what}"),
+            &std::io::ErrorKind::TimedOut.into(),
+        )),
+        Err(ReadError::Failed(e)) => Err(e),
+    }
+}
+
+/// The supervisor of VM `uuid`: its own socket, else one that serves beside it (a migration
+/// destination on this host whose source has gone).
+fn connect(runtime_dir: &Path, uuid: &str) -> Result<UnixStream, Error> {
+    let path = socket_path(runtime_dir, uuid);
+    let first = match UnixStream::connect(&path) {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    let prefix = format!("vm-{uuid}.");
+    let beside = std::fs::read_dir(runtime_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.starts_with(&prefix) && n.ends_with(".sock") && n != format!("vm-{uuid}.sock")
+            })
+        });
+    for entry in beside {
+        if let Ok(s) = UnixStream::connect(entry.path()) {
+            return Ok(s);
+        }
+    }
+    Err(Error::UnknownOwner {
+        uuid: format!(
+            "{uuid} (no supervisor answers at {}: {first})",
+            path.display()
+        ),
+    })
+}
+
+/// The supervisor of VM `uuid` whose guest is process `guest_pid`, among those serving on this
+/// host (a migration destination serves beside its source).
+pub fn find_serving(runtime_dir: &Path, uuid: &str, guest_pid: u32) -> Result<PathBuf, Error> {
+    let own = socket_path(runtime_dir, uuid);
+    let prefix = format!("vm-{uuid}.");
+    let mut candidates = vec![own.clone()];
+    candidates.extend(
+        std::fs::read_dir(runtime_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p != &own
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".sock"))
+            }),
+    );
+    for path in candidates {
+        if let Ok(ControlReply::Pid(Some(pid))) = call_at(&path, &ControlRequest::Serves) {
+            if pid == guest_pid {
+                return Ok(path);
+            }
+        }
+    }
+    Err(Error::UnknownOwner {
+        uuid: format!(
+            "{uuid} (no vmlock holder serves guest pid {guest_pid} in {}: was it started \
+             under vmlock?)",
+            runtime_dir.display()
+        ),
+    })
+}
+
+/// Sends `request` to the supervisor serving at `path`.
+pub fn call_at(path: &Path, request: &ControlRequest) -> Result<ControlReply, Error> {
+    let stream =
+        UnixStream::connect(path).map_err(|e| Error::io(format!("{}", path.display()), &e))?;
+    exchange(stream, request)
+}
+
+fn exchange(stream: UnixStream, request: &ControlRequest) -> Result<ControlReply, Error> {
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| Error::io("control socket", &e))?;
+    write_frame(&stream, request, &[])?;
+    match read_one(&stream, "reply")? {
+        ControlReply::Error(e) => Err(e),
+        reply => Ok(reply),
+    }
+}
+
+/// Sends `request` to the supervisor of VM `uuid`.
+pub fn call(
+    runtime_dir: &Path,
+    uuid: &str,
+    request: &ControlRequest,
+) -> Result<ControlReply, Error> {
+    exchange(connect(runtime_dir, uuid)?, request)
+}
+
+/// The state in a reply.
+pub fn state(reply: ControlReply) -> Result<LockState, Error> {
+    match reply {
+        ControlReply::State(s) | ControlReply::Held(s) => s.parse(),
+        other => Err(Error::Protocol {
+            reason: format!("unexpected control reply {other:?}"),
+        }),
+    }
+}
+
+/// Every supervisor answering in `runtime_dir`, described (stale sockets are skipped).
+pub fn describe_all(runtime_dir: &Path) -> Vec<ControlReply> {
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return Vec::new();
+    };
+    let mut all: Vec<ControlReply> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_prefix("vm-")?.strip_suffix(".sock")?;
+            // Only each VM's own socket: one beside it belongs to the same VM.
+            if stem.contains('.') {
+                return None;
+            }
+            let uuid = stem.to_owned();
+            call(runtime_dir, &uuid, &ControlRequest::Describe).ok()
+        })
+        .collect();
+    all.sort_by_key(|r| match r {
+        ControlReply::Vm { name, uuid, .. } => (name.clone(), uuid.clone()),
+        _ => (String::new(), String::new()),
+    });
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_request_travels_in_one_frame_and_a_json_line_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        write_frame(&a, &ControlRequest::MigrateComplete(true), &[]).unwrap();
+        assert!(matches!(
+            read_request(&b),
+            Ok(ControlRequest::MigrateComplete(true))
+        ));
+        // The old line format reads as an oversized frame: refused before anything is read.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"\"Inquire\"\n").unwrap();
+        assert!(matches!(read_request(&b), Err(Error::Protocol { .. })));
+    }
+
+    #[test]
+    fn a_silent_client_times_out_with_its_io_kind() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let e = read_one::<ControlRequest>(&b, "request").unwrap_err();
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::TimedOut));
+    }
+}
