@@ -77,7 +77,8 @@ pub struct HolderArgs {
     #[arg(long)]
     uri: Option<String>,
     /// The domain is a migration destination: the disks are held by its source, and the leases
-    /// are taken over, version-checked, when libvirt starts its CPUs.
+    /// are taken over, version-checked, when libvirt starts its CPUs. Without it, a domain that
+    /// runs elsewhere under the same uuid makes this holder a destination.
     #[arg(long)]
     incoming: bool,
     /// The pipe on which the start is reported ("OK" or "ERR reason").
@@ -158,16 +159,28 @@ fn start(
         resources.push(Resource::parse_lease(l)?);
     }
     vmlockd::raise_fd_limit();
-    let mode = if args.incoming {
+    // libvirt's child looks the same for a fresh start and a migration destination; what tells
+    // them apart is the domain already running elsewhere under its uuid. The destination then
+    // registers as such, which the lock service refuses unless the source prepared a migration.
+    let elsewhere = running_guest(plugin, &vm).filter(|p| *p != args.guest_pid);
+    let incoming = args.incoming || elsewhere.is_some();
+    let mode = if incoming {
         StartMode::IncomingMigration
     } else {
         StartMode::Start
     };
-    let mut manager = Manager::new(plugin, vm, mode)?;
+    let name = vm.name.clone();
+    let mut manager = Manager::new(plugin, vm, mode).map_err(|e| match elsewhere {
+        Some(pid) if incoming => anyhow::anyhow!(
+            "domain \"{name}\" (uuid {uuid}) already runs as pid {pid} and is not migrating \
+             here: {e}"
+        ),
+        _ => e.into(),
+    })?;
     for r in resources {
         manager.register_resource(r)?;
     }
-    if !args.incoming {
+    if !incoming {
         manager.acquire(&AcquireOptions {
             on_lock_failure: action,
             ..Default::default()
@@ -181,6 +194,15 @@ fn start(
         libvirt: args.uri.clone().map(|u| (u, args.uuid.clone())),
     };
     Ok((manager, policy))
+}
+
+/// The running guest the lock service knows for VM `vm`, if any.
+fn running_guest(plugin: &Plugin, vm: &VmParams) -> Option<u32> {
+    Manager::new(plugin, vm.clone(), StartMode::Attach)
+        .and_then(|mut m| m.guest_pid())
+        .ok()
+        .flatten()
+        .filter(|p| vmlock::process::is_running(*p))
 }
 
 /// The plugin built beside this program.

@@ -176,3 +176,273 @@ fn a_domain_holds_its_disk_a_second_is_refused_by_name_and_destroy_frees_it() {
     assert_eq!(host.holder_of(&disk).as_deref(), Some("second"));
     libvirtd.virsh_ok(&["destroy", "second"]);
 }
+
+/// Watches byte 0 of `disk` (vmlock's lock) from its own thread until stopped; counts the probes
+/// that found no lock on it once one had been seen: each is a moment a third VM could have taken
+/// the disk.
+struct FreeWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl FreeWatch {
+    fn start(disk: &Path) -> Self {
+        use std::sync::atomic::Ordering;
+        let file = std::fs::File::open(disk).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let (mut probes, mut free, mut seen) = (0, 0, false);
+            while !flag.load(Ordering::Relaxed) {
+                probes += 1;
+                let held = vmlock_sys::ofd::probe(
+                    std::os::fd::AsFd::as_fd(&file),
+                    vmlock_sys::ofd::LockKind::Exclusive,
+                    0,
+                    1,
+                )
+                .unwrap();
+                match held {
+                    Some(_) => seen = true,
+                    None if seen => free += 1,
+                    None => {}
+                }
+                // Deliberate pacing of a sampling probe, not a wait for an event.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            (probes, free)
+        });
+        FreeWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (probes, probes that found the disk free after it had been locked).
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// A third party — a `vmlock run` guest that is not QEMU — asks for `disk`; it must be refused
+/// with `holder` named.
+fn assert_refused(host: &Host, disk: &Path, holder: &str) {
+    let out = host.vmlock(&[
+        "run",
+        "--name",
+        "intruder",
+        "--disk",
+        &disk.display().to_string(),
+        "--",
+        "/bin/true",
+    ]);
+    assert!(
+        !out.status.success(),
+        "intruder got {}: {}",
+        disk.display(),
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("\"{holder}\"")),
+        "{holder} not named: {err}"
+    );
+}
+
+#[test]
+fn a_vmlockd_kill_and_a_libvirtd_restart_keep_every_domain_and_lock() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let mut libvirtd = host.libvirtd();
+    let (a, b, c) = (host.qcow2("a"), host.qcow2("b"), host.qcow2("c"));
+    define(&libvirtd, "one", &[&a]);
+    define(&libvirtd, "two", &[&b]);
+    libvirtd.virsh_ok(&["start", "one"]);
+    libvirtd.virsh_ok(&["start", "two"]);
+    let pids = [
+        libvirtd.qemu_pid("one").unwrap(),
+        libvirtd.qemu_pid("two").unwrap(),
+    ];
+    let watch_a = FreeWatch::start(&a);
+
+    // kill -9 of the lock daemon: the holders keep the locks, nothing is killed.
+    let daemon = vmlockd_kit::pid_in(&host.run_dir()).unwrap();
+    vmlock_testkit::process::kill_and_wait(daemon);
+    for (name, pid) in ["one", "two"].iter().zip(pids) {
+        assert!(vmlock::process::is_running(pid), "{name}'s QEMU died");
+        assert_eq!(libvirtd.domstate(name), "running");
+    }
+    // The intruder's CLI starts a new daemon, which refuses from its recovered table.
+    assert_refused(&host, &a, "one");
+    // Bounded poll: the holders reconnect by themselves and hand their descriptions back.
+    wait_until(
+        "both holders are back",
+        SETTLE,
+        Duration::from_millis(20),
+        || {
+            host.holder_of(&a).as_deref() == Some("one")
+                && host.holder_of(&b).as_deref() == Some("two")
+        },
+    );
+
+    // libvirtd restarted: no plugin call comes, the domains and their locks stay.
+    libvirtd.restart();
+    for (name, pid) in ["one", "two"].iter().zip(pids) {
+        assert!(vmlock::process::is_running(pid), "{name}'s QEMU died");
+        assert_eq!(libvirtd.domstate(name), "running");
+    }
+    assert_refused(&host, &b, "two");
+
+    // Afterwards hotplug, unplug and destroy still work.
+    let c_path = c.display().to_string();
+    libvirtd.virsh_ok(&[
+        "attach-disk",
+        "two",
+        &c_path,
+        "sda",
+        "--targetbus",
+        "scsi",
+        "--subdriver",
+        "qcow2",
+    ]);
+    assert_eq!(host.holder_of(&c).as_deref(), Some("two"));
+    assert_refused(&host, &c, "two");
+    libvirtd.virsh_ok(&["detach-disk", "two", "sda"]);
+    wait_until(
+        "the unplugged disk is free",
+        SETTLE,
+        Duration::from_millis(10),
+        || host.holder_of(&c).is_none(),
+    );
+    let (probes, free) = watch_a.finish();
+    assert!(probes > 0);
+    assert_eq!(
+        free, 0,
+        "one's disk was free {free} times of {probes} while it ran"
+    );
+    libvirtd.virsh_ok(&["destroy", "one"]);
+    wait_until(
+        "one's disk is free",
+        SETTLE,
+        Duration::from_millis(10),
+        || host.holder_of(&a).is_none(),
+    );
+    libvirtd.virsh_ok(&["destroy", "two"]);
+}
+
+#[test]
+fn pause_resume_paused_start_and_hotplug_never_leave_the_disk_free() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let libvirtd = host.libvirtd();
+    let (a, c) = (host.qcow2("a"), host.qcow2("c"));
+    define(&libvirtd, "vm", &[&a]);
+
+    // Started paused: the disk is locked from before QEMU opened it, not from the resume.
+    let watch = FreeWatch::start(&a);
+    libvirtd.virsh_ok(&["start", "vm", "--paused"]);
+    assert_eq!(libvirtd.domstate("vm"), "paused");
+    assert_eq!(host.holder_of(&a).as_deref(), Some("vm"));
+    assert_refused(&host, &a, "vm");
+    libvirtd.virsh_ok(&["resume", "vm"]);
+    assert_eq!(libvirtd.domstate("vm"), "running");
+
+    // Suspend releases (twice, from two libvirt threads) and resume acquires: both idempotent;
+    // the leases stay while QEMU keeps its images open.
+    for _ in 0..2 {
+        libvirtd.virsh_ok(&["suspend", "vm"]);
+        assert_eq!(libvirtd.domstate("vm"), "paused");
+        assert_refused(&host, &a, "vm");
+        libvirtd.virsh_ok(&["resume", "vm"]);
+        assert_eq!(libvirtd.domstate("vm"), "running");
+    }
+
+    // Hotplug takes the new disk before QEMU opens it; unplug frees it.
+    let c_path = c.display().to_string();
+    libvirtd.virsh_ok(&[
+        "attach-disk",
+        "vm",
+        &c_path,
+        "sda",
+        "--targetbus",
+        "scsi",
+        "--subdriver",
+        "qcow2",
+    ]);
+    assert_eq!(host.holder_of(&c).as_deref(), Some("vm"));
+    libvirtd.virsh_ok(&["suspend", "vm"]);
+    libvirtd.virsh_ok(&["resume", "vm"]); // re-acquire with the hotplugged disk held: no error
+    libvirtd.virsh_ok(&["detach-disk", "vm", "sda"]);
+    wait_until(
+        "the unplugged disk is free",
+        SETTLE,
+        Duration::from_millis(10),
+        || host.holder_of(&c).is_none(),
+    );
+    assert_eq!(host.holder_of(&a).as_deref(), Some("vm"));
+    let (probes, free) = watch.finish();
+    assert_eq!(
+        free, 0,
+        "the disk was free {free} times of {probes} after it was locked"
+    );
+    libvirtd.virsh_ok(&["destroy", "vm"]);
+}
+
+#[test]
+fn a_guest_under_vmlock_run_and_a_libvirt_domain_exclude_each_other() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let libvirtd = host.libvirtd();
+    let (a, b) = (host.qcow2("a"), host.qcow2("b"));
+
+    // A guest that is not QEMU holds a: QEMU's image locking plays no part in the refusal.
+    let mut guest = Command::new(env!("CARGO_BIN_EXE_vmlock"))
+        .arg("--runtime-dir")
+        .arg(host.run_dir())
+        .args([
+            "run",
+            "--name",
+            "plain",
+            "--disk",
+            &a.display().to_string(),
+            "--",
+            "sleep",
+            "600",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = guest.stderr.take().unwrap();
+    // The supervisor announces the guest once it holds the disk.
+    loop {
+        let line = vmlock_testkit::process::read_line(&mut stderr, Duration::from_secs(30))
+            .unwrap()
+            .expect("the supervisor exited");
+        if line.contains("holds") {
+            break;
+        }
+    }
+    define(&libvirtd, "dom", &[&a]);
+    let out = libvirtd.virsh(&["start", "dom"]);
+    assert!(
+        !out.status.success(),
+        "dom started on a held disk: {}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vmlock") && err.contains("\"plain\""), "{err}");
+    vmlock_testkit::process::kill_child(&mut guest);
+
+    // The reverse: a domain holds b; `vmlock run` is refused with the domain named.
+    define(&libvirtd, "dom2", &[&b]);
+    libvirtd.virsh_ok(&["start", "dom2"]);
+    assert_refused(&host, &b, "dom2");
+    libvirtd.virsh_ok(&["destroy", "dom2"]);
+}
