@@ -446,3 +446,218 @@ fn a_guest_under_vmlock_run_and_a_libvirt_domain_exclude_each_other() {
     assert_refused(&host, &b, "dom2");
     libvirtd.virsh_ok(&["destroy", "dom2"]);
 }
+
+/// `status --json`'s guest pid of the VM holding `disk`.
+fn holder_pid(host: &Host, disk: &Path) -> Option<u64> {
+    let out = host.vmlock(&["status", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let disk = disk.display().to_string();
+    rows.as_array()?
+        .iter()
+        .find(|r| r["resource"].as_str().is_some_and(|p| p.contains(&disk)))
+        .and_then(|r| r["vm"]["pid"].as_u64())
+}
+
+fn socket_uri(libvirtd: &LibvirtDaemon) -> String {
+    format!(
+        "qemu+unix:///system?socket={}/run/libvirt/libvirt-sock",
+        libvirtd.dir().display()
+    )
+}
+
+#[test]
+fn a_live_migration_between_two_libvirt_daemons_hands_the_lock_over_without_a_gap() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let source = host.libvirtd();
+    let destination = host.libvirtd();
+    let a = host.qcow2("a");
+    define(&source, "mig", &[&a]);
+    source.virsh_ok(&["start", "mig"]);
+    let source_pid = source.qemu_pid("mig").unwrap();
+    assert_eq!(holder_pid(&host, &a), Some(u64::from(source_pid)));
+
+    // Started on the destination while the source runs, without a migration: refused, with the
+    // running domain named.
+    destination.define(&domain_xml(
+        "mig",
+        Some(&source.virsh_ok(&["domuuid", "mig"]).trim().to_owned()),
+        &[&a],
+    ));
+    let out = destination.virsh(&["start", "mig"]);
+    assert!(
+        !out.status.success(),
+        "a second copy started: {}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already runs") && err.contains("not migrating"),
+        "{err}"
+    );
+    destination.virsh_ok(&["undefine", "mig"]);
+
+    let watch = FreeWatch::start(&a);
+    source.virsh_ok(&[
+        "migrate",
+        "--live",
+        "--unsafe",
+        "mig",
+        &socket_uri(&destination),
+    ]);
+    assert_eq!(destination.domstate("mig"), "running");
+    let destination_pid = destination.qemu_pid("mig").unwrap();
+    // Bounded poll: the source QEMU's exit reaches the daemon on its pidfd.
+    wait_until(
+        "the destination owns the disk",
+        SETTLE,
+        Duration::from_millis(10),
+        || holder_pid(&host, &a) == Some(u64::from(destination_pid)),
+    );
+    assert!(
+        !vmlock::process::is_running(source_pid),
+        "the source QEMU still runs"
+    );
+    let (probes, free) = watch.finish();
+    assert_eq!(
+        free, 0,
+        "the disk was free {free} times of {probes} during the migration"
+    );
+    assert_refused(&host, &a, "mig");
+
+    // And back: the destination's holder is now the owner and can migrate out in turn.
+    destination.virsh_ok(&["migrate", "--live", "--unsafe", "mig", &socket_uri(&source)]);
+    assert_eq!(source.domstate("mig"), "running");
+    let back_pid = source.qemu_pid("mig").unwrap();
+    wait_until(
+        "the source owns the disk again",
+        SETTLE,
+        Duration::from_millis(10),
+        || holder_pid(&host, &a) == Some(u64::from(back_pid)),
+    );
+    source.virsh_ok(&["destroy", "mig"]);
+    wait_until(
+        "the disk is freed",
+        SETTLE,
+        Duration::from_millis(10),
+        || host.holder_of(&a).is_none(),
+    );
+}
+
+#[test]
+fn a_failed_migration_leaves_the_source_holding_and_a_forged_state_is_refused() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let source = host.libvirtd();
+    let destination = host.libvirtd();
+    let (a, c) = (host.qcow2("a"), host.qcow2("c"));
+    let uuid = define(&source, "mig", &[&a]);
+    source.virsh_ok(&["start", "mig"]);
+    let source_pid = source.qemu_pid("mig").unwrap();
+    let watch = FreeWatch::start(&a);
+
+    let mut migrate = Command::new("virsh")
+        .args(["-c", &source.uri(), "migrate", "--live", "--unsafe", "mig"])
+        .arg(socket_uri(&destination))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded poll: the destination's QEMU pid file appears as libvirt forks it, and its holder
+    // serves once it registered as the destination (before QEMU's exec). Freezing QEMU then
+    // keeps the migration from finishing.
+    let mut destination_pid = None;
+    let mut holder = None;
+    wait_until(
+        "the destination's holder",
+        SETTLE,
+        Duration::from_millis(2),
+        || {
+            destination_pid = destination.qemu_pid("mig");
+            holder = destination_pid.and_then(|pid| {
+                vmlock_client::control::find_serving(&host.run_dir(), &uuid, pid).ok()
+            });
+            holder.is_some()
+        },
+    );
+    let (destination_pid, holder) = (destination_pid.unwrap(), holder.unwrap());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(destination_pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+
+    // The destination's holder takes the leases over only with the source's hand-over secret:
+    // the state anyone can read (`vmlock inquire`), with no secret or a made-up one, is refused.
+    let readable = host.vmlock(&["inquire", "--uuid", &uuid]);
+    assert!(readable.status.success(), "{}", text(&readable));
+    let mut state: vmlock::LockState = String::from_utf8_lossy(&readable.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    for forged in [None, Some("00000000000000000000000000000000".to_owned())] {
+        state.handover = forged;
+        let r = vmlock_client::control::call_at(
+            &holder,
+            &vmlock_client::control::ControlRequest::Ensure {
+                state: Some(state.to_string()),
+                resources: vec![vmlock::Resource::disk(&a, vmlock::DiskMode::Exclusive).unwrap()],
+            },
+        );
+        assert!(r.is_err(), "a forged state was taken: {r:?}");
+    }
+    assert_eq!(holder_pid(&host, &a), Some(u64::from(source_pid)));
+
+    // The destination dies mid-migration: the migration fails, the source runs on and keeps
+    // everything.
+    vmlock_testkit::process::kill_and_wait(destination_pid);
+    let failed = vmlock_testkit::process::wait_child(&mut migrate, Duration::from_secs(60))
+        .expect("virsh migrate hangs");
+    assert!(
+        !failed.success(),
+        "the migration succeeded with a dead destination"
+    );
+    assert_eq!(source.domstate("mig"), "running");
+    assert!(vmlock::process::is_running(source_pid));
+    assert_eq!(holder_pid(&host, &a), Some(u64::from(source_pid)));
+    assert_refused(&host, &a, "mig");
+    let (probes, free) = watch.finish();
+    assert_eq!(
+        free, 0,
+        "the disk was free {free} times of {probes} during the failed migration"
+    );
+
+    // The source is whole again: hotplug works, and a second migration goes through.
+    let c_path = c.display().to_string();
+    source.virsh_ok(&[
+        "attach-disk",
+        "mig",
+        &c_path,
+        "sda",
+        "--targetbus",
+        "scsi",
+        "--subdriver",
+        "qcow2",
+    ]);
+    assert_eq!(host.holder_of(&c).as_deref(), Some("mig"));
+    source.virsh_ok(&["detach-disk", "mig", "sda"]);
+    source.virsh_ok(&[
+        "migrate",
+        "--live",
+        "--unsafe",
+        "mig",
+        &socket_uri(&destination),
+    ]);
+    assert_eq!(destination.domstate("mig"), "running");
+    destination.virsh_ok(&["destroy", "mig"]);
+    wait_until(
+        "the disk is freed",
+        SETTLE,
+        Duration::from_millis(10),
+        || host.holder_of(&a).is_none(),
+    );
+}
