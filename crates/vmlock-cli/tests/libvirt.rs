@@ -483,7 +483,7 @@ fn a_live_migration_between_two_libvirt_daemons_hands_the_lock_over_without_a_ga
     // running domain named.
     destination.define(&domain_xml(
         "mig",
-        Some(&source.virsh_ok(&["domuuid", "mig"]).trim().to_owned()),
+        Some(source.virsh_ok(&["domuuid", "mig"]).trim()),
         &[&a],
     ));
     let out = destination.virsh(&["start", "mig"]);
