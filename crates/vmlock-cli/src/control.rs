@@ -32,6 +32,16 @@ pub struct LockFailurePolicy {
 }
 
 impl LockFailurePolicy {
+    /// The options of an acquire for this VM.
+    fn acquire_options(&self) -> AcquireOptions {
+        AcquireOptions {
+            on_lock_failure: self.action,
+            qmp_socket: self.qmp.clone(),
+            supervisor_acts: self.libvirt.is_some(),
+            ..Default::default()
+        }
+    }
+
     /// Asks libvirt to `suspend` or `destroy` the domain; whether it did.
     fn virsh(&self, command: &str) -> bool {
         let Some((uri, uuid)) = &self.libvirt else {
@@ -46,11 +56,10 @@ impl LockFailurePolicy {
 
     /// Stops the guest writing (pause over QMP, or SIGTERM then SIGKILL), then releases every
     /// lease: the lock service must see them gone before it escalates.
-    fn enforce(&self, manager: &mut Manager) -> vmlock::Result<()> {
-        if self.action == LockFailureAction::Ignore {
-            // Releasing under a guest that keeps running would let another VM write beside it.
-            return Ok(());
-        }
+    /// Stops the guest writing: pause (through libvirt, else QMP), else power off (through
+    /// libvirt, else SIGTERM then SIGKILL). Runs without the VM's manager locked: libvirt's
+    /// pause calls back into this supervisor (its lock plugin releases on pause).
+    fn stop_guest(&self) {
         let paused = self.action == LockFailureAction::Pause
             && (self.virsh("suspend")
                 || self.qmp.as_deref().is_some_and(|q| {
@@ -69,6 +78,17 @@ impl LockFailurePolicy {
                 }
             }
         }
+    }
+
+    /// Carries out the lock-failure action, then releases every lease: the lock service must
+    /// see them gone before it escalates.
+    fn enforce(&self, manager: &Mutex<Manager>) -> vmlock::Result<()> {
+        if self.action == LockFailureAction::Ignore {
+            // Releasing under a guest that keeps running would let another VM write beside it.
+            return Ok(());
+        }
+        self.stop_guest();
+        let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
         match manager.release() {
             Ok(_) => Ok(()),
             // Called again (sanlock repeats its kill path): nothing is held any more.
@@ -146,6 +166,15 @@ fn serve(
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
     let reply = match peer {
         Ok(p) if p.uid() == 0 || p.uid() == uid => match read_request(&stream) {
+            Ok(ControlRequest::LockFailure) => {
+                eprintln!(
+                    "vmlock: the leases of the VM with guest pid {} were lost: {}",
+                    policy.guest_pid, policy.action
+                );
+                policy
+                    .enforce(manager)
+                    .map_or_else(ControlReply::Error, |()| ControlReply::Ok)
+            }
             Ok(request) => {
                 let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
                 answer(&mut manager, policy, request, since)
@@ -181,12 +210,13 @@ fn ensure(
                 ),
             })?
             .parse()?;
-        let options = AcquireOptions {
-            on_lock_failure: policy.action,
-            ..Default::default()
-        };
-        manager.acquire_incoming(&state, &options)?;
+        manager.acquire_incoming(&state, &policy.acquire_options())?;
         manager.guest_started(policy.guest_pid)?;
+    }
+    if manager.phase() == Phase::Released {
+        // The leases were given up after a lock failure paused the guest: a resume takes them
+        // again, or fails and leaves the guest paused.
+        manager.acquire(&policy.acquire_options())?;
     }
     if manager.phase() == Phase::MigratingOut {
         // The source runs again: its migration failed or was cancelled, so it keeps everything
@@ -222,14 +252,9 @@ fn answer(
     since: u64,
 ) -> ControlReply {
     let result = match request {
-        ControlRequest::LockFailure => {
-            eprintln!(
-                "vmlock: the leases of VM \"{}\" were lost: {}",
-                manager.vm().name,
-                policy.action
-            );
-            policy.enforce(manager).map(|()| ControlReply::Ok)
-        }
+        ControlRequest::LockFailure => Err(Error::Protocol {
+            reason: "a lock failure is handled before the manager is locked".into(),
+        }),
         ControlRequest::Inquire => manager
             .inquire()
             .map(|s| ControlReply::State(s.to_string())),

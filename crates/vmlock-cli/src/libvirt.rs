@@ -183,6 +183,8 @@ fn start(
     if !incoming {
         manager.acquire(&AcquireOptions {
             on_lock_failure: action,
+            // Through libvirt, so that it knows its domain paused or stopped.
+            supervisor_acts: args.uri.is_some(),
             ..Default::default()
         })?;
         manager.guest_started(args.guest_pid)?;

@@ -661,3 +661,39 @@ fn a_failed_migration_leaves_the_source_holding_and_a_forged_state_is_refused() 
         || host.holder_of(&a).is_none(),
     );
 }
+
+#[test]
+fn a_lost_lease_pauses_the_domain_through_libvirt() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let libvirtd = host.libvirtd();
+    let a = host.qcow2("a");
+    let xml = domain_xml("careful", None, &[&a]).replace(
+        "  <devices>",
+        "  <on_lockfailure>pause</on_lockfailure>\n  <devices>",
+    );
+    libvirtd.define(&xml);
+    libvirtd.virsh_ok(&["start", "careful"]);
+    let pid = libvirtd.qemu_pid("careful").unwrap();
+
+    // The image is replaced under the running domain: its lease is lost.
+    let replacement = host.qcow2("replacement");
+    std::fs::rename(&replacement, &a).unwrap();
+    // Bounded poll: vmlockd checks leases once a second, then asks the holder, which asks
+    // libvirt to suspend the domain.
+    wait_until(
+        "the domain is paused",
+        SETTLE,
+        Duration::from_millis(50),
+        || libvirtd.domstate("careful") == "paused",
+    );
+    assert!(
+        vmlock::process::is_running(pid),
+        "the domain was killed, not paused"
+    );
+    let reason = libvirtd.virsh_ok(&["domstate", "careful", "--reason"]);
+    assert!(reason.contains("paused"), "{reason}");
+    libvirtd.virsh_ok(&["destroy", "careful"]);
+}

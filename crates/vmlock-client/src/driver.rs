@@ -253,6 +253,7 @@ impl Session for LockdSession {
             on_lock_failure: options.on_lock_failure,
             hold_qemu_bytes: options.hold_qemu_bytes,
             qmp_socket: options.qmp_socket.clone(),
+            supervisor_acts: options.supervisor_acts,
             // Our own holder thread keeps the descriptions: take them in the reply.
             reply_with_fds: self.holder.is_some(),
         };

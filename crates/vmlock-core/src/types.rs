@@ -86,4 +86,8 @@ pub struct AcquireFlags {
     /// ack. Ignored for any other requester.
     #[serde(default)]
     pub reply_with_fds: bool,
+    /// The VM's supervisor carries the lock-failure action out itself (libvirt's holder, through
+    /// libvirt): the daemon asks it over its control socket, and acts itself only if that fails.
+    #[serde(default)]
+    pub supervisor_acts: bool,
 }

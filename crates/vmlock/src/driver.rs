@@ -94,6 +94,9 @@ pub struct AcquireOptions {
     /// For guests that are not QEMU: also hold QEMU's "writer" lock bytes on exclusive disks so
     /// that a stray QEMU or `qemu-img` refuses to open them.
     pub hold_qemu_bytes: bool,
+    /// The supervisor carries the lock-failure action out itself (through the VM manager that
+    /// runs the guest, e.g. libvirt); the lock service asks it first.
+    pub supervisor_acts: bool,
 }
 
 /// How a migration ended, for both sides' `complete_migration`.

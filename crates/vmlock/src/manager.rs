@@ -170,10 +170,12 @@ impl Manager {
                 self.driver_name(),
                 "on-lock-failure \"restart\" (a restarted guest would race other hosts for its leases; use poweroff and let the VM manager restart it)",
             )),
-            LockFailureAction::Pause if options.qmp_socket.is_none() => {
+            // Pausing needs a way in: QMP, or a supervisor that pauses through the VM manager.
+            LockFailureAction::Pause if options.qmp_socket.is_none() && !options.supervisor_acts => {
                 Err(Error::InvalidParameter {
                     key: "on-lock-failure".into(),
-                    reason: "\"pause\" needs the guest's QMP socket".into(),
+                    reason: "\"pause\" needs the guest's QMP socket (or a supervisor that pauses it)"
+                        .into(),
                 })
             }
             _ => Ok(()),

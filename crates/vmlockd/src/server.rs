@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -48,6 +49,8 @@ pub struct Daemon {
     uid: u32,
     lease_check_interval: Duration,
     lock_failure_grace: Duration,
+    /// The runtime directory, where supervisors serve their control sockets.
+    runtime_dir: PathBuf,
     store: Mutex<Store>,
     _pid_lock: File,
 }
@@ -119,6 +122,7 @@ impl Daemon {
             uid: nix::unistd::geteuid().as_raw(),
             lease_check_interval,
             lock_failure_grace,
+            runtime_dir: runtime.path().to_path_buf(),
             store: Mutex::new(store),
             _pid_lock: pid_lock,
         });
@@ -820,9 +824,10 @@ impl Daemon {
                 let lost = self.lock_table().leases_lost(&findings);
                 for l in lost {
                     let grace = self.lock_failure_grace;
+                    let runtime_dir = self.runtime_dir.clone();
                     let _ = std::thread::Builder::new()
                         .name("lock-failure".into())
-                        .spawn(move || enforce(l, grace));
+                        .spawn(move || enforce(l, grace, &runtime_dir));
                 }
             }
         }
@@ -872,12 +877,32 @@ impl LeaseWorker {
 
 /// Carries out a VM's lock-failure action. Runs on its own thread: a guest slow to die never
 /// stalls the daemon (virtlockd's kill loop blocks every client).
-fn enforce(lost: LostLease, grace: Duration) {
+fn enforce(lost: LostLease, grace: Duration, runtime_dir: &Path) {
     let vm = &lost.vm;
     let Ok(process) = ProcessHandle::open(vm.pid, Some(lost.start_time)) else {
         return; // the guest is gone already
     };
     tracing::error!(vm = %vm.name, uuid = %vm.uuid, pid = vm.pid, resources = ?lost.resources, action = %lost.flags.on_lock_failure, "lease lost under a running guest");
+    if lost.flags.supervisor_acts && lost.flags.on_lock_failure != LockFailureAction::Ignore {
+        // The supervisor acts through the VM manager (libvirt then knows its domain paused or
+        // stopped); only if it cannot does the daemon act behind the manager's back.
+        let asked =
+            vmlock_client::control::find_serving(runtime_dir, &vm.uuid, vm.pid).and_then(|path| {
+                vmlock_client::control::call_at(
+                    &path,
+                    &vmlock_client::control::ControlRequest::LockFailure,
+                )
+            });
+        match asked {
+            Ok(_) => {
+                tracing::warn!(vm = %vm.name, "the supervisor carried the action out");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(vm = %vm.name, error = %e, "the supervisor did not act; acting here")
+            }
+        }
+    }
     match lost.flags.on_lock_failure {
         LockFailureAction::Ignore => {}
         LockFailureAction::Pause => {
