@@ -588,6 +588,7 @@ mod tests {
             hold_qemu_bytes: true,
             qmp_socket: Some("/run/qmp.sock".into()),
             reply_with_fds: true,
+            supervisor_acts: true,
         };
         r.acquired(&first);
         // A hotplug later with other options does not change what the VM was started with.
