@@ -697,3 +697,113 @@ fn a_lost_lease_pauses_the_domain_through_libvirt() {
     assert!(reason.contains("paused"), "{reason}");
     libvirtd.virsh_ok(&["destroy", "careful"]);
 }
+
+#[test]
+fn a_domain_under_stock_lockd_and_one_under_vmlock_exclude_each_other() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let ours = host.libvirtd();
+    let theirs = LibvirtDaemon::lockd();
+    let (a, b) = (host.qcow2("a"), host.qcow2("b"));
+
+    // vmlock first: the lockd domain cannot start on the disk.
+    define(&ours, "ours", &[&a]);
+    define(&theirs, "theirs", &[&a]);
+    ours.virsh_ok(&["start", "ours"]);
+    let out = theirs.virsh(&["start", "theirs"]);
+    assert!(
+        !out.status.success(),
+        "lockd's domain started: {}",
+        text(&out)
+    );
+    assert_ne!(theirs.domstate("theirs"), "running");
+    assert_eq!(host.holder_of(&a).as_deref(), Some("ours"));
+    ours.virsh_ok(&["destroy", "ours"]);
+
+    // lockd first (virtlockd's whole-byte POSIX lock, QEMU's own lock bytes): vmlock refuses in
+    // the child, naming the process that holds the disk.
+    define(&theirs, "theirs-b", &[&b]);
+    define(&ours, "ours-b", &[&b]);
+    theirs.virsh_ok(&["start", "theirs-b"]);
+    let out = ours.virsh(&["start", "ours-b"]);
+    assert!(
+        !out.status.success(),
+        "vmlock's domain started: {}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vmlock") && err.contains("locked by process"),
+        "{err}"
+    );
+    assert!(host.holder_of(&b).is_none());
+    theirs.virsh_ok(&["destroy", "theirs-b"]);
+}
+
+#[test]
+fn install_is_idempotent_and_uninstall_removes_only_what_install_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plugins, etc) = (dir.path().join("lock-driver"), dir.path().join("etc"));
+    let built = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("libvmlock_libvirt.so");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmlock"))
+            .args(["libvirt"])
+            .args(args)
+            .arg("--plugin-dir")
+            .arg(&plugins)
+            .arg("--config-dir")
+            .arg(&etc)
+            .arg("--plugin")
+            .arg(&built)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    for _ in 0..2 {
+        let (ok, said) = run(&["install"]);
+        assert!(ok, "{said}");
+        assert!(said.contains("lock_manager = \"vmlock\""), "{said}");
+    }
+    let conf = std::fs::read_to_string(etc.join("qemu-vmlock.conf")).unwrap();
+    assert!(conf.contains("vmlock_binary = \""), "{conf}");
+    assert_eq!(
+        std::fs::read(plugins.join("vmlock.so")).unwrap(),
+        std::fs::read(&built).unwrap()
+    );
+    // A configuration the user changed stays; the plugin goes.
+    std::fs::write(
+        etc.join("qemu-vmlock.conf"),
+        conf.replace("auto_disk_leases = 1", "auto_disk_leases = 0"),
+    )
+    .unwrap();
+    let (ok, said) = run(&["uninstall"]);
+    assert!(ok, "{said}");
+    assert!(!plugins.join("vmlock.so").exists());
+    assert!(etc.join("qemu-vmlock.conf").exists(), "{said}");
+    // A file of that name that is not ours is neither replaced nor removed.
+    std::fs::write(plugins.join("vmlock.so"), b"someone else's").unwrap();
+    let (ok, said) = run(&["install"]);
+    assert!(!ok && said.contains("not vmlock's plugin"), "{said}");
+    let (ok, said) = run(&["uninstall"]);
+    assert!(ok, "{said}");
+    assert_eq!(
+        std::fs::read(plugins.join("vmlock.so")).unwrap(),
+        b"someone else's"
+    );
+    // An untouched configuration is removed.
+    std::fs::remove_file(etc.join("qemu-vmlock.conf")).unwrap();
+    std::fs::remove_file(plugins.join("vmlock.so")).unwrap();
+    assert!(run(&["install"]).0);
+    assert!(run(&["uninstall"]).0);
+    assert!(!etc.join("qemu-vmlock.conf").exists());
+}
