@@ -187,6 +187,15 @@ struct FreeWatch {
 
 impl FreeWatch {
     fn start(disk: &Path) -> Self {
+        Self::watch(disk, None)
+    }
+
+    /// Counts instead the probes that found the disk free while process `guest` still ran.
+    fn while_running(disk: &Path, guest: u32) -> Self {
+        Self::watch(disk, Some(guest))
+    }
+
+    fn watch(disk: &Path, guest: Option<u32>) -> Self {
         use std::sync::atomic::Ordering;
         let file = std::fs::File::open(disk).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -202,10 +211,12 @@ impl FreeWatch {
                     1,
                 )
                 .unwrap();
-                match held {
-                    Some(_) => seen = true,
-                    None if seen => free += 1,
-                    None => {}
+                match (held, guest) {
+                    (Some(_), _) => seen = true,
+                    // Still running after the disk was seen free: it ran unprotected then.
+                    (None, Some(pid)) if vmlock::process::is_running(pid) => free += 1,
+                    (None, None) if seen => free += 1,
+                    (None, _) => {}
                 }
                 // Deliberate pacing of a sampling probe, not a wait for an event.
                 std::thread::sleep(Duration::from_micros(200));
@@ -806,4 +817,54 @@ fn install_is_idempotent_and_uninstall_removes_only_what_install_wrote() {
     assert!(run(&["install"]).0);
     assert!(run(&["uninstall"]).0);
     assert!(!etc.join("qemu-vmlock.conf").exists());
+}
+
+/// The holder of the domain whose QEMU is `qemu_pid`: QEMU's child running `vmlock`.
+fn holder_process(qemu_pid: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = vmlock::process::stat(pid)?;
+        (stat.ppid == qemu_pid && vmlock::process::command(pid).contains("vmlock")).then_some(pid)
+    })
+}
+
+#[test]
+fn a_killed_holder_takes_its_guest_with_it_so_no_guest_runs_unprotected() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let libvirtd = host.libvirtd();
+    let a = host.qcow2("a");
+    define(&libvirtd, "fragile", &[&a]);
+    libvirtd.virsh_ok(&["start", "fragile"]);
+    let qemu_pid = libvirtd.qemu_pid("fragile").unwrap();
+    let holder = holder_process(qemu_pid).expect("no holder process under QEMU");
+    let watch = FreeWatch::while_running(&a, qemu_pid);
+    vmlock_testkit::process::kill_and_wait(holder);
+    // Bounded poll: the daemon sees the holder gone and its guest still running, kills the
+    // guest, and only then unlocks.
+    wait_until(
+        "the guest is killed",
+        SETTLE,
+        Duration::from_millis(10),
+        || !vmlock::process::is_running(qemu_pid),
+    );
+    wait_until(
+        "the disk is freed",
+        SETTLE,
+        Duration::from_millis(10),
+        || host.holder_of(&a).is_none(),
+    );
+    let (probes, free) = watch.finish();
+    assert_eq!(
+        free, 0,
+        "the guest ran without its lock in {free} of {probes} probes"
+    );
+    wait_until(
+        "libvirt sees the domain stop",
+        SETTLE,
+        Duration::from_millis(20),
+        || libvirtd.domstate("fragile") == "shut off",
+    );
 }
