@@ -93,6 +93,9 @@ pub fn migration_incoming(
     state: &LockState,
     options: &AcquireOptions,
 ) -> Result<Manager> {
+    // Checked before the driver is asked anything: a destination registers as soon as its
+    // manager exists.
+    state.check_driver(plugin.driver().name())?;
     let mut manager = Manager::new(plugin, vm, StartMode::IncomingMigration)?;
     for r in resources {
         manager.register_resource(r)?;
