@@ -306,3 +306,40 @@ fn versions_from_status_do_not_take_a_vm_over() {
         .acquire_incoming(&mut host, who(20), UUID, &versions, Some(&token))
         .is_ok());
 }
+
+/// libvirt's holder is started by its guest-to-be (QEMU's pre-exec child), so it names its
+/// parent as its guest; a process that is neither its child nor its parent is refused.
+#[test]
+fn a_holder_may_name_its_parent_as_guest_but_not_a_stranger() {
+    let mut host = TinyHost::default();
+    let mut table = LockTable::new(Policy::default(), "test".into());
+    let stranger = proc(11, 111, 1);
+    let (r, _) = table.hold(
+        &mut host,
+        who(10),
+        LinkId(1),
+        identity(11),
+        stranger,
+        Vec::new(),
+        None,
+    );
+    assert!(r.is_err(), "a stranger was accepted as the guest");
+    let mut parent = proc(11, 111, 1);
+    parent.parent_of_caller = true;
+    let (r, _) = table.hold(
+        &mut host,
+        who(10),
+        LinkId(1),
+        identity(11),
+        parent,
+        Vec::new(),
+        None,
+    );
+    r.expect("the holder's parent is its guest");
+    assert!(table.guest_started(who(10), UUID, proc(12, 112, 1)).is_err());
+    let mut parent = proc(11, 111, 1);
+    parent.parent_of_caller = true;
+    table
+        .guest_started(who(10), UUID, parent)
+        .expect("naming the parent again");
+}
