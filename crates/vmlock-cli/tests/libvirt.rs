@@ -113,6 +113,29 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// Bounded poll until no VM holds `disk`: the daemon unlocks from a guest's pidfd or a
+/// release, asynchronously to libvirt's return.
+fn wait_freed(host: &Host, disk: &Path, what: &str) {
+    wait_until(what, SETTLE, Duration::from_millis(10), || {
+        host.holder_of(disk).is_none()
+    });
+}
+
+/// `virsh attach-disk` of a qcow2 `disk` on the virtio-scsi bus as `sda` (a virtio-blk unplug
+/// needs a guest OS to finish).
+fn attach_scsi(libvirtd: &LibvirtDaemon, domain: &str, disk: &Path) {
+    libvirtd.virsh_ok(&[
+        "attach-disk",
+        domain,
+        &disk.display().to_string(),
+        "sda",
+        "--targetbus",
+        "scsi",
+        "--subdriver",
+        "qcow2",
+    ]);
+}
+
 fn skip() -> bool {
     if !libvirt::available() || !qemu::available() {
         eprintln!(
@@ -166,12 +189,7 @@ fn a_domain_holds_its_disk_a_second_is_refused_by_name_and_destroy_frees_it() {
     // Destroy makes no plugin call: the disk is freed from QEMU's exit alone.
     libvirtd.virsh_ok(&["destroy", "first"]);
     // Bounded poll: the daemon unlocks on the guest's pidfd, asynchronously to virsh's return.
-    wait_until(
-        "the disk is freed",
-        SETTLE,
-        Duration::from_millis(10),
-        || host.holder_of(&disk).is_none(),
-    );
+    wait_freed(&host, &disk, "the disk is freed");
     libvirtd.virsh_ok(&["start", "second"]);
     assert_eq!(host.holder_of(&disk).as_deref(), Some("second"));
     libvirtd.virsh_ok(&["destroy", "second"]);
@@ -308,26 +326,11 @@ fn a_vmlockd_kill_and_a_libvirtd_restart_keep_every_domain_and_lock() {
     assert_refused(&host, &b, "two");
 
     // Afterwards hotplug, unplug and destroy still work.
-    let c_path = c.display().to_string();
-    libvirtd.virsh_ok(&[
-        "attach-disk",
-        "two",
-        &c_path,
-        "sda",
-        "--targetbus",
-        "scsi",
-        "--subdriver",
-        "qcow2",
-    ]);
+    attach_scsi(&libvirtd, "two", &c);
     assert_eq!(host.holder_of(&c).as_deref(), Some("two"));
     assert_refused(&host, &c, "two");
     libvirtd.virsh_ok(&["detach-disk", "two", "sda"]);
-    wait_until(
-        "the unplugged disk is free",
-        SETTLE,
-        Duration::from_millis(10),
-        || host.holder_of(&c).is_none(),
-    );
+    wait_freed(&host, &c, "the unplugged disk is free");
     let (probes, free) = watch_a.finish();
     assert!(probes > 0);
     assert_eq!(
@@ -335,12 +338,7 @@ fn a_vmlockd_kill_and_a_libvirtd_restart_keep_every_domain_and_lock() {
         "one's disk was free {free} times of {probes} while it ran"
     );
     libvirtd.virsh_ok(&["destroy", "one"]);
-    wait_until(
-        "one's disk is free",
-        SETTLE,
-        Duration::from_millis(10),
-        || host.holder_of(&a).is_none(),
-    );
+    wait_freed(&host, &a, "one's disk is free");
     libvirtd.virsh_ok(&["destroy", "two"]);
 }
 
@@ -374,27 +372,12 @@ fn pause_resume_paused_start_and_hotplug_never_leave_the_disk_free() {
     }
 
     // Hotplug takes the new disk before QEMU opens it; unplug frees it.
-    let c_path = c.display().to_string();
-    libvirtd.virsh_ok(&[
-        "attach-disk",
-        "vm",
-        &c_path,
-        "sda",
-        "--targetbus",
-        "scsi",
-        "--subdriver",
-        "qcow2",
-    ]);
+    attach_scsi(&libvirtd, "vm", &c);
     assert_eq!(host.holder_of(&c).as_deref(), Some("vm"));
     libvirtd.virsh_ok(&["suspend", "vm"]);
     libvirtd.virsh_ok(&["resume", "vm"]); // re-acquire with the hotplugged disk held: no error
     libvirtd.virsh_ok(&["detach-disk", "vm", "sda"]);
-    wait_until(
-        "the unplugged disk is free",
-        SETTLE,
-        Duration::from_millis(10),
-        || host.holder_of(&c).is_none(),
-    );
+    wait_freed(&host, &c, "the unplugged disk is free");
     assert_eq!(host.holder_of(&a).as_deref(), Some("vm"));
     let (probes, free) = watch.finish();
     assert_eq!(
@@ -549,12 +532,7 @@ fn a_live_migration_between_two_libvirt_daemons_hands_the_lock_over_without_a_ga
         || holder_pid(&host, &a) == Some(u64::from(back_pid)),
     );
     source.virsh_ok(&["destroy", "mig"]);
-    wait_until(
-        "the disk is freed",
-        SETTLE,
-        Duration::from_millis(10),
-        || host.holder_of(&a).is_none(),
-    );
+    wait_freed(&host, &a, "the disk is freed");
 }
 
 #[test]
@@ -643,17 +621,7 @@ fn a_failed_migration_leaves_the_source_holding_and_a_forged_state_is_refused() 
     );
 
     // The source is whole again: hotplug works, and a second migration goes through.
-    let c_path = c.display().to_string();
-    source.virsh_ok(&[
-        "attach-disk",
-        "mig",
-        &c_path,
-        "sda",
-        "--targetbus",
-        "scsi",
-        "--subdriver",
-        "qcow2",
-    ]);
+    attach_scsi(&source, "mig", &c);
     assert_eq!(host.holder_of(&c).as_deref(), Some("mig"));
     source.virsh_ok(&["detach-disk", "mig", "sda"]);
     source.virsh_ok(&[
@@ -665,12 +633,7 @@ fn a_failed_migration_leaves_the_source_holding_and_a_forged_state_is_refused() 
     ]);
     assert_eq!(destination.domstate("mig"), "running");
     destination.virsh_ok(&["destroy", "mig"]);
-    wait_until(
-        "the disk is freed",
-        SETTLE,
-        Duration::from_millis(10),
-        || host.holder_of(&a).is_none(),
-    );
+    wait_freed(&host, &a, "the disk is freed");
 }
 
 #[test]
@@ -850,12 +813,7 @@ fn a_killed_holder_takes_its_guest_with_it_so_no_guest_runs_unprotected() {
         Duration::from_millis(10),
         || !vmlock::process::is_running(qemu_pid),
     );
-    wait_until(
-        "the disk is freed",
-        SETTLE,
-        Duration::from_millis(10),
-        || host.holder_of(&a).is_none(),
-    );
+    wait_freed(&host, &a, "the disk is freed");
     let (probes, free) = watch.finish();
     assert_eq!(
         free, 0,

@@ -336,7 +336,9 @@ fn a_holder_may_name_its_parent_as_guest_but_not_a_stranger() {
         None,
     );
     r.expect("the holder's parent is its guest");
-    assert!(table.guest_started(who(10), UUID, proc(12, 112, 1)).is_err());
+    assert!(table
+        .guest_started(who(10), UUID, proc(12, 112, 1))
+        .is_err());
     let mut parent = proc(11, 111, 1);
     parent.parent_of_caller = true;
     table
