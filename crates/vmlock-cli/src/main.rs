@@ -107,6 +107,13 @@ enum Command {
     /// libvirt's lock-driver plugin: install, uninstall (and the per-domain holder it starts).
     #[command(subcommand)]
     Libvirt(libvirt::LibvirtCommand),
+    /// Write the man pages (one per command) and shell completions generated from this CLI.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where: DIR/man1/*.1 and DIR/completions/{vmlock.bash,_vmlock,vmlock.fish}.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the guest pid of a running VM (the seed's GetChild).
     Pid {
         /// The VM's uuid.
@@ -172,6 +179,27 @@ impl Ctx {
     }
 }
 
+/// Man pages and completions, from the clap definition itself, so they never drift from it.
+fn generate_docs(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let man = out.join("man1");
+    let completions = out.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages to {}", man.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "vmlock", &completions)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    Ok(())
+}
+
 /// Every driver this program can load.
 fn registry() -> Registry {
     let mut registry = Registry::new();
@@ -196,6 +224,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Daemon { mut args } = cli.command {
         args.runtime_dir = args.runtime_dir.or(cli.runtime_dir);
         vmlockd::daemon_main(args)?;
+        return Ok(0);
+    }
+    if let Command::GenerateDocs { out } = &cli.command {
+        generate_docs(out)?;
         return Ok(0);
     }
     let ctx = Ctx::new(&cli)?;
@@ -235,7 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             )?;
             Ok(0)
         }
-        Command::Daemon { .. } => Ok(0),
+        Command::Daemon { .. } | Command::GenerateDocs { .. } => Ok(0),
         Command::Libvirt(command) => libvirt::run(&ctx.plugin, ctx.runtime.path(), command),
         Command::Pid { uuid } => match ctx.vm(&uuid)?.guest_pid()? {
             Some(pid) => {
