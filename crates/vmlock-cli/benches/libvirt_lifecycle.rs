@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use vmlock_client::runtime::{spawn_daemon, RuntimeDir};
 use vmlock_sys::ofd::{self, LockKind};
 use vmlock_sys::pidfd::ProcessHandle;
-use vmlock_testkit::libvirt::{self, domain_xml, LibvirtDaemon};
+use vmlock_testkit::libvirt::{self, domain_xml, LibvirtBuilder, LibvirtDaemon};
 use vmlock_testkit::process::{kill_child, read_line};
 use vmlock_testkit::qemu;
 use vmlock_testkit::vmlockd as vmlockd_kit;
@@ -130,17 +130,38 @@ impl VmlockHost {
             self.run_dir().display(),
             env!("CARGO_BIN_EXE_vmlock")
         );
-        LibvirtDaemon::builder()
-            .lock_manager("vmlock")
-            .plugin_dir(&self.dir.path().join("lock-driver"))
-            .etc_file("qemu-vmlock.conf", conf)
-            .start()
+        debug_log(
+            LibvirtDaemon::builder()
+                .lock_manager("vmlock")
+                .plugin_dir(&self.dir.path().join("lock-driver"))
+                .etc_file("qemu-vmlock.conf", conf),
+            "vmlock",
+        )
+        .start()
     }
 }
 
 impl Drop for VmlockHost {
     fn drop(&mut self) {
         vmlockd_kit::kill_in(&self.run_dir());
+    }
+}
+
+/// With `VMLOCK_BENCH_LIBVIRT_LOG=DIR`, libvirtd writes a debug log of its process start-up, lock
+/// manager and command code to `DIR/libvirtd-NAME.log` (timestamps in ms: where a start's time
+/// goes). Logging slows libvirtd: not for the numbers.
+fn debug_log(builder: LibvirtBuilder, name: &str) -> LibvirtBuilder {
+    match std::env::var_os("VMLOCK_BENCH_LIBVIRT_LOG") {
+        Some(dir) => builder
+            .env(
+                "LIBVIRT_LOG_FILTERS",
+                "1:qemu.qemu_process 1:locking 1:util.command 1:qemu.qemu_monitor 3:*",
+            )
+            .env(
+                "LIBVIRT_LOG_OUTPUTS",
+                format!("1:file:{}/libvirtd-{name}.log", Path::new(&dir).display()),
+            ),
+        None => builder,
     }
 }
 
@@ -385,8 +406,17 @@ fn main() {
     let started = Instant::now();
     let host = VmlockHost::new();
     let mut managers = vec![
-        Manager::new("nop", LibvirtDaemon::builder().start()),
-        Manager::new("lockd", LibvirtDaemon::lockd()),
+        Manager::new("nop", debug_log(LibvirtDaemon::builder(), "nop").start()),
+        Manager::new(
+            "lockd",
+            debug_log(
+                LibvirtDaemon::builder()
+                    .lock_manager("lockd")
+                    .virtlockd(true),
+                "lockd",
+            )
+            .start(),
+        ),
         Manager::new("vmlock", host.libvirtd()),
     ];
     for m in &mut managers {
