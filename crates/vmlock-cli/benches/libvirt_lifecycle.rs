@@ -153,15 +153,76 @@ impl Drop for VmlockHost {
 fn debug_log(builder: LibvirtBuilder, name: &str) -> LibvirtBuilder {
     match std::env::var_os("VMLOCK_BENCH_LIBVIRT_LOG") {
         Some(dir) => builder
-            .env(
-                "LIBVIRT_LOG_FILTERS",
-                "1:qemu.qemu_process 1:locking 1:util.command 1:qemu.qemu_monitor 3:*",
-            )
+            .env("LIBVIRT_LOG_FILTERS", "1:qemu.qemu_process 1:locking 3:*")
             .env(
                 "LIBVIRT_LOG_OUTPUTS",
                 format!("1:file:{}/libvirtd-{name}.log", Path::new(&dir).display()),
             ),
         None => builder,
+    }
+}
+
+/// Milliseconds of the day of a libvirt log line (`2026-11-30 18:10:17.424+0000: TID: ...`) and
+/// its thread id and text.
+fn log_line(line: &str) -> Option<(f64, &str, &str)> {
+    let (h, m, s) = (line.get(11..13)?, line.get(14..16)?, line.get(17..23)?);
+    let t = (h.parse::<f64>().ok()? * 60.0 + m.parse::<f64>().ok()?) * 60_000.0
+        + s.parse::<f64>().ok()? * 1000.0;
+    let rest = line.get(30..)?;
+    let (tid, text) = rest.split_once(": ")?;
+    Some((t, tid, text))
+}
+
+/// From the debug logs of [`debug_log`]: per manager, the medians of libvirt's pre-exec child's
+/// hook (`qemuProcessHook`, which libvirtd waits for before it lets QEMU exec) and of the lock
+/// manager's acquire in it (for vmlock: the holder's fork, exec, acquire and report), of
+/// libvirtd's own wait for that child's handshake, and of the acquire at CPU start (`Resume`).
+fn log_breakdown(dir: &Path, managers: &[Manager]) {
+    println!();
+    println!("From libvirtd's debug logs (ms, 1 ms resolution; logging slows libvirtd):");
+    println!();
+    println!("| manager | pre-exec hook | its lock acquire | libvirtd waits for the handshake | acquire at CPU start | n |");
+    println!("|---|---|---|---|---|---|");
+    for m in managers {
+        let Ok(text) = std::fs::read_to_string(dir.join(format!("libvirtd-{}.log", m.name))) else {
+            continue;
+        };
+        let (mut hook, mut acquire, mut wait, mut resume) = (vec![], vec![], vec![], vec![]);
+        let mut open: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+        for line in text.lines() {
+            let Some((t, tid, text)) = log_line(line) else {
+                continue;
+            };
+            let key = |what: &str| format!("{what}/{tid}");
+            if text.contains("qemuProcessHook") && text.contains("Obtaining domain lock") {
+                open.insert(key("hook"), t);
+            } else if text.contains("qemuProcessHook") && text.contains("Hook complete") {
+                hook.extend(open.remove(&key("hook")).map(|s| t - s));
+            } else if text.contains("Waiting for handshake from child") {
+                open.insert(key("wait"), t);
+            } else if text.contains("Building domain mount namespace") {
+                wait.extend(open.remove(&key("wait")).map(|s| t - s));
+            } else if text.contains("virLockManagerAcquire") && text.contains("flags=0x0") {
+                open.insert(key("resume"), t);
+            } else if text.contains("virLockManagerAcquire") && text.contains("flags=0x3") {
+                open.insert(key("acquire"), t);
+            } else if text.contains("virLockManagerFree") {
+                resume.extend(open.remove(&key("resume")).map(|s| t - s));
+                acquire.extend(open.remove(&key("acquire")).map(|s| t - s));
+            }
+        }
+        if hook.is_empty() {
+            continue;
+        }
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            m.name,
+            pct(&hook, 50.0),
+            pct(&acquire, 50.0),
+            pct(&wait, 50.0),
+            pct(&resume, 50.0),
+            hook.len()
+        );
     }
 }
 
@@ -472,6 +533,9 @@ fn main() {
         pct(&by("vmlock").start, 50.0) - pct(&by("lockd").start, 50.0),
         mean(&by("vmlock").start) - mean(&by("lockd").start),
     );
+    if let Some(dir) = std::env::var_os("VMLOCK_BENCH_LIBVIRT_LOG") {
+        log_breakdown(Path::new(&dir), &managers);
+    }
     drop(managers);
     holder_alone(&host, runs);
 }
