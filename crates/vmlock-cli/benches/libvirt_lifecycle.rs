@@ -1,0 +1,541 @@
+//! What a libvirt user feels: `virsh start` until the domain runs, `virsh destroy` until its disk
+//! is free, with libvirt's `nop` lock manager, stock `lockd` (virtlockd) and `vmlock`, side by
+//! side in one run.
+//!
+//! `cargo bench -p vmlock-cli --bench libvirt_lifecycle [-- RUNS]` (or `VMLOCK_BENCH_RUNS=RUNS`;
+//! default 20) — as root, with libvirtd, virsh, virtlockd and QEMU installed
+//! (scripts/install-test-deps.sh); it skips, saying why, when they are missing.
+//!
+//! Each manager gets its own private libvirtd (`vmlock_testkit::libvirt::LibvirtDaemon`), one
+//! domain (64 MiB, TCG, one qcow2 disk on virtio-blk) and its own disk. The rounds interleave
+//! the managers (the order rotates each round), so drift in the machine's load spreads over all
+//! three. One unmeasured warm-up start and destroy per manager comes first.
+//!
+//! - **start**: `virsh start` spawned until it exits (it returns once the domain runs; checked).
+//! - **destroy returns**: `virsh destroy` spawned until it exits.
+//! - **destroy → disk free**: from the same spawn until a new open file description of the image
+//!   can take an OFD write lock on bytes 0–299. One definition for the three managers: byte 0 is
+//!   where vmlockd (an OFD lock) and virtlockd (a POSIX lock on the whole file) lock a disk, and
+//!   bytes 100–299 are QEMU's own image locks (the only lock under `nop`). The first round checks
+//!   that a running domain's disk is locked where it should be.
+//! - **QEMU's exit → disk free**: from QEMU's exit (seen on its pidfd) until the disk is free:
+//!   the lock manager's own share of destroy (libvirt's own teardown runs on after it).
+//!
+//! A second table times vmlock's per-domain holder alone, as the plugin starts it from libvirt's
+//! pre-exec child: fork + exec of `vmlock libvirt holder`, which connects to vmlockd, acquires
+//! the disk and reports "OK" on a pipe; beside it the same fork + exec of `/bin/echo OK` and of
+//! `vmlock --version`, to tell process start-up from the holder's own work.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // a benchmark program: failures abort it
+
+use std::fs::OpenOptions;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vmlock_client::runtime::{spawn_daemon, RuntimeDir};
+use vmlock_sys::ofd::{self, LockKind};
+use vmlock_sys::pidfd::ProcessHandle;
+use vmlock_testkit::libvirt::{self, domain_xml, LibvirtBuilder, LibvirtDaemon};
+use vmlock_testkit::process::{kill_child, read_line};
+use vmlock_testkit::qemu;
+use vmlock_testkit::vmlockd as vmlockd_kit;
+
+const DEFAULT_RUNS: usize = 20;
+/// How long a disk may take to be free after `virsh destroy` returned.
+const FREE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause between two probes of the disk (bounded by [`FREE_TIMEOUT`]): the managers free it
+/// asynchronously, with no event a client outside them could wait on.
+const PROBE_PAUSE: Duration = Duration::from_micros(500);
+const DOMAIN: &str = "bench";
+
+/// `RUNS` from the first numeric argument (cargo adds `--bench`), else `VMLOCK_BENCH_RUNS`.
+fn runs() -> usize {
+    std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .or_else(|| std::env::var("VMLOCK_BENCH_RUNS").ok()?.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_RUNS)
+}
+
+/// Whether a new description of `disk` can take an OFD write lock on `[start, start+len)`
+/// (taken and dropped at once).
+fn lockable(disk: &Path, start: u64, len: u64) -> bool {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .unwrap();
+    let ok = ofd::try_lock(f.as_fd(), LockKind::Exclusive, start, len).unwrap();
+    if ok {
+        ofd::unlock(f.as_fd(), start, len).unwrap();
+    }
+    ok
+}
+
+/// The disk-free definition of every column: bytes 0–299 (manager's byte 0, QEMU's 100–299).
+fn disk_free(disk: &Path) -> bool {
+    lockable(disk, 0, 300)
+}
+
+/// Polls [`disk_free`]; the instant it first held.
+fn wait_free(disk: &Path) -> Instant {
+    let deadline = Instant::now() + FREE_TIMEOUT;
+    loop {
+        if disk_free(disk) {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not free {FREE_TIMEOUT:?} after destroy",
+            disk.display()
+        );
+        std::thread::sleep(PROBE_PAUSE);
+    }
+}
+
+/// A private vmlockd (started by the CLI in a private runtime directory, killed at the end) and
+/// the plugin where libvirtd loads it, as crates/vmlock-cli/tests/libvirt.rs sets it up.
+struct VmlockHost {
+    dir: tempfile::TempDir,
+}
+
+impl VmlockHost {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("lock-driver");
+        std::fs::create_dir_all(&plugins).unwrap();
+        // The cdylib cargo built beside this bench (a dev-dependency), named as libvirt wants.
+        let exe = std::env::current_exe().unwrap();
+        let built = exe.parent().unwrap().join("libvmlock_libvirt.so");
+        assert!(built.is_file(), "{} not built", built.display());
+        std::fs::copy(&built, plugins.join("vmlock.so")).unwrap();
+        let host = VmlockHost { dir };
+        // `vmlock daemon`, this build's daemon, named explicitly: `vmlock status` would prefer
+        // a `vmlockd` beside the binary, which in a shared target directory may be older.
+        let runtime = RuntimeDir::resolve(Some(&host.run_dir())).unwrap();
+        let vmlock = Path::new(env!("CARGO_BIN_EXE_vmlock"));
+        spawn_daemon(&runtime, vmlock, &["daemon".into()], None).unwrap();
+        host
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn libvirtd(&self) -> LibvirtDaemon {
+        let conf = format!(
+            "runtime_dir = \"{}\"\nvmlock_binary = \"{}\"\n",
+            self.run_dir().display(),
+            env!("CARGO_BIN_EXE_vmlock")
+        );
+        debug_log(
+            LibvirtDaemon::builder()
+                .lock_manager("vmlock")
+                .plugin_dir(&self.dir.path().join("lock-driver"))
+                .etc_file("qemu-vmlock.conf", conf),
+            "vmlock",
+        )
+        .start()
+    }
+}
+
+impl Drop for VmlockHost {
+    fn drop(&mut self) {
+        vmlockd_kit::kill_in(&self.run_dir());
+    }
+}
+
+/// With `VMLOCK_BENCH_LIBVIRT_LOG=DIR`, libvirtd writes a debug log of its process start-up, lock
+/// manager and command code to `DIR/libvirtd-NAME.log` (timestamps in ms: where a start's time
+/// goes). Logging slows libvirtd: not for the numbers.
+fn debug_log(builder: LibvirtBuilder, name: &str) -> LibvirtBuilder {
+    match std::env::var_os("VMLOCK_BENCH_LIBVIRT_LOG") {
+        Some(dir) => builder
+            .env("LIBVIRT_LOG_FILTERS", "1:qemu.qemu_process 1:locking 3:*")
+            .env(
+                "LIBVIRT_LOG_OUTPUTS",
+                format!("1:file:{}/libvirtd-{name}.log", Path::new(&dir).display()),
+            ),
+        None => builder,
+    }
+}
+
+/// Milliseconds of the day of a libvirt log line (`2026-11-30 18:10:17.424+0000: TID: ...`) and
+/// its thread id and text.
+fn log_line(line: &str) -> Option<(f64, &str, &str)> {
+    let (h, m, s) = (line.get(11..13)?, line.get(14..16)?, line.get(17..23)?);
+    let t = (h.parse::<f64>().ok()? * 60.0 + m.parse::<f64>().ok()?) * 60_000.0
+        + s.parse::<f64>().ok()? * 1000.0;
+    let rest = line.get(30..)?;
+    let (tid, text) = rest.split_once(": ")?;
+    Some((t, tid, text))
+}
+
+/// From the debug logs of [`debug_log`]: per manager, the medians of libvirt's pre-exec child's
+/// hook (`qemuProcessHook`, which libvirtd waits for before it lets QEMU exec) and of the lock
+/// manager's acquire in it (for vmlock: the holder's fork, exec, acquire and report), of
+/// libvirtd's own wait for that child's handshake, and of the acquire at CPU start (`Resume`).
+fn log_breakdown(dir: &Path, managers: &[Manager]) {
+    println!();
+    println!("From libvirtd's debug logs (ms, 1 ms resolution; logging slows libvirtd):");
+    println!();
+    println!("| manager | pre-exec hook | its lock acquire | libvirtd waits for the handshake | acquire at CPU start | n |");
+    println!("|---|---|---|---|---|---|");
+    for m in managers {
+        let Ok(text) = std::fs::read_to_string(dir.join(format!("libvirtd-{}.log", m.name))) else {
+            continue;
+        };
+        let (mut hook, mut acquire, mut wait, mut resume) = (vec![], vec![], vec![], vec![]);
+        let mut open: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+        for line in text.lines() {
+            let Some((t, tid, text)) = log_line(line) else {
+                continue;
+            };
+            let key = |what: &str| format!("{what}/{tid}");
+            if text.contains("qemuProcessHook") && text.contains("Obtaining domain lock") {
+                open.insert(key("hook"), t);
+            } else if text.contains("qemuProcessHook") && text.contains("Hook complete") {
+                hook.extend(open.remove(&key("hook")).map(|s| t - s));
+            } else if text.contains("Waiting for handshake from child") {
+                open.insert(key("wait"), t);
+            } else if text.contains("Building domain mount namespace") {
+                wait.extend(open.remove(&key("wait")).map(|s| t - s));
+            } else if text.contains("virLockManagerAcquire") && text.contains("flags=0x0") {
+                open.insert(key("resume"), t);
+            } else if text.contains("virLockManagerAcquire") && text.contains("flags=0x3") {
+                open.insert(key("acquire"), t);
+            } else if text.contains("virLockManagerFree") {
+                resume.extend(open.remove(&key("resume")).map(|s| t - s));
+                acquire.extend(open.remove(&key("acquire")).map(|s| t - s));
+            }
+        }
+        if hook.is_empty() {
+            continue;
+        }
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            m.name,
+            pct(&hook, 50.0),
+            pct(&acquire, 50.0),
+            pct(&wait, 50.0),
+            pct(&resume, 50.0),
+            hook.len()
+        );
+    }
+}
+
+/// One lock manager's libvirtd, domain and disk, and its samples (ms).
+struct Manager {
+    name: &'static str,
+    libvirtd: LibvirtDaemon,
+    disk: PathBuf,
+    start: Vec<f64>,
+    destroy: Vec<f64>,
+    free: Vec<f64>,
+    after_exit: Vec<f64>,
+}
+
+impl Manager {
+    fn new(name: &'static str, libvirtd: LibvirtDaemon) -> Self {
+        let disk = qemu::qcow2(libvirtd.dir(), "disk.qcow2");
+        let uuid = uuid::Uuid::new_v4().to_string();
+        libvirtd.define(&domain_xml(DOMAIN, Some(&uuid), &[&disk]));
+        Manager {
+            name,
+            libvirtd,
+            disk,
+            start: Vec::new(),
+            destroy: Vec::new(),
+            free: Vec::new(),
+            after_exit: Vec::new(),
+        }
+    }
+
+    /// One start and destroy; `check`: the running domain's disk is locked where it should be.
+    fn cycle(&mut self, record: bool, check: bool) {
+        let t = Instant::now();
+        self.libvirtd.virsh_ok(&["start", DOMAIN]);
+        let start = t.elapsed();
+        if check {
+            assert_eq!(self.libvirtd.domstate(DOMAIN), "running");
+            assert!(
+                !lockable(&self.disk, 100, 200),
+                "{}: QEMU holds no image lock",
+                self.name
+            );
+            assert_eq!(
+                lockable(&self.disk, 0, 1),
+                self.name == "nop",
+                "{}: byte 0 of a running domain's disk",
+                self.name
+            );
+        }
+        let qemu = self.libvirtd.qemu_pid(DOMAIN).expect("QEMU's pid");
+        let qemu = ProcessHandle::open(qemu, None).unwrap();
+        // virsh on a thread; here: QEMU's exit (its pidfd), then the disk's release.
+        let libvirtd = &self.libvirtd;
+        let t = Instant::now();
+        let (destroy, exited, freed) = std::thread::scope(|s| {
+            let virsh = s.spawn(move || {
+                libvirtd.virsh_ok(&["destroy", DOMAIN]);
+                t.elapsed()
+            });
+            assert!(qemu.wait_exit(Some(FREE_TIMEOUT)), "QEMU still runs");
+            let exited = Instant::now();
+            let freed = wait_free(&self.disk);
+            (virsh.join().unwrap(), exited, freed)
+        });
+        let free = freed - t;
+        let after_exit = freed - exited;
+        if record {
+            self.start.push(ms(start));
+            self.destroy.push(ms(destroy));
+            self.free.push(ms(free));
+            self.after_exit.push(ms(after_exit));
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Nearest-rank percentile `p` (0–100) of `v`.
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    s[rank.min(s.len()) - 1]
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn row(step: &str, who: &str, v: &[f64]) {
+    println!(
+        "| {step} | {who} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+        pct(v, 50.0),
+        pct(v, 99.0),
+        mean(v),
+        pct(v, 0.0),
+        pct(v, 100.0),
+        v.len()
+    );
+}
+
+/// A guest for the holder alone: `sh` starts `program` in the background with the report pipe
+/// (the child's stdout) as its descriptor 3, then execs `sleep`, so the guest's pid (`$$`) is
+/// the program's parent, as libvirt's pre-exec child is the holder's. Returns the guest and the
+/// time until the first line, which must satisfy `ok`.
+fn spawn_and_report(
+    program: &str,
+    args: &[String],
+    ok: impl Fn(&str) -> bool,
+) -> (std::process::Child, f64) {
+    // An argument `GUEST` becomes the shell's pid (a builtin loop: microseconds).
+    let script = r#"exec 3>&1 >/dev/null; p=$1; shift; n=$#
+while [ "$n" -gt 0 ]; do a=$1; shift; [ "$a" = GUEST ] && a=$$; set -- "$@" "$a"; n=$((n-1)); done
+"$p" "$@" >&3 2>>"$LOG" &
+exec 3>&- sleep 600"#;
+    let log = std::env::temp_dir().join("vmlock-bench-holder.log");
+    let t = Instant::now();
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .arg("guest")
+        .arg(program)
+        .args(args)
+        .env("LOG", &log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let line = read_line(&mut out, Duration::from_secs(60)).unwrap();
+    let took = ms(t.elapsed());
+    let line = line.unwrap_or_default();
+    assert!(
+        ok(&line),
+        "{program} reported {line:?} (see {})",
+        log.display()
+    );
+    (child, took)
+}
+
+/// The holder alone, `runs` times, beside fork + exec of `/bin/echo` and `vmlock --version`.
+fn holder_alone(host: &VmlockHost, runs: usize) {
+    let disk = qemu::qcow2(host.dir.path(), "holder.qcow2");
+    let vmlock = env!("CARGO_BIN_EXE_vmlock");
+    let (mut echo, mut version, mut holder) = (vec![], vec![], vec![]);
+    for run in 0..=runs {
+        let (mut g, t) = spawn_and_report("/bin/echo", &["OK".into()], |l| l == "OK");
+        kill_child(&mut g);
+        let t_echo = t;
+        let (mut g, t) =
+            spawn_and_report(vmlock, &["--version".into()], |l| l.starts_with("vmlock"));
+        kill_child(&mut g);
+        let t_version = t;
+        // The holder's command line as the plugin builds it (`holder_args`), with the guest's
+        // pid filled in by the shell.
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let script_args: Vec<String> = [
+            "--runtime-dir",
+            &host.run_dir().display().to_string(),
+            "libvirt",
+            "holder",
+            "--name",
+            "bench-holder",
+            "--uuid",
+            &uuid,
+            "--id",
+            "1",
+            "--guest-pid",
+            "GUEST",
+            "--on-lock-failure",
+            "poweroff",
+            "--ready-fd",
+            "3",
+            "--disk",
+            &disk.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (mut g, t) = spawn_and_report(vmlock, &script_args, |l| l == "OK");
+        assert!(
+            !lockable(&disk, 0, 1),
+            "the holder reported OK without the lock"
+        );
+        // The guest's exit ends the holder; the daemon frees the disk from the guest's pidfd.
+        kill_child(&mut g);
+        wait_free(&disk);
+        if run > 0 {
+            echo.push(t_echo);
+            version.push(t_version);
+            holder.push(t);
+        }
+    }
+    println!();
+    println!("vmlock's holder alone ({runs} runs after one warm-up; ms; fork + exec from a shell until the first line on the pipe):");
+    println!();
+    println!("| what | p50 | p99 | mean | min | max | n |");
+    println!("|---|---|---|---|---|---|---|");
+    for (what, v) in [
+        ("`/bin/echo OK` (process start floor)", &echo),
+        ("`vmlock --version` (vmlock's binary start)", &version),
+        (
+            "`vmlock libvirt holder` → OK (connect, acquire, control socket)",
+            &holder,
+        ),
+    ] {
+        println!(
+            "| {what} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            pct(v, 50.0),
+            pct(v, 99.0),
+            mean(v),
+            pct(v, 0.0),
+            pct(v, 100.0),
+            v.len()
+        );
+    }
+}
+
+fn main() {
+    if !libvirt::available() || !qemu::available() {
+        println!(
+            "skipped: libvirtd, virsh or QEMU is not installed (scripts/install-test-deps.sh)"
+        );
+        return;
+    }
+    if !Path::new(libvirt::STOCK_PLUGIN_DIR)
+        .join("lockd.so")
+        .is_file()
+    {
+        println!(
+            "skipped: libvirt's stock lockd plugin is not installed (scripts/install-test-deps.sh)"
+        );
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: the private libvirtd needs root (a mount namespace, QEMU as root)");
+        return;
+    }
+    let runs = runs();
+    let started = Instant::now();
+    let host = VmlockHost::new();
+    let mut managers = vec![
+        Manager::new("nop", debug_log(LibvirtDaemon::builder(), "nop").start()),
+        Manager::new(
+            "lockd",
+            debug_log(
+                LibvirtDaemon::builder()
+                    .lock_manager("lockd")
+                    .virtlockd(true),
+                "lockd",
+            )
+            .start(),
+        ),
+        Manager::new("vmlock", host.libvirtd()),
+    ];
+    for m in &mut managers {
+        m.cycle(false, true);
+    }
+    for round in 0..runs {
+        let n = managers.len();
+        for k in 0..n {
+            managers[(round + k) % n].cycle(true, false);
+        }
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "libvirt lifecycle: {runs} rounds (managers interleaved, one warm-up each), ms; {} s; load average {}",
+        started.elapsed().as_secs(),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!("disk free = an OFD write lock on bytes 0-299 of the image succeeds (byte 0: vmlockd's OFD / virtlockd's POSIX lock; 100-299: QEMU's own)");
+    println!();
+    println!("| step | manager | p50 | p99 | mean | min | max | n |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (step, pick) in [
+        ("`virsh start` → running", 0),
+        ("`virsh destroy` returns", 1),
+        ("`virsh destroy` → disk free", 2),
+        ("QEMU's exit → disk free", 3),
+    ] {
+        for m in &managers {
+            let v = [&m.start, &m.destroy, &m.free, &m.after_exit][pick];
+            row(step, m.name, v);
+        }
+    }
+    let by = |name: &str| managers.iter().find(|m| m.name == name).unwrap();
+    let nop = by("nop");
+    for other in ["vmlock", "lockd"] {
+        let o = by(other);
+        // Paired by round: both ran in the same round, minutes apart at most.
+        let diff: Vec<f64> = o.start.iter().zip(&nop.start).map(|(a, b)| a - b).collect();
+        println!(
+            "| start, {other} − nop | per-round difference | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            pct(&diff, 50.0),
+            pct(&diff, 99.0),
+            mean(&diff),
+            pct(&diff, 0.0),
+            pct(&diff, 100.0),
+            diff.len()
+        );
+    }
+    println!(
+        "start: vmlock − nop p50 {:+.1} ms, mean {:+.1} ms; vmlock − lockd p50 {:+.1} ms, mean {:+.1} ms",
+        pct(&by("vmlock").start, 50.0) - pct(&nop.start, 50.0),
+        mean(&by("vmlock").start) - mean(&nop.start),
+        pct(&by("vmlock").start, 50.0) - pct(&by("lockd").start, 50.0),
+        mean(&by("vmlock").start) - mean(&by("lockd").start),
+    );
+    if let Some(dir) = std::env::var_os("VMLOCK_BENCH_LIBVIRT_LOG") {
+        log_breakdown(Path::new(&dir), &managers);
+    }
+    drop(managers);
+    holder_alone(&host, runs);
+}
