@@ -6,7 +6,7 @@
 //! - [`ofd`]: open-file-description byte-range locks;
 //! - [`pidfd`]: process handles that cannot be fooled by pid reuse;
 //! - [`fdpass`]: descriptors over `SCM_RIGHTS`;
-//! - [`procfs`]: naming the process that holds a lock.
+//! - [`procfs`]: naming the process that holds a lock; QEMU processes and their writable disks.
 
 pub mod child;
 pub mod disk;
