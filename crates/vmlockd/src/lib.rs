@@ -3,7 +3,8 @@
 //! - [`server`]: the daemon process (socket, connections, owner watcher, state file);
 //! - [`host`]: the lock core's host on Linux, and the work done outside the table lock;
 //! - [`store`]: what survives a restart;
-//! - [`holder`]: the daemon's side of a holder connection.
+//! - [`holder`]: the daemon's side of a holder connection;
+//! - [`telemetry`]: Prometheus metrics and the event stream.
 //!
 //! The lock table is `vmlock_core::LockTable`; every Linux call is in `vmlock-sys`.
 //!
@@ -14,6 +15,7 @@ pub mod config;
 pub mod holder;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 // Crate-internal names for what moved to vmlock-client (the daemon's modules say `crate::proto`).
 use vmlock_client::{proto, qmp, runtime};
 pub mod host;
