@@ -546,7 +546,8 @@ impl Daemon {
 
     /// Under the table lock, after a call: owners that died, and the table's size. Memory only.
     fn note_effects(&self, table: &LockTable<LinuxHost>, fx: &Effects<OwnedFd>) {
-        for (vm, locks) in &fx.gone {
+        // A VM whose guest exited holding nothing (a refused start, say) is forgotten silently.
+        for (vm, locks) in fx.gone.iter().filter(|(_, locks)| *locks > 0) {
             self.metrics.owner_died();
             self.events.record(EventKind::OwnerDied {
                 vm: vm.clone(),
