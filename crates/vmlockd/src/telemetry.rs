@@ -722,6 +722,68 @@ mod tests {
         }
     }
 
+    /// `dist/grafana/vmlock.json` is valid JSON and every `vmlock_*` name its queries use is a
+    /// series the daemon exposes.
+    #[test]
+    fn the_grafana_dashboard_queries_only_registered_metrics() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/grafana/vmlock.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let exposed: std::collections::BTreeSet<String> = Metrics::new()
+            .encode()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+            .collect();
+        fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        match (k.as_str(), v) {
+                            ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                            _ => exprs(v, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+                _ => {}
+            }
+        }
+        let mut queries = Vec::new();
+        exprs(&dashboard, &mut queries);
+        assert!(queries.len() >= 10, "{queries:?}");
+        let mut used = std::collections::BTreeSet::new();
+        for q in &queries {
+            let mut rest = q.as_str();
+            while let Some(at) = rest.find("vmlock_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                used.insert(name);
+            }
+        }
+        let unknown: Vec<&String> = used.iter().filter(|n| !exposed.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "not exposed: {unknown:?} (exposed: {exposed:?})"
+        );
+        // Every metric appears on the dashboard.
+        let families: std::collections::BTreeSet<&str> = exposed
+            .iter()
+            .map(|n| {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| n.strip_suffix(s))
+                    .unwrap_or(n)
+            })
+            .collect();
+        for f in families {
+            assert!(used.iter().any(|u| u.starts_with(f)), "{f} is on no panel");
+        }
+    }
+
     #[test]
     fn refusal_reasons_follow_the_error() {
         assert_eq!(
