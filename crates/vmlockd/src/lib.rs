@@ -26,13 +26,7 @@ pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     // However it was started (a parent with blocked or ignored signals), SIGTERM and friends stop
     // the daemon; stopping it kills no guest. Before any thread exists, so all inherit the mask.
     vmlock_sys::child::default_stop_signals()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMLOCK_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let config = match &args.config {
         Some(path) => config::Config::load(path)?,
         None => config::Config::default(),
@@ -52,6 +46,28 @@ pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     daemon.serve(listener, wake)
+}
+
+/// Logs to standard error; under systemd (`JOURNAL_STREAM` set: standard error is the journal)
+/// straight to journald instead, so that every field of a line (an event's `kind`, `vm`, `seq`,
+/// ...) becomes a journal field (`KIND=`, `VM=`, `SEQ=`, ...).
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("VMLOCK_LOG").unwrap_or_else(|_| "info".into())
+    };
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    match journald {
+        Some(layer) => tracing_subscriber::registry()
+            .with(filter())
+            .with(layer)
+            .init(),
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
 }
 
 /// The daemon's command line.
