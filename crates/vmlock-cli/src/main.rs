@@ -119,6 +119,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the lock daemon's metrics (Prometheus text format).
+    Metrics,
+    /// Print the lock daemon's recent events (acquired, refused, released, owner died, lease
+    /// lost, action taken, daemon restarted), oldest first.
+    Events {
+        /// One JSON object per line, as the daemon sends them.
+        #[arg(long)]
+        json: bool,
+        /// Then keep printing new events as they happen; across a daemon restart, reconnect and
+        /// go on with the new daemon's events.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Print the guest pid of a running VM (the seed's GetChild).
     Pid {
         /// The VM's uuid.
@@ -171,6 +184,11 @@ impl Ctx {
 
     fn endpoint(&self) -> Endpoint {
         Endpoint::new(self.runtime.clone())
+    }
+
+    /// A connection to a running daemon (none is started: there would be nothing to report).
+    fn daemon(&self) -> vmlock::Result<vmlock_client::Connection> {
+        vmlock_client::Connection::connect(&self.runtime)
     }
 
     /// The running VM `uuid`, reached through its supervisor: whatever the driver, the leases
@@ -240,6 +258,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => supervise::run(&ctx.plugin, ctx.runtime.path(), args),
         Command::Status { json } => status(&ctx, json).map(|()| 0),
         Command::Audit(args) => audit::run(&ctx, &args),
+        Command::Metrics => {
+            print!("{}", ctx.daemon()?.metrics()?);
+            Ok(0)
+        }
+        Command::Events { json, follow } => events(&ctx, json, follow).map(|()| 0),
         Command::Inquire { uuid } => {
             println!("{}", ctx.vm(&uuid)?.inquire()?);
             Ok(0)
@@ -405,6 +428,117 @@ fn status(ctx: &Ctx, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `vmlock events`: the buffer, then (with `follow`) new events; when the daemon goes away, waits
+/// for the next one and resumes after the last event printed.
+fn events(ctx: &Ctx, json: bool, follow: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    use vmlock_client::proto::Event;
+    let print = |e: &Event| -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        if json {
+            writeln!(out, "{}", serde_json::to_string(e)?)?;
+        } else {
+            writeln!(out, "{}", describe_event(e))?;
+        }
+        out.flush()?;
+        Ok(())
+    };
+    if !follow {
+        let (events, missed) = ctx.daemon()?.events(None)?;
+        if missed > 0 {
+            eprintln!("vmlock: {missed} older events are no longer buffered");
+        }
+        for e in &events {
+            print(e)?;
+        }
+        return Ok(());
+    }
+    let mut last = None;
+    let mut waiting = false;
+    loop {
+        let conn = match ctx.daemon() {
+            Ok(c) => c,
+            Err(e) if last.is_some() => {
+                if !std::mem::replace(&mut waiting, true) {
+                    eprintln!("vmlock: {e}; waiting for vmlockd to come back");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        waiting = false;
+        let mut stream = conn.subscribe(last)?;
+        let error = loop {
+            match stream.next(None) {
+                Ok(Some(batch)) => {
+                    if batch.missed > 0 {
+                        eprintln!("vmlock: {} events were missed", batch.missed);
+                    }
+                    for e in &batch.events {
+                        print(e)?;
+                        last = Some(e.position());
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => break e,
+            }
+        };
+        eprintln!("vmlock: {error}; reconnecting");
+    }
+}
+
+/// One line per event for people.
+fn describe_event(e: &vmlock_client::proto::Event) -> String {
+    use vmlock_client::proto::EventKind as K;
+    let secs = e.time_ms / 1000;
+    let vm = |v: &vmlock_client::proto::VmIdentity| {
+        if v.name.is_empty() {
+            v.uuid.clone()
+        } else {
+            format!("{} ({})", v.name, v.uuid)
+        }
+    };
+    let what = match &e.kind {
+        K::Acquired { vm: v, resources } => format!("{} acquired {}", vm(v), resources.join(", ")),
+        K::Released { vm: v, resources } => format!("{} released {}", vm(v), resources.join(", ")),
+        K::Refused {
+            vm: v,
+            request,
+            reason,
+            error,
+            ..
+        } => format!("{} refused {request} ({reason}): {error}", vm(v)),
+        K::OwnerDied { vm: v, locks } => {
+            format!("{} guest pid {} exited; {locks} locks freed", vm(v), v.pid)
+        }
+        K::LeaseLost {
+            vm: v,
+            resources,
+            action,
+        } => format!(
+            "{} lost {} (on_lock_failure = {action})",
+            vm(v),
+            resources.join(", ")
+        ),
+        K::ActionTaken { vm: v, action } => format!("{} lock-failure action: {action}", vm(v)),
+        K::DaemonStarted { pid, vms, locks } => {
+            format!("vmlockd {pid} started ({vms} VMs, {locks} locks recovered)")
+        }
+        K::DaemonRestarted { pid, vms, locks } => {
+            format!("vmlockd {pid} restarted ({vms} VMs, {locks} locks recovered)")
+        }
+    };
+    format!(
+        "{}.{:03}Z {}.{} {:<16} {what}",
+        format_unix(secs).trim_end_matches('Z'),
+        e.time_ms % 1000,
+        e.boot,
+        e.seq,
+        e.kind.name()
+    )
 }
 
 /// What the supervisors in `runtime_dir` hold (drivers without a daemon-wide table), in the

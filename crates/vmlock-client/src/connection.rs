@@ -7,7 +7,9 @@
 //! and reads the environment: call it in a normal process only.
 
 use crate::holder::HoldConnection;
-use crate::proto::{send_frame, FrameReader, ReadError, Reply, Request, PROTOCOL_VERSION};
+use crate::proto::{
+    send_frame, EventBatch, EventPosition, FrameReader, ReadError, Reply, Request, PROTOCOL_VERSION,
+};
 use crate::runtime::{self, RuntimeDir};
 use rustix::event::{poll, PollFd, PollFlags};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -301,6 +303,91 @@ impl Connection {
             }),
             Err(ReadError::Idle) => Err(Error::ServiceUnavailable {
                 reason: "no answer from the lock daemon in time".into(),
+            }),
+            Err(ReadError::Failed(e)) => Err(e),
+        }
+    }
+}
+
+impl Connection {
+    /// The daemon's metrics in Prometheus' text format.
+    pub fn metrics(&mut self) -> Result<String, Error> {
+        match self.call(&Request::Metrics, &[])? {
+            Reply::Metrics(text) => Ok(text),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The daemon's buffered events after `after` (all of them when `None` or of an earlier
+    /// boot), and how many asked for the buffer no longer holds.
+    pub fn events(
+        &mut self,
+        after: Option<EventPosition>,
+    ) -> Result<(Vec<crate::proto::Event>, u64), Error> {
+        self.ready()?;
+        self.send_request(
+            &Request::Events {
+                after,
+                follow: false,
+            },
+            &[],
+        )?;
+        let mut events = Vec::new();
+        let mut missed = 0;
+        loop {
+            match self.read_reply()? {
+                (Reply::Events(batch), _) => {
+                    missed += batch.missed;
+                    events.extend(batch.events);
+                    if batch.end_of_buffer {
+                        return Ok((events, missed));
+                    }
+                }
+                (other, _) => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Turns this connection into a subscription: the buffered events after `after`, then every
+    /// new one as the daemon records it.
+    pub fn subscribe(mut self, after: Option<EventPosition>) -> Result<EventStream, Error> {
+        self.ready()?;
+        self.send_request(
+            &Request::Events {
+                after,
+                follow: true,
+            },
+            &[],
+        )?;
+        Ok(EventStream { conn: self })
+    }
+}
+
+/// A subscription to the daemon's events ([`Connection::subscribe`]).
+#[derive(Debug)]
+pub struct EventStream {
+    conn: Connection,
+}
+
+impl EventStream {
+    /// The next frame of events, waiting at most `timeout` (`None`: as long as it takes);
+    /// `Ok(None)` when nothing came in time. The daemon's error (a subscriber that fell behind)
+    /// and a closed connection (the daemon stopped) are errors: subscribe again to resume.
+    pub fn next(&mut self, timeout: Option<Duration>) -> Result<Option<EventBatch>, Error> {
+        if timeout == Some(Duration::ZERO) {
+            return Ok(None);
+        }
+        self.conn
+            .stream
+            .set_read_timeout(timeout)
+            .map_err(|e| Error::io("socket", &e))?;
+        match self.conn.reader.read::<Reply>(&self.conn.stream) {
+            Ok((Reply::Events(batch), _)) => Ok(Some(batch)),
+            Ok((Reply::Error(e), _)) => Err(e),
+            Ok((other, _)) => Err(unexpected(&other)),
+            Err(ReadError::Idle) => Ok(None),
+            Err(ReadError::Closed) => Err(Error::ServiceUnavailable {
+                reason: "vmlockd closed the event stream".into(),
             }),
             Err(ReadError::Failed(e)) => Err(e),
         }

@@ -142,6 +142,166 @@ pub enum Request {
         /// The push's sequence number.
         seq: u64,
     },
+    /// The daemon's metrics in Prometheus' text format (OpenMetrics): a [`Reply::Metrics`].
+    Metrics,
+    /// The daemon's recent events: one or more [`Reply::Events`] frames, the last of the buffer
+    /// marked `end_of_buffer`. With `follow`, the connection then becomes a subscription: the
+    /// daemon pushes a [`Reply::Events`] frame as new events happen, and a [`Reply::Error`] before
+    /// it closes a subscriber that fell behind. Such a connection takes no other request.
+    Events {
+        /// Only events after this position (a [`EventPosition`] from an earlier stream, to resume
+        /// after a reconnect); all buffered events when `None` or of an earlier boot.
+        #[serde(default)]
+        after: Option<EventPosition>,
+        /// Keep streaming new events.
+        #[serde(default)]
+        follow: bool,
+    },
+}
+
+/// Where an event stands in the daemon's history: events are ordered by `(boot, seq)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EventPosition {
+    /// The daemon start that recorded it.
+    pub boot: u64,
+    /// Its number within that start.
+    pub seq: u64,
+}
+
+/// One event of vmlockd's event stream. In JSON the kind's fields sit beside these, e.g.
+/// `{"boot":3,"seq":17,"time_ms":1795000000123,"kind":"acquired","vm":{...},"resources":[...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Which start of the daemon recorded it: 1 for the first in this runtime directory, one
+    /// more at each start (kept in `vmlockd.boot`).
+    pub boot: u64,
+    /// Its number within the boot: 1, 2, ... without gaps.
+    pub seq: u64,
+    /// When, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// Its position in the stream.
+    pub fn position(&self) -> EventPosition {
+        EventPosition {
+            boot: self.boot,
+            seq: self.seq,
+        }
+    }
+}
+
+/// What an [`Event`] reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    /// An acquire took `resources` (labels) for `vm`.
+    Acquired {
+        /// The VM.
+        vm: VmIdentity,
+        /// What it took.
+        resources: Vec<String>,
+    },
+    /// An acquire (or a `Hold`) of `vm` was refused.
+    Refused {
+        /// The VM that asked (its name and pid empty when the daemon does not know it).
+        vm: VmIdentity,
+        /// The request: `acquire` or `hold`.
+        request: String,
+        /// The refusal's class, as in the `vmlock_refusals_total` label: `busy`, `owner_exists`,
+        /// `permission_denied`, `invalid` or `other`.
+        reason: String,
+        /// The resource refused, when one was.
+        resource: Option<String>,
+        /// Who holds it, when named (a VM with its uuid, pid and host, or a foreign process).
+        holder: Option<String>,
+        /// The whole error.
+        error: String,
+    },
+    /// `vm` released `resources` (its holder asked).
+    Released {
+        /// The VM.
+        vm: VmIdentity,
+        /// What it released.
+        resources: Vec<String>,
+    },
+    /// `vm`'s guest exited while it held locks: the daemon unlocked all of them.
+    OwnerDied {
+        /// The VM.
+        vm: VmIdentity,
+        /// How many locks went with it.
+        locks: usize,
+    },
+    /// A lease was lost under `vm`'s running guest (lock file removed or replaced, storage gone).
+    LeaseLost {
+        /// The VM.
+        vm: VmIdentity,
+        /// The leases lost.
+        resources: Vec<String>,
+        /// The VM's configured lock-failure action.
+        action: String,
+    },
+    /// The lock-failure action for `vm` was carried out.
+    ActionTaken {
+        /// The VM.
+        vm: VmIdentity,
+        /// What was done: `supervisor` (the supervisor acted through its manager), `pause`,
+        /// `poweroff`, `ignore`, or `none` (the guest was gone already).
+        action: String,
+    },
+    /// The first daemon in this runtime directory started.
+    DaemonStarted {
+        /// Its pid.
+        pid: u32,
+        /// VMs recovered from the state files (always 0 at a first start).
+        vms: usize,
+        /// Locks recovered from the state files.
+        locks: usize,
+    },
+    /// A daemon started where another ran before (after a crash, a kill or a stop): it recovered
+    /// `vms` VMs and `locks` locks from the state files.
+    DaemonRestarted {
+        /// Its pid.
+        pid: u32,
+        /// VMs recovered.
+        vms: usize,
+        /// Locks recovered.
+        locks: usize,
+    },
+}
+
+impl EventKind {
+    /// The kind's name, as in JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Acquired { .. } => "acquired",
+            EventKind::Refused { .. } => "refused",
+            EventKind::Released { .. } => "released",
+            EventKind::OwnerDied { .. } => "owner_died",
+            EventKind::LeaseLost { .. } => "lease_lost",
+            EventKind::ActionTaken { .. } => "action_taken",
+            EventKind::DaemonStarted { .. } => "daemon_started",
+            EventKind::DaemonRestarted { .. } => "daemon_restarted",
+        }
+    }
+}
+
+/// A frame of the event stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// The daemon's boot.
+    pub boot: u64,
+    /// Events, in order.
+    pub events: Vec<Event>,
+    /// Events asked for that the buffer no longer holds (they came before its oldest), in the
+    /// first frame of a request.
+    #[serde(default)]
+    pub missed: u64,
+    /// The last frame of the buffered events; frames after it (with `follow`) are new events.
+    pub end_of_buffer: bool,
 }
 
 /// Daemon to client, one per request.
@@ -178,6 +338,10 @@ pub enum Reply {
     Vm(VmIdentity),
     /// Everything.
     Status(Vec<OwnerStatus>),
+    /// The metrics, in Prometheus' text format (OpenMetrics 1.0).
+    Metrics(String),
+    /// Events (see [`Request::Events`]).
+    Events(EventBatch),
     /// Failed; nothing changed unless the error says otherwise (partial release).
     Error(Error),
 }

@@ -88,6 +88,9 @@ pub struct Effects<D> {
     pub changed: BTreeSet<String>,
     /// The set of processes to watch changed.
     pub rewatch: bool,
+    /// VMs the table forgot because their guest exited (or was found gone), with the number of
+    /// locks that went with them: the daemon reports each as an owner death.
+    pub gone: Vec<(VmIdentity, usize)>,
 }
 
 impl<D> Default for Effects<D> {
@@ -98,6 +101,7 @@ impl<D> Default for Effects<D> {
             kill: Vec::new(),
             changed: BTreeSet::new(),
             rewatch: false,
+            gone: Vec::new(),
         }
     }
 }
@@ -109,6 +113,7 @@ impl<D> Effects<D> {
         self.kill.extend(other.kill);
         self.changed.extend(other.changed);
         self.rewatch |= other.rewatch;
+        self.gone.extend(other.gone);
     }
 }
 
@@ -419,6 +424,12 @@ impl<H: Host> LockTable<H> {
     /// The number of VMs.
     pub fn owner_count(&self) -> usize {
         self.owners.len()
+    }
+
+    /// The number of distinct locks held or reserved (a shared disk held by several VMs counts
+    /// once). O(1): the daemon reads it under the table lock after every call.
+    pub fn lock_count(&self) -> usize {
+        self.index.len()
     }
 
     fn owner(&self, uuid: &str) -> Result<&Owner<H::Desc, H::Proc>, Error> {
@@ -1208,6 +1219,7 @@ impl<H: Host> LockTable<H> {
         let Some(owner) = self.owners.remove(uuid) else {
             return fx;
         };
+        fx.gone.push((owner.vm.clone(), owner.grants.len()));
         for (key, grant) in owner.grants {
             if let Some(d) = grant.desc {
                 // The holder may still have a copy of the description: unlock, do not just close.

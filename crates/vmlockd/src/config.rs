@@ -36,6 +36,14 @@ pub struct Config {
     pub lease_check_interval_ms: u64,
     /// After a lost lease with action `poweroff`: time between SIGTERM and SIGKILL. Default 10000 ms.
     pub lock_failure_grace_ms: u64,
+    /// Serve Prometheus metrics over HTTP (`GET /metrics`) on this TCP address, e.g.
+    /// `"127.0.0.1:9477"`. Default: off (`vmlock metrics` still works over the socket).
+    pub metrics_address: Option<String>,
+    /// How many recent events the daemon keeps for `vmlock events`. Default 10000.
+    pub event_buffer: usize,
+    /// How many events may wait for one `vmlock events --follow` subscriber; one further behind
+    /// is dropped with an error. Default 1024 (at most `event_buffer`).
+    pub event_subscriber_queue: usize,
 }
 
 impl Default for Config {
@@ -51,6 +59,9 @@ impl Default for Config {
             host_name: None,
             lease_check_interval_ms: 1000,
             lock_failure_grace_ms: 10_000,
+            metrics_address: None,
+            event_buffer: 10_000,
+            event_subscriber_queue: 1024,
         }
     }
 }
@@ -102,7 +113,25 @@ impl Config {
         if self.max_clients == 0 {
             return Err(bad("max_clients must be at least 1".into()));
         }
+        if let Some(addr) = &self.metrics_address {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(format!(
+                    "metrics_address {addr:?} is not an IP address and port, e.g. \"127.0.0.1:9477\""
+                )));
+            }
+        }
+        if self.event_buffer == 0 {
+            return Err(bad("event_buffer must be at least 1".into()));
+        }
+        if self.event_subscriber_queue == 0 {
+            return Err(bad("event_subscriber_queue must be at least 1".into()));
+        }
         Ok(())
+    }
+
+    /// The metrics address, checked by [`Config::parse`].
+    pub fn metrics_socket_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_address.as_deref().and_then(|a| a.parse().ok())
     }
 
     /// Whether a start without an explicit lease is refused.
@@ -142,6 +171,14 @@ mod tests {
         let e = Config::parse("max_clients = \"many\"", "t").unwrap_err();
         assert!(e.to_string().contains("max_clients"), "{e}");
         assert!(Config::parse("idle_timeout_ms = 0", "t").is_err());
+        assert!(Config::parse("metrics_address = \"localhost\"", "t").is_err());
+        assert!(Config::parse("event_buffer = 0", "t").is_err());
+        assert_eq!(
+            Config::parse("metrics_address = \"127.0.0.1:9477\"", "t")
+                .unwrap()
+                .metrics_socket_address(),
+            Some("127.0.0.1:9477".parse().unwrap())
+        );
         assert_eq!(
             Config::parse("idle_timeout_ms = 500", "t")
                 .unwrap()

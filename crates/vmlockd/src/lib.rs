@@ -3,7 +3,8 @@
 //! - [`server`]: the daemon process (socket, connections, owner watcher, state file);
 //! - [`host`]: the lock core's host on Linux, and the work done outside the table lock;
 //! - [`store`]: what survives a restart;
-//! - [`holder`]: the daemon's side of a holder connection.
+//! - [`holder`]: the daemon's side of a holder connection;
+//! - [`telemetry`]: Prometheus metrics and the event stream.
 //!
 //! The lock table is `vmlock_core::LockTable`; every Linux call is in `vmlock-sys`.
 //!
@@ -14,6 +15,7 @@ pub mod config;
 pub mod holder;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 // Crate-internal names for what moved to vmlock-client (the daemon's modules say `crate::proto`).
 use vmlock_client::{proto, qmp, runtime};
 pub mod host;
@@ -24,13 +26,7 @@ pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     // However it was started (a parent with blocked or ignored signals), SIGTERM and friends stop
     // the daemon; stopping it kills no guest. Before any thread exists, so all inherit the mask.
     vmlock_sys::child::default_stop_signals()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMLOCK_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let config = match &args.config {
         Some(path) => config::Config::load(path)?,
         None => config::Config::default(),
@@ -50,6 +46,28 @@ pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     daemon.serve(listener, wake)
+}
+
+/// Logs to standard error; under systemd (`JOURNAL_STREAM` set: standard error is the journal)
+/// straight to journald instead, so that every field of a line (an event's `kind`, `vm`, `seq`,
+/// ...) becomes a journal field (`KIND=`, `VM=`, `SEQ=`, ...).
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("VMLOCK_LOG").unwrap_or_else(|_| "info".into())
+    };
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    match journald {
+        Some(layer) => tracing_subscriber::registry()
+            .with(filter())
+            .with(layer)
+            .init(),
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
 }
 
 /// The daemon's command line.

@@ -9,6 +9,7 @@ use crate::proto::{
 };
 use crate::runtime::RuntimeDir;
 use crate::store::{PendingSnapshot, Store};
+use crate::telemetry::{ActionTaken, EventLog, Metrics, RefusalReason};
 use rustix::event::{poll, PollFd, PollFlags};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -24,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vmlock::Error;
 use vmlock::LockFailureAction;
+use vmlock_client::proto::{EventKind, EventPosition, VmIdentity};
 use vmlock_core::types::{HeldLock as CoreHeldLock, LockKey};
 use vmlock_core::{Caller, Effects, LinkId, LockTable, LostLease, Push};
 use vmlock_sys::ofd::{self, LockKind};
@@ -52,6 +54,12 @@ pub struct Daemon {
     /// The runtime directory, where supervisors serve their control sockets.
     runtime_dir: PathBuf,
     store: Mutex<Store>,
+    /// Prometheus metrics: atomics, recorded under the table lock, encoded at a scrape.
+    metrics: Arc<Metrics>,
+    /// The last events; subscribers read them from their own threads.
+    events: Arc<EventLog>,
+    /// `metrics_address`, bound at start, served by `serve`.
+    metrics_listener: Mutex<Option<std::net::TcpListener>>,
     _pid_lock: File,
 }
 
@@ -88,6 +96,30 @@ impl Daemon {
                 .ok()
                 .filter(|p| !p.has_exited())
         });
+        let boot = crate::telemetry::next_boot(runtime.path()).map_err(|e| {
+            anyhow::anyhow!(
+                "keeping the boot number in {}: {e}",
+                runtime.path().display()
+            )
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        let events = Arc::new(EventLog::new(boot, config.event_buffer));
+        let recovered_locks = table.lock_count();
+        metrics.started(boot, recovered_locks);
+        metrics.table_size(table.owner_count(), recovered_locks);
+        let (pid, vms, locks) = (std::process::id(), table.owner_count(), recovered_locks);
+        events.record(if boot > 1 {
+            EventKind::DaemonRestarted { pid, vms, locks }
+        } else {
+            EventKind::DaemonStarted { pid, vms, locks }
+        });
+        let metrics_listener = match config.metrics_socket_address() {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .map_err(|e| anyhow::anyhow!("binding metrics_address {addr}: {e}"))?,
+            ),
+            None => None,
+        };
         if kept > 0 {
             tracing::info!(
                 owners = kept,
@@ -124,8 +156,12 @@ impl Daemon {
             lock_failure_grace,
             runtime_dir: runtime.path().to_path_buf(),
             store: Mutex::new(store),
+            metrics,
+            events,
+            metrics_listener: Mutex::new(metrics_listener),
             _pid_lock: pid_lock,
         });
+        daemon.events.flush();
         let full = daemon.lock_table().persisted();
         daemon
             .store
@@ -172,6 +208,17 @@ impl Daemon {
     /// Serves until the process is killed. Stopping the daemon never touches a guest: locks stay
     /// with their holders and a new daemon takes them back.
     pub fn serve(self: &Arc<Self>, listener: UnixListener, wake_rx: File) -> anyhow::Result<()> {
+        let http = self
+            .metrics_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(http) = http {
+            if let Ok(addr) = http.local_addr() {
+                tracing::info!(%addr, "serving metrics on http://{addr}/metrics");
+            }
+            crate::telemetry::serve_http(http, Arc::clone(&self.metrics))?;
+        }
         let watcher = Arc::clone(self);
         std::thread::Builder::new()
             .name("owner-watcher".into())
@@ -352,8 +399,27 @@ impl Daemon {
                 );
                 return;
             }
+            let started = Instant::now();
+            let timed = match &request {
+                Request::Acquire { .. } => Some(true),
+                Request::Release { .. }
+                | Request::ReleaseKept { .. }
+                | Request::Shutdown { .. } => Some(false),
+                _ => None,
+            };
+            let observe = |metrics: &Metrics| match timed {
+                Some(true) => metrics.acquire_took(started.elapsed()),
+                Some(false) => metrics.release_took(started.elapsed()),
+                None => {}
+            };
             let (reply, reply_fds) = match request {
                 _ if restricted => (Reply::Error(Error::Restricted), Vec::new()),
+                Request::Events { after, follow } => {
+                    if !self.serve_events(&stream, after, follow) || follow {
+                        return;
+                    }
+                    continue;
+                }
                 Request::Hold {
                     vm,
                     adopt,
@@ -379,14 +445,171 @@ impl Daemon {
                 }
                 other => match self.dispatch(other, caller, &mut restricted, &stream) {
                     Some(answer) => answer,
-                    None => continue, // the reply went out with its descriptors already
+                    None => {
+                        // The reply went out with its descriptors already.
+                        observe(&self.metrics);
+                        continue;
+                    }
                 },
             };
             let attached: Vec<&OwnedFd> = reply_fds.iter().collect();
             if write_frame(&stream, &reply, &attached).is_err() {
                 return;
             }
+            observe(&self.metrics);
         }
+    }
+
+    /// Answers `Events`: the buffered events after `after`, in frames of at most
+    /// [`EVENTS_PER_FRAME`]; with `follow`, then every new event as it comes, from this
+    /// connection's thread, until the subscriber goes away or falls behind by more than
+    /// `event_subscriber_queue` events (then it gets an error and is closed). The daemon never
+    /// waits for a subscriber: recording only appends to the ring. Returns false if the
+    /// connection is done.
+    fn serve_events(
+        &self,
+        stream: &UnixStream,
+        after: Option<EventPosition>,
+        follow: bool,
+    ) -> bool {
+        let (buffered, missed) = self.events.since(after, usize::MAX);
+        let boot = self.events.boot();
+        let mut cursor = match (buffered.last(), after) {
+            (Some(e), _) => e.seq,
+            (None, Some(p)) if p.boot == boot => p.seq,
+            (None, _) => 0,
+        };
+        let mut chunks = buffered.chunks(EVENTS_PER_FRAME).peekable();
+        let mut first = true;
+        loop {
+            let chunk = chunks.next().unwrap_or(&[]);
+            let last = chunks.peek().is_none();
+            let batch = self
+                .events
+                .batch(chunk, if first { missed } else { 0 }, last);
+            first = false;
+            if write_frame(stream, &Reply::Events(batch), &[]).is_err() {
+                return false;
+            }
+            if last {
+                break;
+            }
+        }
+        if !follow {
+            return true;
+        }
+        if stream
+            .set_write_timeout(Some(SUBSCRIBER_WRITE_TIMEOUT))
+            .is_err()
+        {
+            return false;
+        }
+        let allowed = self
+            .config
+            .event_subscriber_queue
+            .min(self.config.event_buffer);
+        loop {
+            match self
+                .events
+                .wait_after(cursor, allowed, EVENTS_PER_FRAME, SUBSCRIBER_CHECK)
+            {
+                Err(behind) => {
+                    tracing::warn!("dropping an event subscriber: {behind}");
+                    let _ = write_frame(
+                        stream,
+                        &Reply::Error(Error::ServiceUnavailable {
+                            reason: behind.to_string(),
+                        }),
+                        &[],
+                    );
+                    return false;
+                }
+                Ok(events) if events.is_empty() => {
+                    if peer_gone(stream) {
+                        return false;
+                    }
+                }
+                Ok(events) => {
+                    let next = events.last().map_or(cursor, |e| e.seq);
+                    let batch = self.events.batch(&events, 0, true);
+                    if let Err(e) = write_frame(stream, &Reply::Events(batch), &[]) {
+                        tracing::warn!(
+                            "dropping an event subscriber that stopped reading: {e} (writes time out after {SUBSCRIBER_WRITE_TIMEOUT:?})"
+                        );
+                        return false;
+                    }
+                    cursor = next;
+                }
+            }
+        }
+    }
+
+    /// Under the table lock, after a call: owners that died, and the table's size. Memory only.
+    fn note_effects(&self, table: &LockTable<LinuxHost>, fx: &Effects<OwnedFd>) {
+        // A VM whose guest exited holding nothing (a refused start, say) is forgotten silently.
+        for (vm, locks) in fx.gone.iter().filter(|(_, locks)| *locks > 0) {
+            self.metrics.owner_died();
+            self.events.record(EventKind::OwnerDied {
+                vm: vm.clone(),
+                locks: *locks,
+            });
+        }
+        self.metrics
+            .table_size(table.owner_count(), table.lock_count());
+    }
+
+    /// Under the table lock: a release that released something.
+    fn note_release(
+        &self,
+        table: &LockTable<LinuxHost>,
+        uuid: &str,
+        result: &Result<Vec<vmlock_client::proto::HeldResource>, Error>,
+    ) {
+        if let Ok(released) = result {
+            if !released.is_empty() {
+                self.metrics.released();
+                self.events.record(EventKind::Released {
+                    vm: identity(table, uuid),
+                    resources: released.iter().map(|r| r.resource.label()).collect(),
+                });
+            }
+        }
+    }
+
+    /// Under the table lock: an acquire committed.
+    fn note_grant(
+        &self,
+        table: &LockTable<LinuxHost>,
+        uuid: &str,
+        result: &Result<Vec<vmlock_client::proto::HeldResource>, Error>,
+    ) {
+        if let Ok(granted) = result {
+            self.metrics.granted();
+            self.events.record(EventKind::Acquired {
+                vm: identity(table, uuid),
+                resources: granted.iter().map(|r| r.resource.label()).collect(),
+            });
+        }
+    }
+
+    /// A refused lock request (with the table unlocked: the error names its holder by now).
+    fn note_refusal(&self, vm: VmIdentity, request: &str, error: &Error) {
+        let reason = RefusalReason::of(error);
+        self.metrics.refused(reason);
+        let (resource, holder) = match error {
+            Error::Busy { resource, holder } => (Some(resource.clone()), Some(holder.to_string())),
+            Error::OwnerExists { uuid, .. } => (Some(uuid.clone()), None),
+            _ => (None, None),
+        };
+        self.events.record(EventKind::Refused {
+            vm,
+            request: request.to_owned(),
+            reason: reason.as_str().to_owned(),
+            resource,
+            holder,
+            error: error.to_string(),
+        });
+        self.events.flush();
     }
 
     /// Runs one core call under the table lock, appends what it changed to the journal (still
@@ -404,7 +627,9 @@ impl Daemon {
         for uuid in &fx.changed {
             snapshot = snapshot.or(self.persist(&table, uuid));
         }
+        self.note_effects(&table, &fx);
         drop(table);
+        self.events.flush();
         if let Some(pending) = snapshot {
             self.write_snapshot(pending);
         }
@@ -463,10 +688,18 @@ impl Daemon {
                 flags,
             } => return self.acquire(stream, caller, &uuid, &resources, &flags, restricted),
             Request::ReleaseKept { uuid, resources } => self
-                .with_table(|t, h| t.release(h, caller, &uuid, Some(&resources), true))
+                .with_table(|t, h| {
+                    let (r, fx) = t.release(h, caller, &uuid, Some(&resources), true);
+                    self.note_release(t, &uuid, &r);
+                    (r, fx)
+                })
                 .map_or_else(Reply::Error, Reply::Held),
             Request::Release { uuid, resources } => self
-                .with_table(|t, h| t.release(h, caller, &uuid, resources.as_deref(), false))
+                .with_table(|t, h| {
+                    let (r, fx) = t.release(h, caller, &uuid, resources.as_deref(), false);
+                    self.note_release(t, &uuid, &r);
+                    (r, fx)
+                })
                 .map_or_else(Reply::Error, Reply::Held),
             Request::AcquireIncoming {
                 uuid,
@@ -491,7 +724,11 @@ impl Daemon {
                 })
             }
             Request::Shutdown { uuid, guest_pid } => self
-                .with_table(|t, h| t.shutdown(h, caller, &uuid, guest_pid))
+                .with_table(|t, h| {
+                    let (r, fx) = t.shutdown(h, caller, &uuid, guest_pid);
+                    self.note_release(t, &uuid, &r);
+                    (r, fx)
+                })
                 .map_or_else(Reply::Error, Reply::Held),
             Request::GuestStarted { uuid, pid } => match host::process_for(pid, caller) {
                 Err(e) => Reply::Error(e),
@@ -509,15 +746,18 @@ impl Daemon {
                 .lookup(&uuid)
                 .map_or_else(Reply::Error, Reply::Vm),
             Request::Status => Reply::Status(self.lock_table().status()),
+            Request::Metrics => Reply::Metrics(self.metrics.encode()),
             Request::Hello { .. } => Reply::Error(Error::Protocol {
                 reason: "Hello sent twice".into(),
             }),
             Request::Ack { .. } => Reply::Error(Error::Protocol {
                 reason: "Ack on a connection that holds nothing".into(),
             }),
-            Request::Hold { .. } | Request::Restrict => Reply::Error(Error::Protocol {
-                reason: "unexpected request".into(),
-            }),
+            Request::Hold { .. } | Request::Restrict | Request::Events { .. } => {
+                Reply::Error(Error::Protocol {
+                    reason: "unexpected request".into(),
+                })
+            }
         };
         Some((reply, Vec::new()))
     }
@@ -539,27 +779,31 @@ impl Daemon {
             r.is_locked()
                 && (self.config.auto_disk_leases || matches!(r, vmlock::Resource::Lease(_)))
         });
+        let refused = |vm: Option<VmIdentity>, e: Error| {
+            let vm = vm.unwrap_or_else(|| identity(&self.lock_table(), uuid));
+            self.note_refusal(vm, "acquire", &e);
+            Some((Reply::Error(e), Vec::new()))
+        };
         if !flags.register_only {
             for r in wanted {
                 match host::open_target(&self.config, r) {
                     Ok(o) => opened.push(o),
-                    Err(e) => return Some((Reply::Error(e), Vec::new())),
+                    Err(e) => return refused(None, e),
                 }
             }
         }
-        let reserved = self.with_table(|t, h| t.reserve(h, caller, uuid, opened, flags));
+        let reserved = self.with_table(|t, h| {
+            let (r, fx) = t.reserve(h, caller, uuid, opened, flags);
+            let vm = r.is_err().then(|| identity(t, uuid));
+            ((r, vm), fx)
+        });
         let reservation = match reserved {
-            Err(refusal) => {
-                return Some((
-                    Reply::Error(refusal.into_error(host::name_holder)),
-                    Vec::new(),
-                ))
-            }
-            Ok(None) => {
+            (Err(refusal), vm) => return refused(vm, refusal.into_error(host::name_holder)),
+            (Ok(None), _) => {
                 *restricted = flags.restrict;
                 return Some((Reply::Held(Vec::new()), Vec::new()));
             }
-            Ok(Some(r)) => r,
+            (Ok(Some(r)), _) => r,
         };
         let ticket = reservation.ticket;
         let (locks, fds): (Vec<CoreHeldLock>, Vec<OwnedFd>) =
@@ -568,12 +812,17 @@ impl Daemon {
             // The copies travel in the reply; once it is out they sit in the holder's socket
             // queue, which outlives a daemon crash. The reply carries the committed versions, so
             // commit first; a reply that cannot be delivered releases what the acquire took.
-            let reply = match self.with_table(|t, _| t.commit(uuid, ticket)) {
+            let committed = self.with_table(|t, _| {
+                let (r, fx) = t.commit(uuid, ticket);
+                self.note_grant(t, uuid, &r);
+                (r, fx)
+            });
+            let reply = match committed {
                 Ok(held) => Reply::Kept {
                     held,
                     locks: locks.clone(),
                 },
-                Err(e) => return Some((Reply::Error(e), Vec::new())),
+                Err(e) => return refused(None, e),
             };
             let attached: Vec<&OwnedFd> = fds.iter().collect();
             if let Err(e) = write_frame(stream, &reply, &attached) {
@@ -583,7 +832,11 @@ impl Daemon {
                 );
                 let taken: Vec<vmlock::Resource> =
                     locks.iter().map(|l| l.resource.clone()).collect();
-                let _ = self.with_table(|t, h| t.release(h, caller, uuid, Some(&taken), true));
+                let _ = self.with_table(|t, h| {
+                    let (r, fx) = t.release(h, caller, uuid, Some(&taken), true);
+                    self.note_release(t, uuid, &r);
+                    (r, fx)
+                });
                 return None;
             }
             *restricted = flags.restrict;
@@ -596,14 +849,20 @@ impl Daemon {
             }),
         };
         drop(fds);
-        let reply = match kept {
-            Ok(()) => self
-                .with_table(|t, _| t.commit(uuid, ticket))
-                .map_or_else(Reply::Error, Reply::Held),
+        let committed = match kept {
+            Ok(()) => self.with_table(|t, _| {
+                let (r, fx) = t.commit(uuid, ticket);
+                self.note_grant(t, uuid, &r);
+                (r, fx)
+            }),
             Err(e) => {
                 self.with_table(|t, h| ((), t.abort(h, uuid, ticket)));
-                Reply::Error(e)
+                Err(e)
             }
+        };
+        let reply = match committed {
+            Ok(held) => Reply::Held(held),
+            Err(e) => return refused(None, e),
         };
         if matches!(reply, Reply::Held(_)) {
             *restricted = flags.restrict;
@@ -720,7 +979,15 @@ impl Daemon {
         flags: Option<crate::proto::AcquireFlags>,
     ) -> Result<(), Error> {
         // Everything that reads /proc or fstats a description happens before the table is locked.
-        let guest = host::process_for(vm.pid, caller)?;
+        let asked = vm.clone();
+        let guest = match host::process_for(vm.pid, caller) {
+            Ok(g) => g,
+            Err(e) => {
+                self.note_refusal(asked, "hold", &e);
+                return Err(e);
+            }
+        };
+        let adopting = !adopt.is_empty();
         let mut failures = Vec::new();
         let mut kept = Vec::new();
         for (lock, fd) in adopt.into_iter().zip(fds) {
@@ -743,9 +1010,17 @@ impl Daemon {
                     Err(e) => (Err(e), Effects::default()),
                 }
             } else {
-                t.hold(h, caller, id, vm, guest, kept, flags)
+                let known = t.lookup(&vm.uuid).is_ok();
+                let (r, fx) = t.hold(h, caller, id, vm, guest, kept, flags);
+                if r.is_ok() && (known || adopting) {
+                    self.metrics.holder_reconnected();
+                }
+                (r, fx)
             }
         });
+        if let Err(e) = &result {
+            self.note_refusal(asked, "hold", e);
+        }
         result?;
         if failures.is_empty() {
             Ok(())
@@ -821,13 +1096,35 @@ impl Daemon {
                     Ok(f) => f,
                     Err(_) => break, // the round is over (or no worker is left)
                 };
-                let lost = self.lock_table().leases_lost(&findings);
+                let lost = {
+                    let mut table = self.lock_table();
+                    let lost = table.leases_lost(&findings);
+                    for l in &lost {
+                        self.events.record(EventKind::LeaseLost {
+                            vm: l.vm.clone(),
+                            resources: l.resources.clone(),
+                            action: l.flags.on_lock_failure.to_string(),
+                        });
+                    }
+                    lost
+                };
+                self.events.flush();
                 for l in lost {
                     let grace = self.lock_failure_grace;
                     let runtime_dir = self.runtime_dir.clone();
+                    let (metrics, events) = (Arc::clone(&self.metrics), Arc::clone(&self.events));
                     let _ = std::thread::Builder::new()
                         .name("lock-failure".into())
-                        .spawn(move || enforce(l, grace, &runtime_dir));
+                        .spawn(move || {
+                            let vm = l.vm.clone();
+                            let action = enforce(l, grace, &runtime_dir);
+                            metrics.lease_lost(action);
+                            events.record(EventKind::ActionTaken {
+                                vm,
+                                action: action.as_str().to_owned(),
+                            });
+                            events.flush();
+                        });
                 }
             }
         }
@@ -877,10 +1174,10 @@ impl LeaseWorker {
 
 /// Carries out a VM's lock-failure action. Runs on its own thread: a guest slow to die never
 /// stalls the daemon (virtlockd's kill loop blocks every client).
-fn enforce(lost: LostLease, grace: Duration, runtime_dir: &Path) {
+fn enforce(lost: LostLease, grace: Duration, runtime_dir: &Path) -> ActionTaken {
     let vm = &lost.vm;
     let Ok(process) = ProcessHandle::open(vm.pid, Some(lost.start_time)) else {
-        return; // the guest is gone already
+        return ActionTaken::none; // the guest is gone already
     };
     tracing::error!(vm = %vm.name, uuid = %vm.uuid, pid = vm.pid, resources = ?lost.resources, action = %lost.flags.on_lock_failure, "lease lost under a running guest");
     if lost.flags.supervisor_acts && lost.flags.on_lock_failure != LockFailureAction::Ignore {
@@ -896,7 +1193,7 @@ fn enforce(lost: LostLease, grace: Duration, runtime_dir: &Path) {
         match asked {
             Ok(_) => {
                 tracing::warn!(vm = %vm.name, "the supervisor carried the action out");
-                return;
+                return ActionTaken::supervisor;
             }
             Err(e) => {
                 tracing::error!(vm = %vm.name, error = %e, "the supervisor did not act; acting here")
@@ -904,24 +1201,58 @@ fn enforce(lost: LostLease, grace: Duration, runtime_dir: &Path) {
         }
     }
     match lost.flags.on_lock_failure {
-        LockFailureAction::Ignore => {}
+        LockFailureAction::Ignore => ActionTaken::ignore,
         LockFailureAction::Pause => {
             let paused = lost.flags.qmp_socket.as_deref().map(|path| {
                 crate::qmp::Qmp::connect(path)
                     .and_then(|mut q| q.execute("stop", serde_json::json!({})))
             });
             match paused {
-                Some(Ok(_)) => tracing::warn!(vm = %vm.name, "guest paused"),
+                Some(Ok(_)) => {
+                    tracing::warn!(vm = %vm.name, "guest paused");
+                    ActionTaken::pause
+                }
                 // Pausing failed: a guest writing without its lease is worse than a guest stopped.
                 other => {
                     tracing::error!(vm = %vm.name, ?other, "pausing failed; powering off instead");
                     power_off(&process, grace);
+                    ActionTaken::poweroff
                 }
             }
         }
-        LockFailureAction::Poweroff | LockFailureAction::Restart => power_off(&process, grace),
+        LockFailureAction::Poweroff | LockFailureAction::Restart => {
+            power_off(&process, grace);
+            ActionTaken::poweroff
+        }
     }
 }
+
+/// VM `uuid` as the table knows it (only its uuid when it does not).
+fn identity(table: &LockTable<LinuxHost>, uuid: &str) -> VmIdentity {
+    table.lookup(uuid).unwrap_or_else(|_| VmIdentity {
+        uuid: uuid.to_owned(),
+        name: String::new(),
+        id: 0,
+        pid: 0,
+    })
+}
+
+/// Whether a subscriber hung up (or sent something, which a subscription never does).
+fn peer_gone(stream: &UnixStream) -> bool {
+    let mut pfd = [PollFd::new(stream, PollFlags::IN)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut pfd, Some(&zero)), Ok(n) if n > 0)
+}
+
+/// Events in one frame of the event stream.
+const EVENTS_PER_FRAME: usize = 256;
+/// A subscription write that cannot complete in this time drops the subscriber.
+const SUBSCRIBER_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle subscription checks that its subscriber is still there.
+const SUBSCRIBER_CHECK: Duration = Duration::from_secs(1);
 
 /// SIGTERM, then SIGKILL if the process has not exited after `grace`.
 fn power_off(process: &ProcessHandle, grace: Duration) {
