@@ -104,13 +104,6 @@ struct VmlockHost {
 impl VmlockHost {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let plugins = dir.path().join("lock-driver");
-        std::fs::create_dir_all(&plugins).unwrap();
-        // The cdylib cargo built beside this bench (a dev-dependency), named as libvirt wants.
-        let exe = std::env::current_exe().unwrap();
-        let built = exe.parent().unwrap().join("libvmlock_libvirt.so");
-        assert!(built.is_file(), "{} not built", built.display());
-        std::fs::copy(&built, plugins.join("vmlock.so")).unwrap();
         let host = VmlockHost { dir };
         // `vmlock daemon`, this build's daemon, named explicitly: `vmlock status` would prefer
         // a `vmlockd` beside the binary, which in a shared target directory may be older.
@@ -125,16 +118,12 @@ impl VmlockHost {
     }
 
     fn libvirtd(&self) -> LibvirtDaemon {
-        let conf = format!(
-            "runtime_dir = \"{}\"\nvmlock_binary = \"{}\"\n",
-            self.run_dir().display(),
-            env!("CARGO_BIN_EXE_vmlock")
-        );
         debug_log(
-            LibvirtDaemon::builder()
-                .lock_manager("vmlock")
-                .plugin_dir(&self.dir.path().join("lock-driver"))
-                .etc_file("qemu-vmlock.conf", conf),
+            libvirt::vmlock_builder(
+                self.dir.path(),
+                &self.run_dir(),
+                Path::new(env!("CARGO_BIN_EXE_vmlock")),
+            ),
             "vmlock",
         )
         .start()

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+use vmlock_client::runtime::{spawn_daemon, RuntimeDir};
 use vmlock_testkit::libvirt::{self, domain_xml, LibvirtDaemon};
 use vmlock_testkit::process::wait_until;
 use vmlock_testkit::qemu;
@@ -24,19 +25,14 @@ struct Host {
 
 impl Host {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let plugins = dir.path().join("lock-driver");
-        std::fs::create_dir_all(&plugins).unwrap();
-        // The cdylib cargo built beside this test (a dev-dependency), installed as libvirt names
-        // plugins: NAME.so.
-        let exe = std::env::current_exe().unwrap();
-        let built = exe.parent().unwrap().join("libvmlock_libvirt.so");
-        assert!(built.is_file(), "{} not built", built.display());
-        std::fs::copy(&built, plugins.join("vmlock.so")).unwrap();
-        let host = Host { dir };
-        // The daemon is started from here (outside any libvirtd's namespace).
-        let out = host.vmlock(&["status"]);
-        assert!(out.status.success(), "{}", text(&out));
+        let host = Host {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        // This build's daemon, started from here (outside any libvirtd's namespace) and named
+        // explicitly: a `vmlockd` beside the binary may be older in a shared target directory.
+        let runtime = RuntimeDir::resolve(Some(&host.run_dir())).unwrap();
+        let vmlock = Path::new(env!("CARGO_BIN_EXE_vmlock"));
+        spawn_daemon(&runtime, vmlock, &["daemon".into()], None).unwrap();
         host
     }
 
@@ -81,16 +77,12 @@ impl Host {
 
     /// A private libvirtd whose lock manager is vmlock, on this host's daemon.
     fn libvirtd(&self) -> LibvirtDaemon {
-        let conf = format!(
-            "runtime_dir = \"{}\"\nvmlock_binary = \"{}\"\n",
-            self.run_dir().display(),
-            env!("CARGO_BIN_EXE_vmlock")
-        );
-        LibvirtDaemon::builder()
-            .lock_manager("vmlock")
-            .plugin_dir(&self.dir.path().join("lock-driver"))
-            .etc_file("qemu-vmlock.conf", conf)
-            .start()
+        libvirt::vmlock_builder(
+            self.dir.path(),
+            &self.run_dir(),
+            Path::new(env!("CARGO_BIN_EXE_vmlock")),
+        )
+        .start()
     }
 
     fn qcow2(&self, name: &str) -> PathBuf {

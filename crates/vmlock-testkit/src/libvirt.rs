@@ -608,3 +608,29 @@ pub fn domain_xml(name: &str, uuid: Option<&str>, disks: &[&Path]) -> String {
     x.push_str("    <controller type='scsi' model='virtio-scsi'/>\n  </devices>\n</domain>\n");
     x
 }
+
+/// A libvirtd whose lock manager is vmlock's plugin, on the vmlockd of `run_dir`: the plugin goes
+/// into `dir/lock-driver` as `vmlock.so` (a copy of the cdylib cargo built beside the running test
+/// or bench, which must have `vmlock-libvirt` as a dev-dependency), and `qemu-vmlock.conf` names
+/// `run_dir` and the `vmlock` program for the holders.
+pub fn vmlock_builder(dir: &Path, run_dir: &Path, vmlock: &Path) -> LibvirtBuilder {
+    let plugins = dir.join("lock-driver");
+    std::fs::create_dir_all(&plugins).expect("plugin dir");
+    let exe = std::env::current_exe().expect("current exe");
+    let built = exe.parent().expect("exe dir").join("libvmlock_libvirt.so");
+    assert!(built.is_file(), "{} not built", built.display());
+    // Copied beside and renamed over: a libvirtd already running has the old file mapped, and
+    // rewriting that inode in place would change the code under it.
+    let partial = plugins.join(".vmlock.so.partial");
+    std::fs::copy(&built, &partial).expect("copy plugin");
+    std::fs::rename(&partial, plugins.join("vmlock.so")).expect("install plugin");
+    let conf = format!(
+        "runtime_dir = \"{}\"\nvmlock_binary = \"{}\"\n",
+        run_dir.display(),
+        vmlock.display()
+    );
+    LibvirtDaemon::builder()
+        .lock_manager("vmlock")
+        .plugin_dir(&plugins)
+        .etc_file("qemu-vmlock.conf", conf)
+}
