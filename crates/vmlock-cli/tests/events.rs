@@ -40,11 +40,13 @@ impl Env {
             .unwrap();
         let mut stderr = child.stderr.take().unwrap();
         loop {
-            let line = read_line(&mut stderr, WAIT)
-                .unwrap()
-                .expect("the supervisor exited");
-            if line.contains("holds") {
-                return child;
+            match read_line(&mut stderr, WAIT) {
+                Ok(Some(line)) if line.contains("holds") => return child,
+                Ok(Some(_)) => {}
+                other => {
+                    kill_child(&mut child);
+                    panic!("the supervisor of {name} did not start: {other:?}");
+                }
             }
         }
     }
