@@ -4,11 +4,23 @@
 use vmlock_model::{check, properties as p, Bounds, Report, Variant};
 
 /// The CI bound (docs/RELIABILITY.md, "Model checking"): every path of 8 actions, one daemon
-/// crash on it.
+/// crash on it. `VMLOCK_MODEL_DEPTH` and `VMLOCK_MODEL_CRASHES` check the real core further.
 const BOUNDS: Bounds = Bounds {
     depth: 8,
     crashes: 1,
 };
+
+fn bounds_from_env() -> Bounds {
+    let read = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    Bounds {
+        depth: read("VMLOCK_MODEL_DEPTH").unwrap_or(BOUNDS.depth),
+        crashes: read("VMLOCK_MODEL_CRASHES").map_or(BOUNDS.crashes, |c| c as u8),
+    }
+}
 
 fn show(name: &str, r: &Report) {
     println!(
@@ -29,7 +41,7 @@ fn broken(r: &Report, property: &str) -> bool {
 
 #[test]
 fn the_real_core_keeps_every_property() {
-    let r = check(Variant::Real, BOUNDS);
+    let r = check(Variant::Real, bounds_from_env());
     show("real core", &r);
     assert!(r.counterexamples.is_empty(), "{:?}", r.counterexamples);
     assert!(
