@@ -214,6 +214,7 @@ pub struct LostLease {
 }
 
 #[derive(Debug)]
+#[cfg_attr(feature = "model", derive(Clone))]
 struct Grant<D> {
     resource: Resource,
     /// The daemon's copy; `None` while pending, or after a restart until the holder hands it back.
@@ -226,6 +227,7 @@ struct Grant<D> {
 }
 
 #[derive(Debug)]
+#[cfg_attr(feature = "model", derive(Clone))]
 struct Guest<P> {
     pid: u32,
     start_time: u64,
@@ -243,6 +245,7 @@ impl<P> From<ProcInfo<P>> for Guest<P> {
 }
 
 #[derive(Debug)]
+#[cfg_attr(feature = "model", derive(Clone))]
 struct Owner<D, P> {
     vm: VmIdentity,
     /// The process keeping the descriptions (the supervisor).
@@ -280,6 +283,7 @@ impl<D, P> Owner<D, P> {
 }
 
 #[derive(Debug)]
+#[cfg_attr(feature = "model", derive(Clone))]
 struct Migration<P> {
     incoming: Option<Incoming<P>>,
     /// The hand-over secret the source's prepare handed out; the destination must present it.
@@ -287,6 +291,7 @@ struct Migration<P> {
 }
 
 #[derive(Debug)]
+#[cfg_attr(feature = "model", derive(Clone))]
 struct Incoming<P> {
     link: LinkId,
     holder: Caller,
@@ -349,6 +354,51 @@ pub struct LockTable<H: Host> {
 }
 
 type Fx<H> = Effects<<H as Host>::Desc>;
+
+/// A copy of the whole table, for a model checker (`vmlock-model`) that explores every branch
+/// from one state. Only a host whose descriptions and process handles are plain values can have
+/// it: the daemon's (`OwnedFd`, pidfds) cannot.
+#[cfg(feature = "model")]
+impl<H: Host> Clone for LockTable<H>
+where
+    H::Desc: Clone,
+    H::Proc: Clone,
+{
+    fn clone(&self) -> Self {
+        LockTable {
+            policy: self.policy.clone(),
+            host_name: self.host_name.clone(),
+            owners: self.owners.clone(),
+            index: self.index.clone(),
+            versions: self.versions.clone(),
+            next_ticket: self.next_ticket,
+        }
+    }
+}
+
+#[cfg(feature = "model")]
+impl<H: Host> LockTable<H> {
+    /// Everything the table holds, rendered in a fixed order (its maps sorted), so that two
+    /// tables that would decide alike render alike: a model checker's state identity. The ticket
+    /// counter is left out (only the tickets of pending grants matter, and they are shown).
+    pub fn fingerprint(&self) -> String {
+        let mut owners: Vec<_> = self.owners.iter().collect();
+        owners.sort_by(|a, b| a.0.cmp(b.0));
+        let mut index: Vec<(&LockKey, Vec<&String>)> = self
+            .index
+            .iter()
+            .map(|(k, v)| {
+                let mut v: Vec<&String> = v.iter().collect();
+                v.sort();
+                (k, v)
+            })
+            .collect();
+        index.sort();
+        let mut versions: Vec<_> = self.versions.iter().collect();
+        versions.sort();
+        format!("{:?};{owners:?};{index:?};{versions:?}", self.policy)
+    }
+}
 
 fn kind_of(resource: &Resource) -> LockKind {
     match resource.mode() {
