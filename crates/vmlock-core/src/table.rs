@@ -1572,10 +1572,10 @@ impl<H: Host> LockTable<H> {
         caller: Caller,
         uuid: &str,
         success: bool,
-    ) -> Result<Fx<H>, Error> {
+    ) -> (Result<(), Error>, Fx<H>) {
         let mut fx = Fx::<H>::default();
         let Some(owner) = self.owners.get_mut(uuid) else {
-            return Ok(fx);
+            return (Ok(()), fx);
         };
         let is_destination = owner
             .migration
@@ -1583,51 +1583,56 @@ impl<H: Host> LockTable<H> {
             .and_then(|m| m.incoming.as_ref())
             .is_some_and(|i| i.holder.is(caller));
         if !owner.is_holder(caller) && !is_destination {
-            return Err(not_holder(
+            let e = not_holder(
                 "ending a migration",
                 &owner.label(),
                 caller,
                 owner.holder.pid,
-            ));
+            );
+            return (Err(e), fx);
         }
         if owner.migration.is_none() {
-            return Ok(fx);
+            return (Ok(()), fx);
         }
         // Only the source may say the migration succeeded (it gives up first, see
         // `vmlock::domain::migration_finish`): any root process can register as the destination
         // of a prepared migration and read the versions from `status`, so a destination's word
         // would let it take a running VM's disks. A destination may still cancel.
         if success && !owner.is_holder(caller) {
-            return Err(not_holder(
+            let e = not_holder(
                 "finishing a migration",
                 &owner.label(),
                 caller,
                 owner.holder.pid,
-            ));
-        }
-        if !success {
-            if let Some(i) = owner.migration.take().and_then(|m| m.incoming) {
-                // The destination drops its copies; nothing is unlocked.
-                fx.pushes.push((i.link, Push::Finished));
-            }
-            fx.rewatch = true;
-            return Ok(fx);
+            );
+            return (Err(e), fx);
         }
         let taken = owner
             .migration
             .as_ref()
             .and_then(|m| m.incoming.as_ref())
             .is_some_and(|i| i.taken);
-        if !taken {
+        if !success || !taken {
             if let Some(i) = owner.migration.take().and_then(|m| m.incoming) {
+                // The destination drops its copies; nothing is unlocked. Told even when this call
+                // fails (a success the destination had not earned), since the migration ends
+                // either way (a regression: the push was lost with the error).
                 fx.pushes.push((i.link, Push::Finished));
             }
-            return Err(Error::invalid_state(
-                "finish the migration",
-                "the destination has not taken the leases over; the migration is cancelled and the source keeps them",
-            ));
+            fx.rewatch = true;
+            if success {
+                let e = Error::invalid_state(
+                    "finish the migration",
+                    "the destination has not taken the leases over; the migration is cancelled and the source keeps them",
+                );
+                return (Err(e), fx);
+            }
+            return (Ok(()), fx);
         }
-        self.finish_migration(uuid)
+        match self.finish_migration(uuid) {
+            Ok(fx) => (Ok(()), fx),
+            Err(e) => (Err(e), fx),
+        }
     }
 
     /// The destination (which keeps copies of everything) becomes the owner.

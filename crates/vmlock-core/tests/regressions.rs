@@ -168,13 +168,14 @@ fn only_the_source_may_finish_a_migration() {
         .expect("current versions");
     table.incoming_taken(UUID, handover.link).expect("taken");
     assert!(
-        table.migrate_complete(who(20), UUID, true).is_err(),
+        table.migrate_complete(who(20), UUID, true).0.is_err(),
         "the destination finished the migration of a running VM"
     );
     assert_eq!(table.holder_pid(UUID), Some(10));
     // The destination may still cancel; the source's own success hands over.
     table
         .migrate_complete(who(10), UUID, true)
+        .0
         .expect("source finishes");
     assert_eq!(table.holder_pid(UUID), Some(20));
 }
@@ -268,6 +269,7 @@ fn no_acquire_while_migrating() {
     // Once the migration is cancelled, hotplug works again.
     table
         .migrate_complete(who(10), UUID, false)
+        .0
         .expect("cancelled");
     let opened = vec![Opened {
         resource: disk(),
@@ -344,4 +346,26 @@ fn a_holder_may_name_its_parent_as_guest_but_not_a_stranger() {
     table
         .guest_started(who(10), UUID, parent)
         .expect("naming the parent again");
+}
+
+/// Found by reading while the model checker was written: a success the destination had not
+/// earned (it never took the copies over) cancels the migration, and the destination must be
+/// told so even though the call fails; its Finished push was lost with the error.
+#[test]
+fn an_unearned_success_still_tells_the_destination() {
+    let mut host = TinyHost::default();
+    let mut table = running_vm(&mut host, AcquireFlags::default());
+    let _ = prepared_with_a_destination(&mut table);
+    let (r, fx) = table.migrate_complete(who(10), UUID, true);
+    assert!(
+        r.is_err(),
+        "a migration finished that the destination never took over"
+    );
+    assert!(
+        fx.pushes
+            .iter()
+            .any(|(_, p)| matches!(p, vmlock_core::Push::Finished)),
+        "the destination was not told"
+    );
+    assert_eq!(table.holder_pid(UUID), Some(10));
 }

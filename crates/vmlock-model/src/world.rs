@@ -697,11 +697,9 @@ impl World {
         let Some(table) = self.table.as_mut() else {
             return;
         };
-        let result = table.migrate_complete(by.caller(), UUIDS[0], success);
+        let (result, fx) = table.migrate_complete(by.caller(), UUIDS[0], success);
         let ok = result.is_ok();
-        if let Ok(fx) = result {
-            self.apply(fx);
-        }
+        self.apply(fx);
         let cancelled = if success {
             // Refused because the destination had not taken the copies: the core cancelled the
             // migration, and the source is told so; the destination goes away.

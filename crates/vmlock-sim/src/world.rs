@@ -1554,12 +1554,13 @@ impl World {
             .map(|i| i.guest.pid);
         let before = self.snapshot();
         let daemon = self.daemon.as_mut().expect("checked above");
-        let result = daemon
-            .table
-            .migrate_complete(caller_of(&self.kernel, caller), &uuid, success);
+        let (result, fx) =
+            daemon
+                .table
+                .migrate_complete(caller_of(&self.kernel, caller), &uuid, success);
         let owner_guest = daemon.table.guest_of(&uuid).map(|(g, _)| g);
         match result {
-            Ok(fx) => {
+            Ok(()) => {
                 // Follow the table before carrying out its pushes (the source's Finished).
                 if success && dest_guest.is_some() && owner_guest == dest_guest {
                     self.count("migration:completed");
@@ -1578,11 +1579,13 @@ impl World {
                 self.check_unchanged(before, "migrate_complete", &e.to_string())?;
             }
             Err(_) => {
-                // "Not taken over": the core cancelled it and the source keeps everything.
+                // "Not taken over": the core cancelled it and the source keeps everything; the
+                // destination is told (its Finished push).
                 self.count("migration:cancelled_not_taken");
                 if let Some(i) = self.vms[slot].migration.take().and_then(|m| m.incoming) {
                     self.end_incoming(i, &uuid);
                 }
+                self.apply(fx)?;
             }
         }
         Ok(())
@@ -1856,12 +1859,13 @@ impl World {
             }
             _ => {
                 let success = self.rng.chance(50);
-                match daemon.table.migrate_complete(
+                let (result, fx) = daemon.table.migrate_complete(
                     caller_of(&self.kernel, liar.pid),
                     &uuid,
                     success,
-                ) {
-                    Ok(fx) => {
+                );
+                match result {
+                    Ok(()) => {
                         self.apply(fx)?;
                         None
                     }
@@ -1949,7 +1953,7 @@ impl World {
         if !taken {
             return Ok(());
         }
-        if let Ok(fx) =
+        if let (Ok(()), fx) =
             daemon
                 .table
                 .migrate_complete(caller_of(&self.kernel, rogue.pid), &uuid, true)

@@ -717,12 +717,10 @@ impl Daemon {
                     token,
                 })
             }
-            Request::MigrateComplete { uuid, success } => {
-                self.with_table(|t, _| match t.migrate_complete(caller, &uuid, success) {
-                    Ok(fx) => (Reply::Ok, fx),
-                    Err(e) => (Reply::Error(e), Effects::default()),
-                })
-            }
+            Request::MigrateComplete { uuid, success } => self.with_table(|t, _| {
+                let (result, fx) = t.migrate_complete(caller, &uuid, success);
+                (result.map_or_else(Reply::Error, |()| Reply::Ok), fx)
+            }),
             Request::Shutdown { uuid, guest_pid } => self
                 .with_table(|t, h| {
                     let (r, fx) = t.shutdown(h, caller, &uuid, guest_pid);
