@@ -5,37 +5,14 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 use vmlock_client::qmp::Qmp;
 use vmlock_testkit::qemu::{self, DaemonizedQemu, QemuLine, Supervised};
 use vmlock_testkit::vmlockd as vmlockd_kit;
 
-/// A private runtime directory; the daemon `vmlock run` starts there is killed by pid at the end.
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn vmlock(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_vmlock"));
-        c.arg("--runtime-dir")
-            .arg(self.run_dir())
-            .env("VMLOCK_LOG", "warn");
-        c
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        vmlockd_kit::kill_in(&self.run_dir());
-    }
-}
+type Env = vmlockd_kit::CliEnv;
 
 /// `vmlock audit --json` restricted to `pids`: its exit code, and its rows.
 fn audit(env: &Env, pids: &[u32]) -> (i32, Vec<Value>, Output) {
@@ -65,9 +42,7 @@ fn disk_str(p: &Path) -> &str {
 
 #[test]
 fn audit_names_a_hand_started_qemu_and_passes_once_it_is_gone() {
-    let env = Env {
-        dir: tempfile::tempdir().unwrap(),
-    };
+    let env = Env::new(Path::new(env!("CARGO_BIN_EXE_vmlock")));
     let disk_a = qemu::qcow2(env.dir.path(), "a.qcow2");
     let disk_b = qemu::qcow2(env.dir.path(), "b.qcow2");
     let uuid = uuid::Uuid::new_v4().to_string();

@@ -3,58 +3,36 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Stdio};
 use std::time::Duration;
 use vmlock_testkit::process::{kill_and_wait, kill_child, read_line};
 use vmlock_testkit::vmlockd as vmlockd_kit;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-struct Env {
-    dir: tempfile::TempDir,
-}
+type Env = vmlockd_kit::CliEnv;
 
-impl Env {
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn vmlock(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_vmlock"));
-        c.arg("--runtime-dir")
-            .arg(self.run_dir())
-            .env("VMLOCK_LOG", "warn");
-        c
-    }
-
-    /// A `sleep` guest under `vmlock run` on `disk`, once it holds the disk.
-    fn guest(&self, name: &str, disk: &Path) -> Child {
-        let mut child = self
-            .vmlock()
-            .args(["run", "--name", name, "--disk"])
-            .arg(disk)
-            .args(["--", "sleep", "600"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        loop {
-            match read_line(&mut stderr, WAIT) {
-                Ok(Some(line)) if line.contains("holds") => return child,
-                Ok(Some(_)) => {}
-                other => {
-                    kill_child(&mut child);
-                    panic!("the supervisor of {name} did not start: {other:?}");
-                }
+/// A `sleep` guest under `vmlock run` on `disk`, once it holds the disk.
+fn guest(env: &Env, name: &str, disk: &Path) -> Child {
+    let mut child = env
+        .vmlock()
+        .args(["run", "--name", name, "--disk"])
+        .arg(disk)
+        .args(["--", "sleep", "600"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    loop {
+        match read_line(&mut stderr, WAIT) {
+            Ok(Some(line)) if line.contains("holds") => return child,
+            Ok(Some(_)) => {}
+            other => {
+                kill_child(&mut child);
+                panic!("the supervisor of {name} did not start: {other:?}");
             }
         }
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        vmlockd_kit::kill_in(&self.run_dir());
     }
 }
 
@@ -66,9 +44,7 @@ fn next(out: &mut ChildStdout) -> serde_json::Value {
 
 #[test]
 fn a_follower_sees_each_event_once_in_order_across_a_daemon_restart() {
-    let env = Env {
-        dir: tempfile::tempdir().unwrap(),
-    };
+    let env = Env::new(Path::new(env!("CARGO_BIN_EXE_vmlock")));
     let disk = env.dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
     assert!(env.vmlock().arg("status").status().unwrap().success());
@@ -89,7 +65,7 @@ fn a_follower_sees_each_event_once_in_order_across_a_daemon_restart() {
     };
     expect(&mut out, "daemon_started");
 
-    let mut a = env.guest("first", &disk);
+    let mut a = guest(&env, "first", &disk);
     let e = expect(&mut out, "acquired");
     assert_eq!(e["vm"]["name"], "first");
     let refused = env
@@ -112,7 +88,7 @@ fn a_follower_sees_each_event_once_in_order_across_a_daemon_restart() {
     vmlockd_kit::kill_in(&env.run_dir());
     assert!(env.vmlock().arg("status").status().unwrap().success());
     expect(&mut out, "daemon_restarted");
-    let mut c = env.guest("third", &disk);
+    let mut c = guest(&env, "third", &disk);
     let e = expect(&mut out, "acquired");
     assert_eq!(e["vm"]["name"], "third");
 

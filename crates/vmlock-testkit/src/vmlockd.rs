@@ -117,3 +117,42 @@ pub fn kill_in(run_dir: &Path) {
         kill_and_wait(pid);
     }
 }
+
+/// A private runtime directory for a `vmlock` CLI under test: every command runs with
+/// `--runtime-dir DIR/run`, and the daemon the CLI starts there is killed by pid on drop.
+#[derive(Debug)]
+pub struct CliEnv {
+    /// The private directory (disks and sockets of the test go here too).
+    pub dir: tempfile::TempDir,
+    program: PathBuf,
+}
+
+impl CliEnv {
+    /// An environment for `program` (`env!("CARGO_BIN_EXE_vmlock")`).
+    pub fn new(program: &Path) -> Self {
+        CliEnv {
+            dir: tempfile::tempdir().expect("temp dir"),
+            program: program.to_owned(),
+        }
+    }
+
+    /// The runtime directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// `vmlock --runtime-dir RUN`, quiet unless something goes wrong.
+    pub fn vmlock(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.arg("--runtime-dir")
+            .arg(self.run_dir())
+            .env("VMLOCK_LOG", "warn");
+        c
+    }
+}
+
+impl Drop for CliEnv {
+    fn drop(&mut self) {
+        kill_in(&self.run_dir());
+    }
+}
