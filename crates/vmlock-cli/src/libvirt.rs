@@ -96,9 +96,9 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, command: LibvirtCommand) -> anyh
 }
 
 fn hold(plugin: &Plugin, runtime_dir: &Path, args: HolderArgs) -> anyhow::Result<i32> {
-    // SAFETY: the plugin passes the write end of its pipe under this number and nothing else in
+    // SAFETY: the plugin passes its end of a socket pair under this number and nothing else in
     // this process owns it; it is closed once the start is reported.
-    let mut ready = unsafe { std::fs::File::from_raw_fd(args.ready_fd) };
+    let mut ready = unsafe { std::os::unix::net::UnixStream::from_raw_fd(args.ready_fd) };
     let _ = rustix::io::fcntl_setfd(&ready, rustix::io::FdFlags::CLOEXEC);
     let started = start(plugin, &args);
     let (manager, policy) = match started {
@@ -123,10 +123,20 @@ fn hold(plugin: &Plugin, runtime_dir: &Path, args: HolderArgs) -> anyhow::Result
         let _ = writeln!(ready, "ERR no control socket for the domain: {e:#}");
         return Ok(1);
     }
-    if writeln!(ready, "OK").is_err() {
+    // With the report go copies of the lock descriptions, which QEMU keeps across its exec.
+    let copies = manager
+        .lock()
+        .map(|m| m.lock_descriptions())
+        .unwrap_or_default();
+    let raw: Vec<RawFd> = copies.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+    // One byte per message of at most MAX_FDS descriptors (see vmlock_sys::fdpass).
+    let pieces = raw.len().div_ceil(vmlock_sys::fdpass::MAX_FDS).max(1);
+    let report = format!("OK {}{}\n", raw.len(), " ".repeat(pieces));
+    if vmlock_sys::fdpass::send_with_fds(&ready, report.as_bytes(), &raw).is_err() {
         // The child gave up waiting: it will not exec QEMU. Our exit frees what we took.
         return Ok(1);
     }
+    drop(copies);
     drop(ready);
     // The leases live as long as QEMU: when it exits the daemon unlocks them from the guest's
     // own pidfd (or hands them to a migration destination that took them over), so there is

@@ -821,3 +821,35 @@ fn a_killed_holder_takes_its_guest_with_it_so_no_guest_runs_unprotected() {
         || libvirtd.domstate("fragile") == "shut off",
     );
 }
+
+#[test]
+fn qemu_keeps_its_own_locks_when_its_holder_and_vmlockd_both_die() {
+    if skip() {
+        return;
+    }
+    let host = Host::new();
+    let libvirtd = host.libvirtd();
+    let a = host.qcow2("a");
+    define(&libvirtd, "sturdy", &[&a]);
+    libvirtd.virsh_ok(&["start", "sturdy"]);
+    let qemu_pid = libvirtd.qemu_pid("sturdy").unwrap();
+    let holder = holder_process(qemu_pid).expect("no holder process under QEMU");
+    let watch = FreeWatch::while_running(&a, qemu_pid);
+
+    // Both keepers outside QEMU die: vmlockd first (so nobody is left to kill the guest), then
+    // the holder. QEMU inherited copies of its lock descriptions, so its lock stays.
+    vmlock_testkit::process::kill_and_wait(vmlockd_kit::pid_in(&host.run_dir()).unwrap());
+    vmlock_testkit::process::kill_and_wait(holder);
+    assert!(vmlock::process::is_running(qemu_pid));
+    // A new daemon recovers the domain from its state and refuses a third party at once.
+    assert_refused(&host, &a, "sturdy");
+    assert_eq!(libvirtd.domstate("sturdy"), "running");
+
+    libvirtd.virsh_ok(&["destroy", "sturdy"]);
+    let (probes, free) = watch.finish();
+    assert_eq!(
+        free, 0,
+        "QEMU ran without its lock in {free} of {probes} probes"
+    );
+    wait_freed(&host, &a, "the disk is freed");
+}

@@ -405,4 +405,11 @@ impl Session for LockdSession {
     fn driver_name(&self) -> &str {
         NAME
     }
+
+    fn lock_descriptions(&self) -> Vec<std::os::fd::OwnedFd> {
+        self.holder
+            .as_ref()
+            .map(Holder::duplicates)
+            .unwrap_or_default()
+    }
 }

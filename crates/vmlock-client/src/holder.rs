@@ -462,6 +462,19 @@ impl Holder {
         }
     }
 
+    /// A copy (`dup`) of every kept description.
+    pub fn duplicates(&self) -> Vec<OwnedFd> {
+        self.kept
+            .lock()
+            .map(|kept| {
+                kept.0
+                    .values()
+                    .filter_map(|(_, fd)| fd.try_clone().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Keeps descriptions this process received itself (an acquire answered with
     /// [`Reply::Kept`]).
     pub fn keep_local(&self, locks: Vec<HeldLock>, fds: Vec<OwnedFd>) -> Result<(), Error> {

@@ -9,6 +9,7 @@
 use crate::config::Config;
 use crate::domain::{self, code, Domain, PluginError, Value};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -361,15 +362,27 @@ unsafe extern "C" fn drv_acquire(
             // Nothing is handed to QEMU: `*fd` stays -1.
             let action = domain::lock_failure_action(action)?;
             d.check_leases(config)?;
-            crate::spawn::start_holder(&d.holder_args(config, action), crate::spawn::READY_TIMEOUT)
-                .map_err(|reason| PluginError {
-                    code: if reason.contains("held by") || reason.contains("is locked") {
-                        code::RESOURCE_BUSY
-                    } else {
-                        code::OPERATION_FAILED
-                    },
-                    message: format!("vmlock: {reason}"),
-                })?;
+            let descriptions = crate::spawn::start_holder(
+                &d.holder_args(config, action),
+                crate::spawn::READY_TIMEOUT,
+            )
+            .map_err(|reason| PluginError {
+                code: if reason.contains("held by") || reason.contains("is locked") {
+                    code::RESOURCE_BUSY
+                } else {
+                    code::OPERATION_FAILED
+                },
+                message: format!("vmlock: {reason}"),
+            })?;
+            // QEMU keeps copies of its lock descriptions across the exec: its locks then end
+            // with it and nothing else, whatever happens to its holder or to vmlockd.
+            for fd in descriptions {
+                let _ = nix::fcntl::fcntl(
+                    fd.as_raw_fd(),
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                );
+                let _ = fd.into_raw_fd();
+            }
             return Ok(0);
         }
         d.acquire(config, state.as_deref())?;

@@ -4,14 +4,19 @@
 //! lock another thread held at the fork stays held forever. So everything that allocates is done
 //! first; then `fork`, and in the new process only `dup2`, `close_range`, `sigprocmask`,
 //! `setsid` and `execve` (async-signal-safe system calls); the child then waits for the holder's
-//! one-line report with `poll` and `read`. No thread, no lock, no runtime.
+//! one-line report with `poll` and `recvmsg`. No thread, no lock, no runtime.
+//!
+//! The report travels on a socket pair, so that with its `OK` the holder sends copies of the
+//! lock descriptions it took: the child keeps them open across its exec, and QEMU holds its own
+//! locks for as long as it runs — even if its holder and vmlockd both die.
 
-use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, SigmaskHow};
-use nix::unistd::{ForkResult, Pid};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::ForkResult;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// The descriptor number the holder reports its start on.
@@ -20,8 +25,9 @@ pub const READY_FD: i32 = 3;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts `args[0]` with `args` as the holder (a child of this process, which then execs QEMU)
-/// and waits for its report: `Ok` once it holds the leases, else its reason.
-pub fn start_holder(args: &[String], timeout: Duration) -> Result<Pid, String> {
+/// and waits for its report: once it holds the leases, copies of their descriptions (close on
+/// exec; the caller decides what QEMU inherits), else its reason.
+pub fn start_holder(args: &[String], timeout: Duration) -> Result<Vec<OwnedFd>, String> {
     let argv: Vec<CString> = args
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -35,8 +41,14 @@ pub fn start_holder(args: &[String], timeout: Duration) -> Result<Pid, String> {
         CString::new("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .map_err(|_| "environment".to_owned())?,
     ];
-    let (read_end, write_end) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (read_end, write_end) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| format!("socketpair: {e}"))?;
+    let read_end = UnixStream::from(read_end);
     // SAFETY: this process is single-threaded (libvirt's pre-exec child) and the new process
     // runs only async-signal-safe system calls on values prepared above before it execs or
     // exits.
@@ -46,7 +58,7 @@ pub fn start_holder(args: &[String], timeout: Duration) -> Result<Pid, String> {
         Ok(ForkResult::Parent { child }) => {
             drop(write_end);
             match read_report(&read_end, timeout) {
-                Ok(()) => Ok(child),
+                Ok(fds) => Ok(fds),
                 Err(reason) => {
                     // A holder that did not report must not keep anything: it would be a
                     // holder without a guest.
@@ -94,11 +106,12 @@ fn exec_holder(program: &CString, argv: &[CString], env: &[CString], ready: &Own
     unsafe { nix::libc::_exit(127) }
 }
 
-/// Reads the holder's one line: `OK`, or `ERR reason`; end of file without it means the holder
-/// died.
-fn read_report(fd: &OwnedFd, timeout: Duration) -> Result<(), String> {
+/// Reads the holder's one line: `OK` (with the descriptions it sends along), or `ERR reason`;
+/// end of file without it means the holder died.
+fn read_report(stream: &UnixStream, timeout: Duration) -> Result<Vec<OwnedFd>, String> {
     let deadline = Instant::now() + timeout;
     let mut line = Vec::new();
+    let mut fds = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -108,15 +121,15 @@ fn read_report(fd: &OwnedFd, timeout: Duration) -> Result<(), String> {
             ));
         }
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(ms)) {
+        let mut poll_fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut poll_fds, PollTimeout::from(ms)) {
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(format!("poll: {e}")),
         }
         let mut buf = [0u8; 512];
-        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+        match vmlock_sys::fdpass::recv_with_fds(stream, &mut buf, &mut fds, false) {
             Ok(0) => {
                 return Err(if line.is_empty() {
                     "the vmlock holder exited without a word (see the domain's log)".to_owned()
@@ -125,13 +138,15 @@ fn read_report(fd: &OwnedFd, timeout: Duration) -> Result<(), String> {
                 })
             }
             Ok(n) => line.extend_from_slice(&buf[..n]),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(format!("read: {e}")),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading the holder's report: {e}")),
         }
         if let Some(end) = line.iter().position(|b| *b == b'\n') {
             let text = String::from_utf8_lossy(&line[..end]).into_owned();
+            if text == "OK" || text.starts_with("OK ") {
+                return Ok(fds);
+            }
             return match text.strip_prefix("ERR ") {
-                None if text == "OK" => Ok(()),
                 Some(reason) => Err(reason.to_owned()),
                 None => Err(format!("the vmlock holder said {text:?}")),
             };
@@ -153,7 +168,9 @@ mod tests {
     #[test]
     fn ok_err_silence_and_death_are_told_apart() {
         let t = Duration::from_secs(10);
-        assert!(start_holder(&sh("echo OK >&3; sleep 0.2"), t).is_ok());
+        assert!(start_holder(&sh("echo OK >&3; sleep 0.2"), t)
+            .unwrap()
+            .is_empty());
         assert_eq!(
             start_holder(&sh("echo 'ERR disk held by VM x' >&3"), t).unwrap_err(),
             "disk held by VM x"

@@ -170,6 +170,13 @@ pub trait Session: Send + fmt::Debug {
     }
     /// The guest is gone: release everything the VM holds.
     fn shutdown(&mut self) -> Result<()>;
+    /// Copies of the open file descriptions this process keeps for the VM's locks, for a guest
+    /// to inherit (libvirt's QEMU keeps them across exec, so its locks live exactly as long as it
+    /// does even if its holder and the lock service both die). Empty for drivers whose leases
+    /// are not descriptions.
+    fn lock_descriptions(&self) -> Vec<std::os::fd::OwnedFd> {
+        Vec::new()
+    }
     /// The driver's name, for errors.
     fn driver_name(&self) -> &str;
 }

@@ -364,6 +364,12 @@ impl Manager {
         Ok(())
     }
 
+    /// Copies of the descriptions that keep this VM's locks, for a guest to inherit (see
+    /// [`crate::Session::lock_descriptions`]).
+    pub fn lock_descriptions(&self) -> Vec<std::os::fd::OwnedFd> {
+        self.session.lock_descriptions()
+    }
+
     /// The guest has stopped: release everything (the seed's `Shutdown`).
     ///
     /// Refused with [`Error::GuestRunning`] while the guest process still runs, because giving up
