@@ -2,7 +2,7 @@
 # Installs what vmlock's tests need on Debian 12 (bookworm): QEMU from bookworm-backports (to match
 # the preinstalled qemu-utils 10.x), virtlockd for the side-by-side benchmark, libvirtd with its
 # QEMU driver, virsh and the stock lockd plugin (the testkit's private libvirtd), sanlock, etcd and
-# protoc. Idempotent; needs root. Skips the install when everything is already there.
+# protoc with its well-known types (for the etcd-client crate's build). Idempotent; needs root. Skips the install when everything is already there.
 set -euo pipefail
 
 need=()
@@ -15,6 +15,9 @@ command -v virsh >/dev/null || need+=(qemu)
 command -v sanlock >/dev/null || need+=(other)
 command -v etcd >/dev/null || need+=(other)
 command -v protoc >/dev/null || need+=(other)
+# protoc's well-known types (google/protobuf/*.proto), which the etcd-client crate's build imports.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(other)
+command -v etcdctl >/dev/null || need+=(other)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""
@@ -38,4 +41,4 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
   qemu-system-x86 libvirt-daemon-lock \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon-plugin-lockd
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-  sanlock etcd-server etcd-client protobuf-compiler
+  sanlock etcd-server etcd-client protobuf-compiler libprotobuf-dev

@@ -1,0 +1,239 @@
+//! [`Etcd`]: the etcd-client connection behind a blocking API. A current-thread tokio runtime runs
+//! on a thread the client owns (it drives the I/O and timers and runs the keep-alive tasks); a
+//! caller's thread runs its request with `Handle::block_on`, bounded by the request timeout.
+
+use crate::{Config, Error};
+use etcd_client::{Client, ConnectOptions};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+/// A connection to an etcd cluster; cheap to clone (clones share the runtime and connection).
+#[derive(Clone)]
+pub struct Etcd {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) handle: Handle,
+    pub(crate) client: Client,
+    pub(crate) config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.inner.config.endpoints)
+            .field("prefix", &self.inner.config.prefix)
+            .field("host", &self.inner.config.host)
+            .finish()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            // The runtime thread ends when its stop signal arrives; it never blocks otherwise.
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether an error may be retried on another member: transport failures and the gRPC codes a
+/// dying or leaderless member answers with.
+fn retryable(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::Aborted
+        ),
+        _ => false,
+    }
+}
+
+/// The pause between two tries of a request (another member may be picked).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+impl Etcd {
+    /// Validates `config`, starts the runtime thread, connects, and checks that the cluster
+    /// answers (a status request, retried on every member within `connect_timeout`): an
+    /// unreachable cluster is [`Error::Unreachable`] naming the endpoints.
+    pub fn connect(config: &Config) -> Result<Etcd, Error> {
+        config.validate()?;
+        let options = connect_options(config)?;
+        let (htx, hrx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("vmlock-etcd".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = htx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = htx.send(Ok(rt.handle().clone()));
+                // Drives I/O, timers and the keep-alive tasks until the client is dropped.
+                let _ = rt.block_on(stop_rx);
+            })
+            .map_err(Error::Runtime)?;
+        let handle = hrx
+            .recv()
+            .map_err(|_| Error::Runtime(std::io::Error::other("runtime thread died")))?
+            .map_err(Error::Runtime)?;
+        let endpoints = config.endpoints.clone();
+        let client = handle
+            .block_on(Client::connect(endpoints, Some(options)))
+            .map_err(|e| Error::Unreachable {
+                endpoints: config.endpoints_text(),
+                timeout: config.connect_timeout(),
+                reason: e.to_string(),
+            });
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = stop_tx.send(());
+                let _ = thread.join();
+                return Err(e);
+            }
+        };
+        let etcd = Etcd {
+            inner: Arc::new(Inner {
+                handle,
+                client,
+                config: config.clone(),
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+        };
+        etcd.run("status", config.connect_timeout(), |mut c| async move {
+            c.status().await
+        })
+        .map_err(|e| match e {
+            Error::Request { reason, .. } => Error::Unreachable {
+                endpoints: config.endpoints_text(),
+                timeout: config.connect_timeout(),
+                reason,
+            },
+            other => other,
+        })?;
+        Ok(etcd)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Runs `op` on the calling thread, retrying retryable failures until `bound` has passed.
+    /// `op` must be safe to repeat, or its caller must recognise its own earlier success.
+    pub(crate) fn run<T, F, Fut>(
+        &self,
+        what: &'static str,
+        bound: Duration,
+        op: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + bound;
+        let mut last: String;
+        loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(self.inner.config.attempt_timeout());
+            let fut = op(self.inner.client.clone());
+            let timed_out = match self
+                .inner
+                .handle
+                .block_on(async { tokio::time::timeout(left, fut).await })
+            {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if retryable(&e) => {
+                    last = e.to_string();
+                    false
+                }
+                Ok(Err(e)) => return Err(self.request_error(what, e.to_string(), false)),
+                Err(_) => {
+                    last = format!("no answer in {left:?}");
+                    true
+                }
+            };
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(self.request_error(what, last, timed_out));
+            }
+            tracing::debug!(what, error = %last, "etcd request failed; retrying");
+            std::thread::sleep(RETRY_PAUSE);
+        }
+    }
+
+    fn request_error(&self, what: &'static str, reason: String, timed_out: bool) -> Error {
+        Error::Request {
+            what,
+            endpoints: self.inner.config.endpoints_text(),
+            reason,
+            timed_out,
+        }
+    }
+
+    /// A bare put then delete of `key` (no transaction, no lease): the floor the lock
+    /// operations are measured against.
+    pub fn put_delete(&self, key: &str) -> Result<(), Error> {
+        let t = self.inner.config.request_timeout();
+        self.run("put", t, |mut c| async move {
+            c.put(key, "x", None).await.map(drop)
+        })?;
+        self.run("delete", t, |mut c| async move {
+            c.delete(key, None).await.map(drop)
+        })
+    }
+}
+
+/// etcd-client's options from the configuration: request and connect timeouts, a leader
+/// required (a member cut off from the majority refuses at once instead of hanging), user and
+/// password, TLS.
+fn connect_options(config: &Config) -> Result<ConnectOptions, Error> {
+    let mut o = ConnectOptions::new()
+        .with_timeout(config.attempt_timeout())
+        .with_connect_timeout(config.connect_timeout())
+        .with_keep_alive(Duration::from_secs(1), config.request_timeout())
+        .with_require_leader(true);
+    if let (Some(u), Some(p)) = (&config.user, &config.password) {
+        o = o.with_user(u, p);
+    }
+    if config.ca_file.is_some() || config.cert_file.is_some() {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| Error::File {
+                path: p.to_owned(),
+                source,
+            })
+        };
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &config.ca_file {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        o = o.with_tls(tls);
+    }
+    Ok(o)
+}
