@@ -32,6 +32,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long things may take to settle before the final checks.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lost and leaked locks are also checked (after settling) every this many operations, so a leak
+/// that a later daemon restart would hide is seen.
+const CHECK_EVERY: u64 = 250;
 /// Size of each disk file.
 const DISK_SIZE: u64 = 64 * 1024;
 
@@ -102,10 +105,14 @@ pub enum Op {
     IdleConnections,
     /// Fault: a malformed frame (oversized length, bad JSON, wrong shape, cut short, noise).
     MalformedFrame,
+    /// Fault: SIGKILL vmlockd 0–20 ms into a start or a hotplug.
+    KillDaemonMidRequest,
+    /// Fault: SIGKILL a supervisor 0–20 ms into a hotplug of its VM.
+    KillSupervisorMidRequest,
 }
 
 impl Op {
-    const ALL: [(Op, u64); 12] = [
+    const ALL: [(Op, u64); 14] = [
         (Op::Start, 300),
         (Op::Stop, 120),
         (Op::Attach, 160),
@@ -118,6 +125,8 @@ impl Op {
         (Op::CorruptState, 4),
         (Op::IdleConnections, 5),
         (Op::MalformedFrame, 8),
+        (Op::KillDaemonMidRequest, 8),
+        (Op::KillSupervisorMidRequest, 6),
     ];
 
     /// Its name in the table.
@@ -135,6 +144,8 @@ impl Op {
             Op::CorruptState => "state file corrupted + SIGKILL vmlockd",
             Op::IdleConnections => "idle connections",
             Op::MalformedFrame => "malformed frame",
+            Op::KillDaemonMidRequest => "SIGKILL vmlockd mid-request (start/hotplug)",
+            Op::KillSupervisorMidRequest => "SIGKILL supervisor mid-hotplug",
         }
     }
 
@@ -390,11 +401,14 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         .ok()
         .map(std::io::BufWriter::new);
     let t0 = Instant::now();
-    let result = c.campaign(t0);
-    // Whatever happened: every guest ends, the daemon is killed by pid.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.campaign(t0)));
+    // Whatever happened (a panic too): every guest ends, the daemon is killed by pid.
     c.stop_all();
     c.kill_daemon();
-    result?;
+    match result {
+        Ok(r) => r?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
     c.report.elapsed = t0.elapsed();
     if c.opts.keep_dir || !c.report.passed() {
         let kept = c.dir.keep();
@@ -445,9 +459,14 @@ impl Campaign {
             let done = self.step(op)?;
             self.report.ops += 1;
             *self.report.by_kind.entry(done).or_default() += 1;
+            if self.report.ops % CHECK_EVERY == 0 {
+                let when = format!("at op {}", self.report.ops);
+                self.settle_and_check(&when, false);
+            }
         }
         self.idle.clear();
         self.settle_and_check("after the campaign", true);
+        self.read_findings();
         Ok(())
     }
 
@@ -456,29 +475,21 @@ impl Campaign {
     fn step(&mut self, op: Op) -> anyhow::Result<Op> {
         let needs_guest = matches!(
             op,
-            Op::Stop | Op::Attach | Op::Detach | Op::KillSupervisor | Op::KillGuest
+            Op::Stop
+                | Op::Attach
+                | Op::Detach
+                | Op::KillSupervisor
+                | Op::KillGuest
+                | Op::KillSupervisorMidRequest
         );
         if needs_guest && self.live.is_empty() {
             return self.step(Op::Start);
         }
         match op {
             Op::Start => {
-                let free: Vec<usize> = (0..self.opts.vms)
-                    .filter(|s| !self.live.iter().any(|l| l.slot == *s))
-                    .collect();
-                let Some(&slot) = self.rng.pick(&free) else {
+                if !self.start_random()? {
                     return self.step(Op::Stop);
-                };
-                let n = self.rng.range(1, 2.min(self.disks.len() as u64));
-                let mut chosen = Vec::new();
-                while chosen.len() < n as usize {
-                    let d = self.rng.below(self.disks.len() as u64) as usize;
-                    if !chosen.contains(&d) {
-                        chosen.push(d);
-                    }
                 }
-                self.log(&format!("start vm{slot} on {chosen:?}"));
-                self.start_and_track(slot, &chosen)?;
             }
             Op::Stop => {
                 let i = self.rng.below(self.live.len() as u64) as usize;
@@ -534,12 +545,60 @@ impl Campaign {
                 self.idle.push((self.report.ops + keep, conns));
             }
             Op::MalformedFrame => self.malformed(),
+            Op::KillDaemonMidRequest => {
+                if !self.ensure_daemon() {
+                    return Ok(op);
+                }
+                let Some(daemon) = self.daemon() else {
+                    return Ok(op);
+                };
+                let delay = Duration::from_micros(self.rng.range(0, 20_000));
+                self.log(&format!("SIGKILL vmlockd {delay:?} into a request"));
+                let killer = std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    let _ = daemon.signal(Signal::KILL);
+                    let at = Instant::now();
+                    daemon.wait_exit(Some(EXIT_TIMEOUT));
+                    at
+                });
+                if self.live.is_empty() || self.rng.below(2) == 0 {
+                    if !self.start_random()? {
+                        self.attach()?;
+                    }
+                } else {
+                    self.attach()?;
+                }
+                let killed_at = killer.join().unwrap_or_else(|_| Instant::now());
+                self.recover(op, killed_at)?;
+            }
+            Op::KillSupervisorMidRequest => self.kill_supervisor_mid_hotplug()?,
         }
         Ok(op)
     }
 
     // -----------------------------------------------------------------------------------------
     // Guests
+
+    /// Starts a guest in a free slot on 1–2 random disks; false if no slot is free.
+    fn start_random(&mut self) -> anyhow::Result<bool> {
+        let free: Vec<usize> = (0..self.opts.vms)
+            .filter(|s| !self.live.iter().any(|l| l.slot == *s))
+            .collect();
+        let Some(&slot) = self.rng.pick(&free) else {
+            return Ok(false);
+        };
+        let n = self.rng.range(1, 2.min(self.disks.len() as u64));
+        let mut chosen = Vec::new();
+        while chosen.len() < n as usize {
+            let d = self.rng.below(self.disks.len() as u64) as usize;
+            if !chosen.contains(&d) {
+                chosen.push(d);
+            }
+        }
+        self.log(&format!("start vm{slot} on {chosen:?}"));
+        self.start_and_track(slot, &chosen)?;
+        Ok(true)
+    }
 
     fn start_and_track(&mut self, slot: usize, disks: &[usize]) -> anyhow::Result<bool> {
         match self.start(slot, disks)? {
@@ -770,6 +829,48 @@ impl Campaign {
         Ok(())
     }
 
+    /// SIGKILLs a supervisor 0–20 ms after a `vmlock attach-disk` for its VM started.
+    fn kill_supervisor_mid_hotplug(&mut self) -> anyhow::Result<()> {
+        let i = self.rng.below(self.live.len() as u64) as usize;
+        let absent: Vec<usize> = (0..self.disks.len())
+            .filter(|d| !self.live[i].disks.contains(d))
+            .collect();
+        let d = self.rng.pick(&absent).copied();
+        let delay = Duration::from_micros(self.rng.range(0, 20_000));
+        self.log(&format!(
+            "SIGKILL supervisor of guest {} {delay:?} into a hotplug of disk {d:?}",
+            self.live[i].id
+        ));
+        let mut attach = match d {
+            Some(d) => {
+                let uuid = self.uuids[self.live[i].slot].clone();
+                let mut cmd = self.vmlock();
+                cmd.args(["attach-disk", "--uuid", &uuid, "--disk"])
+                    .arg(&self.disks[d])
+                    .stderr(Stdio::null());
+                Some(cmd.spawn().context("spawning vmlock attach-disk")?)
+            }
+            None => None,
+        };
+        std::thread::sleep(delay);
+        let mut l = self.live.swap_remove(i);
+        l.signalled = true;
+        let _ = l.supervisor.kill();
+        if let Some(child) = &mut attach {
+            if wait_child(child, CLI_TIMEOUT).is_none() {
+                let _ = child.kill();
+                let _ = wait_child(child, EXIT_TIMEOUT);
+                self.report.cli_timeouts += 1;
+                self.report.details.push(format!(
+                    "op {}: attach-disk racing a supervisor's SIGKILL did not end within {CLI_TIMEOUT:?}",
+                    self.report.ops
+                ));
+            }
+        }
+        self.finish(l);
+        Ok(())
+    }
+
     fn detach(&mut self) -> anyhow::Result<()> {
         let i = self.rng.below(self.live.len() as u64) as usize;
         let Some(&d) = self.rng.pick(&self.live[i].disks) else {
@@ -804,12 +905,23 @@ impl Campaign {
     /// Runs a `vmlock` command, bounded.
     fn cli(&mut self, mut cmd: Command, what: &str) -> anyhow::Result<Cli> {
         let mut child = cmd
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning vmlock {what}"))?;
         match wait_child(&mut child, CLI_TIMEOUT) {
             Some(status) if status.success() => Ok(Cli::Ok),
-            Some(_) => Ok(Cli::Failed),
+            Some(_) => {
+                // It has exited: what it said is in the pipe (read with a bound all the same).
+                let mut said = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    while let Ok(Some(line)) = read_line(&mut err, Duration::from_secs(1)) {
+                        said.push_str(&line);
+                        said.push(' ');
+                    }
+                }
+                self.log(&format!("vmlock {what} failed: {}", said.trim()));
+                Ok(Cli::Failed)
+            }
             None => {
                 let _ = child.kill();
                 let _ = wait_child(&mut child, EXIT_TIMEOUT);
@@ -1041,8 +1153,7 @@ impl Campaign {
     }
 
     /// Waits (bounded) until no lock is lost or leaked, then counts what is left; with
-    /// `then_stop`, stops every guest and checks no lock is left at all. Then reads the guests'
-    /// own findings.
+    /// `then_stop`, stops every guest and checks no lock is left at all.
     fn settle_and_check(&mut self, when: &str, then_stop: bool) {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         let (lost, leaked) = loop {
@@ -1086,7 +1197,6 @@ impl Campaign {
                 ));
             }
         }
-        self.read_findings();
     }
 
     /// Counts what the guests wrote in their logs.
