@@ -176,6 +176,8 @@ pub struct Report {
     pub detached: u64,
     /// Unplugs refused or failed.
     pub detach_failed: u64,
+    /// Unplugs refused because vmlock's table did not know the VM held the disk.
+    pub detach_unknown: u64,
     /// CLI calls (including starts) that did not end within their bound.
     pub cli_timeouts: u64,
     /// Guests that saw another guest's mark on a disk they held.
@@ -254,6 +256,10 @@ impl Report {
                 "{} / {}; {} / {}",
                 self.attached, self.attach_refused, self.detached, self.detach_failed
             ),
+        );
+        row(
+            "unplugs refused as \"not locked by VM\" (held, attached, never released)",
+            self.detach_unknown.to_string(),
         );
         row("faults", self.faults().to_string());
         for (k, n) in &self.by_kind {
@@ -340,7 +346,8 @@ enum Started {
 #[derive(Debug)]
 enum Cli {
     Ok,
-    Failed,
+    /// It failed, saying this.
+    Failed(String),
     TimedOut,
 }
 
@@ -823,7 +830,7 @@ impl Campaign {
                     ));
                 }
             }
-            Cli::Failed => self.report.attach_refused += 1,
+            Cli::Failed(_) => self.report.attach_refused += 1,
             Cli::TimedOut => {}
         }
         Ok(())
@@ -897,7 +904,20 @@ impl Campaign {
         self.log(&format!("detach-disk: {answer:?}"));
         match answer {
             Cli::Ok => self.report.detached += 1,
-            Cli::Failed | Cli::TimedOut => self.report.detach_failed += 1,
+            Cli::Failed(said) if said.contains("is not locked by VM") => {
+                // vmlock's table says the VM does not hold a disk it attached and never
+                // released: the table is out of step with the kernel (and with the holder).
+                self.report.detach_failed += 1;
+                self.report.detach_unknown += 1;
+                let locked = path_locked(&self.disks[d]).unwrap_or(false);
+                let kept =
+                    locked_by_process(self.live[i].supervisor.id()).contains(&self.disk_ids[d]);
+                self.report.details.push(format!(
+                    "op {} (seed {}): detach-disk of disk {d} from guest {} refused as not locked by its VM; kernel lock held: {locked}, kept by its supervisor: {kept}",
+                    self.report.ops, self.opts.seed, self.live[i].id
+                ));
+            }
+            Cli::Failed(_) | Cli::TimedOut => self.report.detach_failed += 1,
         }
         Ok(())
     }
@@ -920,7 +940,7 @@ impl Campaign {
                     }
                 }
                 self.log(&format!("vmlock {what} failed: {}", said.trim()));
-                Ok(Cli::Failed)
+                Ok(Cli::Failed(said))
             }
             None => {
                 let _ = child.kill();
