@@ -1,0 +1,1272 @@
+//! The campaign: seeded operations and faults against real guests under the real `vmlock run`,
+//! and the checks after things settle.
+//!
+//! Every choice (which operation, which VM, which disks, which fault variant, how long a pause)
+//! comes from the seeded [`Rng`]; what the system answers (a refusal, a timing) can differ between
+//! two runs of one seed, and the state the next choice is made from with it.
+
+use crate::guest::{ack_path, ctl_path, log_path, write_atomic};
+use crate::locks::{locked_by_process, locked_files, path_locked, FileId};
+use crate::rng::Rng;
+use anyhow::Context as _;
+use rustix::process::Signal;
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmlock_sys::pidfd::ProcessHandle;
+use vmlock_testkit::process::{read_line, wait_child};
+
+/// How long `vmlock run` may take to report its guest started (or to give up).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long any other `vmlock` command may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a signalled process may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a guest may take to apply a hotplug or unplug.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the daemon may take to serve again after it was killed.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long things may take to settle before the final checks.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lost and leaked locks are also checked (after settling) every this many operations, so a leak
+/// that a later daemon restart would hide is seen.
+const CHECK_EVERY: u64 = 250;
+/// Size of each disk file.
+const DISK_SIZE: u64 = 64 * 1024;
+
+/// What the campaign is asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The seed of every choice.
+    pub seed: u64,
+    /// How many operations (faults included).
+    pub ops: u64,
+    /// Stop earlier once this much time has passed.
+    pub duration: Option<Duration>,
+    /// The `vmlock` binary under test.
+    pub vmlock: PathBuf,
+    /// A program that runs the guest as `PROGRAM guest ARGS...` ([`crate::guest::main`]).
+    pub guest_program: PathBuf,
+    /// How many disks the VMs fight over.
+    pub disks: usize,
+    /// How many VMs (uuids) exist; at most this many guests run at once.
+    pub vms: usize,
+    /// Keep the working directory (disks, guests' findings) at the end.
+    pub keep_dir: bool,
+    /// Print each operation.
+    pub verbose: bool,
+}
+
+impl Options {
+    /// Defaults: 6 disks, 4 VMs.
+    pub fn new(seed: u64, ops: u64, vmlock: PathBuf, guest_program: PathBuf) -> Self {
+        Options {
+            seed,
+            ops,
+            duration: None,
+            vmlock,
+            guest_program,
+            disks: 6,
+            vms: 4,
+            keep_dir: false,
+            verbose: false,
+        }
+    }
+}
+
+/// The kinds of operation, faults included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Op {
+    /// `vmlock run` of a guest on 1–2 random disks (refusals expected).
+    Start,
+    /// SIGTERM to a supervisor (forwarded to its guest).
+    Stop,
+    /// `vmlock attach-disk`, then the guest plugs the disk in.
+    Attach,
+    /// The guest unplugs a disk, then `vmlock detach-disk`.
+    Detach,
+    /// Fault: SIGKILL vmlockd (the next CLI call starts a new one).
+    KillDaemon,
+    /// Fault: SIGSTOP vmlockd for 20–300 ms while a client asks it something, then SIGCONT.
+    PauseDaemon,
+    /// Fault: SIGKILL a supervisor (`vmlock run`).
+    KillSupervisor,
+    /// Fault: SIGKILL a guest.
+    KillGuest,
+    /// Fault: delete `state.json` (or every state file), then SIGKILL vmlockd.
+    DeleteState,
+    /// Fault: corrupt a state file (truncate, flip bytes, garbage, empty), then SIGKILL vmlockd.
+    CorruptState,
+    /// Fault: open 50–400 idle connections, kept for the next 1–10 operations.
+    IdleConnections,
+    /// Fault: a malformed frame (oversized length, bad JSON, wrong shape, cut short, noise).
+    MalformedFrame,
+    /// Fault: SIGKILL vmlockd 0–20 ms into a start or a hotplug.
+    KillDaemonMidRequest,
+    /// Fault: SIGKILL a supervisor 0–20 ms into a hotplug of its VM.
+    KillSupervisorMidRequest,
+}
+
+impl Op {
+    const ALL: [(Op, u64); 14] = [
+        (Op::Start, 300),
+        (Op::Stop, 120),
+        (Op::Attach, 160),
+        (Op::Detach, 140),
+        (Op::KillDaemon, 12),
+        (Op::PauseDaemon, 10),
+        (Op::KillSupervisor, 10),
+        (Op::KillGuest, 10),
+        (Op::DeleteState, 4),
+        (Op::CorruptState, 4),
+        (Op::IdleConnections, 5),
+        (Op::MalformedFrame, 8),
+        (Op::KillDaemonMidRequest, 8),
+        (Op::KillSupervisorMidRequest, 6),
+    ];
+
+    /// Its name in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Start => "start",
+            Op::Stop => "stop (SIGTERM supervisor)",
+            Op::Attach => "hotplug (attach-disk)",
+            Op::Detach => "unplug (detach-disk)",
+            Op::KillDaemon => "SIGKILL vmlockd",
+            Op::PauseDaemon => "SIGSTOP/SIGCONT vmlockd",
+            Op::KillSupervisor => "SIGKILL supervisor",
+            Op::KillGuest => "SIGKILL guest",
+            Op::DeleteState => "state files deleted + SIGKILL vmlockd",
+            Op::CorruptState => "state file corrupted + SIGKILL vmlockd",
+            Op::IdleConnections => "idle connections",
+            Op::MalformedFrame => "malformed frame",
+            Op::KillDaemonMidRequest => "SIGKILL vmlockd mid-request (start/hotplug)",
+            Op::KillSupervisorMidRequest => "SIGKILL supervisor mid-hotplug",
+        }
+    }
+
+    /// Whether it is a fault.
+    pub fn is_fault(self) -> bool {
+        !matches!(self, Op::Start | Op::Stop | Op::Attach | Op::Detach)
+    }
+}
+
+/// What a campaign found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Operations done, faults included.
+    pub ops: u64,
+    /// Operations by kind.
+    pub by_kind: BTreeMap<Op, u64>,
+    /// Guests started.
+    pub started: u64,
+    /// Starts refused (expected: the disk was taken).
+    pub refused: u64,
+    /// Hotplugs that succeeded / were refused.
+    pub attached: u64,
+    /// Hotplugs refused.
+    pub attach_refused: u64,
+    /// Unplugs that succeeded.
+    pub detached: u64,
+    /// Unplugs refused or failed.
+    pub detach_failed: u64,
+    /// Unplugs refused because vmlock's table did not know the VM held the disk.
+    pub detach_unknown: u64,
+    /// CLI calls (including starts) that did not end within their bound.
+    pub cli_timeouts: u64,
+    /// Guests that saw another guest's mark on a disk they held.
+    pub double_writers: u64,
+    /// Live guests that saw no lock on a disk they were writing.
+    pub no_lock: u64,
+    /// The same, seen by a guest whose supervisor had died (the moment before PDEATHSIG).
+    pub orphan_no_lock: u64,
+    /// Disks a live guest holds with no lock left on them (after settling).
+    pub locks_lost: u64,
+    /// Locks on the campaign's disks that no live guest's supervisor keeps (after settling, and
+    /// after every guest was stopped).
+    pub locks_leaked: u64,
+    /// Guests that ended without the campaign ending them.
+    pub killed_by_vmlock: u64,
+    /// Guests' own errors (open, write, /proc).
+    pub guest_errors: u64,
+    /// Rounds in which a guest's `F_OFD_GETLK` saw its lock but its read of `/proc/locks` did not.
+    pub proc_locks_misses: u64,
+    /// From each daemon kill to the next successful acquire, by fault kind.
+    pub recovery: BTreeMap<Op, Vec<Duration>>,
+    /// Daemon kills after which no acquire succeeded within the bound.
+    pub recovery_failures: u64,
+    /// Wall-clock time.
+    pub elapsed: Duration,
+    /// One line per violation or anomaly.
+    pub details: Vec<String>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+impl Report {
+    /// Faults injected.
+    pub fn faults(&self) -> u64 {
+        self.by_kind
+            .iter()
+            .filter(|(k, _)| k.is_fault())
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Whether every must-be-0 row is 0.
+    pub fn passed(&self) -> bool {
+        self.double_writers == 0
+            && self.no_lock == 0
+            && self.locks_lost == 0
+            && self.locks_leaked == 0
+            && self.killed_by_vmlock == 0
+    }
+
+    /// The table (Markdown).
+    pub fn table(&self) -> String {
+        let mut rows: Vec<(String, String)> = Vec::new();
+        let mut row = |k: &str, v: String| rows.push((k.to_owned(), v));
+        row("seed", self.seed.to_string());
+        row("operations", self.ops.to_string());
+        row("wall time", format!("{:.1} s", self.elapsed.as_secs_f64()));
+        for (k, n) in &self.by_kind {
+            if !k.is_fault() {
+                row(&format!("  {}", k.name()), n.to_string());
+            }
+        }
+        row(
+            "guests started / starts refused",
+            format!("{} / {}", self.started, self.refused),
+        );
+        row(
+            "hotplugs ok / refused; unplugs ok / failed",
+            format!(
+                "{} / {}; {} / {}",
+                self.attached, self.attach_refused, self.detached, self.detach_failed
+            ),
+        );
+        row(
+            "unplugs refused as \"not locked by VM\" (held, attached, never released)",
+            self.detach_unknown.to_string(),
+        );
+        row("faults", self.faults().to_string());
+        for (k, n) in &self.by_kind {
+            if k.is_fault() {
+                row(&format!("  {}", k.name()), n.to_string());
+            }
+        }
+        row(
+            "double writers (must be 0)",
+            self.double_writers.to_string(),
+        );
+        row(
+            "live guests seen without their lock (must be 0)",
+            self.no_lock.to_string(),
+        );
+        row("locks lost (must be 0)", self.locks_lost.to_string());
+        row("locks leaked (must be 0)", self.locks_leaked.to_string());
+        row(
+            "guests killed by vmlock's own restart (must be 0)",
+            self.killed_by_vmlock.to_string(),
+        );
+        row(
+            "no lock seen by a guest whose supervisor had died",
+            self.orphan_no_lock.to_string(),
+        );
+        row("CLI calls over their bound", self.cli_timeouts.to_string());
+        row("guest errors", self.guest_errors.to_string());
+        row(
+            "locks missing from a /proc/locks read but held (F_OFD_GETLK)",
+            self.proc_locks_misses.to_string(),
+        );
+        for (k, v) in &self.recovery {
+            let mut v = v.clone();
+            v.sort();
+            row(
+                &format!("recovery after {} (p50 / p99, n)", k.name()),
+                format!(
+                    "{} ms / {} ms, {}",
+                    percentile(&v, 0.5).as_millis(),
+                    percentile(&v, 0.99).as_millis(),
+                    v.len()
+                ),
+            );
+        }
+        row(
+            "daemon kills without recovery within 30 s",
+            self.recovery_failures.to_string(),
+        );
+        let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        let mut out = format!("| {:w$} | value |\n|{}|---|\n", "row", "-".repeat(w + 2));
+        for (k, v) in rows {
+            out.push_str(&format!("| {k:w$} | {v} |\n"));
+        }
+        out
+    }
+}
+
+/// A guest the campaign started and still tracks.
+struct Live {
+    id: u64,
+    slot: usize,
+    supervisor: Child,
+    guest: Option<ProcessHandle>,
+    guest_pid: u32,
+    disks: Vec<usize>,
+    generation: u64,
+    /// The campaign ended (or is ending) it: SIGTERM or SIGKILL to it or its supervisor.
+    signalled: bool,
+    said: Arc<Mutex<String>>,
+}
+
+impl Live {
+    fn guest_gone(&self) -> bool {
+        self.guest.as_ref().map_or(true, ProcessHandle::has_exited)
+    }
+}
+
+enum Started {
+    Yes(Box<Live>),
+    Refused,
+    TimedOut,
+}
+
+#[derive(Debug)]
+enum Cli {
+    Ok,
+    /// It failed, saying this.
+    Failed(String),
+    TimedOut,
+}
+
+struct Campaign {
+    opts: Options,
+    rng: Rng,
+    dir: tempfile::TempDir,
+    disks: Vec<PathBuf>,
+    disk_ids: Vec<FileId>,
+    probe_disk: PathBuf,
+    uuids: Vec<String>,
+    live: Vec<Live>,
+    next_id: u64,
+    idle: Vec<(u64, Vec<UnixStream>)>,
+    ops_log: Option<std::io::BufWriter<std::fs::File>>,
+    report: Report,
+}
+
+/// Runs a campaign and returns what it found. Errors are failures of the campaign itself (its
+/// directory, spawning `vmlock`), not findings.
+pub fn run(opts: Options) -> anyhow::Result<Report> {
+    let dir = tempfile::Builder::new()
+        .prefix("vmlock-torture-")
+        .tempdir()
+        .context("creating the campaign's directory")?;
+    let mut disks = Vec::new();
+    let mut disk_ids = Vec::new();
+    for i in 0..=opts.disks {
+        let p = dir.path().join(format!("disk{i}.img"));
+        let f = std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        f.set_len(DISK_SIZE)?;
+        disk_ids.push(FileId::of(&p)?);
+        disks.push(p);
+    }
+    // The last disk is the recovery probe's own, so a probe is never refused by a guest.
+    let probe_disk = disks.pop().context("no probe disk")?;
+    let uuids = (0..=opts.vms)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let mut c = Campaign {
+        rng: Rng::new(opts.seed),
+        report: Report {
+            seed: opts.seed,
+            ..Report::default()
+        },
+        opts,
+        dir,
+        disks,
+        disk_ids,
+        probe_disk,
+        uuids,
+        live: Vec::new(),
+        next_id: 1,
+        idle: Vec::new(),
+        ops_log: None,
+    };
+    c.ops_log = std::fs::File::create(c.dir.path().join("ops.log"))
+        .ok()
+        .map(std::io::BufWriter::new);
+    let t0 = Instant::now();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.campaign(t0)));
+    // Whatever happened (a panic too): every guest ends, the daemon is killed by pid.
+    c.stop_all();
+    c.kill_daemon();
+    match result {
+        Ok(r) => r?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+    c.report.elapsed = t0.elapsed();
+    if c.opts.keep_dir || !c.report.passed() {
+        let kept = c.dir.keep();
+        c.report
+            .details
+            .push(format!("campaign directory kept: {}", kept.display()));
+    }
+    Ok(c.report)
+}
+
+impl Campaign {
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn vmlock(&self) -> Command {
+        let mut c = Command::new(&self.opts.vmlock);
+        c.arg("--runtime-dir")
+            .arg(self.run_dir())
+            .env("VMLOCK_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        c
+    }
+
+    /// Notes what is done in `DIR/ops.log` (and on stderr with `verbose`), time-stamped like the
+    /// guests' findings.
+    fn log(&mut self, what: &str) {
+        let line = format!("op {} @{}: {what}", self.report.ops, crate::now_ms());
+        if self.opts.verbose {
+            eprintln!("torture: {line}");
+        }
+        if let Some(f) = &mut self.ops_log {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    fn campaign(&mut self, t0: Instant) -> anyhow::Result<()> {
+        let weights: Vec<u64> = Op::ALL.iter().map(|(_, w)| *w).collect();
+        while self.report.ops < self.opts.ops {
+            if self.opts.duration.is_some_and(|d| t0.elapsed() >= d) {
+                break;
+            }
+            let ops = self.report.ops;
+            self.idle.retain(|(until, _)| *until > ops);
+            self.reap();
+            let op = Op::ALL[self.rng.weighted(&weights)].0;
+            let done = self.step(op)?;
+            self.report.ops += 1;
+            *self.report.by_kind.entry(done).or_default() += 1;
+            if self.report.ops % CHECK_EVERY == 0 {
+                let when = format!("at op {}", self.report.ops);
+                self.settle_and_check(&when, false);
+            }
+        }
+        self.idle.clear();
+        self.settle_and_check("after the campaign", true);
+        self.read_findings();
+        Ok(())
+    }
+
+    /// Does `op`, or another when it cannot be done now (no guest to stop, say); returns what
+    /// was done.
+    fn step(&mut self, op: Op) -> anyhow::Result<Op> {
+        let needs_guest = matches!(
+            op,
+            Op::Stop
+                | Op::Attach
+                | Op::Detach
+                | Op::KillSupervisor
+                | Op::KillGuest
+                | Op::KillSupervisorMidRequest
+        );
+        if needs_guest && self.live.is_empty() {
+            return self.step(Op::Start);
+        }
+        match op {
+            Op::Start => {
+                if !self.start_random()? {
+                    return self.step(Op::Stop);
+                }
+            }
+            Op::Stop => {
+                let i = self.rng.below(self.live.len() as u64) as usize;
+                self.log(&format!("stop guest {}", self.live[i].id));
+                self.stop(i);
+            }
+            Op::Attach => self.attach()?,
+            Op::Detach => self.detach()?,
+            Op::KillDaemon | Op::DeleteState | Op::CorruptState => {
+                if !self.ensure_daemon() {
+                    self.report
+                        .details
+                        .push(format!("op {}: no daemon to kill", self.report.ops));
+                    return Ok(op);
+                }
+                if op == Op::DeleteState {
+                    self.delete_state();
+                } else if op == Op::CorruptState {
+                    self.corrupt_state()?;
+                }
+                self.log(op.name());
+                let t = Instant::now();
+                self.kill_daemon();
+                self.recover(op, t)?;
+            }
+            Op::PauseDaemon => self.pause_daemon()?,
+            Op::KillSupervisor => {
+                let i = self.rng.below(self.live.len() as u64) as usize;
+                self.log(&format!("SIGKILL supervisor of guest {}", self.live[i].id));
+                let mut l = self.live.swap_remove(i);
+                l.signalled = true;
+                let _ = l.supervisor.kill();
+                self.finish(l);
+            }
+            Op::KillGuest => {
+                let i = self.rng.below(self.live.len() as u64) as usize;
+                self.log(&format!("SIGKILL guest {}", self.live[i].id));
+                let mut l = self.live.swap_remove(i);
+                l.signalled = true;
+                if let Some(h) = &l.guest {
+                    let _ = h.signal(Signal::KILL);
+                }
+                self.finish(l);
+            }
+            Op::IdleConnections => {
+                let n = self.rng.range(50, 400);
+                let keep = self.rng.range(1, 10);
+                let sock = self.run_dir().join("vmlockd.sock");
+                let conns: Vec<UnixStream> = (0..n)
+                    .filter_map(|_| UnixStream::connect(&sock).ok())
+                    .collect();
+                self.log(&format!("{} idle connections", conns.len()));
+                self.idle.push((self.report.ops + keep, conns));
+            }
+            Op::MalformedFrame => self.malformed(),
+            Op::KillDaemonMidRequest => {
+                if !self.ensure_daemon() {
+                    return Ok(op);
+                }
+                let Some(daemon) = self.daemon() else {
+                    return Ok(op);
+                };
+                let delay = Duration::from_micros(self.rng.range(0, 20_000));
+                self.log(&format!("SIGKILL vmlockd {delay:?} into a request"));
+                let killer = std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    let _ = daemon.signal(Signal::KILL);
+                    let at = Instant::now();
+                    daemon.wait_exit(Some(EXIT_TIMEOUT));
+                    at
+                });
+                if self.live.is_empty() || self.rng.below(2) == 0 {
+                    if !self.start_random()? {
+                        self.attach()?;
+                    }
+                } else {
+                    self.attach()?;
+                }
+                let killed_at = killer.join().unwrap_or_else(|_| Instant::now());
+                self.recover(op, killed_at)?;
+            }
+            Op::KillSupervisorMidRequest => self.kill_supervisor_mid_hotplug()?,
+        }
+        Ok(op)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Guests
+
+    /// Starts a guest in a free slot on 1–2 random disks; false if no slot is free.
+    fn start_random(&mut self) -> anyhow::Result<bool> {
+        let free: Vec<usize> = (0..self.opts.vms)
+            .filter(|s| !self.live.iter().any(|l| l.slot == *s))
+            .collect();
+        let Some(&slot) = self.rng.pick(&free) else {
+            return Ok(false);
+        };
+        let n = self.rng.range(1, 2.min(self.disks.len() as u64));
+        let mut chosen = Vec::new();
+        while chosen.len() < n as usize {
+            let d = self.rng.below(self.disks.len() as u64) as usize;
+            if !chosen.contains(&d) {
+                chosen.push(d);
+            }
+        }
+        self.log(&format!("start vm{slot} on {chosen:?}"));
+        self.start_and_track(slot, &chosen)?;
+        Ok(true)
+    }
+
+    fn start_and_track(&mut self, slot: usize, disks: &[usize]) -> anyhow::Result<bool> {
+        match self.start(slot, disks)? {
+            Started::Yes(l) => {
+                self.report.started += 1;
+                self.live.push(*l);
+                Ok(true)
+            }
+            Started::Refused => {
+                self.report.refused += 1;
+                Ok(false)
+            }
+            Started::TimedOut => Ok(false),
+        }
+    }
+
+    fn disk_path(&self, d: usize) -> &Path {
+        self.disks.get(d).unwrap_or(&self.probe_disk)
+    }
+
+    /// `vmlock run` of a new guest in `slot` on `disks` (index `self.disks.len()` is the probe's).
+    fn start(&mut self, slot: usize, disks: &[usize]) -> anyhow::Result<Started> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut cmd = self.vmlock();
+        cmd.args(["run", "--name", &format!("vm{slot}"), "--uuid"])
+            .arg(&self.uuids[slot]);
+        for d in disks {
+            cmd.arg("--disk").arg(self.disk_path(*d));
+        }
+        cmd.arg("--")
+            .arg(&self.opts.guest_program)
+            .args(["guest", "--id", &id.to_string(), "--dir"])
+            .arg(self.dir.path());
+        for d in disks {
+            cmd.arg("--disk").arg(self.disk_path(*d));
+        }
+        let mut supervisor = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning vmlock run")?;
+        let mut stderr = supervisor.stderr.take().context("piped stderr")?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut said = String::new();
+        let guest_pid = loop {
+            match read_line(
+                &mut stderr,
+                deadline.saturating_duration_since(Instant::now()),
+            ) {
+                Ok(Some(line)) => {
+                    if let Some((_, pid)) = line.rsplit_once("guest pid ") {
+                        break pid.trim().parse::<u32>().ok();
+                    }
+                    said.push_str(&line);
+                    said.push('\n');
+                }
+                Ok(None) => break None,
+                Err(_) => {
+                    let _ = supervisor.kill();
+                    let _ = wait_child(&mut supervisor, EXIT_TIMEOUT);
+                    self.report.cli_timeouts += 1;
+                    self.report.details.push(format!(
+                        "op {}: vmlock run of vm{slot} on {disks:?} did not answer within {START_TIMEOUT:?}; it said: {said}",
+                        self.report.ops
+                    ));
+                    return Ok(Started::TimedOut);
+                }
+            }
+        };
+        let Some(guest_pid) = guest_pid else {
+            if wait_child(&mut supervisor, EXIT_TIMEOUT).is_none() {
+                let _ = supervisor.kill();
+                let _ = wait_child(&mut supervisor, EXIT_TIMEOUT);
+                self.report.cli_timeouts += 1;
+            }
+            self.log(&format!("refused: {}", said.trim()));
+            return Ok(Started::Refused);
+        };
+        let guest = ProcessHandle::open(guest_pid, None).ok();
+        self.log(&format!(
+            "guest {id} (vm{slot}) started on {disks:?}: supervisor {}, guest pid {guest_pid}",
+            supervisor.id()
+        ));
+        let said = Arc::new(Mutex::new(said));
+        drain(stderr, Arc::clone(&said));
+        Ok(Started::Yes(Box::new(Live {
+            id,
+            slot,
+            supervisor,
+            guest,
+            guest_pid,
+            disks: disks.to_vec(),
+            generation: 0,
+            signalled: false,
+            said,
+        })))
+    }
+
+    /// A guest the campaign ended or saw end: waits (bounded) for its supervisor and its guest,
+    /// and counts it if the campaign did not end it.
+    fn finish(&mut self, mut l: Live) {
+        self.log(&format!(
+            "guest {} ends (ended by the campaign: {})",
+            l.id, l.signalled
+        ));
+        if wait_child(&mut l.supervisor, EXIT_TIMEOUT).is_none() {
+            self.report.details.push(format!(
+                "op {}: supervisor of guest {} still running {EXIT_TIMEOUT:?} after its end began; SIGKILLed",
+                self.report.ops, l.id
+            ));
+            let _ = l.supervisor.kill();
+            let _ = wait_child(&mut l.supervisor, EXIT_TIMEOUT);
+        }
+        if let Some(h) = &l.guest {
+            if !h.wait_exit(Some(EXIT_TIMEOUT)) {
+                self.report.details.push(format!(
+                    "op {}: guest {} (pid {}) outlived its supervisor by {EXIT_TIMEOUT:?}; SIGKILLed",
+                    self.report.ops, l.id, l.guest_pid
+                ));
+                let _ = h.signal(Signal::KILL);
+                h.wait_exit(Some(EXIT_TIMEOUT));
+            }
+        }
+        if !l.signalled {
+            self.report.killed_by_vmlock += 1;
+            let said = l.said.lock().map(|s| s.clone()).unwrap_or_default();
+            self.report.details.push(format!(
+                "op {}: guest {} (vm{}, disks {:?}, pid {}) ended without the campaign ending it; its log: {:?}; its supervisor said: {}",
+                self.report.ops,
+                l.id,
+                l.slot,
+                l.disks,
+                l.guest_pid,
+                std::fs::read_to_string(log_path(self.dir.path(), l.id)).unwrap_or_default(),
+                said.trim()
+            ));
+        }
+    }
+
+    /// Takes every guest that ended on its own out of the live set.
+    fn reap(&mut self) {
+        let mut i = 0;
+        while i < self.live.len() {
+            let l = &mut self.live[i];
+            let sup_gone = matches!(l.supervisor.try_wait(), Ok(Some(_)));
+            if sup_gone || l.guest_gone() {
+                let l = self.live.swap_remove(i);
+                self.finish(l);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn stop(&mut self, i: usize) {
+        let mut l = self.live.swap_remove(i);
+        l.signalled = true;
+        if let Some(pid) = i32::try_from(l.supervisor.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, Signal::TERM);
+        }
+        self.finish(l);
+    }
+
+    fn stop_all(&mut self) {
+        while !self.live.is_empty() {
+            self.stop(0);
+        }
+    }
+
+    /// Tells guest `i` its disks and waits (bounded) until it applied them; false if it did not.
+    fn plug(&mut self, i: usize) -> anyhow::Result<bool> {
+        self.live[i].generation += 1;
+        let l = &self.live[i];
+        let mut text = format!("{}\n", l.generation);
+        for d in &l.disks {
+            text.push_str(&format!("{}\n", self.disk_path(*d).display()));
+        }
+        let (id, generation) = (l.id, l.generation);
+        write_atomic(&ctl_path(self.dir.path(), id), &text).context("writing a guest's ctl")?;
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        loop {
+            let acked = std::fs::read_to_string(ack_path(self.dir.path(), id))
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .is_some_and(|g| g >= generation);
+            if acked {
+                return Ok(true);
+            }
+            if self.live[i].guest_gone() || Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn attach(&mut self) -> anyhow::Result<()> {
+        let i = self.rng.below(self.live.len() as u64) as usize;
+        let absent: Vec<usize> = (0..self.disks.len())
+            .filter(|d| !self.live[i].disks.contains(d))
+            .collect();
+        let Some(&d) = self.rng.pick(&absent) else {
+            return Ok(());
+        };
+        let uuid = self.uuids[self.live[i].slot].clone();
+        self.log(&format!("attach disk {d} to guest {}", self.live[i].id));
+        let mut cmd = self.vmlock();
+        cmd.args(["attach-disk", "--uuid", &uuid, "--disk"])
+            .arg(&self.disks[d]);
+        let answer = self.cli(cmd, "attach-disk")?;
+        self.log(&format!("attach-disk: {answer:?}"));
+        match answer {
+            Cli::Ok => {
+                self.report.attached += 1;
+                self.live[i].disks.push(d);
+                if !self.plug(i)? && !self.live[i].guest_gone() {
+                    self.report.details.push(format!(
+                        "op {}: guest {} did not plug disk {d} in within {ACK_TIMEOUT:?}",
+                        self.report.ops, self.live[i].id
+                    ));
+                }
+            }
+            Cli::Failed(_) => self.report.attach_refused += 1,
+            Cli::TimedOut => {}
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs a supervisor 0–20 ms after a `vmlock attach-disk` for its VM started.
+    fn kill_supervisor_mid_hotplug(&mut self) -> anyhow::Result<()> {
+        let i = self.rng.below(self.live.len() as u64) as usize;
+        let absent: Vec<usize> = (0..self.disks.len())
+            .filter(|d| !self.live[i].disks.contains(d))
+            .collect();
+        let d = self.rng.pick(&absent).copied();
+        let delay = Duration::from_micros(self.rng.range(0, 20_000));
+        self.log(&format!(
+            "SIGKILL supervisor of guest {} {delay:?} into a hotplug of disk {d:?}",
+            self.live[i].id
+        ));
+        let mut attach = match d {
+            Some(d) => {
+                let uuid = self.uuids[self.live[i].slot].clone();
+                let mut cmd = self.vmlock();
+                cmd.args(["attach-disk", "--uuid", &uuid, "--disk"])
+                    .arg(&self.disks[d])
+                    .stderr(Stdio::null());
+                Some(cmd.spawn().context("spawning vmlock attach-disk")?)
+            }
+            None => None,
+        };
+        std::thread::sleep(delay);
+        let mut l = self.live.swap_remove(i);
+        l.signalled = true;
+        let _ = l.supervisor.kill();
+        if let Some(child) = &mut attach {
+            if wait_child(child, CLI_TIMEOUT).is_none() {
+                let _ = child.kill();
+                let _ = wait_child(child, EXIT_TIMEOUT);
+                self.report.cli_timeouts += 1;
+                self.report.details.push(format!(
+                    "op {}: attach-disk racing a supervisor's SIGKILL did not end within {CLI_TIMEOUT:?}",
+                    self.report.ops
+                ));
+            }
+        }
+        self.finish(l);
+        Ok(())
+    }
+
+    fn detach(&mut self) -> anyhow::Result<()> {
+        let i = self.rng.below(self.live.len() as u64) as usize;
+        let Some(&d) = self.rng.pick(&self.live[i].disks) else {
+            return Ok(());
+        };
+        self.log(&format!("detach disk {d} from guest {}", self.live[i].id));
+        self.live[i].disks.retain(|x| *x != d);
+        if !self.plug(i)? {
+            if !self.live[i].guest_gone() {
+                // It may still write the disk: keep it and do not release it.
+                self.live[i].disks.push(d);
+                self.report.details.push(format!(
+                    "op {}: guest {} did not unplug disk {d} within {ACK_TIMEOUT:?}",
+                    self.report.ops, self.live[i].id
+                ));
+            }
+            return Ok(());
+        }
+        let uuid = self.uuids[self.live[i].slot].clone();
+        let mut cmd = self.vmlock();
+        cmd.args(["detach-disk", "--uuid", &uuid, "--disk"])
+            .arg(&self.disks[d]);
+        let answer = self.cli(cmd, "detach-disk")?;
+        self.log(&format!("detach-disk: {answer:?}"));
+        match answer {
+            Cli::Ok => self.report.detached += 1,
+            Cli::Failed(said) if said.contains("is not locked by VM") => {
+                // vmlock's table says the VM does not hold a disk it attached and never
+                // released: the table is out of step with the kernel (and with the holder).
+                self.report.detach_failed += 1;
+                self.report.detach_unknown += 1;
+                let locked = path_locked(&self.disks[d]).unwrap_or(false);
+                let kept =
+                    locked_by_process(self.live[i].supervisor.id()).contains(&self.disk_ids[d]);
+                self.report.details.push(format!(
+                    "op {} (seed {}): detach-disk of disk {d} from guest {} refused as not locked by its VM; kernel lock held: {locked}, kept by its supervisor: {kept}",
+                    self.report.ops, self.opts.seed, self.live[i].id
+                ));
+            }
+            Cli::Failed(_) | Cli::TimedOut => self.report.detach_failed += 1,
+        }
+        Ok(())
+    }
+
+    /// Runs a `vmlock` command, bounded.
+    fn cli(&mut self, mut cmd: Command, what: &str) -> anyhow::Result<Cli> {
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning vmlock {what}"))?;
+        match wait_child(&mut child, CLI_TIMEOUT) {
+            Some(status) if status.success() => Ok(Cli::Ok),
+            Some(_) => {
+                // It has exited: what it said is in the pipe (read with a bound all the same).
+                let mut said = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    while let Ok(Some(line)) = read_line(&mut err, Duration::from_secs(1)) {
+                        said.push_str(&line);
+                        said.push(' ');
+                    }
+                }
+                self.log(&format!("vmlock {what} failed: {}", said.trim()));
+                Ok(Cli::Failed(said))
+            }
+            None => {
+                let _ = child.kill();
+                let _ = wait_child(&mut child, EXIT_TIMEOUT);
+                self.report.cli_timeouts += 1;
+                self.report.details.push(format!(
+                    "op {}: vmlock {what} did not end within {CLI_TIMEOUT:?}",
+                    self.report.ops
+                ));
+                Ok(Cli::TimedOut)
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The daemon
+
+    /// The daemon's pid, if its pid file names a live process running in our runtime directory
+    /// (so a stale pid file never makes us signal a stranger).
+    fn daemon(&self) -> Option<ProcessHandle> {
+        let pid = vmlock_testkit::vmlockd::pid_in(&self.run_dir())?;
+        let h = ProcessHandle::open(pid, None).ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let run = self.run_dir();
+        let ours = String::from_utf8_lossy(&cmdline).contains(&*run.to_string_lossy());
+        ours.then_some(h)
+    }
+
+    /// Makes sure a daemon runs (`vmlock status` starts one); whether one does.
+    fn ensure_daemon(&mut self) -> bool {
+        if self.daemon().is_some() {
+            return true;
+        }
+        let mut cmd = self.vmlock();
+        cmd.arg("status");
+        let _ = self.cli(cmd, "status");
+        self.daemon().is_some()
+    }
+
+    fn kill_daemon(&mut self) {
+        if let Some(h) = self.daemon() {
+            let _ = h.signal(Signal::KILL);
+            if !h.wait_exit(Some(EXIT_TIMEOUT)) {
+                self.report.details.push(format!(
+                    "op {}: vmlockd (pid {}) still running {EXIT_TIMEOUT:?} after SIGKILL",
+                    self.report.ops, h.pid
+                ));
+            }
+        }
+    }
+
+    /// After a daemon kill at `since`: starts a probe guest on the probe's own disk until one
+    /// starts (a successful acquire), records the time, and stops it.
+    fn recover(&mut self, kind: Op, since: Instant) -> anyhow::Result<()> {
+        let probe_slot = self.opts.vms;
+        let probe_disk = self.disks.len();
+        loop {
+            match self.start(probe_slot, &[probe_disk])? {
+                Started::Yes(l) => {
+                    self.report
+                        .recovery
+                        .entry(kind)
+                        .or_default()
+                        .push(since.elapsed());
+                    self.live.push(*l);
+                    let i = self.live.len() - 1;
+                    self.stop(i);
+                    return Ok(());
+                }
+                Started::Refused if since.elapsed() < RECOVERY_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Started::Refused | Started::TimedOut => {
+                    self.report.recovery_failures += 1;
+                    self.report.details.push(format!(
+                        "op {}: no acquire succeeded within {RECOVERY_TIMEOUT:?} after {}",
+                        self.report.ops,
+                        kind.name()
+                    ));
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn pause_daemon(&mut self) -> anyhow::Result<()> {
+        if !self.ensure_daemon() {
+            return Ok(());
+        }
+        let Some(h) = self.daemon() else {
+            return Ok(());
+        };
+        let pause = Duration::from_millis(self.rng.range(20, 300));
+        self.log(&format!("SIGSTOP vmlockd for {pause:?}"));
+        let _ = h.signal(Signal::STOP);
+        let mut cmd = self.vmlock();
+        let asking = cmd
+            .arg("status")
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning vmlock status");
+        std::thread::sleep(pause);
+        let _ = h.signal(Signal::CONT);
+        let mut asking = asking?;
+        if wait_child(&mut asking, CLI_TIMEOUT).is_none() {
+            let _ = asking.kill();
+            let _ = wait_child(&mut asking, EXIT_TIMEOUT);
+            self.report.cli_timeouts += 1;
+            self.report.details.push(format!(
+                "op {}: vmlock status asked during a SIGSTOP did not end within {CLI_TIMEOUT:?} of SIGCONT",
+                self.report.ops
+            ));
+        }
+        Ok(())
+    }
+
+    fn state_files(&self) -> Vec<PathBuf> {
+        ["state.json", "state.journal", "state.journal.1"]
+            .iter()
+            .map(|f| self.run_dir().join(f))
+            .collect()
+    }
+
+    fn delete_state(&mut self) {
+        let files = self.state_files();
+        if self.rng.below(2) == 0 {
+            self.log("delete state.json");
+            let _ = std::fs::remove_file(&files[0]);
+        } else {
+            self.log("delete every state file");
+            for f in &files {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+
+    fn corrupt_state(&mut self) -> anyhow::Result<()> {
+        let files: Vec<PathBuf> = self
+            .state_files()
+            .into_iter()
+            .filter(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+            .collect();
+        let variant = self.rng.below(4);
+        let Some(f) = self.rng.pick(&files).cloned() else {
+            return Ok(());
+        };
+        let mut data = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+        match variant {
+            0 => data.truncate(data.len() / 2),
+            1 => {
+                for _ in 0..8 {
+                    let at = self.rng.below(data.len() as u64) as usize;
+                    data[at] = self.rng.next_u64() as u8;
+                }
+            }
+            2 => data = b"{\"garbage\": [1, 2,".to_vec(),
+            _ => data.clear(),
+        }
+        self.log(&format!("corrupt {} (variant {variant})", f.display()));
+        std::fs::write(&f, &data).with_context(|| format!("writing {}", f.display()))?;
+        Ok(())
+    }
+
+    fn malformed(&mut self) {
+        let variant = self.rng.below(5);
+        let mut noise = vec![0u8; self.rng.range(1, 64) as usize];
+        for b in &mut noise {
+            *b = self.rng.next_u64() as u8;
+        }
+        let frame = |body: &[u8]| {
+            let mut v = (body.len() as u32).to_be_bytes().to_vec();
+            v.extend_from_slice(body);
+            v
+        };
+        let bytes = match variant {
+            0 => u32::MAX.to_be_bytes().to_vec(),
+            1 => frame(b"not json at all"),
+            2 => frame(b"{\"Bogus\":{\"uuid\":42}}"),
+            3 => {
+                let mut v = frame(b"{\"Hello\":{\"version\":1}}");
+                v.truncate(9);
+                v
+            }
+            _ => noise,
+        };
+        self.log(&format!("malformed frame (variant {variant})"));
+        let Ok(mut s) = UnixStream::connect(self.run_dir().join("vmlockd.sock")) else {
+            return;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let _ = s.write_all(&bytes);
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Checks
+
+    /// Locks lost (a live guest's disk without a lock) and leaked (a lock no live guest's
+    /// supervisor keeps), now.
+    fn violations(&self) -> (Vec<String>, Vec<String>) {
+        let mut lost = Vec::new();
+        let mut leaked = Vec::new();
+        let Ok(locked) = locked_files() else {
+            return (vec!["/proc/locks unreadable".into()], leaked);
+        };
+        let live: Vec<&Live> = self.live.iter().filter(|l| !l.guest_gone()).collect();
+        for l in &live {
+            for d in &l.disks {
+                // A miss in /proc/locks is confirmed with F_OFD_GETLK (its reads are not atomic).
+                if !locked.contains(&self.disk_ids[*d])
+                    && !path_locked(self.disk_path(*d)).unwrap_or(false)
+                {
+                    lost.push(format!("guest {} (vm{}) disk {d}", l.id, l.slot));
+                }
+            }
+        }
+        let kept: HashSet<FileId> = live
+            .iter()
+            .flat_map(|l| locked_by_process(l.supervisor.id()))
+            .collect();
+        for (d, id) in self.disk_ids.iter().enumerate() {
+            if (locked.contains(id) || path_locked(self.disk_path(d)).unwrap_or(false))
+                && !kept.contains(id)
+            {
+                leaked.push(format!("disk {d}"));
+            }
+        }
+        (lost, leaked)
+    }
+
+    /// Waits (bounded) until no lock is lost or leaked, then counts what is left; with
+    /// `then_stop`, stops every guest and checks no lock is left at all.
+    fn settle_and_check(&mut self, when: &str, then_stop: bool) {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let (lost, leaked) = loop {
+            self.reap();
+            let (lost, leaked) = self.violations();
+            if (lost.is_empty() && leaked.is_empty()) || Instant::now() >= deadline {
+                break (lost, leaked);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.report.locks_lost += lost.len() as u64;
+        self.report.locks_leaked += leaked.len() as u64;
+        for v in lost {
+            self.report.details.push(format!("{when}: lock lost: {v}"));
+        }
+        for v in leaked {
+            self.report
+                .details
+                .push(format!("{when}: lock leaked: {v}"));
+        }
+        if then_stop {
+            self.stop_all();
+            let deadline = Instant::now() + SETTLE_TIMEOUT;
+            let left = loop {
+                let locked = locked_files().unwrap_or_default();
+                let left: Vec<usize> = (0..self.disk_ids.len())
+                    .filter(|d| {
+                        locked.contains(&self.disk_ids[*d])
+                            || path_locked(self.disk_path(*d)).unwrap_or(false)
+                    })
+                    .collect();
+                if left.is_empty() || Instant::now() >= deadline {
+                    break left;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            self.report.locks_leaked += left.len() as u64;
+            for d in left {
+                self.report.details.push(format!(
+                    "after every guest stopped: lock leaked on disk {d}"
+                ));
+            }
+        }
+    }
+
+    /// Counts what the guests wrote in their logs.
+    fn read_findings(&mut self) {
+        for id in 1..self.next_id {
+            let Ok(text) = std::fs::read_to_string(log_path(self.dir.path(), id)) else {
+                continue;
+            };
+            for line in text.lines() {
+                let counter = match line.split_whitespace().next() {
+                    Some("double-writer") => &mut self.report.double_writers,
+                    Some("no-lock") => &mut self.report.no_lock,
+                    Some("orphan-no-lock") => &mut self.report.orphan_no_lock,
+                    Some("proc-locks-miss") => {
+                        self.report.proc_locks_misses += 1;
+                        continue;
+                    }
+                    Some("error") => &mut self.report.guest_errors,
+                    Some("lock-back") => {
+                        self.report.details.push(format!("guest {id}: {line}"));
+                        continue;
+                    }
+                    _ => continue,
+                };
+                *counter += 1;
+                self.report.details.push(format!("guest {id}: {line}"));
+            }
+        }
+    }
+}
+
+/// Reads the rest of a supervisor's stderr on a thread of its own (so it never blocks on a full
+/// pipe), keeping the last few KiB for reports. Ends when the supervisor and its guest are gone.
+fn drain(mut from: ChildStderr, into: Arc<Mutex<String>>) {
+    let _ = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = into.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    if s.len() > 8192 {
+                        let cut = s.len() - 4096;
+                        let cut = (cut..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+                        s.drain(..cut);
+                    }
+                }
+            }
+        });
+}

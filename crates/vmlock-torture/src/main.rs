@@ -1,0 +1,82 @@
+//! `vmlock-torture --seed S --ops N [--duration SECS] [--vmlock PATH]`: one campaign against the
+//! `vmlock` beside this binary (or `--vmlock`), one table; exit status 1 if a must-be-0 row is not
+//! 0, 2 if the campaign itself failed.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmlock-torture",
+    about = "Torture campaign against vmlock's lockd"
+)]
+struct Args {
+    /// Seed of every choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Operations to do (faults included).
+    #[arg(long, default_value_t = 1000)]
+    ops: u64,
+    /// Stop earlier after this many seconds.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// The `vmlock` binary (default: the one beside this binary).
+    #[arg(long)]
+    vmlock: Option<PathBuf>,
+    /// Disks the VMs fight over.
+    #[arg(long, default_value_t = 6)]
+    disks: usize,
+    /// VMs (at most this many guests at once).
+    #[arg(long, default_value_t = 4)]
+    vms: usize,
+    /// Keep the working directory.
+    #[arg(long)]
+    keep: bool,
+    /// Print every operation.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn main() {
+    if let Some(code) = vmlock_torture::guest_main_if_asked() {
+        std::process::exit(code);
+    }
+    let args = Args::parse();
+    std::process::exit(match run(args) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            eprintln!("vmlock-torture: {e:#}");
+            2
+        }
+    });
+}
+
+fn run(args: Args) -> anyhow::Result<bool> {
+    let me = std::env::current_exe()?;
+    let vmlock = match args.vmlock {
+        Some(v) => v,
+        None => me
+            .parent()
+            .map(|d| d.join("vmlock"))
+            .ok_or_else(|| anyhow::anyhow!("no directory for {}", me.display()))?,
+    };
+    anyhow::ensure!(
+        vmlock.exists(),
+        "no vmlock binary at {} (build vmlock-cli, or pass --vmlock)",
+        vmlock.display()
+    );
+    let mut opts = vmlock_torture::Options::new(args.seed, args.ops, vmlock, me);
+    opts.duration = args.duration.map(Duration::from_secs);
+    opts.disks = args.disks.max(2);
+    opts.vms = args.vms.max(1);
+    opts.keep_dir = args.keep;
+    opts.verbose = args.verbose;
+    let report = vmlock_torture::run(opts)?;
+    print!("{}", report.table());
+    for d in &report.details {
+        eprintln!("{d}");
+    }
+    Ok(report.passed())
+}

@@ -1,0 +1,87 @@
+//! The oracle can fail: two guests on one disk without vmlock each see no lock, and one sees the
+//! other's mark; a guest alone on a disk locked by someone else finds nothing.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use vmlock_testkit::process::{signal_and_wait, KillOnDrop};
+use vmlock_torture::guest::log_path;
+
+fn guest(dir: &Path, id: u64, disk: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_vmlock-torture"))
+            .args(["guest", "--id", &id.to_string(), "--dir"])
+            .arg(dir)
+            .arg("--disk")
+            .arg(disk)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// SIGTERM, and the guest must exit 0 (it records `exit term`).
+fn stop(mut g: KillOnDrop) {
+    let status = signal_and_wait(
+        &mut g.0,
+        rustix::process::Signal::TERM,
+        Duration::from_secs(10),
+    );
+    assert!(status.success(), "{status:?}");
+}
+
+fn findings(dir: &Path, id: u64) -> String {
+    std::fs::read_to_string(log_path(dir, id)).unwrap()
+}
+
+fn disk(dir: &Path) -> std::path::PathBuf {
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(65536)
+        .unwrap();
+    disk
+}
+
+#[test]
+fn two_unlocked_guests_on_one_disk_are_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk(dir.path());
+    let (a, b) = (guest(dir.path(), 1, &disk), guest(dir.path(), 2, &disk));
+    // A round every few milliseconds: both get plenty of chances.
+    std::thread::sleep(Duration::from_millis(500));
+    stop(a);
+    stop(b);
+    for id in [1, 2] {
+        let log = findings(dir.path(), id);
+        assert!(log.contains("no-lock"), "guest {id}: {log}");
+        assert!(log.contains("exit term"), "guest {id}: {log}");
+    }
+    let both = findings(dir.path(), 1) + &findings(dir.path(), 2);
+    assert!(both.contains("double-writer"), "{both}");
+}
+
+#[test]
+fn a_locked_disk_written_by_one_guest_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk(dir.path());
+    // The lock vmlock holds: an OFD write lock on byte 0, from another description.
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    // SAFETY: `flock` is a plain C struct; all zeroes is a valid value of it.
+    let mut lock: nix::libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = nix::libc::F_WRLCK as i16;
+    lock.l_len = 1;
+    nix::fcntl::fcntl(holder.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)).unwrap();
+    let g = guest(dir.path(), 7, &disk);
+    std::thread::sleep(Duration::from_millis(300));
+    stop(g);
+    let log = findings(dir.path(), 7);
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(log.starts_with("exit term"), "{log}");
+}
