@@ -1,6 +1,6 @@
 //! Open findings of the torture campaign (docs/RELIABILITY.md, "Torture campaign"), each as the
-//! smallest reproduction with the real CLI and daemon. Ignored while open:
-//! `cargo test -p vmlock-cli --test torture_findings -- --ignored` fails until they are fixed.
+//! smallest reproduction with the real CLI and daemon. Ignored while open.
+//! Once fixed, each stays here as a regression test.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -44,7 +44,7 @@ fn lose_journal_tail_from(run: &Path, pid: u32) {
 /// is refused ("not locked by VM") although the supervisor keeps it locked in the kernel. No
 /// safety loss: every lock stays held and the guest runs on.
 #[test]
-#[ignore = "open: a running VM's supervisor is not taken back after the journal lost its GuestStarted record"]
+
 fn supervisor_is_taken_back_after_the_journal_lost_its_tail() {
     let env = vmlockd_kit::CliEnv::new(Path::new(env!("CARGO_BIN_EXE_vmlock")));
     let (a, b) = (disk(env.dir.path(), "a.img"), disk(env.dir.path(), "b.img"));
@@ -82,7 +82,8 @@ fn supervisor_is_taken_back_after_the_journal_lost_its_tail() {
     };
     assert!(
         !last.contains("awaiting supervisor") && last.contains(b.to_str().unwrap()),
-        "the supervisor was not taken back within 10 s:\n{last}"
+        "the supervisor was not taken back within 10 s:\n{last}\n{}",
+        std::fs::read_to_string(env.run_dir().join("vmlockd.log")).unwrap_or_default()
     );
     assert!(ok(&["detach-disk", "--uuid", &uuid, "--disk"], &b));
 }

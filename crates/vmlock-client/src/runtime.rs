@@ -88,23 +88,23 @@ impl RuntimeDir {
     }
 }
 
-/// The program (and leading arguments) that runs the daemon: `$VMLOCKD`, else `vmlockd` beside
-/// the current executable, else the `vmlock` command itself (`vmlock daemon`), else `vmlockd` on
-/// `PATH`.
+/// The program (and leading arguments) that runs the daemon: `$VMLOCKD`, else the `vmlock`
+/// command itself (`vmlock daemon`: the very build of the client, so the two never differ in
+/// version), else `vmlockd` beside the current executable, else `vmlockd` on `PATH`.
 pub fn daemon_program() -> (PathBuf, Vec<std::ffi::OsString>) {
     if let Some(p) = std::env::var_os(DAEMON_ENV).filter(|p| !p.is_empty()) {
         return (PathBuf::from(p), Vec::new());
     }
     if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "vmlock") {
+            return (exe, vec!["daemon".into()]);
+        }
         if let Some(sibling) = exe
             .parent()
             .map(|d| d.join("vmlockd"))
             .filter(|s| s.is_file())
         {
             return (sibling, Vec::new());
-        }
-        if exe.file_name().is_some_and(|n| n == "vmlock") {
-            return (exe, vec!["daemon".into()]);
         }
     }
     (PathBuf::from("vmlockd"), Vec::new())

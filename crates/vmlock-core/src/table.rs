@@ -547,7 +547,22 @@ impl<H: Host> LockTable<H> {
                     let holder = existing.holder_identity(&self.host_name);
                     return refuse(Error::OwnerExists { uuid, holder }, adopt);
                 }
-                if existing.guest.start_time != guest.start_time || existing.guest.pid != guest.pid
+                // The record still names the holder itself as the guest: it predates the holder
+                // naming its guest (the journal lost the GuestStarted record). This
+                // re-registration names it, with GuestStarted's checks (`guarded_by` above).
+                let guest_unnamed = existing.guest.pid == existing.holder.pid
+                    && (existing.holder.start_time == 0
+                        || existing.guest.start_time == existing.holder.start_time);
+                if (existing.guest.start_time != guest.start_time
+                    || existing.guest.pid != guest.pid)
+                    && guest_unnamed
+                {
+                    existing.guest = Guest::from(guest);
+                    existing.vm.pid = vm.pid;
+                    fx.rewatch = true;
+                    fx.changed.insert(uuid.clone());
+                } else if existing.guest.start_time != guest.start_time
+                    || existing.guest.pid != guest.pid
                 {
                     if !adopt.is_empty() || !existing.grants.is_empty() {
                         return refuse(

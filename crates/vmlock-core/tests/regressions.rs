@@ -369,3 +369,78 @@ fn an_unearned_success_still_tells_the_destination() {
     );
     assert_eq!(table.holder_pid(UUID), Some(10));
 }
+
+/// Found by the torture campaign (seed 14): the state files lost the record of the holder naming
+/// its guest (and what came after). The holder, reconnecting, names its guest and hands back
+/// every description it keeps: it must be taken back, with the guest it names.
+#[test]
+fn a_holder_is_taken_back_when_the_record_of_its_guest_was_lost() {
+    let mut host = TinyHost::default();
+    let mut table = LockTable::new(Policy::default(), "test".into());
+    // The record as the journal left it: holder 10 is its own guest, and holds disk() only.
+    let (r, _) = table.hold(
+        &mut host,
+        who(10),
+        LinkId(1),
+        identity(10),
+        proc(10, 110, 1),
+        Vec::new(),
+        Some(AcquireFlags::default()),
+    );
+    r.expect("hold");
+    let a_key = LockKey {
+        dev: 1,
+        ino: 1,
+        byte: 0,
+    };
+    let opened = vec![Opened {
+        resource: disk(),
+        key: a_key,
+        desc: host.open(1),
+        image: None,
+    }];
+    let (r, _) = table.reserve(&mut host, who(10), UUID, opened, &AcquireFlags::default());
+    let reservation = r.ok().flatten().expect("reserved");
+    table.commit(UUID, reservation.ticket).0.expect("committed");
+    let _ = table.holder_closed(&mut host, LinkId(1), true);
+
+    // It comes back naming its child 11 as the guest, with both descriptions it keeps.
+    let b = Resource::Disk {
+        path: "/images/b.qcow2".into(),
+        mode: DiskMode::Exclusive,
+    };
+    let b_key = LockKey {
+        dev: 1,
+        ino: 2,
+        byte: 0,
+    };
+    let b_desc = host.open(2);
+    host.try_lock(&b_desc, LockKind::Exclusive, 0).ok();
+    let adopt = vec![
+        (
+            vmlock_core::types::HeldLock {
+                resource: disk(),
+                key: a_key,
+            },
+            host.open(1),
+        ),
+        (
+            vmlock_core::types::HeldLock {
+                resource: b,
+                key: b_key,
+            },
+            b_desc,
+        ),
+    ];
+    let (r, _) = table.hold(
+        &mut host,
+        who(10),
+        LinkId(2),
+        identity(11),
+        proc(11, 111, 10),
+        adopt,
+        None,
+    );
+    r.expect("the holder is taken back");
+    assert_eq!(table.guest_of(UUID).map(|(g, _)| g), Some(11));
+}

@@ -187,15 +187,13 @@ mod tests {
     }
 
     #[test]
-    fn the_holder_inherits_only_its_report_pipe() {
-        let keep = std::fs::File::open("/dev/null").unwrap(); // not CLOEXEC-free, but open
-        let fd = keep.as_raw_fd();
-        // Clear close-on-exec so only close_range can keep it from the holder.
-        nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .unwrap();
+    fn the_holder_inherits_only_its_report_socket() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        // Above the report's descriptor number, and without close-on-exec, so that only
+        // close_range can keep it from the holder.
+        let fd = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD(20)).unwrap();
+        // SAFETY: F_DUPFD just made this descriptor for us alone.
+        let _keep = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let script = format!(
             "if [ -e /proc/self/fd/{fd} ]; then echo 'ERR leaked' >&3; else echo OK >&3; fi"
         );
