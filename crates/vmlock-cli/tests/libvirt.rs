@@ -786,6 +786,16 @@ fn holder_process(qemu_pid: u32) -> Option<u32> {
     })
 }
 
+/// Domain `name` started on a fresh disk: the disk, QEMU's pid and its holder's pid.
+fn running_domain(host: &Host, libvirtd: &LibvirtDaemon, name: &str) -> (PathBuf, u32, u32) {
+    let disk = host.qcow2("a");
+    define(libvirtd, name, &[&disk]);
+    libvirtd.virsh_ok(&["start", name]);
+    let qemu_pid = libvirtd.qemu_pid(name).unwrap();
+    let holder = holder_process(qemu_pid).expect("no holder process under QEMU");
+    (disk, qemu_pid, holder)
+}
+
 #[test]
 fn a_killed_holder_takes_its_guest_with_it_so_no_guest_runs_unprotected() {
     if skip() {
@@ -793,11 +803,7 @@ fn a_killed_holder_takes_its_guest_with_it_so_no_guest_runs_unprotected() {
     }
     let host = Host::new();
     let libvirtd = host.libvirtd();
-    let a = host.qcow2("a");
-    define(&libvirtd, "fragile", &[&a]);
-    libvirtd.virsh_ok(&["start", "fragile"]);
-    let qemu_pid = libvirtd.qemu_pid("fragile").unwrap();
-    let holder = holder_process(qemu_pid).expect("no holder process under QEMU");
+    let (a, qemu_pid, holder) = running_domain(&host, &libvirtd, "fragile");
     let watch = FreeWatch::while_running(&a, qemu_pid);
     vmlock_testkit::process::kill_and_wait(holder);
     // Bounded poll: the daemon sees the holder gone and its guest still running, kills the
@@ -829,11 +835,7 @@ fn qemu_keeps_its_own_locks_when_its_holder_and_vmlockd_both_die() {
     }
     let host = Host::new();
     let libvirtd = host.libvirtd();
-    let a = host.qcow2("a");
-    define(&libvirtd, "sturdy", &[&a]);
-    libvirtd.virsh_ok(&["start", "sturdy"]);
-    let qemu_pid = libvirtd.qemu_pid("sturdy").unwrap();
-    let holder = holder_process(qemu_pid).expect("no holder process under QEMU");
+    let (a, qemu_pid, holder) = running_domain(&host, &libvirtd, "sturdy");
     let watch = FreeWatch::while_running(&a, qemu_pid);
 
     // Both keepers outside QEMU die: vmlockd first (so nobody is left to kill the guest), then
