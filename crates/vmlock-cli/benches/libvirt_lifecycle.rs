@@ -91,6 +91,7 @@ fn wait_free(disk: &Path) -> Instant {
             "{} not free {FREE_TIMEOUT:?} after destroy",
             disk.display()
         );
+        // Bounded poll (FREE_TIMEOUT): the kernel announces no lock release.
         std::thread::sleep(PROBE_PAUSE);
     }
 }

@@ -464,6 +464,8 @@ fn events(ctx: &Ctx, json: bool, follow: bool) -> anyhow::Result<()> {
                 if !std::mem::replace(&mut waiting, true) {
                     eprintln!("vmlock: {e}; waiting for vmlockd to come back");
                 }
+                // A poll: nothing tells a client that a daemon started; this follows until
+                // interrupted.
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 continue;
             }

@@ -181,6 +181,7 @@ impl Etcd {
                 return Err(self.request_error(what, last, timed_out));
             }
             tracing::debug!(what, error = %last, "etcd request failed; retrying");
+            // A retry pause, bounded by the request's deadline checked above.
             std::thread::sleep(RETRY_PAUSE);
         }
     }

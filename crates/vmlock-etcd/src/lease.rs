@@ -326,6 +326,7 @@ impl KeepAlive {
                 }
             };
             let pause = pause.min(self.shared.lock().deadline.remaining());
+            // The keep-alive period (a timer, not a wait for an event), cut short by a stop.
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(pause) => {}

@@ -562,6 +562,7 @@ impl Campaign {
                 let delay = Duration::from_micros(self.rng.range(0, 20_000));
                 self.log(&format!("SIGKILL vmlockd {delay:?} into a request"));
                 let killer = std::thread::spawn(move || {
+                    // Deliberate: the fault lands a random time into the request.
                     std::thread::sleep(delay);
                     let _ = daemon.signal(Signal::KILL);
                     let at = Instant::now();
@@ -800,6 +801,7 @@ impl Campaign {
             if self.live[i].guest_gone() || Instant::now() >= deadline {
                 return Ok(false);
             }
+            // Bounded poll (deadline above): the guest's state is read from its files.
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -859,6 +861,7 @@ impl Campaign {
             }
             None => None,
         };
+        // Deliberate: the supervisor is killed a random time into the hotplug.
         std::thread::sleep(delay);
         let mut l = self.live.swap_remove(i);
         l.signalled = true;
@@ -1011,6 +1014,7 @@ impl Campaign {
                     return Ok(());
                 }
                 Started::Refused if since.elapsed() < RECOVERY_TIMEOUT => {
+                    // Bounded retry (RECOVERY_TIMEOUT): recovery is measured by polling starts.
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Started::Refused | Started::TimedOut => {
@@ -1042,6 +1046,7 @@ impl Campaign {
             .stderr(Stdio::null())
             .spawn()
             .context("spawning vmlock status");
+        // Deliberate: the daemon stays stopped this long while a client waits on it.
         std::thread::sleep(pause);
         let _ = h.signal(Signal::CONT);
         let mut asking = asking?;
@@ -1182,6 +1187,7 @@ impl Campaign {
             if (lost.is_empty() && leaked.is_empty()) || Instant::now() >= deadline {
                 break (lost, leaked);
             }
+            // Bounded poll (deadline above): settling has no event.
             std::thread::sleep(Duration::from_millis(50));
         };
         self.report.locks_lost += lost.len() as u64;
@@ -1208,6 +1214,7 @@ impl Campaign {
                 if left.is_empty() || Instant::now() >= deadline {
                     break left;
                 }
+                // Bounded poll (deadline above): settling has no event.
                 std::thread::sleep(Duration::from_millis(50));
             };
             self.report.locks_leaked += left.len() as u64;

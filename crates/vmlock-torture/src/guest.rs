@@ -276,6 +276,7 @@ pub fn main(args: &[String]) -> i32 {
         }
         guest.apply_ctl();
         guest.round();
+        // Deliberate pacing of the oracle's rounds.
         std::thread::sleep(PERIOD);
     }
 }

@@ -4,11 +4,15 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use vmlock_testkit::process::{signal_and_wait, KillOnDrop};
-use vmlock_torture::guest::log_path;
+use vmlock_testkit::process::{signal_and_wait, wait_until, KillOnDrop};
+use vmlock_torture::guest::{log_path, mark, MARK_LEN, MARK_OFFSET};
+
+/// How long a guest may take to show what it found.
+const WAIT: Duration = Duration::from_secs(10);
 
 fn guest(dir: &Path, id: u64, disk: &Path) -> KillOnDrop {
     KillOnDrop(
@@ -33,7 +37,7 @@ fn stop(mut g: KillOnDrop) {
 }
 
 fn findings(dir: &Path, id: u64) -> String {
-    std::fs::read_to_string(log_path(dir, id)).unwrap()
+    std::fs::read_to_string(log_path(dir, id)).unwrap_or_default()
 }
 
 fn disk(dir: &Path) -> std::path::PathBuf {
@@ -50,8 +54,18 @@ fn two_unlocked_guests_on_one_disk_are_caught() {
     let dir = tempfile::tempdir().unwrap();
     let disk = disk(dir.path());
     let (a, b) = (guest(dir.path(), 1, &disk), guest(dir.path(), 2, &disk));
-    // A round every few milliseconds: both get plenty of chances.
-    std::thread::sleep(Duration::from_millis(500));
+    // Bounded poll: the guests' findings appear in their logs (no other event exists).
+    wait_until(
+        "both guests' findings",
+        WAIT,
+        Duration::from_millis(5),
+        || {
+            let (one, two) = (findings(dir.path(), 1), findings(dir.path(), 2));
+            one.contains("no-lock")
+                && two.contains("no-lock")
+                && (one + &two).contains("double-writer")
+        },
+    );
     stop(a);
     stop(b);
     for id in [1, 2] {
@@ -79,7 +93,18 @@ fn a_locked_disk_written_by_one_guest_is_clean() {
     lock.l_len = 1;
     nix::fcntl::fcntl(holder.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)).unwrap();
     let g = guest(dir.path(), 7, &disk);
-    std::thread::sleep(Duration::from_millis(300));
+    // Bounded poll: the guest's mark in the disk shows it finished a round, lock check included.
+    wait_until(
+        "the guest's first round",
+        WAIT,
+        Duration::from_millis(5),
+        || {
+            let mut seen = [0u8; MARK_LEN];
+            std::fs::File::open(&disk)
+                .and_then(|f| f.read_exact_at(&mut seen, MARK_OFFSET))
+                .is_ok_and(|()| seen == mark(7))
+        },
+    );
     stop(g);
     let log = findings(dir.path(), 7);
     assert_eq!(log.lines().count(), 1, "{log}");

@@ -79,6 +79,7 @@ fn blocked_stop_signals(pid: Pid) -> u64 {
         if blocked == 0 || std::time::Instant::now() > deadline {
             return blocked;
         }
+        // Bounded poll (deadline above): a signal mask changes without an event.
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }

@@ -233,6 +233,7 @@ fn others_proceed_while_stuck(
             panic!("after {round} rounds: the stuck thing came unstuck: {what}");
         }
         round += 1;
+        // Deliberate pacing of the rounds, over the fixed STUCK_FOR window.
         std::thread::sleep(PACE);
     }
     assert!(round > 0);
