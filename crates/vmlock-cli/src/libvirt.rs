@@ -6,7 +6,8 @@
 //!   an incoming migration, registers as the destination), keeps their descriptions for as long
 //!   as QEMU lives, and serves the domain's control socket, through which the plugin's later
 //!   calls (CPU start, pause, hotplug, unplug, migration) reach the leases: vmlockd takes changes
-//!   to a VM only from its holder process. It reports its start on a pipe the plugin reads.
+//!   to a VM only from its holder process. It reports its start on a socket pair the plugin reads, with copies
+//!   of the lock descriptions for QEMU to keep.
 //! - `install` / `uninstall`: put the plugin and a default `qemu-vmlock.conf` in place, or take
 //!   away what `install` wrote (and nothing else).
 
@@ -76,12 +77,7 @@ pub struct HolderArgs {
     /// libvirt's connection uri, through which lock-failure actions are carried out.
     #[arg(long)]
     uri: Option<String>,
-    /// The domain is a migration destination: the disks are held by its source, and the leases
-    /// are taken over, version-checked, when libvirt starts its CPUs. Without it, a domain that
-    /// runs elsewhere under the same uuid makes this holder a destination.
-    #[arg(long)]
-    incoming: bool,
-    /// The pipe on which the start is reported ("OK" or "ERR reason").
+    /// The socket on which the start is reported ("OK" with the lock descriptions, or "ERR ...").
     #[arg(long)]
     ready_fd: RawFd,
 }
@@ -120,6 +116,10 @@ fn hold(plugin: &Plugin, runtime_dir: &Path, args: HolderArgs) -> anyhow::Result
         policy,
     );
     if let Err(e) = control {
+        // Nothing stays taken for a QEMU that will not run: the child fails on this report.
+        if let Ok(mut m) = manager.lock() {
+            let _ = m.release();
+        }
         let _ = writeln!(ready, "ERR no control socket for the domain: {e:#}");
         return Ok(1);
     }
@@ -173,7 +173,7 @@ fn start(
     // them apart is the domain already running elsewhere under its uuid. The destination then
     // registers as such, which the lock service refuses unless the source prepared a migration.
     let elsewhere = running_guest(plugin, &vm).filter(|p| *p != args.guest_pid);
-    let incoming = args.incoming || elsewhere.is_some();
+    let incoming = elsewhere.is_some();
     let mode = if incoming {
         StartMode::IncomingMigration
     } else {

@@ -101,8 +101,6 @@ pub struct Domain {
     pub uri: Option<String>,
     /// What this operation concerns.
     pub resources: Vec<Resource>,
-    /// How many of them are `<lease>`s.
-    pub leases: usize,
 }
 
 impl Domain {
@@ -137,7 +135,6 @@ impl Domain {
             pid,
             uri,
             resources: Vec::new(),
-            leases: 0,
         })
     }
 
@@ -186,7 +183,6 @@ impl Domain {
                 };
                 self.resources
                     .push(Resource::lease(&lockspace, name, path, offset)?);
-                self.leases += 1;
             }
             other => {
                 return Err(PluginError::unsupported(format!(
@@ -209,7 +205,11 @@ impl Domain {
                 }
             )
         });
-        if config.require_lease_for_disks && self.leases == 0 && writable {
+        let leased = self
+            .resources
+            .iter()
+            .any(|r| matches!(r, Resource::Lease(_)));
+        if config.require_lease_for_disks && !leased && writable {
             return Err(PluginError::unsupported(format!(
                 "vmlock: domain {} has writable disks but no <lease> (require_lease_for_disks)",
                 self.name

@@ -82,7 +82,7 @@ fn exec_holder(program: &CString, argv: &[CString], env: &[CString], ready: &Own
         )
         .is_ok()
     } else {
-        // SAFETY: dup2 on descriptor numbers only; READY_FD is replaced by the pipe's write end
+        // SAFETY: dup2 on descriptor numbers only; READY_FD is replaced by the report socket's end
         // (dup2 leaves the copy without close-on-exec).
         unsafe { nix::libc::dup2(fd, READY_FD) == READY_FD }
     };
