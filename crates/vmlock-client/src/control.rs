@@ -170,7 +170,10 @@ pub fn find_serving(runtime_dir: &Path, uuid: &str, guest_pid: u32) -> Result<Pa
             }),
     );
     for path in candidates {
-        if let Ok(ControlReply::Pid(Some(pid))) = call_at(&path, &ControlRequest::Serves) {
+        // A supervisor that does not answer this at once is not the one asked for.
+        if let Ok(ControlReply::Pid(Some(pid))) =
+            call_at_within(&path, &ControlRequest::Serves, REQUEST_TIMEOUT)
+        {
             if pid == guest_pid {
                 return Ok(path);
             }
@@ -187,14 +190,28 @@ pub fn find_serving(runtime_dir: &Path, uuid: &str, guest_pid: u32) -> Result<Pa
 
 /// Sends `request` to the supervisor serving at `path`.
 pub fn call_at(path: &Path, request: &ControlRequest) -> Result<ControlReply, Error> {
-    let stream =
-        UnixStream::connect(path).map_err(|e| Error::io(format!("{}", path.display()), &e))?;
-    exchange(stream, request)
+    call_at_within(path, request, REPLY_TIMEOUT)
 }
 
-fn exchange(stream: UnixStream, request: &ControlRequest) -> Result<ControlReply, Error> {
+/// [`call_at`], waiting at most `timeout` for the reply (a stopped supervisor must not hold up
+/// a caller that has something else to do, such as the daemon acting on a lost lease itself).
+pub fn call_at_within(
+    path: &Path,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, Error> {
+    let stream =
+        UnixStream::connect(path).map_err(|e| Error::io(format!("{}", path.display()), &e))?;
+    exchange(stream, request, timeout)
+}
+
+fn exchange(
+    stream: UnixStream,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, Error> {
     stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| Error::io("control socket", &e))?;
     write_frame(&stream, request, &[])?;
     match read_one(&stream, "reply")? {
@@ -209,7 +226,7 @@ pub fn call(
     uuid: &str,
     request: &ControlRequest,
 ) -> Result<ControlReply, Error> {
-    exchange(connect(runtime_dir, uuid)?, request)
+    exchange(connect(runtime_dir, uuid)?, request, REPLY_TIMEOUT)
 }
 
 /// The state in a reply.

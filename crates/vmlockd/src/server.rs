@@ -1183,9 +1183,12 @@ fn enforce(lost: LostLease, grace: Duration, runtime_dir: &Path) -> ActionTaken 
         // stopped); only if it cannot does the daemon act behind the manager's back.
         let asked =
             vmlock_client::control::find_serving(runtime_dir, &vm.uuid, vm.pid).and_then(|path| {
-                vmlock_client::control::call_at(
+                // Bounded by the grace a poweroff gets: a guest must not write on without its
+                // lease because its supervisor is stuck.
+                vmlock_client::control::call_at_within(
                     &path,
                     &vmlock_client::control::ControlRequest::LockFailure,
+                    grace,
                 )
             });
         match asked {
