@@ -19,7 +19,9 @@ pub struct Config {
     /// Every key vmlock writes lives under this prefix (default `/vmlock`).
     #[serde(default = "default_prefix")]
     pub prefix: String,
-    /// This host's name, written into every lock's value so conflicts name it.
+    /// This host's name, written into every lock's value so conflicts name it (vmlockd fills in
+    /// its own `host_name` when this is left out).
+    #[serde(default)]
     pub host: String,
     /// The host lease's TTL in seconds, as asked for (the server may raise it to its minimum,
     /// 2 s at etcd's default election timeout; the granted TTL is what the deadline uses).
@@ -32,6 +34,11 @@ pub struct Config {
     /// earliest moment the cluster may expire the lease (default 1000).
     #[serde(default = "default_margin_ms")]
     pub margin_ms: u64,
+    /// T_stop of the timing rule in milliseconds: how long before the fencing deadline vmlockd
+    /// starts stopping the guests that use the lease's keys, so that they are gone by it
+    /// (default 2000).
+    #[serde(default = "default_fence_lead_ms")]
+    pub fence_lead_ms: u64,
     /// Bound on one request, retries on other members included (default 5000 ms: long enough to
     /// ride out a leader election at etcd's default 1 s election timeout).
     #[serde(default = "default_request_timeout_ms")]
@@ -65,6 +72,9 @@ fn default_ttl() -> u64 {
 fn default_margin_ms() -> u64 {
     1000
 }
+fn default_fence_lead_ms() -> u64 {
+    2000
+}
 fn default_request_timeout_ms() -> u64 {
     5000
 }
@@ -82,6 +92,7 @@ impl Config {
             ttl: default_ttl(),
             keepalive_interval_ms: None,
             margin_ms: default_margin_ms(),
+            fence_lead_ms: default_fence_lead_ms(),
             request_timeout_ms: default_request_timeout_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             ca_file: None,
@@ -109,6 +120,11 @@ impl Config {
     /// ε of the timing rule.
     pub fn margin(&self) -> Duration {
         Duration::from_millis(self.margin_ms)
+    }
+
+    /// T_stop: fencing starts this long before the deadline.
+    pub fn fence_lead(&self) -> Duration {
+        Duration::from_millis(self.fence_lead_ms)
     }
 
     /// Bound on one request.
@@ -161,6 +177,14 @@ impl Config {
         if k.is_zero() || self.margin() + k >= usable {
             return bad(format!(
                 "keep-alive interval {k:?} + margin {:?} must be below TTL·(1−ρ) = {usable:?}",
+                self.margin()
+            ));
+        }
+        if self.fence_lead() + self.margin() + k >= usable {
+            return bad(format!(
+                "fence lead {:?} + keep-alive interval {k:?} + margin {:?} must be below \
+                 TTL·(1−ρ) = {usable:?}: a lease would be fenced before its first renewal",
+                self.fence_lead(),
                 self.margin()
             ));
         }
@@ -217,7 +241,9 @@ mod tests {
         c.margin_ms = 1700;
         assert!(c.validate().is_err());
         c.margin_ms = 500;
-        c.validate().expect("2 s TTL, 0.4 s K, 0.5 s margin");
+        assert!(c.validate().is_err(), "2 s fence lead leaves no room at TTL 2");
+        c.fence_lead_ms = 800;
+        c.validate().expect("2 s TTL, 0.4 s K, 0.5 s margin, 0.8 s fence lead");
         c.user = Some("u".into());
         assert!(c.validate().is_err(), "user without password");
     }

@@ -142,7 +142,54 @@ impl HostLease {
             |mut c| async move { c.lease_grant(ttl, None).await },
         )?;
         let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
-        let id = LeaseId(resp.id());
+        let lease = Self::keep(etcd, LeaseId(resp.id()), sent, granted);
+        tracing::info!(lease = %lease.id, ttl = ?granted, "etcd host lease granted");
+        Ok(lease)
+    }
+
+    /// Takes over lease `id`, granted by an earlier run of this host's daemon, with one
+    /// keep-alive: its keys stay attached and the deadline starts from that keep-alive's send
+    /// time. A lease the cluster has already expired is [`Error::LeaseLost`] (`Expired`): every
+    /// key it had is gone.
+    pub fn adopt(etcd: &Etcd, id: LeaseId) -> Result<HostLease, Error> {
+        let config = etcd.config().clone();
+        let sent = BootTime::now();
+        let ttl = etcd.run("lease keep-alive", config.request_timeout(), |mut c| async move {
+            // etcd-client's stream set-up sends one keep-alive and reports a lease the cluster
+            // does not know as this error; a second one returns the TTL. D counts from the
+            // first send (`sent`), the earlier and so the safer of the two.
+            let (mut keeper, mut responses) = match c.lease_keep_alive(id.0).await {
+                Ok(s) => s,
+                Err(etcd_client::Error::LeaseKeepAliveError(e)) if e.contains("not found") => {
+                    return Ok(0)
+                }
+                Err(e) => return Err(e),
+            };
+            keeper.keep_alive().await?;
+            match responses.message().await {
+                Ok(Some(r)) => Ok(r.ttl()),
+                Ok(None) => Ok(0),
+                Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
+                    Ok(0)
+                }
+                Err(e) => Err(e),
+            }
+        })?;
+        if ttl <= 0 {
+            return Err(Error::LeaseLost {
+                lease: id,
+                reason: LossReason::Expired,
+            });
+        }
+        let granted = Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
+        let lease = Self::keep(etcd, id, sent, granted);
+        tracing::info!(lease = %id, ttl = ?granted, "etcd host lease taken over");
+        Ok(lease)
+    }
+
+    /// Starts keeping `id` alive, its last success sent at `sent` with TTL `granted`.
+    fn keep(etcd: &Etcd, id: LeaseId, sent: BootTime, granted: Duration) -> HostLease {
+        let config = etcd.config();
         let shared = Arc::new(Shared {
             state: Mutex::new(LeaseState {
                 ttl: granted,
@@ -163,13 +210,12 @@ impl HostLease {
             attempt_timeout: config.attempt_timeout(),
         };
         etcd.inner.handle.spawn(task.run(stop_rx));
-        tracing::info!(lease = %id, ttl = ?granted, "etcd host lease granted");
-        Ok(HostLease {
+        HostLease {
             etcd: etcd.clone(),
             id,
             shared,
             stop: Some(stop_tx),
-        })
+        }
     }
 
     /// The lease id.

@@ -128,6 +128,22 @@ impl Etcd {
             .collect()
     }
 
+    /// Every lock attached to `lease` (what a daemon that takes its lease over still holds).
+    pub fn held_by(&self, lease: LeaseId) -> Result<Vec<Held>, Error> {
+        let prefix = self.config().prefix.clone();
+        let p = format!("{prefix}/disks/");
+        let t = self.config().request_timeout();
+        let resp = self.run("get", t, |mut c| {
+            let p = p.clone();
+            async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
+        })?;
+        let mut held = Vec::new();
+        for kv in resp.kvs().iter().filter(|kv| kv.lease() == lease.0) {
+            held.push(parse_held(&prefix, kv)?);
+        }
+        Ok(held)
+    }
+
     /// Takes every lock of `requests` under `lease` in one transaction, or none. The revision
     /// returned is each new key's revision (its fencing token). A refusal is
     /// [`Error::Conflict`] naming the first conflicting holder. Asking again for locks this

@@ -23,6 +23,7 @@ fn config(cluster: &EtcdCluster, host: &str, ttl: u64) -> Config {
     c.ttl = ttl;
     if ttl < 5 {
         c.margin_ms = 500;
+        c.fence_lead_ms = 500;
     }
     c
 }
@@ -192,6 +193,44 @@ fn lease_end_frees_its_keys() {
         "takeover after A stopped renewing: {:?} (TTL {ttl:?})",
         stopped.elapsed()
     );
+}
+
+/// A restarted daemon takes its lease over: the keys stay, a keep-alive moves the deadline, and
+/// `held_by` lists exactly that lease's keys. An expired lease cannot be taken over.
+#[test]
+fn a_lease_is_taken_over_by_id() {
+    let _s = serial();
+    let cluster = EtcdCluster::single();
+    let b = host(&cluster, "host-b", 10);
+    b.acquire(&[req(&b, "other", "db1", true)])
+        .expect("B takes another disk");
+    let mut a = host(&cluster, "host-a", 10);
+    a.acquire(&[req(&a, "d1", "web1", true), req(&a, "d2", "web1", false)])
+        .expect("A takes d1 and d2");
+    let id = a.id();
+    let before = a.deadline();
+    a.stop_keepalive();
+    drop(a);
+
+    let etcd = Etcd::connect(&config(&cluster, "host-a", 10)).expect("connect");
+    let a = HostLease::adopt(&etcd, id).expect("take the lease over");
+    assert_eq!(a.id(), id);
+    assert!(a.deadline() > before, "the take-over's keep-alive moved D");
+    let mut held: Vec<String> = etcd
+        .held_by(id)
+        .expect("held_by")
+        .into_iter()
+        .map(|h| format!("{}:{}", h.key.disk, h.exclusive))
+        .collect();
+    held.sort();
+    assert_eq!(held, ["d1:true", "d2:false"]);
+    assert_conflict(b.acquire(&[req(&b, "d1", "db1", true)]), "host-a", "web1");
+
+    a.revoke().expect("revoke");
+    match HostLease::adopt(&etcd, id) {
+        Err(Error::LeaseLost { lease, .. }) => assert_eq!(lease, id),
+        other => panic!("a revoked lease was taken over: {other:?}"),
+    }
 }
 
 #[test]
