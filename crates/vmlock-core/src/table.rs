@@ -1881,6 +1881,17 @@ impl<H: Host> LockTable<H> {
         all
     }
 
+    /// What VM `uuid` holds or is acquiring (pending grants included): `(key, resource)`. A
+    /// cluster backend keeps a key per grant and may drop only keys not listed here.
+    pub fn vm_grants(&self, uuid: &str) -> Vec<(LockKey, Resource)> {
+        self.owners.get(uuid).map_or_else(Vec::new, |o| {
+            o.grants
+                .iter()
+                .map(|(k, g)| (*k, g.resource.clone()))
+                .collect()
+        })
+    }
+
     /// The guest handle and holder pid of VM `uuid`, for invariant checks.
     pub fn guest_of(&self, uuid: &str) -> Option<(u32, u32)> {
         self.owners.get(uuid).map(|o| (o.guest.pid, o.holder.pid))

@@ -241,9 +241,13 @@ mod tests {
         c.margin_ms = 1700;
         assert!(c.validate().is_err());
         c.margin_ms = 500;
-        assert!(c.validate().is_err(), "2 s fence lead leaves no room at TTL 2");
+        assert!(
+            c.validate().is_err(),
+            "2 s fence lead leaves no room at TTL 2"
+        );
         c.fence_lead_ms = 800;
-        c.validate().expect("2 s TTL, 0.4 s K, 0.5 s margin, 0.8 s fence lead");
+        c.validate()
+            .expect("2 s TTL, 0.4 s K, 0.5 s margin, 0.8 s fence lead");
         c.user = Some("u".into());
         assert!(c.validate().is_err(), "user without password");
     }

@@ -154,27 +154,31 @@ impl HostLease {
     pub fn adopt(etcd: &Etcd, id: LeaseId) -> Result<HostLease, Error> {
         let config = etcd.config().clone();
         let sent = BootTime::now();
-        let ttl = etcd.run("lease keep-alive", config.request_timeout(), |mut c| async move {
-            // etcd-client's stream set-up sends one keep-alive and reports a lease the cluster
-            // does not know as this error; a second one returns the TTL. D counts from the
-            // first send (`sent`), the earlier and so the safer of the two.
-            let (mut keeper, mut responses) = match c.lease_keep_alive(id.0).await {
-                Ok(s) => s,
-                Err(etcd_client::Error::LeaseKeepAliveError(e)) if e.contains("not found") => {
-                    return Ok(0)
+        let ttl = etcd.run(
+            "lease keep-alive",
+            config.request_timeout(),
+            |mut c| async move {
+                // etcd-client's stream set-up sends one keep-alive and reports a lease the cluster
+                // does not know as this error; a second one returns the TTL. D counts from the
+                // first send (`sent`), the earlier and so the safer of the two.
+                let (mut keeper, mut responses) = match c.lease_keep_alive(id.0).await {
+                    Ok(s) => s,
+                    Err(etcd_client::Error::LeaseKeepAliveError(e)) if e.contains("not found") => {
+                        return Ok(0)
+                    }
+                    Err(e) => return Err(e),
+                };
+                keeper.keep_alive().await?;
+                match responses.message().await {
+                    Ok(Some(r)) => Ok(r.ttl()),
+                    Ok(None) => Ok(0),
+                    Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
+                        Ok(0)
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => return Err(e),
-            };
-            keeper.keep_alive().await?;
-            match responses.message().await {
-                Ok(Some(r)) => Ok(r.ttl()),
-                Ok(None) => Ok(0),
-                Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
-                    Ok(0)
-                }
-                Err(e) => Err(e),
-            }
-        })?;
+            },
+        )?;
         if ttl <= 0 {
             return Err(Error::LeaseLost {
                 lease: id,

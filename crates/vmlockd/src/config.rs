@@ -44,6 +44,9 @@ pub struct Config {
     /// How many events may wait for one `vmlock events --follow` subscriber; one further behind
     /// is dropped with an error. Default 1024 (at most `event_buffer`).
     pub event_subscriber_queue: usize,
+    /// Cluster-wide locks in etcd (`[etcd]`: endpoints, prefix, ttl, TLS, user/password; see
+    /// docs/etcd.md). Its `host` defaults to `host_name`. Default: off (locks are local).
+    pub etcd: Option<vmlock_etcd::Config>,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             metrics_address: None,
             event_buffer: 10_000,
             event_subscriber_queue: 1024,
+            etcd: None,
         }
     }
 }
@@ -126,7 +130,20 @@ impl Config {
         if self.event_subscriber_queue == 0 {
             return Err(bad("event_subscriber_queue must be at least 1".into()));
         }
+        if let Some(etcd) = self.etcd_config("host") {
+            etcd.validate().map_err(|e| bad(format!("[etcd]: {e}")))?;
+        }
         Ok(())
+    }
+
+    /// The `[etcd]` section with its host name filled in (`host` when it names none).
+    pub fn etcd_config(&self, host: &str) -> Option<vmlock_etcd::Config> {
+        self.etcd.clone().map(|mut c| {
+            if c.host.is_empty() {
+                c.host = host.to_owned();
+            }
+            c
+        })
     }
 
     /// The metrics address, checked by [`Config::parse`].
@@ -173,6 +190,19 @@ mod tests {
         assert!(Config::parse("idle_timeout_ms = 0", "t").is_err());
         assert!(Config::parse("metrics_address = \"localhost\"", "t").is_err());
         assert!(Config::parse("event_buffer = 0", "t").is_err());
+        let c = Config::parse(
+            "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nttl = 6",
+            "t",
+        )
+        .expect("an etcd section");
+        assert_eq!(
+            c.etcd_config("h1").map(|e| (e.host, e.ttl)),
+            Some(("h1".into(), 6))
+        );
+        let e = Config::parse("[etcd]\nendpoints = []", "vmlockd.toml").unwrap_err();
+        assert!(e.to_string().contains("[etcd]"), "{e}");
+        let e = Config::parse("[etcd]\nendpoints = [\"x\"]\nttls = 3", "t").unwrap_err();
+        assert!(e.to_string().contains("ttls"), "{e}");
         assert_eq!(
             Config::parse("metrics_address = \"127.0.0.1:9477\"", "t")
                 .unwrap()

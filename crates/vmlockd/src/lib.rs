@@ -11,6 +11,7 @@
 //! The wire protocol, the runtime directory and the QMP client live in `vmlock-client`, which
 //! clients use without this crate; they are imported here under their old module names.
 
+pub mod cluster;
 pub mod config;
 pub mod holder;
 pub mod server;
@@ -35,6 +36,7 @@ pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     let runtime = runtime::RuntimeDir::resolve(args.runtime_dir.as_deref())?;
     let activated = server::activated_listener()?;
     let (daemon, listener, wake) = server::Daemon::start(runtime.clone(), config, activated)?;
+    daemon.first_cluster_lease();
     tracing::info!(dir = %runtime.path().display(), pid = std::process::id(), "vmlockd serving");
     if args.notify_stdout {
         let mut out = std::io::stdout();

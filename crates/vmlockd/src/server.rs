@@ -1,6 +1,7 @@
 //! The daemon process: single-instance guard, socket, one thread per connection, the owner
 //! watcher, and the state file.
 
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::holder::HolderLink;
 use crate::host::{self, LinuxHost};
@@ -60,6 +61,8 @@ pub struct Daemon {
     events: Arc<EventLog>,
     /// `metrics_address`, bound at start, served by `serve`.
     metrics_listener: Mutex<Option<std::net::TcpListener>>,
+    /// Cluster-wide locks in etcd, when `[etcd]` is configured.
+    cluster: Option<Arc<Cluster>>,
     _pid_lock: File,
 }
 
@@ -84,6 +87,9 @@ impl Daemon {
         let lease_check_interval = Duration::from_millis(config.lease_check_interval_ms);
         let lock_failure_grace = Duration::from_millis(config.lock_failure_grace_ms);
         let host_name = host.clone();
+        let cluster = config
+            .etcd_config(&host)
+            .map(|c| Arc::new(Cluster::new(c, runtime.path())));
         let mut table = LockTable::new(host::policy(&config), host);
         let (store, persisted) = Store::open(&runtime).map_err(|e| {
             anyhow::anyhow!(
@@ -159,6 +165,7 @@ impl Daemon {
             metrics,
             events,
             metrics_listener: Mutex::new(metrics_listener),
+            cluster,
             _pid_lock: pid_lock,
         });
         daemon.events.flush();
@@ -227,6 +234,16 @@ impl Daemon {
         std::thread::Builder::new()
             .name("lease-checker".into())
             .spawn(move || checker.check_leases())?;
+        if let Some(cluster) = &self.cluster {
+            let (daemon, c) = (Arc::clone(self), Arc::clone(cluster));
+            std::thread::Builder::new()
+                .name("etcd-lease".into())
+                .spawn(move || daemon.keep_cluster_lease(&c))?;
+            let (daemon, c) = (Arc::clone(self), Arc::clone(cluster));
+            std::thread::Builder::new()
+                .name("etcd-release".into())
+                .spawn(move || daemon.release_cluster_keys(&c))?;
+        }
         // Out of descriptors (or memory), accept fails at once as long as the connection waits in
         // the backlog: back off instead of spinning, and say so once per episode, not per try.
         let mut backoff: Option<Duration> = None;
@@ -633,6 +650,10 @@ impl Daemon {
         if let Some(pending) = snapshot {
             self.write_snapshot(pending);
         }
+        if let Some(cluster) = &self.cluster {
+            // Grants may have ended: their etcd keys go on the release thread.
+            cluster.changed();
+        }
         self.apply(fx);
         result
     }
@@ -784,7 +805,11 @@ impl Daemon {
         };
         if !flags.register_only {
             for r in wanted {
-                match host::open_target(&self.config, r) {
+                let checked = match &self.cluster {
+                    Some(_) => cluster::check_cluster_name(r),
+                    None => Ok(()),
+                };
+                match checked.and_then(|()| host::open_target(&self.config, r)) {
                     Ok(o) => opened.push(o),
                     Err(e) => return refused(None, e),
                 }
@@ -792,18 +817,57 @@ impl Daemon {
         }
         let reserved = self.with_table(|t, h| {
             let (r, fx) = t.reserve(h, caller, uuid, opened, flags);
-            let vm = r.is_err().then(|| identity(t, uuid));
+            let vm = identity(t, uuid);
             ((r, vm), fx)
         });
-        let reservation = match reserved {
-            (Err(refusal), vm) => return refused(vm, refusal.into_error(host::name_holder)),
+        let (reservation, vm) = match reserved {
+            (Err(refusal), vm) => return refused(Some(vm), refusal.into_error(host::name_holder)),
             (Ok(None), _) => {
                 *restricted = flags.restrict;
                 return Some((Reply::Held(Vec::new()), Vec::new()));
             }
-            (Ok(Some(r)), _) => r,
+            (Ok(Some(r)), vm) => (r, vm),
         };
         let ticket = reservation.ticket;
+        // The local locks are taken (pending); now the cluster's, in one transaction. Under the
+        // VM's cluster lock until the grants are committed or aborted, so the release thread
+        // never sees a key whose grant is neither.
+        let cluster_lock = self.cluster.as_ref().map(|c| c.vm_lock(uuid));
+        let _cluster_guard = cluster_lock
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(cluster) = &self.cluster {
+            let resources: Vec<vmlock::Resource> = reservation
+                .handover
+                .iter()
+                .map(|(l, _)| l.resource.clone())
+                .collect();
+            let owner = vmlock_etcd::Owner {
+                host: self.host_name.clone(),
+                vm_name: vm.name.clone(),
+                vm_uuid: uuid.to_owned(),
+                pid: Some(vm.pid),
+            };
+            let mut taken = cluster.acquire(&owner, &resources);
+            // A VM of this host released the disk a moment ago and the release thread has not
+            // deleted its key yet: delete it here and try once more.
+            if let Err(Error::Busy {
+                holder: vmlock::ForeignHolder::Vm(holder),
+                ..
+            }) = &taken
+            {
+                if holder.host == self.host_name
+                    && holder.uuid != uuid
+                    && self.release_ended_keys(cluster, &holder.uuid)
+                {
+                    taken = cluster.acquire(&owner, &resources);
+                }
+            }
+            if let Err(e) = taken {
+                self.with_table(|t, h| ((), t.abort(h, uuid, ticket)));
+                return refused(Some(vm), e);
+            }
+        }
         let (locks, fds): (Vec<CoreHeldLock>, Vec<OwnedFd>) =
             reservation.handover.into_iter().unzip();
         if reservation.direct {
@@ -1094,36 +1158,205 @@ impl Daemon {
                     Ok(f) => f,
                     Err(_) => break, // the round is over (or no worker is left)
                 };
-                let lost = {
-                    let mut table = self.lock_table();
-                    let lost = table.leases_lost(&findings);
-                    for l in &lost {
-                        self.events.record(EventKind::LeaseLost {
-                            vm: l.vm.clone(),
-                            resources: l.resources.clone(),
-                            action: l.flags.on_lock_failure.to_string(),
-                        });
-                    }
-                    lost
-                };
-                self.events.flush();
-                for l in lost {
-                    let grace = self.lock_failure_grace;
-                    let runtime_dir = self.runtime_dir.clone();
-                    let (metrics, events) = (Arc::clone(&self.metrics), Arc::clone(&self.events));
-                    let _ = std::thread::Builder::new()
-                        .name("lock-failure".into())
-                        .spawn(move || {
-                            let vm = l.vm.clone();
-                            let action = enforce(l, grace, &runtime_dir);
-                            metrics.lease_lost(action);
-                            events.record(EventKind::ActionTaken {
-                                vm,
-                                action: action.as_str().to_owned(),
-                            });
-                            events.flush();
-                        });
+                self.leases_lost(&findings, self.lock_failure_grace);
+            }
+        }
+    }
+
+    /// Marks `findings` (leases lost under running guests) in the table and carries out each
+    /// VM's lock-failure action on its own thread, a poweroff's SIGKILL `grace` after SIGTERM.
+    fn leases_lost(&self, findings: &[(String, LockKey)], grace: Duration) {
+        let lost = {
+            let mut table = self.lock_table();
+            let lost = table.leases_lost(findings);
+            for l in &lost {
+                self.events.record(EventKind::LeaseLost {
+                    vm: l.vm.clone(),
+                    resources: l.resources.clone(),
+                    action: l.flags.on_lock_failure.to_string(),
+                });
+            }
+            lost
+        };
+        self.events.flush();
+        for l in lost {
+            let runtime_dir = self.runtime_dir.clone();
+            let (metrics, events) = (Arc::clone(&self.metrics), Arc::clone(&self.events));
+            let _ = std::thread::Builder::new()
+                .name("lock-failure".into())
+                .spawn(move || {
+                    let vm = l.vm.clone();
+                    let action = enforce(l, grace, &runtime_dir);
+                    metrics.lease_lost(action);
+                    events.record(EventKind::ActionTaken {
+                        vm,
+                        action: action.as_str().to_owned(),
+                    });
+                    events.flush();
+                });
+        }
+    }
+
+    /// The grants of the VMs in `keys` (uuid → etcd disk ids) whose resources have one of those
+    /// ids: what a lost etcd lease takes from them.
+    fn cluster_grants(&self, keys: &HashMap<String, Vec<String>>) -> Vec<(String, LockKey)> {
+        let table = self.lock_table();
+        let mut findings = Vec::new();
+        for (uuid, disks) in keys {
+            for (key, resource) in table.vm_grants(uuid) {
+                if cluster::disk_id(&resource).is_some_and(|(d, _)| disks.contains(&d)) {
+                    findings.push((uuid.clone(), key));
                 }
+            }
+        }
+        findings
+    }
+
+    /// The `etcd-lease` thread: keeps a host lease in force and fences. `fence_lead` before the
+    /// lease's deadline D (or at once if the cluster reports it gone) the lease is given up and
+    /// every guest that held keys under it gets its lock-failure action, with half the lead as
+    /// a poweroff's grace, so it is gone by D; then a new lease is granted. Never touches the
+    /// table while waiting on etcd.
+    fn keep_cluster_lease(&self, cluster: &Cluster) {
+        let mut reported = false;
+        loop {
+            let Some(lease) = cluster.lease() else {
+                match self.establish_cluster_lease(cluster) {
+                    Ok(()) => reported = false,
+                    Err(e) => {
+                        if !reported {
+                            tracing::error!("{e}; retrying every second");
+                            reported = true;
+                        }
+                        // Retry pacing while etcd does not answer (each try is bounded itself).
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+                continue;
+            };
+            let fence_at = lease.deadline().0.saturating_sub(cluster.fence_lead());
+            let now = vmlock_etcd::BootTime::now().0;
+            if lease.state().lost.is_none() && now < fence_at {
+                // Wakes at once on a loss; otherwise re-reads the deadline (renewals move it).
+                lease.wait_lost((fence_at - now).min(Duration::from_millis(250)));
+                continue;
+            }
+            let why = lease
+                .state()
+                .lost
+                .map_or_else(|| "not renewed in time".to_owned(), |r| r.to_string());
+            tracing::error!(lease = %lease.id(), reason = %why, "etcd lease ending: fencing its guests");
+            let keys = cluster.lease_ended(&lease);
+            let findings = self.cluster_grants(&keys);
+            self.leases_lost(&findings, cluster.fence_lead() / 2);
+        }
+    }
+
+    /// Tries once (bounded by etcd's connect and request timeouts) to put a host lease in
+    /// force; the first success of this run takes over the last run's lease and checks the
+    /// recovered grants' keys. `vmlockd` calls it before it says it serves, so that clients of a
+    /// freshly started daemon find the lease in force; the `etcd-lease` thread retries.
+    pub fn establish_cluster_lease(&self, cluster: &Cluster) -> Result<(), Error> {
+        let first = !cluster.established_once();
+        let (lease, earlier_lost) = cluster.establish(first)?;
+        if earlier_lost {
+            tracing::error!("the last run's etcd lease expired while no daemon ran");
+        }
+        if first {
+            self.check_recovered_keys(cluster, &lease);
+        }
+        cluster.publish(lease);
+        Ok(())
+    }
+
+    /// The first lease attempt, before serving (see [`Daemon::establish_cluster_lease`]).
+    pub fn first_cluster_lease(&self) {
+        if let Some(cluster) = &self.cluster {
+            if let Err(e) = self.establish_cluster_lease(cluster) {
+                tracing::error!("{e}; serving anyway (locks held here stay held), retrying");
+            }
+        }
+    }
+
+    /// After the first lease of this run: a recovered grant that should have a key but has none
+    /// (the last run's lease expired while no daemon ran, or `[etcd]` was just configured) is
+    /// taken again under `lease`, one transaction per VM, so a restart kills no guest whose disk
+    /// nobody else took; a VM refused is a lost lease. Runs before the lease is published, so no
+    /// acquire is in flight.
+    fn check_recovered_keys(&self, cluster: &Cluster, lease: &vmlock_etcd::HostLease) {
+        let missing: Vec<(VmIdentity, Vec<(LockKey, vmlock::Resource)>)> = {
+            let table = self.lock_table();
+            table
+                .status()
+                .into_iter()
+                .filter_map(|o| {
+                    let keys = cluster.disks_of(&o.vm.uuid);
+                    let grants: Vec<(LockKey, vmlock::Resource)> = table
+                        .vm_grants(&o.vm.uuid)
+                        .into_iter()
+                        .filter(|(_, r)| {
+                            cluster::disk_id(r).is_some_and(|(d, _)| !keys.contains(&d))
+                        })
+                        .collect();
+                    (!grants.is_empty()).then_some((o.vm, grants))
+                })
+                .collect()
+        };
+        let mut findings = Vec::new();
+        for (vm, grants) in missing {
+            let owner = vmlock_etcd::Owner {
+                host: self.host_name.clone(),
+                vm_name: vm.name.clone(),
+                vm_uuid: vm.uuid.clone(),
+                pid: Some(vm.pid),
+            };
+            let resources: Vec<vmlock::Resource> = grants.iter().map(|(_, r)| r.clone()).collect();
+            match cluster.acquire_under(lease, &owner, &resources) {
+                Ok(()) => tracing::warn!(
+                    vm = %vm.name, uuid = %vm.uuid,
+                    "recovered grants had no etcd keys (the last lease expired?); taken again"
+                ),
+                Err(e) => {
+                    tracing::error!(vm = %vm.name, uuid = %vm.uuid, "recovered grants without their etcd keys: {e}");
+                    findings.extend(grants.into_iter().map(|(k, _)| (vm.uuid.clone(), k)));
+                }
+            }
+        }
+        if !findings.is_empty() {
+            self.leases_lost(&findings, cluster.fence_lead() / 2);
+        }
+    }
+
+    /// The `etcd-release` thread: deletes the keys of grants that ended (see `cluster`), woken
+    /// after every change to the table and at least every second (which retries failures).
+    fn release_cluster_keys(&self, cluster: &Cluster) {
+        loop {
+            cluster.wait_changed(Duration::from_secs(1));
+            for uuid in cluster.vms() {
+                self.release_ended_keys(cluster, &uuid);
+            }
+        }
+    }
+
+    /// Deletes VM `uuid`'s keys whose grants ended; false if nothing was deleted or the VM is in
+    /// an acquire's etcd step (never waits for it: the caller may hold another VM's lock).
+    fn release_ended_keys(&self, cluster: &Cluster, uuid: &str) -> bool {
+        let vm_lock = cluster.vm_lock(uuid);
+        let Ok(_guard) = vm_lock.try_lock() else {
+            return false;
+        };
+        let before = cluster.disks_of(uuid).len();
+        let wanted: std::collections::HashSet<String> = self
+            .lock_table()
+            .vm_grants(uuid)
+            .into_iter()
+            .filter_map(|(_, r)| cluster::disk_id(&r).map(|(d, _)| d))
+            .collect();
+        match cluster.release_unwanted(uuid, &wanted) {
+            Ok(()) => cluster.disks_of(uuid).len() < before,
+            Err(e) => {
+                tracing::warn!(uuid, "releasing etcd keys: {e}; retrying");
+                false
             }
         }
     }

@@ -1,0 +1,493 @@
+//! The cluster backend (`[etcd]` in `vmlockd.toml`): besides its local OFD lock, every exclusive
+//! or shared grant holds a key in etcd under this host's one lease, so that two hosts never
+//! grant one disk (docs/etcd.md).
+//!
+//! - **Acquire** (a request thread): after the core reserved the local locks, one etcd
+//!   transaction takes every key of the request or none; a refusal names the other host's VM.
+//! - **Release** (the `etcd-release` thread): keys are never released on the request path. The
+//!   thread compares what this host holds in etcd with what the table holds (pending grants
+//!   included) and deletes the difference, woken after every change to the table. So every way
+//!   a grant ends — release, guest death, an aborted acquire, a lost migration — frees its key,
+//!   without each path knowing about etcd.
+//! - Both sides of one VM run under that VM's cluster lock (never the table lock: etcd is a
+//!   network wait), so a release can never delete a key an acquire of the same VM just took.
+//! - **Lease**: granted at start (or taken over from the last run, by the id kept in
+//!   `RUNTIME/etcd.lease`, so a daemon restart loses no key), re-granted after a loss.
+//! - **Fencing** (the `etcd-fence` thread, in `server.rs`): `fence_lead` before the lease's
+//!   deadline D, or at once when the lease is lost, every guest holding keys gets its
+//!   lock-failure action.
+//!
+//! The key of a disk is its path, which must be its real path (no symlink in it): shared storage
+//! is mounted at the same path on every host, and two names for one file on one host still reach
+//! one local lock. A lease's key is `lease:LOCKSPACE/KEY`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+use vmlock::{DiskMode, Error, ForeignHolder, Holder, Resource};
+use vmlock_etcd::{Etcd, HostLease, LeaseId, LockKey, LockRequest, Owner, Revision};
+
+/// The etcd disk id of `resource` and whether its lock is exclusive; `None` for what takes no
+/// lock (read-only disks).
+pub fn disk_id(resource: &Resource) -> Option<(String, bool)> {
+    match resource {
+        Resource::Disk { path, mode } => {
+            let exclusive = match mode {
+                DiskMode::Exclusive => true,
+                DiskMode::Shared => false,
+                DiskMode::ReadOnly => return None,
+            };
+            Some((path.to_string_lossy().into_owned(), exclusive))
+        }
+        Resource::Lease(l) => Some((format!("lease:{}/{}", l.lockspace, l.key), true)),
+    }
+}
+
+/// Refuses a disk whose path is not its real path, or not UTF-8: its etcd key would not be the
+/// one another host computes. May block on a hung mount: call with the table unlocked.
+pub fn check_cluster_name(resource: &Resource) -> Result<(), Error> {
+    let Resource::Disk { path, mode } = resource else {
+        return Ok(());
+    };
+    if *mode == DiskMode::ReadOnly {
+        return Ok(());
+    }
+    let bad = |reason: String| Error::InvalidResource {
+        resource: resource.label(),
+        reason,
+    };
+    if path.to_str().is_none() {
+        return Err(bad("the cluster lock needs a UTF-8 path".into()));
+    }
+    match std::fs::canonicalize(path) {
+        Ok(real) if real == *path => Ok(()),
+        Ok(real) => Err(bad(format!(
+            "it resolves to {}: name the disk by its real path, which is its key in etcd on \
+             every host",
+            real.display()
+        ))),
+        // Opening it reports this error better, naming the disk.
+        Err(_) => Ok(()),
+    }
+}
+
+/// One key this host holds (or may hold: an acquire whose outcome is unknown counts as held
+/// until a release confirms it gone).
+#[derive(Debug, Clone, Copy)]
+struct HeldKey {
+    exclusive: bool,
+    revision: Option<Revision>,
+}
+
+/// The connection and the lease in force.
+#[derive(Default)]
+struct Link {
+    etcd: Option<Etcd>,
+    lease: Option<Arc<HostLease>>,
+    /// Why there is no lease, for refusals.
+    trouble: Option<String>,
+}
+
+/// The daemon's side of etcd.
+pub struct Cluster {
+    config: vmlock_etcd::Config,
+    lease_file: PathBuf,
+    link: Mutex<Link>,
+    /// Keys held per VM uuid, per disk id.
+    held: Mutex<HashMap<String, HashMap<String, HeldKey>>>,
+    /// One lock per VM: its acquire's etcd step and its keys' release never overlap.
+    vm_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Set when the table changed; the release thread waits on it.
+    wake: (Mutex<bool>, Condvar),
+    /// A lease has been in force this run (the last run's was taken over or found gone).
+    established: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("endpoints", &self.config.endpoints)
+            .field("prefix", &self.config.prefix)
+            .finish()
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain maps: a panic elsewhere leaves them usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    /// The backend for `config` (validated, its host filled in); no I/O.
+    pub fn new(config: vmlock_etcd::Config, runtime_dir: &Path) -> Self {
+        Cluster {
+            config,
+            lease_file: runtime_dir.join("etcd.lease"),
+            link: Mutex::new(Link {
+                trouble: Some("not connected yet".into()),
+                ..Link::default()
+            }),
+            held: Mutex::new(HashMap::new()),
+            vm_locks: Mutex::new(HashMap::new()),
+            wake: (Mutex::new(false), Condvar::new()),
+            established: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &vmlock_etcd::Config {
+        &self.config
+    }
+
+    /// T_stop.
+    pub fn fence_lead(&self) -> Duration {
+        self.config.fence_lead()
+    }
+
+    /// The lease in force, if any.
+    pub fn lease(&self) -> Option<Arc<HostLease>> {
+        locked(&self.link).lease.clone()
+    }
+
+    fn unavailable(&self, why: &str) -> Error {
+        Error::ServiceUnavailable {
+            reason: format!(
+                "etcd at {}: {why}; no disk can be locked cluster-wide until it answers",
+                self.config.endpoints_text()
+            ),
+        }
+    }
+
+    /// VM `uuid`'s cluster lock.
+    pub fn vm_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
+        Arc::clone(
+            locked(&self.vm_locks)
+                .entry(uuid.to_owned())
+                .or_insert_with(|| Arc::new(Mutex::new(()))),
+        )
+    }
+
+    /// Tells the release thread the table changed.
+    pub fn changed(&self) {
+        *locked(&self.wake.0) = true;
+        self.wake.1.notify_all();
+    }
+
+    /// Waits at most `timeout` for [`Cluster::changed`].
+    pub fn wait_changed(&self, timeout: Duration) {
+        let woken = locked(&self.wake.0);
+        let (mut woken, _) = self
+            .wake
+            .1
+            .wait_timeout_while(woken, timeout, |w| !*w)
+            .unwrap_or_else(|p| p.into_inner());
+        *woken = false;
+    }
+
+    /// Takes the keys of `resources` for VM `owner` in one transaction, or none. Call with the
+    /// VM's cluster lock held and its local locks reserved.
+    pub fn acquire(&self, owner: &Owner, resources: &[Resource]) -> Result<(), Error> {
+        if resources.iter().all(|r| disk_id(r).is_none()) {
+            return Ok(());
+        }
+        let Some(lease) = self.lease() else {
+            let trouble = locked(&self.link).trouble.clone().unwrap_or_default();
+            return Err(self.unavailable(&trouble));
+        };
+        self.acquire_under(&lease, owner, resources)
+    }
+
+    /// [`Cluster::acquire`] under `lease`, in force or about to be.
+    pub fn acquire_under(
+        &self,
+        lease: &HostLease,
+        owner: &Owner,
+        resources: &[Resource],
+    ) -> Result<(), Error> {
+        let wanted: Vec<(String, bool, String)> = resources
+            .iter()
+            .filter_map(|r| disk_id(r).map(|(d, e)| (d, e, r.label())))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        if lease.check().is_err()
+            || lease.deadline().remaining() <= self.fence_lead() + self.config.keepalive_interval()
+        {
+            return Err(self.unavailable(&format!(
+                "this host's lease {} is not being renewed",
+                lease.id()
+            )));
+        }
+        let requests: Vec<LockRequest> = wanted
+            .iter()
+            .map(|(disk, exclusive, _)| LockRequest {
+                key: LockKey::new(disk, &owner.vm_uuid),
+                exclusive: *exclusive,
+                owner: owner.clone(),
+            })
+            .collect();
+        // Counted as held before the transaction: if its outcome is unknown (a timeout), the
+        // release thread deletes whatever it left once the table no longer wants it.
+        let fresh: Vec<String> = {
+            let mut held = locked(&self.held);
+            let vm = held.entry(owner.vm_uuid.clone()).or_default();
+            wanted
+                .iter()
+                .filter(|(disk, exclusive, _)| {
+                    vm.insert(
+                        disk.clone(),
+                        HeldKey {
+                            exclusive: *exclusive,
+                            revision: None,
+                        },
+                    )
+                    .is_none()
+                })
+                .map(|(d, _, _)| d.clone())
+                .collect()
+        };
+        match lease.acquire(&requests) {
+            Ok(revision) => {
+                if let Some(vm) = locked(&self.held).get_mut(&owner.vm_uuid) {
+                    for (disk, _, _) in &wanted {
+                        if let Some(k) = vm.get_mut(disk) {
+                            k.revision = Some(revision);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    vmlock_etcd::Error::Conflict { .. } | vmlock_etcd::Error::Invalid(_)
+                ) {
+                    // Refused: the transaction took nothing.
+                    let mut held = locked(&self.held);
+                    if let Some(vm) = held.get_mut(&owner.vm_uuid) {
+                        for d in &fresh {
+                            vm.remove(d);
+                        }
+                        if vm.is_empty() {
+                            held.remove(&owner.vm_uuid);
+                        }
+                    }
+                }
+                Err(self.refusal(e, &wanted))
+            }
+        }
+    }
+
+    fn refusal(&self, e: vmlock_etcd::Error, wanted: &[(String, bool, String)]) -> Error {
+        match e {
+            vmlock_etcd::Error::Conflict { key, holder, .. } => {
+                let resource = wanted
+                    .iter()
+                    .find(|(d, _, _)| *d == key.disk)
+                    .map_or(key.disk.clone(), |(_, _, label)| label.clone());
+                Error::Busy {
+                    resource,
+                    holder: ForeignHolder::Vm(Holder {
+                        name: holder.vm_name,
+                        uuid: holder.vm_uuid,
+                        pid: holder.pid,
+                        host: holder.host,
+                    }),
+                }
+            }
+            other => {
+                let kind = other.kind();
+                Error::io(
+                    "locking in etcd".to_string(),
+                    &std::io::Error::new(kind, other.to_string()),
+                )
+            }
+        }
+    }
+
+    /// VMs with keys.
+    pub fn vms(&self) -> Vec<String> {
+        locked(&self.held).keys().cloned().collect()
+    }
+
+    /// Disk ids VM `uuid` holds keys for.
+    pub fn disks_of(&self, uuid: &str) -> Vec<String> {
+        locked(&self.held)
+            .get(uuid)
+            .map_or_else(Vec::new, |vm| vm.keys().cloned().collect())
+    }
+
+    /// Deletes the keys of VM `uuid` not in `wanted` (disk ids). Call with the VM's cluster
+    /// lock held, `wanted` read from the table after taking it.
+    pub fn release_unwanted(&self, uuid: &str, wanted: &HashSet<String>) -> Result<(), Error> {
+        let extra: Vec<String> = self
+            .disks_of(uuid)
+            .into_iter()
+            .filter(|d| !wanted.contains(d))
+            .collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let Some(lease) = self.lease() else {
+            // No lease: its keys went with it (see `lease_ended`).
+            return Ok(());
+        };
+        let keys: Vec<LockKey> = extra.iter().map(|d| LockKey::new(d, uuid)).collect();
+        lease
+            .release(&keys)
+            .map_err(|e| self.unavailable(&e.to_string()))?;
+        let mut held = locked(&self.held);
+        if let Some(vm) = held.get_mut(uuid) {
+            for d in &extra {
+                vm.remove(d);
+            }
+            if vm.is_empty() {
+                held.remove(uuid);
+                locked(&self.vm_locks).remove(uuid);
+            }
+        }
+        tracing::debug!(uuid, disks = ?extra, "etcd keys released");
+        Ok(())
+    }
+
+    /// The lease `lease` ended (lost, or about to be fenced): no acquire uses it any more, and
+    /// the keys it had are forgotten (the cluster deletes them with the lease). Returns what
+    /// they were, per VM.
+    pub fn lease_ended(&self, lease: &HostLease) -> HashMap<String, Vec<String>> {
+        {
+            let mut link = locked(&self.link);
+            if link.lease.as_ref().is_some_and(|l| l.id() == lease.id()) {
+                link.lease = None;
+                link.trouble = Some(format!("this host's lease {} ended", lease.id()));
+            }
+        }
+        std::mem::take(&mut *locked(&self.held))
+            .into_iter()
+            .map(|(uuid, disks)| (uuid, disks.into_keys().collect()))
+            .collect()
+    }
+
+    /// Connects and grants (or, at the first call, takes over) the host lease, not yet in force
+    /// ([`Cluster::publish`]). Returns it and whether the last run's lease could not be taken
+    /// over (its keys are gone).
+    pub fn establish(&self, first: bool) -> Result<(Arc<HostLease>, bool), Error> {
+        let connected = locked(&self.link).etcd.clone();
+        let etcd = match connected {
+            Some(e) => e,
+            None => {
+                let e = Etcd::connect(&self.config).map_err(|e| self.note_trouble(e))?;
+                locked(&self.link).etcd = Some(e.clone());
+                e
+            }
+        };
+        let mut earlier_lost = false;
+        let previous = first.then(|| self.read_lease_file()).flatten();
+        let lease = match previous.map(|id| HostLease::adopt(&etcd, id)) {
+            Some(Ok(lease)) => {
+                let held = etcd.held_by(lease.id()).map_err(|e| self.note_trouble(e))?;
+                let mut map = locked(&self.held);
+                for h in held {
+                    map.entry(h.key.holder.clone()).or_default().insert(
+                        h.key.disk.clone(),
+                        HeldKey {
+                            exclusive: h.exclusive,
+                            revision: Some(h.revision),
+                        },
+                    );
+                }
+                lease
+            }
+            Some(Err(vmlock_etcd::Error::LeaseLost { lease, reason })) => {
+                tracing::error!(%lease, %reason, "the last run's etcd lease is gone, and every key it held");
+                earlier_lost = true;
+                HostLease::grant(&etcd).map_err(|e| self.note_trouble(e))?
+            }
+            Some(Err(e)) => return Err(self.note_trouble(e)),
+            None => HostLease::grant(&etcd).map_err(|e| self.note_trouble(e))?,
+        };
+        self.write_lease_file(lease.id())
+            .map_err(|e| Error::io(format!("writing {}", self.lease_file.display()), &e))?;
+        Ok((Arc::new(lease), earlier_lost))
+    }
+
+    /// Whether a lease has been in force this run.
+    pub fn established_once(&self) -> bool {
+        self.established.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Puts `lease` in force: acquires use it from now on.
+    pub fn publish(&self, lease: Arc<HostLease>) {
+        self.established
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut link = locked(&self.link);
+        link.lease = Some(lease);
+        link.trouble = None;
+    }
+
+    fn note_trouble(&self, e: vmlock_etcd::Error) -> Error {
+        let text = e.to_string();
+        locked(&self.link).trouble = Some(text.clone());
+        self.unavailable(&text)
+    }
+
+    fn read_lease_file(&self) -> Option<LeaseId> {
+        let text = std::fs::read_to_string(&self.lease_file).ok()?;
+        text.trim().parse::<i64>().ok().map(LeaseId)
+    }
+
+    fn write_lease_file(&self, id: LeaseId) -> std::io::Result<()> {
+        let tmp = self.lease_file.with_extension("lease.tmp");
+        std::fs::write(&tmp, format!("{}\n", id.0))?;
+        std::fs::rename(&tmp, &self.lease_file)
+    }
+
+    /// Whether VM `uuid` holds keys.
+    pub fn holds(&self, uuid: &str) -> bool {
+        locked(&self.held).contains_key(uuid)
+    }
+
+    /// `(disk, exclusive, revision)` of VM `uuid`'s keys, for status.
+    pub fn keys_of(&self, uuid: &str) -> Vec<(String, bool, Option<Revision>)> {
+        locked(&self.held).get(uuid).map_or_else(Vec::new, |vm| {
+            vm.iter()
+                .map(|(d, k)| (d.clone(), k.exclusive, k.revision))
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_ids_by_path_and_lease() {
+        let d = Resource::disk("/img/a.qcow2", DiskMode::Exclusive).expect("disk");
+        assert_eq!(disk_id(&d), Some(("/img/a.qcow2".into(), true)));
+        let s = Resource::disk("/img/s.raw", DiskMode::Shared).expect("disk");
+        assert_eq!(disk_id(&s), Some(("/img/s.raw".into(), false)));
+        let r = Resource::disk("/img/r.iso", DiskMode::ReadOnly).expect("disk");
+        assert_eq!(disk_id(&r), None);
+        let l = Resource::lease("ls", "k1", "/leases/ls", 0).expect("lease");
+        assert_eq!(disk_id(&l), Some(("lease:ls/k1".into(), true)));
+    }
+
+    #[test]
+    fn a_symlinked_disk_name_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real.img");
+        std::fs::write(&real, b"x").expect("write");
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let real = std::fs::canonicalize(&real).expect("canonical");
+        check_cluster_name(&Resource::disk(&real, DiskMode::Exclusive).expect("disk"))
+            .expect("the real path is fine");
+        let e = check_cluster_name(&Resource::disk(&link, DiskMode::Exclusive).expect("disk"))
+            .expect_err("a symlink is refused");
+        assert!(e.to_string().contains("real path"), "{e}");
+        check_cluster_name(&Resource::disk(&link, DiskMode::ReadOnly).expect("disk"))
+            .expect("a read-only disk takes no key");
+    }
+}
