@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what vmlock's tests need on Debian 12 (bookworm): QEMU from bookworm-backports (to match
 # the preinstalled qemu-utils 10.x), virtlockd for the side-by-side benchmark, libvirtd with its
-# QEMU driver, virsh and the stock lockd plugin (the testkit's private libvirtd), sanlock, etcd and
-# protoc with its well-known types (for the etcd-client crate's build). Idempotent; needs root. Skips the install when everything is already there.
+# QEMU driver, virsh and the stock lockd plugin (the testkit's private libvirtd), sanlock, etcd,
+# protoc with its well-known types (for the etcd-client crate's build) and iproute2 (the testkit's
+# network namespaces). Idempotent; needs root. Skips the install when everything is already there.
 set -euo pipefail
 
 need=()
@@ -18,6 +19,8 @@ command -v protoc >/dev/null || need+=(other)
 # protoc's well-known types (google/protobuf/*.proto), which the etcd-client crate's build imports.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(other)
 command -v etcdctl >/dev/null || need+=(other)
+# ip (iproute2): the testkit's network namespaces (netns) configure their veth links with it.
+command -v ip >/dev/null || need+=(other)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""
@@ -41,4 +44,4 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
   qemu-system-x86 libvirt-daemon-lock \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon-plugin-lockd
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-  sanlock etcd-server etcd-client protobuf-compiler libprotobuf-dev
+  sanlock etcd-server etcd-client protobuf-compiler libprotobuf-dev iproute2

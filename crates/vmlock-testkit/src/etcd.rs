@@ -1,7 +1,9 @@
 //! A real etcd cluster on loopback (Debian's `etcd-server`, 3.4): one or three members, each with a
 //! private data directory in a temp dir and free client and peer ports; started and waited for on
 //! each member's `/health` endpoint (bounded), members killed and restarted by pid, every member
-//! SIGKILLed and reaped by pid when the cluster is dropped.
+//! SIGKILLed and reaped by pid when the cluster is dropped. Members can also listen for clients on
+//! extra local addresses ([`EtcdCluster::start_with`]), such as the root-side ends of
+//! [`NetHost`](crate::netns::NetHost) links, so daemons in other network namespaces reach them.
 
 use crate::process::{kill_child, wait_until};
 use std::io::{Read, Write};
@@ -34,6 +36,8 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
     initial_cluster: String,
+    /// Addresses besides 127.0.0.1 every member listens for clients on (same port).
+    extra_client_ips: Vec<Ipv4Addr>,
 }
 
 /// A free loopback port: bound to port 0, read back, released. Another process could take it in
@@ -50,6 +54,17 @@ impl EtcdCluster {
     /// member reports itself healthy on `/health` — which etcd answers `true` only once the
     /// cluster has a leader and the member has applied its first entries.
     pub fn start(size: usize) -> Self {
+        Self::start_with(size, &[])
+    }
+
+    /// Like [`start`](EtcdCluster::start), and every member also listens for clients on each of
+    /// `extra_client_ips`, on the same port as on 127.0.0.1 (see
+    /// [`endpoints_via`](EtcdCluster::endpoints_via)). The addresses must be assigned here
+    /// before the members start (create the [`NetHost`](crate::netns::NetHost)s first), or etcd
+    /// cannot bind them and the start panics with its log. Members still advertise only their
+    /// 127.0.0.1 URLs; a client that discovers members from the advertised URLs instead of
+    /// using the endpoints it was given would not reach them from another namespace.
+    pub fn start_with(size: usize, extra_client_ips: &[Ipv4Addr]) -> Self {
         assert!(size >= 1, "a cluster needs a member");
         let dir = tempfile::Builder::new()
             .prefix("vmlock-etcd-")
@@ -77,6 +92,7 @@ impl EtcdCluster {
             dir,
             members,
             initial_cluster,
+            extra_client_ips: extra_client_ips.to_vec(),
         };
         for i in 0..size {
             cluster.spawn(i);
@@ -102,6 +118,14 @@ impl EtcdCluster {
         let m = &mut self.members[i];
         assert!(m.child.is_none(), "member {} already runs", m.name);
         let client = format!("http://127.0.0.1:{}", m.client_port);
+        let listen_client = std::iter::once(client.clone())
+            .chain(
+                self.extra_client_ips
+                    .iter()
+                    .map(|ip| format!("http://{ip}:{}", m.client_port)),
+            )
+            .collect::<Vec<_>>()
+            .join(",");
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -112,7 +136,7 @@ impl EtcdCluster {
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
-            .args(["--listen-client-urls", &client])
+            .args(["--listen-client-urls", &listen_client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
@@ -163,6 +187,21 @@ impl EtcdCluster {
         self.members
             .iter()
             .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// Every member's client URL at `ip` (`http://IP:PORT`), killed members included: what a
+    /// client in a [`NetHost`](crate::netns::NetHost) whose root address is `ip` connects to.
+    /// Panics unless `ip` was among the cluster's extra client addresses.
+    pub fn endpoints_via(&self, ip: Ipv4Addr) -> Vec<String> {
+        assert!(
+            self.extra_client_ips.contains(&ip),
+            "etcd does not listen on {ip} (extra client addresses: {:?})",
+            self.extra_client_ips
+        );
+        self.members
+            .iter()
+            .map(|m| format!("http://{ip}:{}", m.client_port))
             .collect()
     }
 
