@@ -1,0 +1,272 @@
+//! Two hosts on one machine, each a network namespace joined to a real three-member etcd cluster
+//! by a veth pair, each with its own vmlockd (runtime directory, lockspace, host name) started by
+//! `vmlock run` inside its namespace. The disk directory is shared, as shared storage would be;
+//! only etcd stands between the hosts (their local locks are files in their own lockspaces).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use vmlock_testkit::etcd::EtcdCluster;
+use vmlock_testkit::netns::NetHost;
+use vmlock_testkit::process::{kill_and_wait, kill_child, read_line};
+use vmlock_testkit::vmlockd::CliEnv;
+
+/// One at a time: the timelines below must not compete for 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The hosts' lease TTL (s), keep-alive interval, margin and fence lead (ms).
+const TTL: u64 = 3;
+const KEEPALIVE_MS: u64 = 500;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A host: its namespace and its CLI environment (the daemon the CLI starts is killed by pid).
+struct Host {
+    name: &'static str,
+    net: NetHost,
+    env: CliEnv,
+    driver_config: PathBuf,
+}
+
+impl Host {
+    /// `vmlock` with this host's runtime directory and configuration, in its namespace.
+    fn vmlock(&self) -> Command {
+        let mut c = self.env.vmlock();
+        c.arg("--driver-config").arg(&self.driver_config);
+        self.net.enter(&mut c);
+        c
+    }
+
+    /// A guest (`sh` that writes its pid, then sleeps) under `vmlock run` on `disk`, once it
+    /// holds the disk; and the guest's pid.
+    fn guest(&self, vm: &str, disk: &Path) -> (Child, u32) {
+        let pid_file = self.env.dir.path().join(format!("{vm}.pid"));
+        let mut child = self
+            .vmlock()
+            .args(["run", "--name", vm, "--disk"])
+            .arg(disk)
+            .args(["--", "sh", "-c", "echo $$ > \"$0\"; exec sleep 600"])
+            .arg(&pid_file)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        loop {
+            match read_line(&mut stderr, WAIT) {
+                Ok(Some(line)) if line.contains("holds") => break,
+                Ok(Some(_)) => {}
+                other => {
+                    kill_child(&mut child);
+                    panic!("{vm} on {} did not start: {other:?}", self.name);
+                }
+            }
+        }
+        let until = Instant::now() + WAIT;
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < until, "{vm} wrote no pid");
+            // Bounded poll: the guest writes its pid right after it starts.
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        (child, pid)
+    }
+
+    /// One try to run a guest that exits at once on `disk`: whether the disk was acquired, and
+    /// the refusal's text if not.
+    fn try_acquire(&self, vm: &str, disk: &Path) -> Result<(), String> {
+        let out = self
+            .vmlock()
+            .args(["run", "--name", vm, "--disk"])
+            .arg(disk)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Tries until the disk is acquired (bounded by `limit`): when the successful try began.
+    fn acquire_when_free(&self, vm: &str, disk: &Path, limit: Duration) -> Instant {
+        let began = Instant::now();
+        loop {
+            let attempt = Instant::now();
+            match self.try_acquire(vm, disk) {
+                Ok(()) => return attempt,
+                Err(e) if e.contains("locked by") && began.elapsed() < limit => {
+                    // Bounded poll: another host's key ending is no event here.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!(
+                    "{} did not acquire in {:?}: {e}",
+                    self.name,
+                    began.elapsed()
+                ),
+            }
+        }
+    }
+}
+
+/// Two hosts and the cluster they share (`None`, printed as skipped, without namespaces).
+fn setup() -> Option<(EtcdCluster, Host, Host, tempfile::TempDir)> {
+    if let Some(why) = NetHost::unavailable() {
+        println!("SKIPPED: {why}");
+        return None;
+    }
+    let (net_a, net_b) = (NetHost::create(), NetHost::create());
+    let cluster = EtcdCluster::start_with(3, &[net_a.root_addr(), net_b.root_addr()]);
+    let make = |name: &'static str, net: NetHost| {
+        let env = CliEnv::new(Path::new(env!("CARGO_BIN_EXE_vmlock")));
+        let lockspace = env.dir.path().join("lockspace");
+        std::fs::create_dir(&lockspace).unwrap();
+        let endpoints: Vec<String> = cluster
+            .endpoints_via(net.root_addr())
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect();
+        let daemon_config = env.dir.path().join("vmlockd.toml");
+        std::fs::write(
+            &daemon_config,
+            format!(
+                "file_lockspace_dir = {:?}\nhost_name = {name:?}\n\n[etcd]\nendpoints = [{}]\n\
+                 ttl = {TTL}\nkeepalive_interval_ms = {KEEPALIVE_MS}\nmargin_ms = 500\n\
+                 fence_lead_ms = 800\nrequest_timeout_ms = 2000\nconnect_timeout_ms = 2000\n",
+                lockspace,
+                endpoints.join(", ")
+            ),
+        )
+        .unwrap();
+        let driver_config = env.dir.path().join("driver.toml");
+        std::fs::write(
+            &driver_config,
+            format!("daemon_config = {daemon_config:?}\n"),
+        )
+        .unwrap();
+        Host {
+            name,
+            net,
+            env,
+            driver_config,
+        }
+    };
+    let a = make("host-a", net_a);
+    let b = make("host-b", net_b);
+    let disks = tempfile::tempdir().unwrap();
+    Some((cluster, a, b, disks))
+}
+
+fn disk(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    let path = std::fs::canonicalize(dir.path()).unwrap().join(name);
+    std::fs::write(&path, vec![0u8; 4096]).unwrap();
+    path
+}
+
+/// Waits for `child` on a thread of its own; the receiver gets the moment it was seen to exit.
+fn exit_time(mut child: Child) -> mpsc::Receiver<Instant> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = child.wait();
+        let _ = tx.send(Instant::now());
+    });
+    rx
+}
+
+#[test]
+fn host_b_cannot_take_host_a_disk_until_a_guest_exits_or_is_killed() {
+    let _s = serial();
+    let Some((_cluster, a, b, disks)) = setup() else {
+        return;
+    };
+    let d = disk(&disks, "d.img");
+    let (mut web1, web1_guest) = a.guest("web1", &d);
+    let refusal = b.try_acquire("db1", &d).expect_err("B took A's disk");
+    assert!(
+        refusal.contains("\"web1\"") && refusal.contains("host-a"),
+        "the refusal does not name A's VM and host: {refusal}"
+    );
+
+    // A's guest exits: B acquires at once.
+    kill_and_wait(web1_guest);
+    let exited = Instant::now();
+    let _ = web1.wait();
+    let took = b.acquire_when_free("db1", &d, Duration::from_secs(2));
+    println!(
+        "B acquired {:?} after A's guest exited",
+        took.saturating_duration_since(exited)
+    );
+
+    // B's guest is SIGKILLed: A acquires within one keep-alive interval.
+    let (mut db1, db1_guest) = b.guest("db1", &d);
+    kill_and_wait(db1_guest);
+    let killed = Instant::now();
+    a.acquire_when_free("web2", &d, Duration::from_millis(KEEPALIVE_MS));
+    println!(
+        "A acquired {:?} after B's guest was killed",
+        killed.elapsed()
+    );
+    let _ = db1.wait();
+}
+
+#[test]
+fn a_partitioned_host_stops_its_guest_before_another_host_can_take_its_disk() {
+    let _s = serial();
+    let Some((_cluster, a, b, disks)) = setup() else {
+        return;
+    };
+    let d = disk(&disks, "d.img");
+    let (web1, _web1_guest) = a.guest("web1", &d);
+    let web1_exit = exit_time(web1);
+    assert!(b.try_acquire("db1", &d).is_err(), "B took A's disk");
+
+    a.net.cut();
+    let cut = Instant::now();
+    let took = b.acquire_when_free("db1", &d, Duration::from_secs(TTL + 5));
+    let exited = web1_exit
+        .recv_timeout(WAIT)
+        .expect("A's guest still runs after B took its disk");
+    println!(
+        "partition: A's guest stopped {:?} after the cut; B acquired {:?} after the cut",
+        exited.saturating_duration_since(cut),
+        took.saturating_duration_since(cut)
+    );
+    assert!(
+        exited < took,
+        "B's successful acquire began {:?} before A's guest was seen to exit",
+        exited.saturating_duration_since(took)
+    );
+    assert!(
+        took.saturating_duration_since(cut) < Duration::from_secs(TTL + 3),
+        "B waited longer than TTL + 3 s"
+    );
+
+    // Healed: A serves again under a new lease (B's guest has exited: the disk is free).
+    a.net.restore();
+    let until = Instant::now() + WAIT;
+    loop {
+        match a.try_acquire("web1-again", &d) {
+            Err(e) if e.contains("locked by") => {
+                panic!("A was refused a disk nobody holds: {e}")
+            }
+            Ok(()) => break,
+            Err(e) => {
+                assert!(Instant::now() < until, "A never served again: {e}");
+                // Bounded poll: A's new lease after the heal has no event here.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
