@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmlock::{
@@ -80,6 +80,31 @@ impl LockFailurePolicy {
         }
     }
 
+    /// Fences the guest because the lock daemon did not renew its cluster lease in time
+    /// ([`vmlock_client::fence::watch`]): pause over QMP when that is the action and a QMP socket
+    /// is known, else SIGKILL at once — no grace, no call to libvirt or the daemon, which may be
+    /// the very thing that hangs. `ignore` does nothing.
+    pub fn fence(&self) {
+        match self.action {
+            LockFailureAction::Ignore => return,
+            LockFailureAction::Pause => {
+                let paused = self.qmp.as_deref().is_some_and(|q| {
+                    vmlock_client::qmp::Qmp::connect(q)
+                        .and_then(|mut c| c.execute("stop", serde_json::json!({})))
+                        .is_ok()
+                });
+                if paused {
+                    return;
+                }
+            }
+            LockFailureAction::Poweroff | LockFailureAction::Restart => {}
+        }
+        if let Ok(h) = vmlock_sys::pidfd::ProcessHandle::open(self.guest_pid, None) {
+            let _ = h.signal(rustix::process::Signal::KILL);
+            h.wait_exit(Some(Duration::from_secs(5)));
+        }
+    }
+
     /// Carries out the lock-failure action, then releases every lease: the lock service must
     /// see them gone before it escalates.
     fn enforce(&self, manager: &Mutex<Manager>) -> vmlock::Result<()> {
@@ -95,6 +120,21 @@ impl LockFailurePolicy {
             Err(Error::InvalidState { .. }) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// With cluster-wide locks, a supervisor also stops its guest if the lock daemon cannot renew
+/// them in time (`vmlock_client::fence`); a VM whose disks are all read-only holds none.
+pub fn watch_fencing(runtime_dir: &Path, manager: &Mutex<Manager>, policy: &LockFailurePolicy) {
+    let clustered = manager
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .resources()
+        .iter()
+        .any(|r| r.is_locked() && r.mode() != vmlock::DiskMode::ReadOnly);
+    if clustered {
+        let policy = policy.clone();
+        vmlock_client::fence::watch(runtime_dir, move || policy.fence());
     }
 }
 

@@ -110,6 +110,7 @@ fn hold(plugin: &Plugin, runtime_dir: &Path, args: HolderArgs) -> anyhow::Result
         .context("watching the guest")?;
     let uuid = manager.vm().uuid.to_string();
     let manager = Arc::new(Mutex::new(manager));
+    crate::control::watch_fencing(runtime_dir, &manager, &policy);
     let control = crate::control::ControlServer::start(
         crate::control::socket_path(runtime_dir, &uuid),
         Arc::clone(&manager),

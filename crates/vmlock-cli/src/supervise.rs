@@ -161,6 +161,7 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result
         guest_pid,
         libvirt: None,
     };
+    crate::control::watch_fencing(runtime_dir, &manager, &policy);
     let control = crate::control::ControlServer::start(
         crate::control::socket_path(runtime_dir, &uuid.to_string()),
         Arc::clone(&manager),

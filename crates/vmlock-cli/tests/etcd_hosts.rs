@@ -175,11 +175,13 @@ fn disk(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     path
 }
 
-/// Waits for `child` on a thread of its own; the receiver gets the moment it was seen to exit.
-fn exit_time(mut child: Child) -> mpsc::Receiver<Instant> {
+/// Waits for process `pid` (a guest: not our child) on a thread of its own, through a pidfd;
+/// the receiver gets the moment it was seen to exit.
+fn exit_time(pid: u32) -> mpsc::Receiver<Instant> {
+    let guest = vmlock_sys::pidfd::ProcessHandle::open(pid, None).unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = child.wait();
+        guest.wait_exit(None);
         let _ = tx.send(Instant::now());
     });
     rx
@@ -228,8 +230,8 @@ fn a_partitioned_host_stops_its_guest_before_another_host_can_take_its_disk() {
         return;
     };
     let d = disk(&disks, "d.img");
-    let (web1, _web1_guest) = a.guest("web1", &d);
-    let web1_exit = exit_time(web1);
+    let (_web1, web1_guest) = a.guest("web1", &d);
+    let web1_exit = exit_time(web1_guest);
     assert!(b.try_acquire("db1", &d).is_err(), "B took A's disk");
 
     a.net.cut();
@@ -269,4 +271,48 @@ fn a_partitioned_host_stops_its_guest_before_another_host_can_take_its_disk() {
             }
         }
     }
+}
+
+#[test]
+fn a_stopped_daemon_cannot_keep_its_guest_running_past_the_lease() {
+    let _s = serial();
+    let Some((_cluster, a, b, disks)) = setup() else {
+        return;
+    };
+    let d = disk(&disks, "d.img");
+    let (_web1, web1_guest) = a.guest("web1", &d);
+    let web1_exit = exit_time(web1_guest);
+    let daemon_a = vmlock_testkit::vmlockd::pid_in(&a.env.run_dir()).expect("A's daemon pid");
+    let signal = |sig| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon_a as i32), sig).unwrap();
+    };
+
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    let stopped = Instant::now();
+    let took = b.acquire_when_free("db1", &d, Duration::from_secs(TTL + 5));
+    let exited = web1_exit.recv_timeout(WAIT);
+    let (db1, _db1_guest) = b.guest("db1", &d);
+    signal(nix::sys::signal::Signal::SIGCONT);
+    let exited = exited.expect("A's guest still runs after B took its disk");
+    println!(
+        "vmlockd stopped: A's guest stopped {:?} after, by its supervisor; B acquired {:?} after",
+        exited.saturating_duration_since(stopped),
+        took.saturating_duration_since(stopped)
+    );
+    assert!(
+        exited < took,
+        "B's successful acquire began {:?} before A's guest was seen to exit",
+        exited.saturating_duration_since(took)
+    );
+
+    // Running again, A grants nothing it lost: B's VM holds the disk.
+    let refusal = a
+        .try_acquire("web1-again", &d)
+        .expect_err("A granted a lost disk");
+    assert!(
+        refusal.contains("host-b") || refusal.contains("etcd"),
+        "refused for another reason: {refusal}"
+    );
+    let mut db1 = db1;
+    kill_child(&mut db1);
 }

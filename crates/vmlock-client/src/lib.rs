@@ -14,6 +14,7 @@
 pub mod connection;
 pub mod control;
 pub mod driver;
+pub mod fence;
 pub mod holder;
 pub mod proto;
 pub mod qmp;

@@ -102,6 +102,8 @@ pub struct Cluster {
     wake: (Mutex<bool>, Condvar),
     /// A lease has been in force this run (the last run's was taken over or found gone).
     established: std::sync::atomic::AtomicBool,
+    /// The deadline last written for supervisors.
+    handed: Mutex<Option<vmlock_client::fence::FenceDeadline>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -132,6 +134,7 @@ impl Cluster {
             vm_locks: Mutex::new(HashMap::new()),
             wake: (Mutex::new(false), Condvar::new()),
             established: std::sync::atomic::AtomicBool::new(false),
+            handed: Mutex::new(None),
         }
     }
 
@@ -410,6 +413,11 @@ impl Cluster {
         self.write_lease_file(lease.id())
             .map_err(|e| Error::io(format!("writing {}", self.lease_file.display()), &e))?;
         Ok((Arc::new(lease), earlier_lost))
+    }
+
+    /// Records `deadline` as handed to supervisors; false if it was already.
+    pub fn deadline_handed(&self, deadline: vmlock_client::fence::FenceDeadline) -> bool {
+        locked(&self.handed).replace(deadline) != Some(deadline)
     }
 
     /// Whether a lease has been in force this run.

@@ -90,6 +90,10 @@ impl Daemon {
         let cluster = config
             .etcd_config(&host)
             .map(|c| Arc::new(Cluster::new(c, runtime.path())));
+        if cluster.is_none() {
+            // Left by a run with etcd: supervisors must not fence for a lease nobody renews.
+            vmlock_client::fence::remove(runtime.path());
+        }
         let mut table = LockTable::new(host::policy(&config), host);
         let (store, persisted) = Store::open(&runtime).map_err(|e| {
             anyhow::anyhow!(
@@ -1234,6 +1238,7 @@ impl Daemon {
                 }
                 continue;
             };
+            self.hand_deadline_to_supervisors(cluster, &lease);
             let fence_at = lease.deadline().0.saturating_sub(cluster.fence_lead());
             let now = vmlock_etcd::BootTime::now().0;
             if lease.state().lost.is_none() && now < fence_at {
@@ -1265,8 +1270,25 @@ impl Daemon {
         if first {
             self.check_recovered_keys(cluster, &lease);
         }
+        self.hand_deadline_to_supervisors(cluster, &lease);
         cluster.publish(lease);
         Ok(())
+    }
+
+    /// Writes the lease's deadline for supervisors (`vmlock_client::fence`) if it moved since
+    /// the last write: their own fencing if this daemon stops renewing.
+    fn hand_deadline_to_supervisors(&self, cluster: &Cluster, lease: &vmlock_etcd::HostLease) {
+        let deadline = vmlock_client::fence::FenceDeadline {
+            lease: lease.id().0,
+            deadline_boot_ms: u64::try_from(lease.deadline().0.as_millis()).unwrap_or(u64::MAX),
+            fence_lead_ms: u64::try_from(cluster.fence_lead().as_millis()).unwrap_or(u64::MAX),
+        };
+        if !cluster.deadline_handed(deadline) {
+            return;
+        }
+        if let Err(e) = vmlock_client::fence::write(&self.runtime_dir, &deadline) {
+            tracing::error!("writing the fencing deadline for supervisors: {e}");
+        }
     }
 
     /// The first lease attempt, before serving (see [`Daemon::establish_cluster_lease`]).
