@@ -271,3 +271,86 @@ fn a_member_or_the_leader_killed_loses_no_lock() {
         cluster.restart_member(i);
     }
 }
+
+/// Migration from host A to host B: B's keys come beside A's, fenced by A's state; a third host
+/// never gets the disk; a stale or forged state is refused; after A finishes and its guest exits,
+/// B alone holds the disk.
+#[test]
+fn a_migration_between_hosts_leaves_the_disk_to_no_third_host() {
+    let _s = serial();
+    let cluster = EtcdCluster::single();
+    let disks = tempfile::tempdir().unwrap();
+    let a = host(&cluster.endpoints(), "host-a");
+    let b = host(&cluster.endpoints(), "host-b");
+    let c = host(&cluster.endpoints(), "host-c");
+    let d = shared_disk(disks.path(), "d", DiskMode::Exclusive);
+    let third = |step: &str| {
+        let g = Guest::spawn();
+        match start_vm(&c, "intruder", &g, std::slice::from_ref(&d)) {
+            Err(Error::Busy { .. }) => {}
+            other => panic!(
+                "{step}: a third host was not refused: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    };
+    let mut src_guest = Guest::spawn();
+    let vm_src = vmlock::conformance::vm("vm-m", &src_guest);
+    let mut src = vmlock::domain::process_start(
+        &a.f.plugin,
+        vm_src.clone(),
+        [d.clone()],
+        &vmlock::AcquireOptions::default(),
+    )
+    .expect("A starts the VM");
+    let state = src.prepare_migration("vmlock://host-b").expect("prepare");
+    third("prepared");
+    let token = state.handover.clone().expect("a hand-over token");
+    assert!(token.contains("~host-a~"), "no cluster part: {token}");
+
+    // Forged: another secret; stale: another revision. Both refused, nothing taken.
+    let dst_guest = Guest::spawn();
+    let vm_dst = vm_src.clone().with_pid(dst_guest.pid());
+    let incoming = |state: &vmlock::LockState| {
+        vmlock::domain::migration_incoming(
+            &b.f.plugin,
+            vm_dst.clone(),
+            [d.clone()],
+            state,
+            &vmlock::AcquireOptions::default(),
+        )
+    };
+    let mut forged = state.clone();
+    forged.handover = Some(format!("x{token}"));
+    assert!(incoming(&forged).is_err(), "a forged secret was taken");
+    let (head, revision) = token.rsplit_once('~').unwrap();
+    let mut stale = state.clone();
+    stale.handover = Some(format!("{head}~{}", revision.parse::<i64>().unwrap() - 1));
+    let e = incoming(&stale)
+        .map(|_| ())
+        .expect_err("a stale state was taken");
+    assert!(e.to_string().contains("not current"), "{e}");
+    third("refused hand-overs");
+
+    let mut dst = incoming(&state).expect("B takes its keys beside A's");
+    third("both hold");
+    vmlock::domain::migration_finish(&mut src, &mut dst).expect("finish");
+    third("finished");
+    src_guest.kill();
+    src.shutdown().expect("the source lets go");
+    third("the source gone");
+    drop(dst_guest);
+    drop(dst);
+    let g = Guest::spawn();
+    let took = Instant::now();
+    loop {
+        match start_vm(&c, "after", &g, std::slice::from_ref(&d)) {
+            Ok(_) => break,
+            Err(Error::Busy { .. }) if took.elapsed() < Duration::from_secs(5) => {
+                // Bounded poll: B's release of its key after its guest exited.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the disk stayed held after both sides ended: {e}"),
+        }
+    }
+}
