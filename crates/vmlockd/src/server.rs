@@ -895,6 +895,13 @@ impl Daemon {
                 }
             }
         }
+        if incoming.is_some() {
+            // The source's QEMU is the image's one expected writer during a migration: its lock
+            // bytes are not a stranger's.
+            for o in &mut opened {
+                o.image = None;
+            }
+        }
         let reserved = self.with_table(|t, h| {
             let (r, fx) = t.reserve(h, caller, uuid, opened, flags);
             let vm = identity(t, uuid);
