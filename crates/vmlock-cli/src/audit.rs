@@ -217,6 +217,9 @@ fn leases(owners: &[OwnerStatus]) -> Vec<Lease> {
         let vmlock::Resource::Disk { path, mode } = &r.resource else {
             return None;
         };
+        if r.resource.network_id().is_some() {
+            return None; // no file on this host for a QEMU to have open
+        }
         let (_pinned, identity) = vmlock_sys::disk::identify(path).ok()?;
         Some(Lease {
             vm_name: vm.name.clone(),

@@ -56,11 +56,23 @@ pub enum Resource {
 }
 
 impl Resource {
-    /// A disk, validated.
+    /// A disk, validated: an absolute path, or a network disk named by identity
+    /// (`rbd:POOL/IMAGE`, `iscsi:IQN/LUN`, `nbd:HOST/EXPORT`; see [`Resource::network_id`]).
     pub fn disk(path: impl Into<PathBuf>, mode: DiskMode) -> Result<Self> {
         let path = path.into();
-        validate_path(&path, &path.display().to_string())?;
+        validate_disk_name(&path, &path.display().to_string())?;
         Ok(Resource::Disk { path, mode })
+    }
+
+    /// A network disk's identity (`rbd:pool/image`), when the disk is named by one rather than
+    /// by a path: storage no host mounts as a file (Ceph RBD, iSCSI, NBD), which libvirt never
+    /// passes to a lock plugin, leased through `vmlock run` and the API by the name every host
+    /// uses for it.
+    pub fn network_id(&self) -> Option<&str> {
+        match self {
+            Resource::Disk { path, .. } => path.to_str().filter(|p| is_network_name(p)),
+            Resource::Lease(_) => None,
+        }
     }
 
     /// A lease, validated.
@@ -84,7 +96,7 @@ impl Resource {
     /// Checks the resource as a lock service receives it.
     pub fn validate(&self) -> Result<()> {
         match self {
-            Resource::Disk { path, .. } => validate_path(path, &self.to_string()),
+            Resource::Disk { path, .. } => validate_disk_name(path, &self.to_string()),
             Resource::Lease(l) => {
                 for (what, value) in [("lockspace", &l.lockspace), ("key", &l.key)] {
                     if value.is_empty() || value.len() > 255 {
@@ -205,9 +217,39 @@ impl Resource {
     }
 }
 
+/// Schemes of disks named by identity (see [`Resource::network_id`]).
+pub const NETWORK_SCHEMES: [&str; 3] = ["rbd", "iscsi", "nbd"];
+
+/// Whether `name` has the form `SCHEME:REST` with a known scheme (not checked further).
+fn is_network_name(name: &str) -> bool {
+    name.split_once(':')
+        .is_some_and(|(scheme, _)| NETWORK_SCHEMES.contains(&scheme))
+}
+
+/// A disk: an absolute path, or `SCHEME:IDENTITY` of a network disk.
+fn validate_disk_name(path: &Path, label: &str) -> Result<()> {
+    let Some(name) = path.to_str().filter(|p| is_network_name(p)) else {
+        return validate_path(path, label);
+    };
+    let rest = name.split_once(':').map_or("", |(_, r)| r);
+    let reason = if rest.is_empty() || rest.starts_with('/') {
+        "a network disk names its pool, target or host after the scheme (rbd:POOL/IMAGE, iscsi:IQN/LUN, nbd:HOST/EXPORT)"
+    } else if name.len() > 4096 {
+        "name longer than 4096 bytes"
+    } else if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        "name contains a control character or white space"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidResource {
+        resource: label.to_owned(),
+        reason: reason.to_owned(),
+    })
+}
+
 fn validate_path(path: &Path, label: &str) -> Result<()> {
     let reason = if !path.is_absolute() {
-        "path must be absolute"
+        "path must be absolute (or name a network disk: rbd:POOL/IMAGE, iscsi:IQN/LUN, nbd:HOST/EXPORT)"
     } else if path.as_os_str().len() > 4096 {
         "path longer than PATH_MAX"
     } else if path.as_os_str().as_encoded_bytes().contains(&0) {
@@ -270,6 +312,38 @@ mod tests {
     }
 
     #[test]
+    fn network_disks_are_named_by_identity() {
+        let r: Resource = "rbd:pool/image,shared".parse().expect("rbd");
+        assert_eq!(r.network_id(), Some("rbd:pool/image"));
+        assert_eq!(r.mode(), DiskMode::Shared);
+        let r: Resource = "iscsi:iqn.2024-01.org.example:disk1/0"
+            .parse()
+            .expect("iscsi");
+        assert_eq!(
+            r.network_id(),
+            Some("iscsi:iqn.2024-01.org.example:disk1/0")
+        );
+        assert_eq!(
+            "/img/a.qcow2"
+                .parse::<Resource>()
+                .expect("path")
+                .network_id(),
+            None
+        );
+        for bad in [
+            "rbd:",
+            "nbd:/x",
+            "rbd:pool/im age",
+            "ceph:pool/image",
+            "pool/image",
+        ] {
+            assert!(bad.parse::<Resource>().is_err(), "{bad} accepted");
+        }
+        // A lease file is a file: a network name is no lease path.
+        assert!(Resource::parse_lease("LS:k:rbd:pool/x:0").is_err());
+    }
+
+    #[test]
     fn parses_disk_flags() {
         let r: Resource = "/images/a.qcow2,shared".parse().unwrap();
         assert_eq!(r.mode(), DiskMode::Shared);
@@ -314,7 +388,7 @@ mod tests {
         #[test]
         fn parse_never_panics_and_accepts_only_absolute(s in "\\PC*") {
             if let Ok(r) = s.parse::<Resource>() {
-                proptest::prop_assert!(r.path().is_absolute());
+                proptest::prop_assert!(r.path().is_absolute() || r.network_id().is_some());
             }
             let _ = Resource::parse_lease(&s);
         }

@@ -53,6 +53,10 @@ pub fn check_cluster_name(resource: &Resource) -> Result<(), Error> {
     let Resource::Disk { path, mode } = resource else {
         return Ok(());
     };
+    if resource.network_id().is_some() {
+        // Named by identity: the same name on every host by definition.
+        return Ok(());
+    }
     if *mode == DiskMode::ReadOnly {
         return Ok(());
     }

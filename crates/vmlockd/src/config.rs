@@ -18,6 +18,10 @@ pub struct Config {
     /// (device and inode, or a block device's number; see docs/lockd.md) instead of byte 0 of the
     /// disk itself. Needed when the daemon may not open images for writing.
     pub file_lockspace_dir: Option<PathBuf>,
+    /// Where the local lock files of network disks (`rbd:POOL/IMAGE`, `iscsi:…`, `nbd:…`: no
+    /// file to lock on this host) live, named by the SHA-256 of the disk's name. Default:
+    /// `RUNTIME_DIR/network`.
+    pub network_lockspace_dir: Option<PathBuf>,
     /// libvirt's LVM lockspace (by LV UUID). Not supported yet: setting it is an error, so
     /// nobody believes LVM volumes are keyed by UUID when they are not.
     pub lvm_lockspace_dir: Option<PathBuf>,
@@ -55,6 +59,7 @@ impl Default for Config {
             auto_disk_leases: true,
             require_lease_for_disks: None,
             file_lockspace_dir: None,
+            network_lockspace_dir: None,
             lvm_lockspace_dir: None,
             scsi_lockspace_dir: None,
             max_clients: 4096,
@@ -100,12 +105,14 @@ impl Config {
                 )));
             }
         }
-        if let Some(dir) = &self.file_lockspace_dir {
-            if !dir.is_absolute() {
-                return Err(bad(format!(
-                    "file_lockspace_dir {} must be absolute",
-                    dir.display()
-                )));
+        for (key, dir) in [
+            ("file_lockspace_dir", &self.file_lockspace_dir),
+            ("network_lockspace_dir", &self.network_lockspace_dir),
+        ] {
+            if let Some(dir) = dir {
+                if !dir.is_absolute() {
+                    return Err(bad(format!("{key} {} must be absolute", dir.display())));
+                }
             }
         }
         if self.lease_check_interval_ms == 0 {

@@ -78,6 +78,19 @@ pub fn policy(config: &Config) -> vmlock_core::Policy {
 
 /// Where a resource's lock lives: file, byte, and whether to create the file.
 fn target(config: &Config, resource: &Resource) -> Result<(PathBuf, u64, bool), Error> {
+    if let Some(id) = resource.network_id() {
+        // No file on this host: a lock file named by the disk's name stands for it.
+        let dir = config
+            .network_lockspace_dir
+            .as_ref()
+            .ok_or_else(|| Error::InvalidResource {
+                resource: resource.label(),
+                reason: "network disks need network_lockspace_dir".into(),
+            })?;
+        let digest = Sha256::digest(format!("network:{id}").as_bytes());
+        let name: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        return Ok((dir.join(name), 0, true));
+    }
     match resource {
         Resource::Lease(l) => Ok((l.path.clone(), l.offset, true)),
         Resource::Disk { path, .. } => match &config.file_lockspace_dir {
@@ -116,7 +129,7 @@ pub fn open_target(config: &Config, resource: &Resource) -> Result<Opened<OwnedF
         )
     })?;
     let image = match (resource, config.file_lockspace_dir.is_some()) {
-        (Resource::Disk { path, .. }, true) => {
+        (Resource::Disk { path, .. }, true) if resource.network_id().is_none() => {
             disk::open(path, false).ok().map(|(f, _)| OwnedFd::from(f))
         }
         _ => None,

@@ -76,6 +76,13 @@ impl Daemon {
     ) -> anyhow::Result<(Arc<Daemon>, UnixListener, File)> {
         runtime.create()?;
         let pid_lock = take_pid_lock(&runtime)?;
+        let mut config = config;
+        let network_dir = config
+            .network_lockspace_dir
+            .get_or_insert_with(|| runtime.path().join("network"))
+            .clone();
+        std::fs::create_dir_all(&network_dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", network_dir.display()))?;
         let host = config.host_name.clone().unwrap_or_else(|| {
             nix::unistd::gethostname()
                 .ok()

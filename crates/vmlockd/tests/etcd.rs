@@ -354,3 +354,45 @@ fn a_migration_between_hosts_leaves_the_disk_to_no_third_host() {
         }
     }
 }
+
+/// A network disk (`rbd:pool/image`) has no file on any host: it is locked by its name, on one
+/// host through a local lock file standing for it, across hosts through its etcd key.
+#[test]
+fn network_disks_are_locked_by_name_on_one_host_and_across_hosts() {
+    let _s = serial();
+    let cluster = EtcdCluster::single();
+    let a = host(&cluster.endpoints(), "host-a");
+    let b = host(&cluster.endpoints(), "host-b");
+    let name = format!("rbd:pool/image-{}", uuid::Uuid::new_v4().simple());
+    let rbd: Resource = name.parse().unwrap();
+    assert_eq!(rbd.network_id(), Some(name.as_str()));
+    let g1 = Guest::spawn();
+    let _web1 = start_vm(&a, "web1", &g1, std::slice::from_ref(&rbd)).expect("A takes the image");
+    let g2 = Guest::spawn();
+    assert_held_by(
+        start_vm(&a, "web2", &g2, std::slice::from_ref(&rbd)),
+        "host-a",
+        "web1",
+    );
+    let g3 = Guest::spawn();
+    assert_held_by(
+        start_vm(&b, "db1", &g3, std::slice::from_ref(&rbd)),
+        "host-a",
+        "web1",
+    );
+    // Shared by name: two hosts share, an exclusive request is refused.
+    let shared: Resource = format!("nbd:storage/export-{}", uuid::Uuid::new_v4().simple())
+        .parse::<Resource>()
+        .map(|r| Resource::disk(r.path(), DiskMode::Shared).unwrap())
+        .unwrap();
+    let _s1 = start_vm(&a, "s1", &g2, std::slice::from_ref(&shared)).expect("A shared");
+    let _s2 = start_vm(&b, "s2", &g3, std::slice::from_ref(&shared)).expect("B shared");
+    let g4 = Guest::spawn();
+    let excl = Resource::disk(shared.path(), DiskMode::Exclusive).unwrap();
+    assert!(matches!(
+        start_vm(&b, "x", &g4, &[excl]),
+        Err(Error::Busy { .. })
+    ));
+    drop(g1);
+    let (_took, _g, _m) = acquire_when_free(&b, &rbd, Duration::from_secs(2));
+}
