@@ -59,6 +59,9 @@ pub struct Options {
     pub keep_dir: bool,
     /// Print each operation.
     pub verbose: bool,
+    /// Run vmlockd with cluster locks in the etcd cluster at these endpoints (empty: local only).
+    /// Every grant then also holds a key; after the campaign no key may be left.
+    pub etcd_endpoints: Vec<String>,
 }
 
 impl Options {
@@ -74,6 +77,7 @@ impl Options {
             vms: 4,
             keep_dir: false,
             verbose: false,
+            etcd_endpoints: Vec::new(),
         }
     }
 }
@@ -191,6 +195,8 @@ pub struct Report {
     /// Locks on the campaign's disks that no live guest's supervisor keeps (after settling, and
     /// after every guest was stopped).
     pub locks_leaked: u64,
+    /// With etcd: keys left on the campaign's disks after every guest was stopped.
+    pub keys_leaked: u64,
     /// Guests that ended without the campaign ending them.
     pub killed_by_vmlock: u64,
     /// Guests' own errors (open, write, /proc).
@@ -231,6 +237,7 @@ impl Report {
             && self.no_lock == 0
             && self.locks_lost == 0
             && self.locks_leaked == 0
+            && self.keys_leaked == 0
             && self.killed_by_vmlock == 0
     }
 
@@ -277,6 +284,7 @@ impl Report {
         );
         row("locks lost (must be 0)", self.locks_lost.to_string());
         row("locks leaked (must be 0)", self.locks_leaked.to_string());
+        row("etcd keys leaked (must be 0)", self.keys_leaked.to_string());
         row(
             "guests killed by vmlock's own restart (must be 0)",
             self.killed_by_vmlock.to_string(),
@@ -364,6 +372,10 @@ struct Campaign {
     idle: Vec<(u64, Vec<UnixStream>)>,
     ops_log: Option<std::io::BufWriter<std::fs::File>>,
     report: Report,
+    /// `--driver-config` naming the daemon's configuration (with `[etcd]`), if any.
+    driver_config: Option<PathBuf>,
+    /// The etcd key prefix of this campaign.
+    etcd_prefix: String,
 }
 
 /// Runs a campaign and returns what it found. Errors are failures of the campaign itself (its
@@ -403,7 +415,30 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         next_id: 1,
         idle: Vec::new(),
         ops_log: None,
+        driver_config: None,
+        etcd_prefix: String::new(),
     };
+    if !c.opts.etcd_endpoints.is_empty() {
+        c.etcd_prefix = format!("/vmlock-torture/{}-{}", c.opts.seed, std::process::id());
+        let endpoints: Vec<String> = c
+            .opts
+            .etcd_endpoints
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect();
+        let daemon = c.dir.path().join("vmlockd.toml");
+        std::fs::write(
+            &daemon,
+            format!(
+                "host_name = \"torture\"\n[etcd]\nendpoints = [{}]\nprefix = {:?}\n",
+                endpoints.join(", "),
+                c.etcd_prefix
+            ),
+        )?;
+        let driver = c.dir.path().join("driver.toml");
+        std::fs::write(&driver, format!("daemon_config = {daemon:?}\n"))?;
+        c.driver_config = Some(driver);
+    }
     c.ops_log = std::fs::File::create(c.dir.path().join("ops.log"))
         .ok()
         .map(std::io::BufWriter::new);
@@ -411,6 +446,9 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.campaign(t0)));
     // Whatever happened (a panic too): every guest ends, the daemon is killed by pid.
     c.stop_all();
+    if result.is_ok() {
+        c.check_etcd_keys();
+    }
     c.kill_daemon();
     match result {
         Ok(r) => r?,
@@ -433,6 +471,9 @@ impl Campaign {
 
     fn vmlock(&self) -> Command {
         let mut c = Command::new(&self.opts.vmlock);
+        if let Some(d) = &self.driver_config {
+            c.arg("--driver-config").arg(d);
+        }
         c.arg("--runtime-dir")
             .arg(self.run_dir())
             .env("VMLOCK_LOG", "warn")
@@ -1223,6 +1264,55 @@ impl Campaign {
                     "after every guest stopped: lock leaked on disk {d}"
                 ));
             }
+        }
+    }
+
+    /// With etcd, once every guest was stopped (and the daemon still runs): no key may be left
+    /// on any disk of the campaign (bounded wait: keys go on the daemon's release thread).
+    fn check_etcd_keys(&mut self) {
+        if self.opts.etcd_endpoints.is_empty() {
+            return;
+        }
+        let mut config =
+            vmlock_etcd::Config::new(self.opts.etcd_endpoints.clone(), "torture-check");
+        config.prefix = self.etcd_prefix.clone();
+        let etcd = match vmlock_etcd::Etcd::connect(&config) {
+            Ok(e) => e,
+            Err(e) => {
+                self.report.details.push(format!("checking etcd keys: {e}"));
+                self.report.keys_leaked += 1;
+                return;
+            }
+        };
+        let disks: Vec<String> = self
+            .disks
+            .iter()
+            .chain(std::iter::once(&self.probe_disk))
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let left = loop {
+            let left: Vec<String> = disks
+                .iter()
+                .flat_map(|d| match etcd.holders(d) {
+                    Ok(held) => held
+                        .into_iter()
+                        .map(|h| format!("{d} held by {} ({})", h.owner.vm_name, h.key.holder))
+                        .collect(),
+                    Err(e) => vec![format!("{d}: {e}")],
+                })
+                .collect();
+            if left.is_empty() || Instant::now() >= deadline {
+                break left;
+            }
+            // Bounded poll (deadline above): the daemon's release thread has no event for us.
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.report.keys_leaked += left.len() as u64;
+        for l in left {
+            self.report
+                .details
+                .push(format!("after every guest stopped: etcd key left: {l}"));
         }
     }
 

@@ -36,6 +36,10 @@ struct Args {
     /// Print every operation.
     #[arg(long)]
     verbose: bool,
+    /// Run vmlockd with cluster locks in the etcd cluster at these endpoints (comma-separated
+    /// client URLs); no key may be left at the end.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
 }
 
 fn main() {
@@ -73,6 +77,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     opts.vms = args.vms.max(1);
     opts.keep_dir = args.keep;
     opts.verbose = args.verbose;
+    opts.etcd_endpoints = args.etcd;
     let report = vmlock_torture::run(opts)?;
     print!("{}", report.table());
     for d in &report.details {
