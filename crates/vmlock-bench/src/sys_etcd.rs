@@ -44,6 +44,11 @@ fn config(endpoints: &[String], host: &str, lockspace: Option<&Path>, ttl: u64) 
     text
 }
 
+/// The keep-alive interval K at `ttl` (vmlockd's default, TTL/5).
+fn keepalive(ttl: u64) -> Duration {
+    Duration::from_millis(ttl * 1000 / 5)
+}
+
 /// The timings of `ttl` as the report prints them.
 fn describe(ttl: u64) -> String {
     if ttl == DEFAULT_TTL {
@@ -164,8 +169,17 @@ pub fn takeover(
     let mut b = sys_vmlock::owner(&b_daemon.endpoint(), "db1", std::process::id())?;
     let mut runs = Vec::new();
     for rep in 0..reps {
-        let r = one_takeover(program, run_root, &dir, cluster, ttl, rep, &res, &mut b)
-            .with_context(|| format!("takeover {} of {reps} at TTL {ttl} s", rep + 1))?;
+        let r = one_takeover(
+            program,
+            run_root,
+            &dir,
+            cluster,
+            ttl,
+            (rep, reps),
+            &res,
+            &mut b,
+        )
+        .with_context(|| format!("takeover {} of {reps} at TTL {ttl} s", rep + 1))?;
         eprintln!(
             "  etcd takeover (TTL {ttl} s): B held the disk {:.2} s after A's vmlockd stopped \
              ({:.2} s after A's last renewal was sent); A's guest stopped after {}",
@@ -204,7 +218,7 @@ fn one_takeover(
     dir: &Path,
     cluster: &EtcdCluster,
     ttl: u64,
-    rep: usize,
+    (rep, reps): (usize, usize),
     res: &[Resource],
     b: &mut Owner,
 ) -> Result<Run> {
@@ -256,10 +270,15 @@ fn one_takeover(
     };
     anyhow::ensure!(watching, "no fence.json in {}", a_run.display());
 
+    // The loss falls at a different phase of A's keep-alive cycle in each run: after k/reps of
+    // an interval K since the file last moved (A renews around its acquire).
+    std::thread::sleep(keepalive(ttl) * u32::try_from(rep)? / u32::try_from(reps.max(1))?);
     a_daemon.proc.signal(Signal::SIGSTOP)?;
     let lost = Instant::now();
     let lost_boot = fence::boot_time();
-    // The daemon is stopped: its file is final. D = t_s + TTL·(1 − ρ) − ε, so t_s follows.
+    // The daemon is stopped: its file is final. D = t_s + TTL·(1 − ρ) − ε, so t_s follows: the
+    // send time of the last renewal the daemon handed to supervisors (it rewrites the file
+    // within 250 ms of a renewal).
     let last = fence::read(&a_run).context("A's fence.json after the stop")?;
     let margin_ms: u64 = if ttl == DEFAULT_TTL { 1000 } else { 500 };
     let usable_ms = (ttl as f64 * 1000.0 * (1.0 - vmlock_etcd::CLOCK_RATE_BOUND)) as u64;
