@@ -2,8 +2,10 @@
 //! (an in-process OFD lock + unlock, a bare UNIX-socket request/response), measured in one run and
 //! printed side by side. It installs nothing: a peer that is missing is skipped and named.
 
+mod etcd_cluster;
 mod floor;
 mod report;
+mod sys_etcd;
 mod sys_sanlock;
 mod sys_virtlockd;
 mod sys_vmlock;
@@ -11,7 +13,7 @@ mod util;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use report::{Outcome, SysResult};
+use report::{ClusterResult, Outcome, SysResult};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use util::{Concurrent, Samples};
@@ -20,17 +22,24 @@ use util::{Concurrent, Samples};
 #[command(
     name = "vmlock-bench",
     version,
-    about = "Benchmark vmlockd against virtlockd, sanlock and the OFD / UNIX-socket floors"
+    about = "Benchmark vmlockd against virtlockd, sanlock and the OFD / UNIX-socket floors, and \
+             vmlockd with etcd against a bare etcd put+delete and sanlock's host takeover"
 )]
 struct Cli {
     /// A short run (seconds, small counts): for CI and smoke tests.
     #[arg(long)]
     quick: bool,
-    /// Systems to measure, comma-separated: vmlock, virtlockd, sanlock, floor.
+    /// Also measure sanlock's host takeover at its default io_timeout (10 s: about 2.5 more
+    /// minutes); without it that row prints sanlock's documented figure.
+    #[arg(long)]
+    slow: bool,
+    /// Systems to measure, comma-separated: vmlock, virtlockd, sanlock, floor, etcd (the second
+    /// table: vmlockd with a 3-member etcd, the bare etcd floor, and the host takeovers, of
+    /// sanlock too when it is selected).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "vmlock,virtlockd,sanlock,floor"
+        default_value = "vmlock,virtlockd,sanlock,floor,etcd"
     )]
     systems: Vec<String>,
     /// The vmlockd binary, or `builtin` for the daemon linked into this program (`vmlock-bench
@@ -85,6 +94,11 @@ pub struct Cfg {
     pub many: usize,
     /// sanlock leases held in workloads 5 and 6.
     pub sanlock_many: usize,
+    /// Takeovers at the short etcd TTL (row 7).
+    pub takeover_reps: usize,
+    /// Whether the slow rows run (takeovers at the default timeouts: etcd's TTL 10 s, and with
+    /// `--slow` sanlock's io_timeout 10 s), and sanlock's at io_timeout 1 s.
+    pub full_takeovers: bool,
 }
 
 fn main() -> Result<()> {
@@ -107,8 +121,8 @@ fn main() -> Result<()> {
     let want = |s: &str| cli.systems.iter().any(|x| x == s);
     for s in &cli.systems {
         anyhow::ensure!(
-            ["vmlock", "virtlockd", "sanlock", "floor"].contains(&s.as_str()),
-            "unknown system {s}: use vmlock, virtlockd, sanlock, floor"
+            ["vmlock", "virtlockd", "sanlock", "floor", "etcd"].contains(&s.as_str()),
+            "unknown system {s}: use vmlock, virtlockd, sanlock, floor, etcd"
         );
     }
     // A private mount namespace first, while this process has one thread: virtlockd's socket path
@@ -128,6 +142,8 @@ fn main() -> Result<()> {
             rounds: 2,
             many: cli.locks.unwrap_or(1000),
             sanlock_many: cli.sanlock_leases.unwrap_or(64),
+            takeover_reps: 1,
+            full_takeovers: false,
         }
     } else {
         Cfg {
@@ -138,6 +154,8 @@ fn main() -> Result<()> {
             rounds: 8,
             many: cli.locks.unwrap_or(10_000),
             sanlock_many: cli.sanlock_leases.unwrap_or(10_000),
+            takeover_reps: 3,
+            full_takeovers: true,
         }
     };
     let tmp;
@@ -223,7 +241,17 @@ fn main() -> Result<()> {
         },
     ];
     stage("workloads 1-2: interleaved rounds");
-    let (singles, concs) = interleave(&cfg, fasts);
+    let (singles, concs) = interleave(
+        &cfg,
+        fasts,
+        &[
+            "vmlock",
+            "virtlockd",
+            "sanlock",
+            "OFD floor",
+            "socket floor",
+        ],
+    );
 
     stage("workloads 3-6: vmlock");
     let mut results = vec![if want("vmlock") {
@@ -255,6 +283,35 @@ fn main() -> Result<()> {
         r.single = single;
         r.concurrent = conc;
     }
+    let etcd_bin: Result<PathBuf, String> = if want("etcd") {
+        etcd_cluster::find().ok_or_else(|| "not installed (package etcd-server)".into())
+    } else {
+        Err("not selected".into())
+    };
+    if want("etcd") {
+        notes.push(match &etcd_bin {
+            Ok(b) => format!("etcd: {} ({})", b.display(), version_of(b, &["--version"])),
+            Err(why) => format!("etcd: skipped: {why}"),
+        });
+    }
+    let cluster_results = if want("etcd") {
+        let sanlock = results
+            .get(2)
+            .map(|r| (r.single.clone(), r.concurrent.clone()));
+        Some(cluster_rows(
+            &cfg,
+            &cli,
+            &etcd_bin,
+            &sanlock_bin,
+            sanlock,
+            &program,
+            &run_root,
+            dir,
+            &stage,
+        ))
+    } else {
+        None
+    };
     stage("done");
 
     println!(
@@ -275,11 +332,32 @@ fn main() -> Result<()> {
         }
     );
     println!("total run time: {:.1} s\n", began.elapsed().as_secs_f64());
-    print!("{}", report::table(&results));
-    println!();
-    println!("Times: row 1 and 2 samples are one acquire followed by one release (two requests);");
-    println!("the socket floor likewise does two request/response round trips per sample.");
-    println!("Ratios are vmlock ÷ column, on the same row (for pairs/s, above 1 means vmlock is faster).");
+    if ["vmlock", "virtlockd", "sanlock", "floor"]
+        .iter()
+        .any(|s| want(s))
+    {
+        print!("{}", report::table(&results));
+        println!();
+        println!(
+            "Times: row 1 and 2 samples are one acquire followed by one release (two requests);"
+        );
+        println!("the socket floor likewise does two request/response round trips per sample.");
+        println!("Ratios are vmlock ÷ column, on the same row (for pairs/s, above 1 means vmlock is faster).");
+    }
+    if let Some(c) = &cluster_results {
+        println!();
+        println!("## Cluster-wide locks (issue 14)\n");
+        print!("{}", report::cluster_table(c));
+        println!();
+        println!(
+            "Rows 1-2: vmlockd with [etcd] (3 members on loopback) also takes a key per exclusive"
+        );
+        println!(
+            "grant and deletes it on release; the floor is a bare put then delete of one key."
+        );
+        println!("Rows 7-8: host A holds a disk for a guest, A is lost, host B retries its acquire every");
+        println!("50 ms; \"loss\" says how A was lost. Ratios are vmlock + etcd ÷ column.");
+    }
     println!("load average before / after: {load_before} / {}", loadavg());
     println!();
     println!("Peers:");
@@ -289,10 +367,116 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The cluster table's columns: vmlock with etcd, the bare etcd floor, sanlock (rows 1-2 from the
+/// first table, `sanlock`, whose lockspace has the same io_timeout 1 s as row 7's).
+#[allow(clippy::too_many_arguments)]
+fn cluster_rows(
+    cfg: &Cfg,
+    cli: &Cli,
+    etcd_bin: &Result<PathBuf, String>,
+    sanlock_bin: &Result<PathBuf, String>,
+    sanlock: Option<(Outcome<Samples>, Outcome<Concurrent>)>,
+    program: &sys_vmlock::Program,
+    run_root: &Path,
+    dir: &Path,
+    stage: &dyn Fn(&str),
+) -> Vec<ClusterResult> {
+    let failed = |e: anyhow::Error| format!("failed: {e:#}");
+    let mut locks = ClusterResult::skipped("vmlock + etcd (3 members)", "");
+    let mut floor = ClusterResult::skipped("etcd put+delete floor", "");
+    let mut san = ClusterResult::skipped("sanlock", "");
+    stage("cluster rows: etcd set-up");
+    let cluster = etcd_bin
+        .clone()
+        .and_then(|b| etcd_cluster::EtcdCluster::start(&b, &dir.join("etcd"), 3).map_err(failed));
+    match &cluster {
+        Ok(cluster) => {
+            let fasts = match sys_etcd::fast(program, run_root, &dir.join("vmlock-etcd"), cluster) {
+                Ok((l, f)) => vec![Ok(l), Ok(f)],
+                Err(e) => vec![Err(failed(e)), Err("not measured".into())],
+            };
+            stage("cluster rows 1-2: interleaved rounds");
+            let (singles, concs) = interleave(cfg, fasts, &["vmlock + etcd", "etcd floor"]);
+            for (r, (single, conc)) in [&mut locks, &mut floor]
+                .into_iter()
+                .zip(singles.into_iter().zip(concs))
+            {
+                r.single = single;
+                r.concurrent = conc;
+            }
+            stage("cluster row 7: vmlock + etcd takeover, short TTL");
+            let ttl = sys_etcd::SHORT_TTL;
+            locks.takeover_short = sys_etcd::takeover(
+                program,
+                run_root,
+                &dir.join("vmlock-etcd"),
+                cluster,
+                ttl,
+                cfg.takeover_reps,
+            )
+            .map_err(failed);
+            locks.takeover_default = if cfg.full_takeovers {
+                stage("cluster row 8: vmlock + etcd takeover, default TTL");
+                sys_etcd::takeover(
+                    program,
+                    run_root,
+                    &dir.join("vmlock-etcd"),
+                    cluster,
+                    sys_etcd::DEFAULT_TTL,
+                    1,
+                )
+                .map_err(failed)
+            } else {
+                Err(format!(
+                    "not measured with --quick (docs/etcd.md: ≈ TTL, {} s)",
+                    sys_etcd::DEFAULT_TTL
+                ))
+            };
+        }
+        Err(why) => {
+            locks = ClusterResult::skipped("vmlock + etcd (3 members)", why);
+            floor = ClusterResult::skipped("etcd put+delete floor", why);
+        }
+    }
+    drop(cluster);
+    let not_lock = "not a lock manager".to_owned();
+    floor.takeover_short = Err(not_lock.clone());
+    floor.takeover_default = Err(not_lock);
+    match sanlock_bin {
+        Ok(bin) => {
+            if let Some((single, conc)) = sanlock {
+                san.single = single;
+                san.concurrent = conc;
+            }
+            san.takeover_short = if cfg.full_takeovers {
+                stage("cluster row 7: sanlock takeover, io_timeout 1 s");
+                sys_sanlock::takeover(bin, &dir.join("sanlock-takeover-1"), 1).map_err(failed)
+            } else {
+                Err(
+                    "not measured with --quick (docs/sanlock.md: > 8·io_timeout + 60 s ≈ 70 s)"
+                        .into(),
+                )
+            };
+            san.takeover_default = if cli.slow {
+                stage("cluster row 8: sanlock takeover, io_timeout 10 s");
+                sys_sanlock::takeover(bin, &dir.join("sanlock-takeover-10"), 10).map_err(failed)
+            } else {
+                Err(
+                    "only with --slow (docs/sanlock.md: > 8·io_timeout + 60 s ≈ 140 s at io_timeout 10)"
+                        .into(),
+                )
+            };
+        }
+        Err(why) => san = ClusterResult::skipped("sanlock", why),
+    }
+    vec![locks, floor, san]
+}
+
 /// Workloads 1 and 2, system after system in `cfg.rounds` rounds; samples of all rounds pooled.
 fn interleave(
     cfg: &Cfg,
     mut fasts: Vec<Result<util::Fast, String>>,
+    names: &[&str],
 ) -> (Vec<Outcome<Samples>>, Vec<Outcome<Concurrent>>) {
     let rounds = cfg.rounds.max(1);
     let budget = cfg.budget / rounds as u32;
@@ -302,13 +486,6 @@ fn interleave(
         .map(|f| f.as_ref().map(|_| Samples::default()).map_err(Clone::clone))
         .collect();
     let mut concs: Vec<Outcome<Samples>> = singles.clone();
-    let names = [
-        "vmlock",
-        "virtlockd",
-        "sanlock",
-        "OFD floor",
-        "socket floor",
-    ];
     for round in 0..rounds {
         let mut line = format!("  round {}/{rounds} p50 (1 client / 16 owners):", round + 1);
         for (i, fast) in fasts.iter_mut().enumerate() {

@@ -134,12 +134,12 @@ struct Row {
     cells: Vec<Cell>,
 }
 
-fn row<T>(
+fn row<R, T>(
     reasons: &mut Vec<String>,
-    results: &[SysResult],
+    results: &[R],
     workload: &'static str,
     metric: &str,
-    get: impl Fn(&SysResult) -> &Outcome<T>,
+    get: impl Fn(&R) -> &Outcome<T>,
     cell: impl Fn(&T) -> Cell,
 ) -> Row {
     Row {
@@ -382,19 +382,35 @@ pub fn table(results: &[SysResult]) -> String {
             },
         ),
     ];
-    // Ratios only where they mean something (not counts, not "how").
-    let no_ratio = ["samples", "runs", "N", "how", "locks lost (must be 0)"];
+    let names: Vec<&str> = results.iter().map(|r| r.name).collect();
+    render(&names, &mut rows, &reasons)
+}
+
+/// Ratios only where they mean something (not counts, not settings, not "how").
+const NO_RATIO: &[&str] = &[
+    "samples",
+    "runs",
+    "N",
+    "how",
+    "locks lost (must be 0)",
+    "lease timeout",
+    "loss",
+    "fenced before the other host held (must be all)",
+];
+
+/// The markdown table: one column per system, then `names[0]` ÷ each other column.
+fn render(names: &[&str], rows: &mut [Row], reasons: &[String]) -> String {
     let mut out = String::new();
     let _ = write!(out, "| workload | metric |");
-    for r in results {
-        let _ = write!(out, " {} |", r.name);
+    for n in names {
+        let _ = write!(out, " {n} |");
     }
-    for r in &results[1..] {
-        let _ = write!(out, " {} ÷ {} |", results[0].name, r.name);
+    for n in &names[1..] {
+        let _ = write!(out, " {} ÷ {n} |", names[0]);
     }
     out.push('\n');
     let _ = write!(out, "|---|---|");
-    for _ in 0..(results.len() * 2 - 1) {
+    for _ in 0..(names.len() * 2 - 1) {
         out.push_str("---|");
     }
     out.push('\n');
@@ -404,7 +420,7 @@ pub fn table(results: &[SysResult]) -> String {
             let _ = write!(out, " {} |", c.text);
         }
         for c in &r.cells[1..] {
-            let text = if no_ratio.contains(&r.metric.as_str()) {
+            let text = if NO_RATIO.contains(&r.metric.as_str()) {
                 "—".to_owned()
             } else {
                 ratio(&r.cells[0], c)
@@ -418,4 +434,197 @@ pub fn table(results: &[SysResult]) -> String {
         let _ = writeln!(out, "[{}] {r}", k + 1);
     }
     out
+}
+
+/// Takeover after a host is lost: another host retries its acquire until it holds the disk.
+#[derive(Debug, Clone)]
+pub struct Takeover {
+    /// The lease timeout in force ("TTL 3 s", "io_timeout 1 s").
+    pub timeout: String,
+    /// How the host was lost.
+    pub loss: String,
+    /// From the loss to the other host's successful acquire.
+    pub took: Samples,
+    /// From the lost host's last successful renewal (as it recorded it) to the other host's
+    /// successful acquire: the cluster's side of the wait. `None` where not known.
+    pub since_renewal: Option<Samples>,
+    /// From the loss until the lost host's guest was stopped; `Err` where nothing fences.
+    pub fenced: Outcome<Samples>,
+    /// Runs in which the guest was stopped before the other host held the disk.
+    pub fenced_first: Option<usize>,
+}
+
+/// The cluster-wide rows of one system.
+#[derive(Debug)]
+pub struct ClusterResult {
+    /// Column name.
+    pub name: &'static str,
+    /// Row 1: acquire + release, one client.
+    pub single: Outcome<Samples>,
+    /// Row 2: 16 owners on different disks.
+    pub concurrent: Outcome<Concurrent>,
+    /// Row 7: takeover with short timeouts.
+    pub takeover_short: Outcome<Takeover>,
+    /// Row 8: takeover with the default timeouts.
+    pub takeover_default: Outcome<Takeover>,
+}
+
+impl ClusterResult {
+    /// A system skipped entirely.
+    pub fn skipped(name: &'static str, why: &str) -> Self {
+        ClusterResult {
+            name,
+            single: Err(why.to_owned()),
+            concurrent: Err(why.to_owned()),
+            takeover_short: Err(why.to_owned()),
+            takeover_default: Err(why.to_owned()),
+        }
+    }
+}
+
+fn takeover_rows(
+    reasons: &mut Vec<String>,
+    results: &[ClusterResult],
+    workload: &'static str,
+    get: impl Fn(&ClusterResult) -> &Outcome<Takeover> + Copy,
+) -> Vec<Row> {
+    let text = |t: String| Cell {
+        value: None,
+        text: t,
+    };
+    vec![
+        row(reasons, results, workload, "lease timeout", get, |t| {
+            text(t.timeout.clone())
+        }),
+        row(reasons, results, workload, "loss", get, |t| {
+            text(t.loss.clone())
+        }),
+        row(
+            reasons,
+            results,
+            workload,
+            "loss → other host holds, p50",
+            get,
+            |t| time_cell(t.took.pct(50.0)),
+        ),
+        row(
+            reasons,
+            results,
+            workload,
+            "loss → other host holds, max",
+            get,
+            |t| time_cell(t.took.pct(100.0)),
+        ),
+        row(reasons, results, workload, "runs", get, |t| {
+            text(t.took.len().to_string())
+        }),
+        row(
+            reasons,
+            results,
+            workload,
+            "last renewal sent → other host holds, p50",
+            get,
+            |t| match &t.since_renewal {
+                Some(s) => time_cell(s.pct(50.0)),
+                None => text("—".into()),
+            },
+        ),
+        row(
+            reasons,
+            results,
+            workload,
+            "loss → lost host's guest stopped, p50",
+            get,
+            |t| match &t.fenced {
+                Ok(s) => time_cell(s.pct(50.0)),
+                Err(why) => text(why.clone()),
+            },
+        ),
+        row(
+            reasons,
+            results,
+            workload,
+            "fenced before the other host held (must be all)",
+            get,
+            |t| match t.fenced_first {
+                Some(n) => text(format!("{n}/{}", t.took.len())),
+                None => text("—".into()),
+            },
+        ),
+    ]
+}
+
+/// The cluster table: `results[0]` is vmlock with etcd; ratios are it ÷ each other column.
+pub fn cluster_table(results: &[ClusterResult]) -> String {
+    let mut reasons = Vec::new();
+    let mut rows = vec![
+        row(
+            &mut reasons,
+            results,
+            "1. acquire+release, 1 client",
+            "p50",
+            |r| &r.single,
+            |s| time_cell(s.pct(50.0)),
+        ),
+        row(
+            &mut reasons,
+            results,
+            "1. acquire+release, 1 client",
+            "p99",
+            |r| &r.single,
+            |s| time_cell(s.pct(99.0)),
+        ),
+        row(
+            &mut reasons,
+            results,
+            "1. acquire+release, 1 client",
+            "samples",
+            |r| &r.single,
+            |s| Cell {
+                value: None,
+                text: s.len().to_string(),
+            },
+        ),
+        row(
+            &mut reasons,
+            results,
+            "2. 16 owners, different disks",
+            "acquire+release pairs/s",
+            |r| &r.concurrent,
+            |c| Cell {
+                value: Some(c.per_sec),
+                text: format!("{:.0}", c.per_sec),
+            },
+        ),
+        row(
+            &mut reasons,
+            results,
+            "2. 16 owners, different disks",
+            "p50",
+            |r| &r.concurrent,
+            |c| time_cell(c.samples.pct(50.0)),
+        ),
+        row(
+            &mut reasons,
+            results,
+            "2. 16 owners, different disks",
+            "p99",
+            |r| &r.concurrent,
+            |c| time_cell(c.samples.pct(99.0)),
+        ),
+    ];
+    rows.extend(takeover_rows(
+        &mut reasons,
+        results,
+        "7. host lost → other host holds, short timeouts",
+        |r| &r.takeover_short,
+    ));
+    rows.extend(takeover_rows(
+        &mut reasons,
+        results,
+        "8. host lost → other host holds, default timeouts",
+        |r| &r.takeover_default,
+    ));
+    let names: Vec<&str> = results.iter().map(|r| r.name).collect();
+    render(&names, &mut rows, &reasons)
 }

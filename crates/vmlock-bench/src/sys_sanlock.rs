@@ -3,7 +3,7 @@
 //! daemon as one host, leases in a file on the work directory's file system (O_DIRECT), lockspace
 //! io_timeout 1 s, no watchdog (`-w 0`, tests only).
 
-use crate::report::{Memory, Restart, SysResult};
+use crate::report::{Memory, Restart, SysResult, Takeover};
 use crate::util::{self, Fast, Op, Proc, Samples};
 use crate::Cfg;
 use anyhow::{bail, Result};
@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmlock_sanlock::proto::{
-    flags, rv, Client as SanlockClient, ClientError, ClientResult, LockspaceSpec, Registered,
-    ResourceSpec, MAX_RESOURCES,
+    flags, rv, Client as SanlockClient, ClientError, ClientResult, HostState, LockspaceSpec,
+    Registered, ResourceSpec, MAX_RESOURCES,
 };
 
 /// `SANLK_RES_ALIGN1M | SANLK_RES_SECTOR512` (same values for lockspaces).
@@ -145,6 +145,11 @@ struct Daemon {
 }
 
 fn start_daemon(bin: &Path, dir: &Path) -> Result<Daemon> {
+    start_daemon_named(bin, dir, "vmlock-bench")
+}
+
+/// A daemon as the host named `name` (`-e`), its run directory and log in `dir`.
+fn start_daemon_named(bin: &Path, dir: &Path, name: &str) -> Result<Daemon> {
     let run = dir.join("run");
     std::fs::create_dir_all(&run)?;
     let log = std::fs::OpenOptions::new()
@@ -157,7 +162,7 @@ fn start_daemon(bin: &Path, dir: &Path) -> Result<Daemon> {
     cmd.args([
         "daemon", "-D", "-w", "0", "-l", "0", "-h", "0", "-U", "root", "-G", "root",
     ])
-    .args(["-e", "vmlock-bench"])
+    .args(["-e", name])
     .env("SANLOCK_RUN_DIR", &run)
     .env("SANLOCK_PRIVILEGED", "0")
     .stdin(Stdio::null())
@@ -181,7 +186,11 @@ fn start_daemon(bin: &Path, dir: &Path) -> Result<Daemon> {
 }
 
 fn join_lockspace(run: &Path, file: &Path) -> Result<()> {
-    match SanlockClient::new(run).add_lockspace(&lockspace(1, file), IO_TIMEOUT) {
+    join_as(run, file, 1, IO_TIMEOUT)
+}
+
+fn join_as(run: &Path, file: &Path, host_id: u64, io_timeout: u32) -> Result<()> {
+    match SanlockClient::new(run).add_lockspace(&lockspace(host_id, file), io_timeout) {
         Ok(()) | Err(ClientError::Daemon(rv::EEXIST)) => Ok(()),
         Err(e) => bail!("add_lockspace failed: {e}"),
     }
@@ -386,4 +395,112 @@ pub fn run(cfg: &Cfg, bin: &Path, dir: &Path) -> SysResult {
         restart,
         memory,
     }
+}
+
+/// A takeover after a host is lost, at lockspace `io_timeout` (seconds): two daemons as two hosts
+/// (host_id 1 and 2, own run directories, one lockspace file and one lease file). A guest on host
+/// A registers with A and acquires the lease; B waits until it has seen A renew; then A is lost:
+/// its daemon is SIGKILLed, then its guest (a crashed host: the lease stays on disk owned by
+/// host_id 1; the guest is killed after the daemon so the daemon cannot release for it). B
+/// retries its acquire every 50 ms until granted. No watchdog (`-w 0`): nothing fences.
+pub fn takeover(bin: &Path, dir: &Path, io_timeout: u32) -> Result<Takeover> {
+    std::fs::create_dir_all(dir)?;
+    let mut a = start_daemon_named(bin, &dir.join("a"), "bench-host-a")?;
+    let b = start_daemon_named(bin, &dir.join("b"), "bench-host-b")?;
+    let ls_file = dir.join("lockspace");
+    std::fs::write(&ls_file, vec![0u8; ALIGN as usize])?;
+    SanlockClient::new(&a.run)
+        .write_lockspace(&lockspace(0, &ls_file), io_timeout)
+        .map_err(|e| anyhow::anyhow!("write_lockspace failed: {e}"))?;
+    let lease = Lease {
+        name: "takeover".into(),
+        path: dir.join("lease"),
+        offset: 0,
+    };
+    std::fs::File::create(&lease.path)?.set_len(ALIGN)?;
+    SanlockClient::new(&a.run)
+        .write_resource(&lease.spec())
+        .map_err(|e| anyhow::anyhow!("write_resource failed: {e}"))?;
+    // Both hosts join at once (each join takes 2–5 io_timeouts).
+    let t = Instant::now();
+    let (ja, jb) = std::thread::scope(|s| {
+        let ja = s.spawn(|| join_as(&a.run, &ls_file, 1, io_timeout));
+        let jb = s.spawn(|| join_as(&b.run, &ls_file, 2, io_timeout));
+        (ja.join(), jb.join())
+    });
+    ja.map_err(|_| anyhow::anyhow!("join thread panicked"))??;
+    jb.map_err(|_| anyhow::anyhow!("join thread panicked"))??;
+    eprintln!(
+        "  sanlock takeover (io_timeout {io_timeout} s): both hosts joined in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let exe = std::env::current_exe()?;
+    let mut guest = Proc::spawn(
+        "sanlock guest on host A",
+        Command::new(&exe)
+            .arg("internal-guest")
+            .arg("sanlock")
+            .arg(&a.run)
+            .arg(&lease.path)
+            .arg(lease.offset.to_string())
+            .arg(&lease.name),
+    )?;
+    guest.wait_line("HELD")?;
+    // Until B has seen A renew, A's lease is "retry later" rather than "held by a live host".
+    let bc = SanlockClient::new(&b.run);
+    util::wait_for(
+        "host B seeing host A live",
+        Duration::from_secs(u64::from(io_timeout) * 10 + 30),
+        Duration::from_millis(100),
+        || {
+            Ok(bc
+                .get_hosts(LOCKSPACE, 0)
+                .map_err(|e| anyhow::anyhow!("get_hosts: {e}"))?
+                .iter()
+                .any(|h| h.host_id == 1 && h.state == HostState::Live)
+                .then_some(()))
+        },
+    )?;
+    let mut c = registered(&b.run)?;
+    let one = std::slice::from_ref(&lease);
+    match c.acquire(one)? {
+        0 => bail!("host B acquired the lease host A's guest holds"),
+        _refused => {}
+    }
+    a.proc.kill();
+    let lost = Instant::now();
+    guest.kill();
+    // Documented: > 8·io_timeout + 60 s; allow twice that.
+    let limit = Duration::from_secs(2 * (8 * u64::from(io_timeout) + 60));
+    let mut codes = std::collections::BTreeSet::new();
+    loop {
+        match c.acquire(one)? {
+            0 => break,
+            rv if lost.elapsed() < limit => {
+                codes.insert(rv);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            rv => bail!(
+                "host B still refused {:?} after host A was lost ({rv}; seen {codes:?})",
+                lost.elapsed()
+            ),
+        }
+    }
+    let took = lost.elapsed();
+    eprintln!(
+        "  sanlock takeover (io_timeout {io_timeout} s): B held the lease {:.1} s after A was \
+         lost (refusals meanwhile: {codes:?})",
+        took.as_secs_f64()
+    );
+    c.release(one)?;
+    drop(c);
+    drop(b);
+    Ok(Takeover {
+        timeout: format!("io_timeout {io_timeout} s"),
+        loss: "SIGKILL of A's sanlock, then of its guest".into(),
+        took: Samples(vec![took]),
+        since_renewal: None,
+        fenced: Err("nothing fences (-w 0); the guest died with its host".into()),
+        fenced_first: None,
+    })
 }

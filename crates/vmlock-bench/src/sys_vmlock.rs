@@ -33,12 +33,23 @@ impl Program {
     }
 }
 
-struct Daemon {
-    proc: Proc,
-    runtime: RuntimeDir,
+/// A vmlockd we started; SIGKILLed and reaped by pid when dropped.
+pub(crate) struct Daemon {
+    pub(crate) proc: Proc,
+    pub(crate) runtime: RuntimeDir,
 }
 
 fn start_daemon(program: &Program, dir: &Path) -> Result<Daemon> {
+    start_daemon_with(program, dir, None)
+}
+
+/// Starts a vmlockd on the runtime directory `dir/run`, with `config` (vmlockd.toml's text)
+/// written to `dir/vmlockd.toml` when given, and waits for its READY line.
+pub(crate) fn start_daemon_with(
+    program: &Program,
+    dir: &Path,
+    config: Option<&str>,
+) -> Result<Daemon> {
     let runtime = RuntimeDir::resolve(Some(&dir.join("run"))).map_err(anyhow::Error::msg)?;
     let mut cmd = match program {
         Program::Binary(p) => Command::new(p),
@@ -54,6 +65,11 @@ fn start_daemon(program: &Program, dir: &Path) -> Result<Daemon> {
         .append(true)
         .open(dir.join("vmlockd.log"))
         .context("vmlockd log")?;
+    if let Some(text) = config {
+        let file = dir.join("vmlockd.toml");
+        std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+        cmd.arg("--config").arg(&file);
+    }
     cmd.arg("--runtime-dir")
         .arg(runtime.path())
         .arg("--notify-stdout")
@@ -65,14 +81,14 @@ fn start_daemon(program: &Program, dir: &Path) -> Result<Daemon> {
 }
 
 impl Daemon {
-    fn endpoint(&self) -> Endpoint {
+    pub(crate) fn endpoint(&self) -> Endpoint {
         let mut e = Endpoint::new(self.runtime.clone());
         e.auto_start = false;
         e
     }
 }
 
-fn vm(name: &str, pid: u32) -> VmIdentity {
+pub(crate) fn vm(name: &str, pid: u32) -> VmIdentity {
     VmIdentity {
         uuid: uuid::Uuid::new_v4().to_string(),
         name: name.to_owned(),
@@ -81,7 +97,7 @@ fn vm(name: &str, pid: u32) -> VmIdentity {
     }
 }
 
-fn disk(p: &Path) -> Result<Resource> {
+pub(crate) fn disk(p: &Path) -> Result<Resource> {
     Resource::disk(p, DiskMode::Exclusive).map_err(anyhow::Error::msg)
 }
 
@@ -91,7 +107,7 @@ fn call(conn: &mut Connection, r: &Request) -> Result<Reply, Error> {
 
 /// Acquire as the lockd driver does when its own process is the VM's holder: the daemon hands the
 /// new descriptions back in the reply (`reply_with_fds`) and this process keeps them.
-fn acquire(
+pub(crate) fn acquire(
     conn: &mut Connection,
     holder: &Holder,
     uuid: &str,
@@ -116,7 +132,7 @@ fn acquire(
 }
 
 /// Release as the lockd driver does: the daemon unlocks, this process drops its own copies.
-fn release(
+pub(crate) fn release(
     conn: &mut Connection,
     holder: &Holder,
     uuid: &str,
@@ -137,22 +153,22 @@ fn release(
 }
 
 /// One owner: a holder, a request connection, and its disks.
-struct Owner {
-    uuid: String,
+pub(crate) struct Owner {
+    pub(crate) uuid: String,
     conn: Connection,
     /// `None` once stopped.
     holder: Option<Holder>,
 }
 
 impl Owner {
-    fn acquire(&mut self, res: &[Resource]) -> Result<usize, Error> {
+    pub(crate) fn acquire(&mut self, res: &[Resource]) -> Result<usize, Error> {
         match &self.holder {
             Some(h) => acquire(&mut self.conn, h, &self.uuid, res),
             None => Err(stopped()),
         }
     }
 
-    fn release(&mut self, res: &[Resource]) -> Result<(), Error> {
+    pub(crate) fn release(&mut self, res: &[Resource]) -> Result<(), Error> {
         match &self.holder {
             Some(h) => release(&mut self.conn, h, &self.uuid, res),
             None => Err(stopped()),
@@ -176,7 +192,7 @@ impl Drop for Owner {
     }
 }
 
-fn owner(ep: &Endpoint, name: &str, pid: u32) -> Result<Owner> {
+pub(crate) fn owner(ep: &Endpoint, name: &str, pid: u32) -> Result<Owner> {
     let v = vm(name, pid);
     let holder = Holder::start(ep, v.clone()).map_err(anyhow::Error::msg)?;
     let conn = ep.connect().map_err(anyhow::Error::msg)?;
@@ -187,7 +203,7 @@ fn owner(ep: &Endpoint, name: &str, pid: u32) -> Result<Owner> {
     })
 }
 
-fn pair(o: &mut Owner, res: &[Resource]) -> Result<()> {
+pub(crate) fn pair(o: &mut Owner, res: &[Resource]) -> Result<()> {
     o.acquire(res).map_err(anyhow::Error::msg)?;
     o.release(res).map_err(anyhow::Error::msg)?;
     Ok(())
