@@ -2,8 +2,9 @@
 # Installs what vmlock's tests need on Debian 12 (bookworm): QEMU from bookworm-backports (to match
 # the preinstalled qemu-utils 10.x), virtlockd for the side-by-side benchmark, libvirtd with its
 # QEMU driver, virsh and the stock lockd plugin (the testkit's private libvirtd), sanlock, etcd,
-# protoc with its well-known types (for the etcd-client crate's build) and iproute2 (the testkit's
-# network namespaces). Idempotent; needs root. Skips the install when everything is already there.
+# protoc with its well-known types (for the etcd-client crate's build), iproute2 (the testkit's
+# network namespaces) and openssl (certificates for the TLS etcd clusters). Idempotent; needs
+# root. Skips the install when everything is already there.
 set -euo pipefail
 
 need=()
@@ -21,6 +22,8 @@ command -v protoc >/dev/null || need+=(other)
 command -v etcdctl >/dev/null || need+=(other)
 # ip (iproute2): the testkit's network namespaces (netns) configure their veth links with it.
 command -v ip >/dev/null || need+=(other)
+# openssl: the testkit's TLS etcd clusters make their CA and certificates with it.
+command -v openssl >/dev/null || need+=(other)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""
@@ -44,4 +47,4 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
   qemu-system-x86 libvirt-daemon-lock \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon-plugin-lockd
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-  sanlock etcd-server etcd-client protobuf-compiler libprotobuf-dev iproute2
+  sanlock etcd-server etcd-client protobuf-compiler libprotobuf-dev iproute2 openssl

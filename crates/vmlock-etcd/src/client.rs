@@ -52,7 +52,12 @@ impl Drop for Inner {
         }
         if let Some(t) = self.thread.take() {
             // The runtime thread ends when its stop signal arrives; it never blocks otherwise.
-            let _ = t.join();
+            // The last clone may go on that thread itself (a keep-alive task ending after its
+            // lease and connection were dropped): it must not join itself (that panicked with
+            // EDEADLK); it ends on its own once this returns.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -75,13 +80,32 @@ fn retryable(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether etcd refused the client itself (authentication or permission): not retried, reported
+/// as [`Error::Refused`].
+fn refused(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return false;
+    };
+    match s.code() {
+        Code::Unauthenticated | Code::PermissionDenied => true,
+        // "authentication failed, invalid user ID or password", "user name is empty",
+        // "authentication is not enabled", "user name not found".
+        Code::InvalidArgument | Code::FailedPrecondition => {
+            s.message().contains("authentication") || s.message().contains("user name")
+        }
+        _ => false,
+    }
+}
+
 /// The pause between two tries of a request (another member may be picked).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 impl Etcd {
     /// Validates `config`, starts the runtime thread, connects, and checks that the cluster
     /// answers (a status request, retried on every member within `connect_timeout`): an
-    /// unreachable cluster is [`Error::Unreachable`] naming the endpoints.
+    /// unreachable cluster is [`Error::Unreachable`] naming the endpoints (a TLS handshake
+    /// refused either way looks the same), a failed authentication [`Error::Refused`] at once.
     pub fn connect(config: &Config) -> Result<Etcd, Error> {
         config.validate()?;
         let options = connect_options(config)?;
@@ -129,6 +153,13 @@ impl Etcd {
                 timeout: config.connect_timeout(),
                 reason,
             },
+            Error::Refused {
+                endpoints, reason, ..
+            } => Error::Refused {
+                what: "connect",
+                endpoints,
+                reason,
+            },
             other => other,
         })?;
         Ok(etcd)
@@ -173,6 +204,13 @@ impl Etcd {
                     last = format!("{}: {e}", inner.endpoint(member));
                     inner.failed(member);
                     false
+                }
+                Ok(Ok(Err((_, Ok(e))))) | Ok(Err((_, Ok(e)))) if refused(&e) => {
+                    return Err(Error::Refused {
+                        what,
+                        endpoints: self.inner.config.endpoints_text(),
+                        reason: e.to_string(),
+                    })
                 }
                 Ok(Ok(Err((_, Ok(e))))) | Ok(Err((_, Ok(e)))) => {
                     return Err(self.request_error(what, e.to_string(), false))
@@ -230,7 +268,8 @@ impl Inner {
     }
 
     /// The member in use and its client, connecting it if it has none yet; a member that
-    /// cannot be connected is a failure of that member.
+    /// cannot be connected is a failure of that member. (With a user, connecting authenticates:
+    /// a wrong password is etcd's error, not retried.)
     pub(crate) async fn member(
         &self,
     ) -> Result<(usize, Client), (usize, Result<etcd_client::Error, String>)> {
@@ -253,7 +292,7 @@ impl Inner {
                 *self.members[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
                 Ok((i, c))
             }
-            Ok(Err(e)) => Err((i, Err(e.to_string()))),
+            Ok(Err(e)) => Err((i, Ok(e))),
             Err(_) => Err((i, Err("no connection in time".into()))),
         }
     }
@@ -270,6 +309,11 @@ impl Inner {
 /// etcd-client's options from the configuration: request and connect timeouts, a leader
 /// required (a member cut off from the majority refuses at once instead of hanging), user and
 /// password, TLS.
+///
+/// With a user, the token is refreshed when etcd says it expired. etcd forgets a token after
+/// `--auth-token-ttl` (300 s) without use — and keep-alives do not use it — or when the member
+/// restarts; without the refresh every later request failed with "invalid auth token" for good
+/// (tests/secure.rs, `an_expired_auth_token_is_renewed`).
 fn connect_options(config: &Config) -> Result<ConnectOptions, Error> {
     let mut o = ConnectOptions::new()
         .with_timeout(config.attempt_timeout())
@@ -277,7 +321,7 @@ fn connect_options(config: &Config) -> Result<ConnectOptions, Error> {
         .with_keep_alive(Duration::from_secs(1), config.request_timeout())
         .with_require_leader(true);
     if let (Some(u), Some(p)) = (&config.user, &config.password) {
-        o = o.with_user(u, p);
+        o = o.with_user(u, p).with_auto_token_refresh(true);
     }
     if config.ca_file.is_some() || config.cert_file.is_some() {
         let read = |p: &std::path::Path| {

@@ -91,6 +91,17 @@ pub enum Error {
         /// Whether it timed out.
         timed_out: bool,
     },
+    /// The cluster refused this client: authentication failed (wrong user or password, a user
+    /// configured for a cluster without authentication) or the user may not do this.
+    #[error("etcd {what} refused at {endpoints}: {reason}")]
+    Refused {
+        /// Which request.
+        what: &'static str,
+        /// The configured endpoints.
+        endpoints: String,
+        /// etcd's answer.
+        reason: String,
+    },
     /// A lock is held by someone else (or, for a shared lock, an exclusive holder exists).
     #[error("disk {} is held by {holder} (key {holder_key}, {})", key.disk, if *.exclusive { "exclusive" } else { "shared" })]
     Conflict {
@@ -150,7 +161,9 @@ impl Error {
             } => io::ErrorKind::TimedOut,
             Error::Request { .. } => io::ErrorKind::Other,
             Error::Conflict { .. } => io::ErrorKind::WouldBlock,
-            Error::Stale { .. } | Error::LeaseLost { .. } => io::ErrorKind::PermissionDenied,
+            Error::Stale { .. } | Error::LeaseLost { .. } | Error::Refused { .. } => {
+                io::ErrorKind::PermissionDenied
+            }
             Error::Corrupt { .. } => io::ErrorKind::InvalidData,
         }
     }

@@ -531,3 +531,50 @@ fn a_hand_over_leaves_no_window() {
 fn cluster_keys(lease: &HostLease, disk: &str) -> usize {
     lease.etcd().holders(disk).expect("holders").len()
 }
+
+/// The last handle on a connection can go on the connection's own runtime thread: a lease's
+/// keep-alive task that ends after the lease and the connection were dropped. That thread then
+/// joined itself, and panicked (EDEADLK). Checked with a panic hook counting panics on the
+/// runtime threads (named `vmlock-etcd`), until every such thread has ended.
+#[test]
+fn the_last_handle_may_go_on_the_runtime_thread() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static RUNTIME_PANICS: AtomicUsize = AtomicUsize::new(0);
+    let _s = serial();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("vmlock-etcd") {
+            RUNTIME_PANICS.fetch_add(1, Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    let cluster = EtcdCluster::single();
+    for i in 0..3 {
+        let etcd = Etcd::connect(&config(&cluster, "host-a", 3)).expect("connect");
+        let lease = HostLease::grant(&etcd).expect("grant");
+        drop(etcd);
+        assert!(lease.wait_renewals(1, Duration::from_secs(10)), "round {i}");
+        drop(lease);
+    }
+    let runtime_threads = || {
+        std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim_end() == "vmlock-etcd")
+            })
+            .count()
+    };
+    vmlock_testkit::process::wait_until(
+        "the runtime threads to end",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || runtime_threads() == 0,
+    );
+    assert_eq!(
+        RUNTIME_PANICS.load(Ordering::SeqCst),
+        0,
+        "a runtime thread panicked"
+    );
+}
