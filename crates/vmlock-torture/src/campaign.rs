@@ -113,10 +113,13 @@ pub enum Op {
     KillDaemonMidRequest,
     /// Fault: SIGKILL a supervisor 0–20 ms into a hotplug of its VM.
     KillSupervisorMidRequest,
+    /// Fault: 1–3 frames (a hello, a status request, noise) each carrying 250 descriptors the
+    /// daemon never asked for; after settling, none may be left open in vmlockd.
+    DescriptorFlood,
 }
 
 impl Op {
-    const ALL: [(Op, u64); 14] = [
+    const ALL: [(Op, u64); 15] = [
         (Op::Start, 300),
         (Op::Stop, 120),
         (Op::Attach, 160),
@@ -131,6 +134,7 @@ impl Op {
         (Op::MalformedFrame, 8),
         (Op::KillDaemonMidRequest, 8),
         (Op::KillSupervisorMidRequest, 6),
+        (Op::DescriptorFlood, 6),
     ];
 
     /// Its name in the table.
@@ -150,6 +154,7 @@ impl Op {
             Op::MalformedFrame => "malformed frame",
             Op::KillDaemonMidRequest => "SIGKILL vmlockd mid-request (start/hotplug)",
             Op::KillSupervisorMidRequest => "SIGKILL supervisor mid-hotplug",
+            Op::DescriptorFlood => "descriptor flood",
         }
     }
 
@@ -197,6 +202,9 @@ pub struct Report {
     pub locks_leaked: u64,
     /// With etcd: keys left on the campaign's disks after every guest was stopped.
     pub keys_leaked: u64,
+    /// Descriptors of a flood (a file of the campaign's own) still open in vmlockd after
+    /// settling.
+    pub descriptors_leaked: u64,
     /// Guests that ended without the campaign ending them.
     pub killed_by_vmlock: u64,
     /// Guests' own errors (open, write, /proc).
@@ -238,6 +246,7 @@ impl Report {
             && self.locks_lost == 0
             && self.locks_leaked == 0
             && self.keys_leaked == 0
+            && self.descriptors_leaked == 0
             && self.killed_by_vmlock == 0
     }
 
@@ -285,6 +294,10 @@ impl Report {
         row("locks lost (must be 0)", self.locks_lost.to_string());
         row("locks leaked (must be 0)", self.locks_leaked.to_string());
         row("etcd keys leaked (must be 0)", self.keys_leaked.to_string());
+        row(
+            "flooded descriptors left open in vmlockd (must be 0)",
+            self.descriptors_leaked.to_string(),
+        );
         row(
             "guests killed by vmlock's own restart (must be 0)",
             self.killed_by_vmlock.to_string(),
@@ -593,6 +606,7 @@ impl Campaign {
                 self.idle.push((self.report.ops + keep, conns));
             }
             Op::MalformedFrame => self.malformed(),
+            Op::DescriptorFlood => self.descriptor_flood(),
             Op::KillDaemonMidRequest => {
                 if !self.ensure_daemon() {
                     return Ok(op);
@@ -1182,6 +1196,64 @@ impl Campaign {
         let _ = s.read(&mut buf);
     }
 
+    /// The file whose descriptors a flood sends (created on first use).
+    fn flood_marker(&self) -> PathBuf {
+        self.dir.path().join("flood-marker")
+    }
+
+    fn descriptor_flood(&mut self) {
+        let marker = self.flood_marker();
+        let Ok(file) = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&marker)
+        else {
+            return;
+        };
+        let copies: Vec<std::os::fd::OwnedFd> = (0..vmlock_sys::fdpass::MAX_FDS)
+            .filter_map(|_| std::os::fd::AsFd::as_fd(&file).try_clone_to_owned().ok())
+            .collect();
+        let raw: Vec<std::os::fd::RawFd> =
+            copies.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let frames = self.rng.range(1, 4);
+        self.log(&format!(
+            "descriptor flood: {frames} frame(s) of {} descriptors",
+            raw.len()
+        ));
+        let Ok(mut s) = UnixStream::connect(self.run_dir().join("vmlockd.sock")) else {
+            return;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let frame = |body: &[u8]| {
+            let mut v = (body.len() as u32).to_be_bytes().to_vec();
+            v.extend_from_slice(body);
+            v
+        };
+        let bodies: [&[u8]; 3] = [b"{\"Hello\":{\"version\":1}}", b"\"Status\"", b"noise"];
+        for body in bodies.iter().take(frames as usize) {
+            if vmlock_sys::fdpass::send_with_fds(&s, &frame(body), &raw).is_err() {
+                break;
+            }
+        }
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf);
+    }
+
+    /// Descriptors of the flood marker open in vmlockd now.
+    fn flooded_descriptors(&self) -> u64 {
+        let Some(daemon) = self.daemon() else {
+            return 0;
+        };
+        let marker = self.flood_marker();
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid)) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == marker))
+            .count() as u64
+    }
+
     // -----------------------------------------------------------------------------------------
     // Checks
 
@@ -1233,6 +1305,21 @@ impl Campaign {
         };
         self.report.locks_lost += lost.len() as u64;
         self.report.locks_leaked += leaked.len() as u64;
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let flooded = loop {
+            let n = self.flooded_descriptors();
+            if n == 0 || Instant::now() >= deadline {
+                break n;
+            }
+            // Bounded poll (deadline above): the daemon closes them as it reads the frames.
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if flooded > 0 {
+            self.report.descriptors_leaked += flooded;
+            self.report.details.push(format!(
+                "{when}: {flooded} flooded descriptors still open in vmlockd"
+            ));
+        }
         for v in lost {
             self.report.details.push(format!("{when}: lock lost: {v}"));
         }
