@@ -265,7 +265,7 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
             if !matches!(e, vmlock::Error::ServiceUnavailable { .. }) {
                 errors = true;
             }
-            eprintln!("vmlock: no lease table ({e}); checking the kernel's locks only");
+            say!("vmlock: no lease table ({e}); checking the kernel's locks only");
             (Vec::new(), false)
         }
     };
@@ -279,7 +279,7 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
             if procfs::is_qemu_pid(pid) {
                 pids.push(pid);
             } else {
-                eprintln!("vmlock: pid {pid} is not a running QEMU process; skipped");
+                say!("vmlock: pid {pid} is not a running QEMU process; skipped");
             }
         }
         pids
@@ -292,7 +292,7 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
             // Exited since it was listed: nothing left to protect.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                eprintln!("vmlock: error: QEMU pid {pid}: reading its descriptors: {e}");
+                say!("vmlock: error: QEMU pid {pid}: reading its descriptors: {e}");
                 errors = true;
                 continue;
             }
@@ -328,7 +328,7 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
     }
     let unprotected = rows.iter().filter(|r| !r.status.covered()).count();
     if unprotected > 0 {
-        eprintln!("vmlock: {unprotected} writable disk(s) run without a lease");
+        say!("vmlock: {unprotected} writable disk(s) run without a lease");
         return Ok(UNPROTECTED_EXIT);
     }
     Ok(if errors { 1 } else { 0 })

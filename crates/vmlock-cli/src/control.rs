@@ -207,9 +207,10 @@ fn serve(
     let reply = match peer {
         Ok(p) if p.uid() == 0 || p.uid() == uid => match read_request(&stream) {
             Ok(ControlRequest::LockFailure) => {
-                eprintln!(
+                say!(
                     "vmlock: the leases of the VM with guest pid {} were lost: {}",
-                    policy.guest_pid, policy.action
+                    policy.guest_pid,
+                    policy.action
                 );
                 policy
                     .enforce(manager)

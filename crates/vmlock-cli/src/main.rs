@@ -1,5 +1,14 @@
 //! `vmlock`: run a guest under disk leases, and inspect or change what VMs hold.
 
+/// `eprintln!` that never panics: a supervisor's standard error may be a closed pipe or a full
+/// log file, and a supervisor that panics takes its guest with it (PDEATHSIG).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod audit;
 mod control;
 mod libvirt;
@@ -232,11 +241,13 @@ fn registry() -> Registry {
 }
 
 fn main() {
+    use std::io::Write;
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmlock: error: {e:#}");
+            // Not eprintln!: standard error may be a full log file or a closed pipe.
+            let _ = writeln!(std::io::stderr(), "vmlock: error: {e:#}");
             1
         }
     };
@@ -448,7 +459,7 @@ fn events(ctx: &Ctx, json: bool, follow: bool) -> anyhow::Result<()> {
     if !follow {
         let (events, missed) = ctx.daemon()?.events(None)?;
         if missed > 0 {
-            eprintln!("vmlock: {missed} older events are no longer buffered");
+            say!("vmlock: {missed} older events are no longer buffered");
         }
         for e in &events {
             print(e)?;
@@ -462,7 +473,7 @@ fn events(ctx: &Ctx, json: bool, follow: bool) -> anyhow::Result<()> {
             Ok(c) => c,
             Err(e) if last.is_some() => {
                 if !std::mem::replace(&mut waiting, true) {
-                    eprintln!("vmlock: {e}; waiting for vmlockd to come back");
+                    say!("vmlock: {e}; waiting for vmlockd to come back");
                 }
                 // A poll: nothing tells a client that a daemon started; this follows until
                 // interrupted.
@@ -477,7 +488,7 @@ fn events(ctx: &Ctx, json: bool, follow: bool) -> anyhow::Result<()> {
             match stream.next(None) {
                 Ok(Some(batch)) => {
                     if batch.missed > 0 {
-                        eprintln!("vmlock: {} events were missed", batch.missed);
+                        say!("vmlock: {} events were missed", batch.missed);
                     }
                     for e in &batch.events {
                         print(e)?;
@@ -488,7 +499,7 @@ fn events(ctx: &Ctx, json: bool, follow: bool) -> anyhow::Result<()> {
                 Err(e) => break e,
             }
         };
-        eprintln!("vmlock: {error}; reconnecting");
+        say!("vmlock: {error}; reconnecting");
     }
 }
 

@@ -67,7 +67,7 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result
         Some(u) => vmlock::params::parse_uuid(u)?,
         None => {
             let u = uuid::Uuid::new_v4();
-            eprintln!("vmlock: VM \"{}\" gets uuid {u}", args.name);
+            say!("vmlock: VM \"{}\" gets uuid {u}", args.name);
             u
         }
     };
@@ -168,13 +168,13 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result
         policy,
     );
     if let Err(e) = &control {
-        eprintln!(
+        say!(
             "vmlock: warning: no control socket for \"{}\": {e:#}",
             args.name
         );
     }
     // Announced once later commands can reach the VM through its control socket.
-    eprintln!(
+    say!(
         "vmlock: VM \"{}\" (uuid {uuid}) holds {held} lock(s); guest pid {guest_pid}",
         args.name
     );
@@ -184,7 +184,7 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, args: RunArgs) -> anyhow::Result
     let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(e) = manager.shutdown() {
         // Our exit closes the descriptions this process keeps, so the locks go anyway.
-        eprintln!(
+        say!(
             "vmlock: warning: releasing the leases of \"{}\": {e}",
             args.name
         );

@@ -2,8 +2,10 @@
 //! (etcd) locks stops in time even when vmlockd itself cannot act: stopped (SIGSTOP), hung, or
 //! dead.
 //!
-//! vmlockd writes `RUNTIME/fence.json` (atomically: write, then rename) whenever its etcd lease
-//! is renewed: the lease's deadline D on `CLOCK_BOOTTIME`, and `fence_lead` (T_stop). It fences
+//! vmlockd writes `RUNTIME/fence.json` whenever its etcd lease is renewed — in place, one
+//! fixed-size record written by one `pwrite` at offset 0, so that a full runtime file system
+//! cannot keep the daemon from moving the deadline (a rename would need new blocks, and the
+//! supervisors would fence a healthy daemon's guests on the stale deadline): the lease's deadline D on `CLOCK_BOOTTIME`, and `fence_lead` (T_stop). It fences
 //! its own guests at D − T_stop. Each supervisor of a VM with exclusive or shared disks
 //! ([`watch`]) reads the file and, if D − T_stop/2 arrives without the file moving D forward,
 //! stops its guest itself: the second line of defence, which needs nothing from the daemon but
@@ -47,13 +49,25 @@ pub fn path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("fence.json")
 }
 
-/// Writes `deadline` (vmlockd). Atomic: readers see the old or the new file, never a torn one.
+/// Size of the record: the JSON, padded with spaces.
+const RECORD: usize = 128;
+
+/// Writes `deadline` (vmlockd), in place: once the file exists, writing needs no new block. A
+/// reader racing the write may see a torn record; it does not parse, and the reader looks again.
 pub fn write(runtime_dir: &Path, deadline: &FenceDeadline) -> std::io::Result<()> {
-    let target = path(runtime_dir);
-    let tmp = target.with_extension("json.tmp");
-    let text = serde_json::to_vec(deadline).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &target)
+    use std::os::unix::fs::FileExt;
+    let mut record = serde_json::to_vec(deadline).map_err(std::io::Error::other)?;
+    if record.len() > RECORD {
+        return Err(std::io::Error::other("fence record too long"));
+    }
+    record.resize(RECORD, b' ');
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path(runtime_dir))?;
+    file.write_all_at(&record, 0)?;
+    file.set_len(RECORD as u64)
 }
 
 /// Removes the file (vmlockd without etcd: a file left by an earlier configuration would make
@@ -62,10 +76,33 @@ pub fn remove(runtime_dir: &Path) {
     let _ = std::fs::remove_file(path(runtime_dir));
 }
 
-/// Reads the file; `None` if there is none (no cluster locks) or it cannot be parsed.
+/// What the file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// No file: no cluster locks.
+    Absent,
+    /// A record that does not parse (torn by a concurrent write, or damaged).
+    Unreadable,
+    /// The deadline.
+    Deadline(FenceDeadline),
+}
+
+/// Reads the file.
+pub fn read_file(runtime_dir: &Path) -> Reading {
+    match std::fs::read(path(runtime_dir)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Reading::Absent,
+        Err(_) => Reading::Unreadable,
+        Ok(bytes) => serde_json::from_slice(bytes.trim_ascii_end())
+            .map_or(Reading::Unreadable, Reading::Deadline),
+    }
+}
+
+/// The deadline in the file, if there is a readable one.
 pub fn read(runtime_dir: &Path) -> Option<FenceDeadline> {
-    let text = std::fs::read(path(runtime_dir)).ok()?;
-    serde_json::from_slice(&text).ok()
+    match read_file(runtime_dir) {
+        Reading::Deadline(d) => Some(d),
+        Reading::Absent | Reading::Unreadable => None,
+    }
 }
 
 /// How often a watching supervisor looks at the file while its deadline is far.
@@ -82,11 +119,23 @@ pub fn watch(runtime_dir: &Path, stop_guest: impl FnOnce() + Send + 'static) -> 
     std::thread::Builder::new()
         .name("fence-watch".into())
         .spawn(move || {
+            // The last deadline read: a torn read (a write racing it) keeps it in force.
+            let mut last: Option<FenceDeadline> = None;
             loop {
-                let Some(d) = read(&dir) else {
+                let d = match read_file(&dir) {
                     // Removed: the daemon runs without etcd now. Nothing to fence for.
-                    return;
+                    Reading::Absent => return,
+                    Reading::Deadline(d) => d,
+                    Reading::Unreadable => match last {
+                        Some(d) => d,
+                        None => {
+                            // Look again soon: a write was racing this read.
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                    },
                 };
+                last = Some(d);
                 let now = boot_time();
                 let acts_at = d.supervisor_acts_at();
                 if now >= acts_at {
@@ -113,6 +162,35 @@ pub fn watch(runtime_dir: &Path, stop_guest: impl FnOnce() + Send + 'static) -> 
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    #[test]
+    fn the_record_is_rewritten_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = |ms| FenceDeadline {
+            lease: 1,
+            deadline_boot_ms: ms,
+            fence_lead_ms: 2,
+        };
+        write(dir.path(), &d(123_456_789)).expect("write");
+        let ino = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(path(dir.path())).expect("meta"),
+        );
+        write(dir.path(), &d(5)).expect("rewrite");
+        let meta = std::fs::metadata(path(dir.path())).expect("meta");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            ino,
+            "a new file"
+        );
+        assert_eq!(meta.len(), RECORD as u64);
+        assert_eq!(
+            read(dir.path()),
+            Some(d(5)),
+            "the shorter record left no trailing bytes"
+        );
+        std::fs::write(path(dir.path()), b"{\"lease\":1,\"dead").expect("torn");
+        assert_eq!(read_file(dir.path()), Reading::Unreadable);
+    }
 
     #[test]
     fn a_renewed_deadline_is_kept_and_a_stale_one_stops_the_guest() {

@@ -88,6 +88,19 @@ impl RuntimeDir {
     }
 }
 
+/// Whether a daemon holds the pid file's lock (a pid file alone may be a killed daemon's).
+fn daemon_serves(runtime: &RuntimeDir) -> bool {
+    std::fs::File::open(runtime.pid_file()).is_ok_and(|f| {
+        vmlock_sys::ofd::probe(
+            std::os::fd::AsFd::as_fd(&f),
+            vmlock_sys::ofd::LockKind::Exclusive,
+            0,
+            1,
+        )
+        .is_ok_and(|c| c.is_some())
+    })
+}
+
 /// The program (and leading arguments) that runs the daemon: `$VMLOCKD`, else the `vmlock`
 /// command itself (`vmlock daemon`: the very build of the client, so the two never differ in
 /// version), else `vmlockd` beside the current executable, else `vmlockd` on `PATH`.
@@ -158,18 +171,22 @@ pub fn spawn_daemon(
     if line.trim() == "READY" {
         return Ok(());
     }
-    // It exited: another daemon won the race (fine) or it failed (say why).
+    // It exited: another daemon won the race (fine: one holds the pid file's lock) or it failed
+    // (say why: its own last words, else its log).
     let status = child
         .wait()
         .map_err(|e| Error::io("waiting for the lock daemon", &e))?;
-    if runtime.socket().exists() && runtime.daemon_pid().is_some() {
+    if runtime.socket().exists() && daemon_serves(runtime) {
         return Ok(());
     }
+    let why = line.trim().strip_prefix("ERROR ").map_or_else(
+        || format!("see {}", runtime.log_file().display()),
+        str::to_owned,
+    );
     Err(Error::ServiceUnavailable {
         reason: format!(
-            "the lock daemon {} exited ({status}); see {}",
-            program.display(),
-            runtime.log_file().display()
+            "the lock daemon {} exited ({status}): {why}",
+            program.display()
         ),
     })
 }

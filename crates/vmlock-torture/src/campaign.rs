@@ -116,10 +116,14 @@ pub enum Op {
     /// Fault: 1–3 frames (a hello, a status request, noise) each carrying 250 descriptors the
     /// daemon never asked for; after settling, none may be left open in vmlockd.
     DescriptorFlood,
+    /// Fault: the runtime directory's file system (a 2 MiB tmpfs in the campaign's own mount
+    /// namespace) filled to the last byte for the next 1–10 operations (becomes a start where
+    /// no private mount namespace can be made).
+    FillRuntimeFs,
 }
 
 impl Op {
-    const ALL: [(Op, u64); 15] = [
+    const ALL: [(Op, u64); 16] = [
         (Op::Start, 300),
         (Op::Stop, 120),
         (Op::Attach, 160),
@@ -135,6 +139,7 @@ impl Op {
         (Op::KillDaemonMidRequest, 8),
         (Op::KillSupervisorMidRequest, 6),
         (Op::DescriptorFlood, 6),
+        (Op::FillRuntimeFs, 5),
     ];
 
     /// Its name in the table.
@@ -155,6 +160,7 @@ impl Op {
             Op::KillDaemonMidRequest => "SIGKILL vmlockd mid-request (start/hotplug)",
             Op::KillSupervisorMidRequest => "SIGKILL supervisor mid-hotplug",
             Op::DescriptorFlood => "descriptor flood",
+            Op::FillRuntimeFs => "runtime file system full",
         }
     }
 
@@ -389,6 +395,24 @@ struct Campaign {
     driver_config: Option<PathBuf>,
     /// The etcd key prefix of this campaign.
     etcd_prefix: String,
+    /// The runtime directory is a small tmpfs of the campaign's own (a private mount namespace).
+    small_runtime_fs: bool,
+    /// The filler that fills it, and the operation after which it is removed.
+    filler: Option<u64>,
+}
+
+/// Mounts a 2 MiB tmpfs on `run_dir` in a mount namespace of this thread's own (needs root).
+fn small_runtime_fs(run_dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(run_dir)?;
+    vmlock_sys::mountns::enter_private()?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        run_dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=2m,mode=0700"),
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Runs a campaign and returns what it found. Errors are failures of the campaign itself (its
@@ -430,7 +454,17 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         ops_log: None,
         driver_config: None,
         etcd_prefix: String::new(),
+        small_runtime_fs: false,
+        filler: None,
     };
+    // The runtime directory on a 2 MiB tmpfs that this thread alone sees (and every process it
+    // starts): the "file system full" fault fills it without touching the host.
+    match small_runtime_fs(&c.run_dir()) {
+        Ok(()) => c.small_runtime_fs = true,
+        Err(e) => c.report.details.push(format!(
+            "no runtime file system of its own ({e}): no \"file system full\" faults"
+        )),
+    }
     if !c.opts.etcd_endpoints.is_empty() {
         c.etcd_prefix = format!("/vmlock-torture/{}-{}", c.opts.seed, std::process::id());
         let endpoints: Vec<String> = c
@@ -515,6 +549,9 @@ impl Campaign {
             }
             let ops = self.report.ops;
             self.idle.retain(|(until, _)| *until > ops);
+            if self.filler.is_some_and(|until| until <= ops) {
+                self.empty_runtime_fs();
+            }
             self.reap();
             let op = Op::ALL[self.rng.weighted(&weights)].0;
             let done = self.step(op)?;
@@ -526,6 +563,7 @@ impl Campaign {
             }
         }
         self.idle.clear();
+        self.empty_runtime_fs();
         self.settle_and_check("after the campaign", true);
         self.read_findings();
         Ok(())
@@ -544,6 +582,9 @@ impl Campaign {
                 | Op::KillSupervisorMidRequest
         );
         if needs_guest && self.live.is_empty() {
+            return self.step(Op::Start);
+        }
+        if op == Op::FillRuntimeFs && !self.small_runtime_fs {
             return self.step(Op::Start);
         }
         match op {
@@ -607,6 +648,7 @@ impl Campaign {
             }
             Op::MalformedFrame => self.malformed(),
             Op::DescriptorFlood => self.descriptor_flood(),
+            Op::FillRuntimeFs => self.fill_runtime_fs(),
             Op::KillDaemonMidRequest => {
                 if !self.ensure_daemon() {
                     return Ok(op);
@@ -1194,6 +1236,38 @@ impl Campaign {
         let _ = s.write_all(&bytes);
         let mut buf = [0u8; 256];
         let _ = s.read(&mut buf);
+    }
+
+    fn filler_path(&self) -> PathBuf {
+        self.run_dir().join("filler")
+    }
+
+    /// Fills the runtime directory's file system to the last byte, until a later operation.
+    fn fill_runtime_fs(&mut self) {
+        let keep = self.rng.range(1, 10);
+        let Ok(mut f) = std::fs::File::create(self.filler_path()) else {
+            return;
+        };
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        // Whole chunks, then single bytes: to the very last byte the file system has.
+        while f.write_all(&chunk).is_ok() {
+            written += chunk.len() as u64;
+        }
+        while f.write_all(&[0]).is_ok() {
+            written += 1;
+        }
+        self.log(&format!(
+            "runtime file system filled ({written} bytes) for {keep} operations"
+        ));
+        self.filler = Some(self.report.ops + keep);
+    }
+
+    fn empty_runtime_fs(&mut self) {
+        if self.filler.take().is_some() {
+            let _ = std::fs::remove_file(self.filler_path());
+            self.log("runtime file system emptied");
+        }
     }
 
     /// The file whose descriptors a flood sends (created on first use).

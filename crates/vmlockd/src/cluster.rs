@@ -461,8 +461,16 @@ impl Cluster {
             Some(Err(e)) => return Err(self.note_trouble(e)),
             None => HostLease::grant(&etcd).map_err(|e| self.note_trouble(e))?,
         };
-        self.write_lease_file(lease.id())
-            .map_err(|e| Error::io(format!("writing {}", self.lease_file.display()), &e))?;
+        if let Err(e) = self.write_lease_file(lease.id()) {
+            // Not fatal: the next run cannot take this lease over and takes its VMs' keys again
+            // instead (a full runtime file system must not cost the guests their lease).
+            tracing::error!(
+                "recording lease {} in {}: {e}",
+                lease.id(),
+                self.lease_file.display()
+            );
+            let _ = std::fs::remove_file(self.lease_file.with_extension("lease.tmp"));
+        }
         Ok((Arc::new(lease), earlier_lost))
     }
 

@@ -23,6 +23,34 @@ pub mod host;
 
 /// Runs the daemon with command-line `args` (shared by `vmlockd` and `vmlock daemon`).
 pub fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
+    let notify = args.notify_stdout;
+    if notify {
+        // A panic before READY is told on the READY pipe too (stdout goes to /dev/null after
+        // READY): the log may be on a full file system.
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stdout(),
+                "ERROR panic: {}",
+                info.to_string().replace('\n', " ")
+            );
+            default(info);
+        }));
+    }
+    let result = run_daemon(args);
+    if let (Err(e), true) = (&result, notify) {
+        // Whoever waits for READY learns why there is none, even when the log cannot be
+        // written (a full runtime file system).
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "ERROR {}", format!("{e:#}").replace('\n', " "));
+        let _ = out.flush();
+    }
+    result
+}
+
+fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     use std::io::Write;
     // However it was started (a parent with blocked or ignored signals), SIGTERM and friends stop
     // the daemon; stopping it kills no guest. Before any thread exists, so all inherit the mask.
@@ -67,8 +95,25 @@ fn init_logging() {
             .init(),
         None => tracing_subscriber::fmt()
             .with_env_filter(filter())
-            .with_writer(std::io::stderr)
+            .with_writer(|| LossyStderr)
             .init(),
+    }
+}
+
+/// Standard error that never fails: the log is often a file in the runtime directory, and when
+/// that file system is full a failed write must cost the line, not the daemon (tracing's own
+/// report of a failed write goes to `eprintln!`, which panics when standard error fails).
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 

@@ -210,11 +210,13 @@ impl Daemon {
 
     /// Writes a snapshot handed out by [`Daemon::persist`]; call with the table unlocked.
     fn write_snapshot(&self, pending: PendingSnapshot) {
-        pending.write();
-        self.store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .snapshot_written();
+        let seq = pending.seq();
+        let written = pending.write();
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.snapshot_written();
+        if written {
+            store.snapshot_succeeded(seq);
+        }
     }
 
     fn wake_watcher(&self) {

@@ -51,6 +51,9 @@ pub struct Store {
     lines: usize,
     /// A snapshot was handed out and not yet written.
     snapshot_pending: bool,
+    /// The last change whose append failed: the journals lack it until a snapshot holding it
+    /// is written.
+    missed: Option<u64>,
 }
 
 /// A snapshot to write with the table unlocked ([`PendingSnapshot::write`]), then
@@ -155,6 +158,7 @@ impl Store {
                 seq,
                 lines: 0,
                 snapshot_pending: false,
+                missed: None,
             },
             persisted,
         ))
@@ -173,15 +177,24 @@ impl Store {
             Err(e) => return tracing::error!("encoding a journal line: {e}"),
         };
         line.push(b'\n');
-        if let Err(e) = self.journals[self.current].write_all(&line) {
-            tracing::error!("appending to the state journal: {e}");
+        let journal = &mut self.journals[self.current];
+        let before = journal.metadata().map(|m| m.len());
+        if let Err(e) = journal.write_all(&line) {
+            // A full file system (say) may take part of the line: cut it off, or the next
+            // append would join it and be lost with it. The change itself is lost here: the
+            // next snapshot (forced) records the whole table again.
+            if let Ok(len) = before {
+                let _ = journal.set_len(len);
+            }
+            self.missed = Some(self.seq);
+            tracing::error!("appending to the state journal: {e}; a snapshot will follow");
         }
         self.lines += 1;
     }
 
     /// Whether the journal has outgrown a table of `owners` VMs (and no snapshot is on its way).
     pub fn wants_snapshot(&self, owners: usize) -> bool {
-        !self.snapshot_pending && self.lines > 1024.max(owners * 4)
+        !self.snapshot_pending && (self.missed.is_some() || self.lines > 1024.max(owners * 4))
     }
 
     /// With the table locked: switches appends to the other journal (empty: emptied when the last
@@ -213,11 +226,21 @@ impl Store {
         self.snapshot_pending = false;
     }
 
+    /// A snapshot holding the changes up to `seq` was written: a change whose append failed
+    /// is in it if it came no later.
+    pub fn snapshot_succeeded(&mut self, seq: u64) {
+        if self.missed.is_some_and(|m| m <= seq) {
+            self.missed = None;
+        }
+    }
+
     /// Writes a full snapshot now and empties both journals (at start, before anything else
     /// appends).
     pub fn snapshot_now(&mut self, full: Persisted) {
         if let Some(pending) = self.begin_snapshot(full) {
+            let seq = pending.seq;
             if pending.write() {
+                self.snapshot_succeeded(seq);
                 for journal in &self.journals {
                     if let Err(e) = journal.set_len(0) {
                         tracing::error!("emptying a state journal: {e}");
@@ -231,6 +254,11 @@ impl Store {
 }
 
 impl PendingSnapshot {
+    /// The last change the snapshot holds.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
     /// Writes the snapshot, then empties the journal whose lines it holds. A crash in between
     /// leaves lines the next start skips by their numbers. Returns whether it was written.
     pub fn write(self) -> bool {
@@ -255,6 +283,7 @@ impl PendingSnapshot {
         match result {
             Ok(()) => true,
             Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
                 tracing::error!("writing {}: {e}", self.path.display());
                 false
             }

@@ -318,8 +318,15 @@ pub fn next_boot(dir: &Path) -> std::io::Result<u64> {
     };
     let boot = last + 1;
     let tmp = path.with_extension("boot.tmp");
-    std::fs::write(&tmp, format!("{boot}\n"))?;
-    std::fs::rename(&tmp, &path)?;
+    let kept =
+        std::fs::write(&tmp, format!("{boot}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = kept {
+        // A full runtime file system must not keep the daemon from starting (its holders are
+        // waiting to hand their locks back): the number goes unrecorded, and the next start may
+        // use it again (an event follower then sees one boot twice).
+        let _ = std::fs::remove_file(&tmp);
+        tracing::error!("recording the boot number in {}: {e}", path.display());
+    }
     Ok(boot)
 }
 
