@@ -23,7 +23,7 @@ use crate::proto::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -51,6 +51,8 @@ pub const DEFAULT_RUN_DIR: &str = "/run/sanlock";
 pub const MIN_VERSION: u32 = 0x0303_0000;
 const MAX_HOST_ID: u64 = 2000;
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a convert to exclusive retries while another live host still holds the lease shared.
+const CONVERT_RETRY: Duration = Duration::from_secs(3);
 
 /// The driver's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,9 +257,16 @@ struct LeaseOwner {
 struct OwnerState {
     conn: Option<Registered>,
     held: BTreeMap<(String, String), Held>,
-    /// Migration destination: the exclusive leases to take at `complete_migration(Success)`,
-    /// each with `RES_LVER` and the version from the source's state.
+    /// Migration destination: the exclusive leases it holds shared since the incoming acquire,
+    /// to convert to exclusive at `complete_migration(Success)` (also in `held`).
     pending: Vec<Held>,
+    /// Migration source: the exclusive leases `prepare_migration` converted to shared, to
+    /// convert back at `complete_migration(Cancel)`, and the state it handed out.
+    converted: Vec<Held>,
+    prepared: Option<LockState>,
+    /// Leases whose owner record this owner must not remove: the source's record names the VM
+    /// until the destination's convert to exclusive succeeded and wrote its own.
+    foreign_record: BTreeSet<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -291,7 +300,12 @@ impl LeaseOwner {
         let mut st = self.lock();
         let specs: Vec<ResourceSpec> = st.held.values().map(|h| h.spec.clone()).collect();
         for spec in &specs {
-            shared.remove_owner_record(spec, &self.uuid);
+            if !st
+                .foreign_record
+                .contains(&(spec.lockspace.clone(), spec.name.clone()))
+            {
+                shared.remove_owner_record(spec, &self.uuid);
+            }
         }
         if let Some(conn) = st.conn.as_mut() {
             for chunk in specs.chunks(proto::MAX_RESOURCES) {
@@ -982,6 +996,9 @@ impl SanlockSession {
                 conn: Some(conn),
                 held: BTreeMap::new(),
                 pending: Vec::new(),
+                converted: Vec::new(),
+                prepared: None,
+                foreign_record: BTreeSet::new(),
             }),
         });
         if !self.incoming {
@@ -1037,9 +1054,13 @@ fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
 
 impl SanlockSession {
     /// Migration destination, before the hand-off: checks the source's state against the
-    /// leases on disk, registers the owner and remembers the versions to acquire with at
-    /// `complete_migration(Success)`. Exclusive leases are not taken (the source still holds
-    /// them); shared ones are taken now, beside the source's.
+    /// leases on disk, registers the owner and takes every lease **shared**, beside the source,
+    /// which converted its exclusive leases to shared at `prepare_migration`. The exclusive ones
+    /// are taken with `RES_LVER` = the source's version, so sanlock itself refuses if anyone ran
+    /// a ballot on the lease since the state was taken; they are converted to exclusive at
+    /// `complete_migration(Success)`, after the source released. From the source's convert to
+    /// the destination's, a live shared holder is always there: sanlock grants no exclusive
+    /// request from any other host (`-EAGAIN`).
     fn acquire_incoming(
         &mut self,
         resources: &[Resource],
@@ -1109,17 +1130,33 @@ impl SanlockSession {
             });
         }
         let owner = self.owner(options)?;
-        owner.lock().pending = pending;
-        if options.register_only || shared_now.is_empty() {
+        {
+            let mut st = owner.lock();
+            st.pending = pending.clone();
+            st.foreign_record = pending
+                .iter()
+                .map(|h| (h.spec.lockspace.clone(), h.spec.name.clone()))
+                .collect();
+        }
+        if options.register_only {
+            // Nothing is held: complete_migration(Success) then acquires exclusively with the
+            // versions after the source released (detected, not prevented).
             return Ok(());
         }
-        let todo = self.plan(&owner, &shared_now, None)?;
-        self.take(&owner, todo)
+        let mut todo = self.plan(&owner, &shared_now, None)?;
+        todo.extend(pending.into_iter().map(|h| {
+            let mut spec = h.spec;
+            spec.flags |= flags::RES_SHARED;
+            (h.resource, spec)
+        }));
+        // No owner records yet: the source's keep naming the VM until the hand-off succeeded.
+        self.take(&owner, todo, false)
     }
 
-    /// Migration destination, after the source released: takes the exclusive leases with the
-    /// source's versions (`RES_LVER`), so sanlock refuses if anyone held one in between, and
-    /// files the owner as the VM's owner on this host.
+    /// Migration destination, after the source released: converts the leases it holds shared to
+    /// exclusive (a ballot: the version grows, so the source's state is stale from then on) and
+    /// files the owner as the VM's owner on this host. A lease it does not hold (registered
+    /// only) is acquired exclusively with the source's version (`RES_LVER`).
     fn finish_incoming(&mut self) -> Result<()> {
         let Some(owner) = self.current() else {
             return Err(Error::invalid_state(
@@ -1130,15 +1167,38 @@ impl SanlockSession {
                 ),
             ));
         };
-        let pending: Vec<(Resource, ResourceSpec)> = owner
-            .lock()
-            .pending
-            .iter()
-            .map(|h| (h.resource.clone(), h.spec.clone()))
-            .collect();
-        // On failure the versions stay pending: the caller cancels (or retries a Busy).
-        self.take(&owner, pending)?;
-        owner.lock().pending.clear();
+        let (shared, missing): (Vec<Held>, Vec<Held>) = {
+            let st = owner.lock();
+            st.pending.iter().cloned().partition(|h| {
+                st.held
+                    .contains_key(&(h.spec.lockspace.clone(), h.spec.name.clone()))
+            })
+        };
+        // On failure the leases not converted yet stay pending (and held shared): the caller
+        // cancels, or retries a Busy.
+        for h in &shared {
+            self.convert(&owner, h, false)?;
+            let mut st = owner.lock();
+            st.pending
+                .retain(|p| p.spec.lockspace != h.spec.lockspace || p.spec.name != h.spec.name);
+            st.foreign_record
+                .remove(&(h.spec.lockspace.clone(), h.spec.name.clone()));
+            if let Some(held) = st
+                .held
+                .get_mut(&(h.spec.lockspace.clone(), h.spec.name.clone()))
+            {
+                held.spec.flags &= !(flags::RES_SHARED | flags::RES_LVER);
+            }
+            drop(st);
+            self.shared.write_owner_record(&h.spec, &owner);
+        }
+        let missing: Vec<(Resource, ResourceSpec)> =
+            missing.into_iter().map(|h| (h.resource, h.spec)).collect();
+        self.take(&owner, missing, true)?;
+        let mut st = owner.lock();
+        st.pending.clear();
+        st.foreign_record.clear();
+        drop(st);
         lock_map(&self.shared.owners).insert(self.uuid.clone(), Arc::clone(&owner));
         self.shared.owners_cv.notify_all();
         Ok(())
@@ -1191,9 +1251,48 @@ impl SanlockSession {
         Ok(todo)
     }
 
+    /// Converts `h`, held by `owner`, to shared or to exclusive. To exclusive, `-EAGAIN` (another
+    /// live host still holds it shared: e.g. the source's release not yet seen, or the
+    /// destination not cancelled yet) is retried for up to `CONVERT_RETRY`; the lease stays held
+    /// shared whatever happens.
+    fn convert(&self, owner: &LeaseOwner, h: &Held, to_shared: bool) -> Result<()> {
+        let deadline = Instant::now() + CONVERT_RETRY;
+        loop {
+            let result = {
+                let mut st = owner.lock();
+                let Some(conn) = st.conn.as_mut() else {
+                    return Err(Error::invalid_state(
+                        "convert a lease",
+                        format!("the guest of VM \"{}\" has exited", self.name),
+                    ));
+                };
+                conn.convert(&h.spec, to_shared)
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(ClientError::Daemon(rv::EALREADY)) => return Ok(()),
+                Err(ClientError::Daemon(rv::EAGAIN)) if !to_shared && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    let mut spec = h.spec.clone();
+                    spec.flags &= !flags::RES_LVER;
+                    return Err(self
+                        .shared
+                        .acquire_error(&h.resource, &spec, &self.uuid, &e));
+                }
+            }
+        }
+    }
+
     /// Takes `todo` for `owner`, all or nothing, one lease per call so that a refusal names its
-    /// disk.
-    fn take(&self, owner: &Arc<LeaseOwner>, todo: Vec<(Resource, ResourceSpec)>) -> Result<()> {
+    /// disk; writes the owner records when `record`.
+    fn take(
+        &self,
+        owner: &Arc<LeaseOwner>,
+        todo: Vec<(Resource, ResourceSpec)>,
+        record: bool,
+    ) -> Result<()> {
         if todo.is_empty() {
             return Ok(());
         }
@@ -1250,8 +1349,10 @@ impl SanlockSession {
         if let Some((r, spec, e)) = failure {
             return Err(self.shared.acquire_error(&r, &spec, &self.uuid, &e));
         }
-        for (_, spec) in &todo {
-            self.shared.write_owner_record(spec, owner);
+        if record {
+            for (_, spec) in &todo {
+                self.shared.write_owner_record(spec, owner);
+            }
         }
         Ok(())
     }
@@ -1264,6 +1365,20 @@ fn same_lease(a: &Resource, b: &Resource) -> bool {
             a == b || lease_name(p) == lease_name(q)
         }
         _ => a == b,
+    }
+}
+
+impl SanlockSession {
+    /// Converts `leases` (shared since a prepare) back to exclusive; the ones left shared stay
+    /// in the owner's `converted` on failure.
+    fn restore(&self, owner: &LeaseOwner, leases: &[Held]) -> Result<()> {
+        for (i, h) in leases.iter().enumerate() {
+            if let Err(e) = self.convert(owner, h, false) {
+                owner.lock().converted = leases[i..].to_vec();
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1286,7 +1401,7 @@ impl Session for SanlockSession {
             return Ok(());
         }
         let todo = self.plan(&owner, resources, state)?;
-        self.take(&owner, todo)
+        self.take(&owner, todo, true)
     }
 
     fn release(&mut self, resources: &[Resource]) -> Result<LockState> {
@@ -1356,8 +1471,9 @@ impl Session for SanlockSession {
             }
         }
         for e in &released.entries {
-            st.held.retain(|_, h| {
-                if h.resource == e.resource {
+            let foreign = st.foreign_record.clone();
+            st.held.retain(|k, h| {
+                if h.resource == e.resource && !foreign.contains(k) {
                     self.shared.remove_owner_record(&h.spec, &self.uuid);
                 }
                 h.resource != e.resource
@@ -1411,8 +1527,40 @@ impl Session for SanlockSession {
                 ));
             }
         }
-        // The source keeps holding; the destination re-acquires with these versions later.
-        self.inquire()
+        let Some(owner) = self.current() else {
+            return Ok(LockState::empty(NAME));
+        };
+        if let Some(state) = owner.lock().prepared.clone() {
+            return Ok(state); // prepared already: the same hand-off
+        }
+        // The versions first (sanlock reports none for shared leases), then every exclusive
+        // lease goes shared: this host's shared mode block is written before the leader is
+        // released, so no other host can take the lease exclusively from now on, and the
+        // destination can take it shared beside this one.
+        let state = self.inquire()?;
+        let exclusive: Vec<Held> = owner
+            .lock()
+            .held
+            .values()
+            .filter(|h| h.spec.flags & flags::RES_SHARED == 0)
+            .cloned()
+            .collect();
+        let mut done: Vec<Held> = Vec::new();
+        for h in exclusive {
+            if let Err(e) = self.convert(&owner, &h, true) {
+                // All or nothing: the ones already shared go back to exclusive.
+                if let Err(back) = self.restore(&owner, &done) {
+                    tracing::error!(vm = %self.name, "undoing a failed migration prepare: {back}");
+                    owner.lock().converted = done;
+                }
+                return Err(e);
+            }
+            done.push(h);
+        }
+        let mut st = owner.lock();
+        st.converted = done;
+        st.prepared = Some(state.clone());
+        Ok(state)
     }
 
     fn complete_migration(&mut self, outcome: MigrationOutcome, incoming: bool) -> Result<()> {
@@ -1421,12 +1569,36 @@ impl Session for SanlockSession {
             // the state prepare_migration handed out.
             (MigrationOutcome::Success, false) => {
                 let held: Vec<Resource> = match self.current() {
-                    Some(o) => o.lock().held.values().map(|h| h.resource.clone()).collect(),
+                    Some(o) => {
+                        let mut st = o.lock();
+                        // The destination's owner record replaces this one at its convert.
+                        let handed: Vec<(String, String)> = st
+                            .converted
+                            .iter()
+                            .map(|h| (h.spec.lockspace.clone(), h.spec.name.clone()))
+                            .collect();
+                        st.foreign_record.extend(handed);
+                        st.converted.clear();
+                        st.prepared = None;
+                        st.held.values().map(|h| h.resource.clone()).collect()
+                    }
                     None => Vec::new(),
                 };
                 self.release(&held).map(drop)
             }
-            (MigrationOutcome::Cancel, false) => Ok(()),
+            // Source: the leases prepare made shared become exclusive again (a ballot: the
+            // version grows, so the handed-out state is stale).
+            (MigrationOutcome::Cancel, false) => {
+                let Some(owner) = self.current() else {
+                    return Ok(());
+                };
+                let converted = owner.lock().converted.clone();
+                self.restore(&owner, &converted)?;
+                let mut st = owner.lock();
+                st.converted.clear();
+                st.prepared = None;
+                Ok(())
+            }
             (MigrationOutcome::Success, true) => self.finish_incoming(),
             (MigrationOutcome::Cancel, true) => {
                 // Shared leases taken at the incoming acquire are released; the session keeps
