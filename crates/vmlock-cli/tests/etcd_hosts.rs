@@ -10,9 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use vmlock_client::qmp::Qmp;
 use vmlock_testkit::etcd::EtcdCluster;
 use vmlock_testkit::netns::NetHost;
 use vmlock_testkit::process::{kill_and_wait, kill_child, read_line};
+use vmlock_testkit::qemu::{QemuLine, Supervised};
 use vmlock_testkit::vmlockd::CliEnv;
 
 /// One at a time: the timelines below must not compete for 2 cores.
@@ -123,12 +125,21 @@ impl Host {
 
 /// Two hosts and the cluster they share (`None`, printed as skipped, without namespaces).
 fn setup() -> Option<(EtcdCluster, Host, Host, tempfile::TempDir)> {
+    let (cluster, mut hosts, disks) = setup_hosts(&["host-a", "host-b"])?;
+    let b = hosts.pop()?;
+    let a = hosts.pop()?;
+    Some((cluster, a, b, disks))
+}
+
+/// Hosts named `names`, the cluster they share and a shared disk directory.
+fn setup_hosts(names: &[&'static str]) -> Option<(EtcdCluster, Vec<Host>, tempfile::TempDir)> {
     if let Some(why) = NetHost::unavailable() {
         println!("SKIPPED: {why}");
         return None;
     }
-    let (net_a, net_b) = (NetHost::create(), NetHost::create());
-    let cluster = EtcdCluster::start_with(3, &[net_a.root_addr(), net_b.root_addr()]);
+    let nets: Vec<NetHost> = names.iter().map(|_| NetHost::create()).collect();
+    let addrs: Vec<std::net::Ipv4Addr> = nets.iter().map(NetHost::root_addr).collect();
+    let cluster = EtcdCluster::start_with(3, &addrs);
     let make = |name: &'static str, net: NetHost| {
         let env = CliEnv::new(Path::new(env!("CARGO_BIN_EXE_vmlock")));
         let lockspace = env.dir.path().join("lockspace");
@@ -163,10 +174,13 @@ fn setup() -> Option<(EtcdCluster, Host, Host, tempfile::TempDir)> {
             driver_config,
         }
     };
-    let a = make("host-a", net_a);
-    let b = make("host-b", net_b);
+    let hosts = names
+        .iter()
+        .zip(nets)
+        .map(|(n, net)| make(n, net))
+        .collect();
     let disks = tempfile::tempdir().unwrap();
-    Some((cluster, a, b, disks))
+    Some((cluster, hosts, disks))
 }
 
 fn disk(dir: &tempfile::TempDir, name: &str) -> PathBuf {
@@ -315,4 +329,127 @@ fn a_stopped_daemon_cannot_keep_its_guest_running_past_the_lease() {
     );
     let mut db1 = db1;
     kill_child(&mut db1);
+}
+
+/// `vmlock run` of a QEMU guest on `host` (QMP sockets for vmlock and for the test); returns once
+/// the guest started, with the test's QMP socket path.
+fn qemu_vm(
+    host: &Host,
+    name: &str,
+    uuid: &str,
+    disk: &Path,
+    options: &[&str],
+    extra_qemu: &[&str],
+) -> (Supervised, PathBuf) {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let qmp = host.env.dir.path().join(format!("{name}-{tag}.qmp"));
+    let vmlock_qmp = host.env.dir.path().join(format!("{name}-{tag}.vmlock.qmp"));
+    let qemu = QemuLine::new(disk)
+        .qmp(&qmp)
+        .qmp(&vmlock_qmp)
+        .extra(extra_qemu)
+        .argv();
+    let mut cmd = host.vmlock();
+    cmd.args(["run", "--name", name, "--uuid", uuid, "--qmp"])
+        .arg(&vmlock_qmp)
+        .args(options)
+        .arg("--disk")
+        .arg(disk)
+        .arg("--")
+        .args(qemu);
+    (Supervised::spawn(cmd), qmp)
+}
+
+#[test]
+fn a_live_migration_between_hosts_leaves_the_disk_to_no_third_host() {
+    let _s = serial();
+    if !vmlock_testkit::qemu::available() {
+        println!("SKIPPED: no qemu-system-x86_64");
+        return;
+    }
+    let Some((_cluster, hosts, disks)) = setup_hosts(&["host-a", "host-b", "host-c"]) else {
+        return;
+    };
+    let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
+    let disk =
+        vmlock_testkit::qemu::qcow2(&std::fs::canonicalize(disks.path()).unwrap(), "m.qcow2");
+    let third = |step: &str| {
+        let refusal = c
+            .try_acquire("intruder", &disk)
+            .expect_err(&format!("a third host got the disk {step}"));
+        assert!(refusal.contains("locked by"), "{step}: {refusal}");
+    };
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let (mut src, src_qmp_path) = qemu_vm(a, "mover", &uuid, &disk, &[], &[]);
+    let mut src_qmp = Qmp::connect_when_ready(&src_qmp_path, WAIT).unwrap();
+    third("before the migration");
+
+    let out = a
+        .vmlock()
+        .args(["migrate-prepare", "--uuid", &uuid])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    third("after prepare");
+
+    let (mut dst, dst_qmp_path) = qemu_vm(
+        b,
+        "mover",
+        &uuid,
+        &disk,
+        &["--incoming", &state],
+        &["-incoming", "defer"],
+    );
+    let mut dst_qmp = Qmp::connect_when_ready(&dst_qmp_path, WAIT).unwrap();
+    third("with both hosts holding keys");
+
+    let uri = format!("unix:{}", b.env.dir.path().join("migration.sock").display());
+    assert_eq!(src_qmp.migrate_to(&mut dst_qmp, &uri).unwrap(), "completed");
+    third("between switchover and finish");
+    let out = a
+        .vmlock()
+        .args(["migrate-finish", "--uuid", &uuid])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dst_qmp.execute("cont", serde_json::json!({})).unwrap();
+    src_qmp
+        .execute("quit", serde_json::json!({}))
+        .unwrap_or(serde_json::json!(null));
+    assert_eq!(src.wait(WAIT).0, 0, "the source's QEMU exits");
+    third("after the source quit");
+
+    // The source's state is stale now: replaying it on the third host is refused.
+    let out = c
+        .vmlock()
+        .args([
+            "run",
+            "--name",
+            "replay",
+            "--uuid",
+            &uuid,
+            "--incoming",
+            &state,
+            "--disk",
+        ])
+        .arg(&disk)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a stale state was taken");
+
+    dst_qmp
+        .execute("quit", serde_json::json!({}))
+        .unwrap_or(serde_json::json!(null));
+    assert_eq!(dst.wait(WAIT).0, 0, "the destination's QEMU exits");
+    c.acquire_when_free("after", &disk, Duration::from_secs(5));
 }

@@ -1304,6 +1304,28 @@ impl<H: Host> LockTable<H> {
         fx
     }
 
+    /// Forgets VM `uuid` if `caller` is its holder and it holds nothing (a destination whose
+    /// hand-over from another host was refused: it must be able to try again at once). Anything
+    /// else changes nothing.
+    pub fn forget_empty(&mut self, caller: Caller, uuid: &str) -> Fx<H> {
+        let mut fx = Fx::<H>::default();
+        let empty = self
+            .owners
+            .get(uuid)
+            .is_some_and(|o| o.is_holder(caller) && o.grants.is_empty() && o.migration.is_none());
+        if !empty {
+            return fx;
+        }
+        if let Some(owner) = self.owners.remove(uuid) {
+            if let Some(link) = owner.link {
+                fx.pushes.push((link, Push::Finished));
+            }
+            fx.changed.insert(uuid.to_owned());
+            fx.rewatch = true;
+        }
+        fx
+    }
+
     /// Holder connection `link` closed; `holder_alive` says whether its process still runs.
     /// A live holder will reconnect (locks kept). A dead holder's guest keeps its locks until it
     /// has exited; if it still runs it is killed first.
@@ -1691,6 +1713,11 @@ impl<H: Host> LockTable<H> {
     /// VM `uuid`'s identity.
     pub fn lookup(&self, uuid: &str) -> Result<VmIdentity, Error> {
         self.owner(uuid).map(|o| o.vm.clone())
+    }
+
+    /// Whether VM `uuid` has a migration prepared on this host (its source is here).
+    pub fn is_migrating(&self, uuid: &str) -> bool {
+        self.owners.get(uuid).is_some_and(|o| o.migration.is_some())
     }
 
     /// The holder process of VM `uuid`.

@@ -1,11 +1,18 @@
 //! [`Etcd`]: the etcd-client connection behind a blocking API. A current-thread tokio runtime runs
 //! on a thread the client owns (it drives the I/O and timers and runs the keep-alive tasks); a
 //! caller's thread runs its request with `Handle::block_on`, bounded by the request timeout.
+//!
+//! Failover is ours, not the gRPC balancer's: one etcd-client `Client` per member, every request
+//! sent to the member in use, and a retryable failure moves everyone to the next member. (With
+//! one channel balanced over all members, a killed member kept being picked for seconds — its
+//! connection fails fast, so it always looks least loaded — long enough for a 3 s lease to pass
+//! its fencing deadline.)
 
 use crate::{Config, Error};
 use etcd_client::{Client, ConnectOptions};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -18,7 +25,11 @@ pub struct Etcd {
 
 pub(crate) struct Inner {
     pub(crate) handle: Handle,
-    pub(crate) client: Client,
+    /// One client per member (by endpoint), connected on first use.
+    members: Vec<Mutex<Option<Client>>>,
+    /// The member requests go to; moved on by a retryable failure.
+    current: AtomicUsize,
+    options: ConnectOptions,
     pub(crate) config: Config,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -98,26 +109,12 @@ impl Etcd {
             .recv()
             .map_err(|_| Error::Runtime(std::io::Error::other("runtime thread died")))?
             .map_err(Error::Runtime)?;
-        let endpoints = config.endpoints.clone();
-        let client = handle
-            .block_on(Client::connect(endpoints, Some(options)))
-            .map_err(|e| Error::Unreachable {
-                endpoints: config.endpoints_text(),
-                timeout: config.connect_timeout(),
-                reason: e.to_string(),
-            });
-        let client = match client {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = stop_tx.send(());
-                let _ = thread.join();
-                return Err(e);
-            }
-        };
         let etcd = Etcd {
             inner: Arc::new(Inner {
                 handle,
-                client,
+                members: config.endpoints.iter().map(|_| Mutex::new(None)).collect(),
+                current: AtomicUsize::new(0),
+                options,
                 config: config.clone(),
                 stop: Some(stop_tx),
                 thread: Some(thread),
@@ -160,20 +157,35 @@ impl Etcd {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .min(self.inner.config.attempt_timeout());
-            let fut = op(self.inner.client.clone());
-            let timed_out = match self
-                .inner
+            let inner = &self.inner;
+            let attempt = async {
+                let (member, client) = inner.member().await?;
+                Ok::<_, (usize, Result<etcd_client::Error, String>)>(
+                    op(client).await.map_err(|e| (member, Ok(e))),
+                )
+            };
+            let outcome = inner
                 .handle
-                .block_on(async { tokio::time::timeout(left, fut).await })
-            {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if retryable(&e) => {
-                    last = e.to_string();
+                .block_on(async { tokio::time::timeout(left, attempt).await });
+            let timed_out = match outcome {
+                Ok(Ok(Ok(v))) => return Ok(v),
+                Ok(Ok(Err((member, Ok(e))))) | Ok(Err((member, Ok(e)))) if retryable(&e) => {
+                    last = format!("{}: {e}", inner.endpoint(member));
+                    inner.failed(member);
                     false
                 }
-                Ok(Err(e)) => return Err(self.request_error(what, e.to_string(), false)),
+                Ok(Ok(Err((_, Ok(e))))) | Ok(Err((_, Ok(e)))) => {
+                    return Err(self.request_error(what, e.to_string(), false))
+                }
+                Ok(Ok(Err((member, Err(reason))))) | Ok(Err((member, Err(reason)))) => {
+                    last = format!("{}: {reason}", inner.endpoint(member));
+                    inner.failed(member);
+                    false
+                }
                 Err(_) => {
-                    last = format!("no answer in {left:?}");
+                    let member = inner.current.load(Ordering::Acquire);
+                    last = format!("{}: no answer in {left:?}", inner.endpoint(member));
+                    inner.failed(member);
                     true
                 }
             };
@@ -205,6 +217,53 @@ impl Etcd {
         self.run("delete", t, |mut c| async move {
             c.delete(key, None).await.map(drop)
         })
+    }
+}
+
+impl Inner {
+    /// The endpoint of member `i`.
+    pub(crate) fn endpoint(&self, i: usize) -> &str {
+        self.config
+            .endpoints
+            .get(i % self.config.endpoints.len().max(1))
+            .map_or("", String::as_str)
+    }
+
+    /// The member in use and its client, connecting it if it has none yet; a member that
+    /// cannot be connected is a failure of that member.
+    pub(crate) async fn member(
+        &self,
+    ) -> Result<(usize, Client), (usize, Result<etcd_client::Error, String>)> {
+        let n = self.members.len().max(1);
+        let i = self.current.load(Ordering::Acquire) % n;
+        let cached = self.members[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(c) = cached {
+            return Ok((i, c));
+        }
+        let connected = tokio::time::timeout(
+            self.config.connect_timeout(),
+            Client::connect([self.endpoint(i).to_owned()], Some(self.options.clone())),
+        )
+        .await;
+        match connected {
+            Ok(Ok(c)) => {
+                *self.members[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                Ok((i, c))
+            }
+            Ok(Err(e)) => Err((i, Err(e.to_string()))),
+            Err(_) => Err((i, Err("no connection in time".into()))),
+        }
+    }
+
+    /// Member `i` failed: requests go to the next one (unless another caller moved on already).
+    pub(crate) fn failed(&self, i: usize) {
+        let n = self.members.len().max(1);
+        let _ =
+            self.current
+                .compare_exchange(i % n, (i + 1) % n, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 

@@ -206,7 +206,7 @@ impl HostLease {
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = KeepAlive {
-            client: etcd.inner.client.clone(),
+            inner: Arc::clone(&etcd.inner),
             id,
             shared: shared.clone(),
             interval: config.keepalive_interval(),
@@ -316,13 +316,16 @@ impl Drop for HostLease {
 
 /// The keep-alive task.
 struct KeepAlive {
-    client: etcd_client::Client,
+    inner: Arc<crate::client::Inner>,
     id: LeaseId,
     shared: Arc<Shared>,
     interval: Duration,
     margin: Duration,
     attempt_timeout: Duration,
 }
+
+/// A keep-alive stream and the member it goes to.
+type KeepAliveStream = (usize, LeaseKeeper, LeaseKeepAliveStream);
 
 /// The pause before retrying a failed keep-alive (on a new stream, maybe another member).
 const RETRY: Duration = Duration::from_millis(200);
@@ -335,7 +338,7 @@ enum Outcome {
 
 impl KeepAlive {
     async fn run(self, mut stop: oneshot::Receiver<()>) {
-        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        let mut stream: Option<KeepAliveStream> = None;
         loop {
             let now = BootTime::now();
             let deadline = self.shared.lock().deadline;
@@ -369,8 +372,10 @@ impl KeepAlive {
                 }
                 Outcome::Failed(e) => {
                     // A reply may still come on the old stream and would be taken for the
-                    // next request's: start a new stream.
-                    stream = None;
+                    // next request's: start a new stream, on the next member.
+                    if let Some((member, _, _)) = stream.take() {
+                        self.inner.failed(member);
+                    }
                     tracing::warn!(lease = %self.id, error = %e, "etcd keep-alive failed; retrying");
                     RETRY
                 }
@@ -384,15 +389,25 @@ impl KeepAlive {
         }
     }
 
-    async fn renew(&self, stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>) -> Outcome {
+    async fn renew(&self, stream: &mut Option<KeepAliveStream>) -> Outcome {
         if stream.is_none() {
-            let mut c = self.client.clone();
+            let (member, mut c) = match self.inner.member().await {
+                Ok(m) => m,
+                Err((member, e)) => {
+                    self.inner.failed(member);
+                    let e = e.map_or_else(|reason| reason, |e| e.to_string());
+                    return Outcome::Failed(format!("{}: {e}", self.inner.endpoint(member)));
+                }
+            };
             match c.lease_keep_alive(self.id.0).await {
-                Ok(s) => *stream = Some(s),
-                Err(e) => return Outcome::Failed(e.to_string()),
+                Ok((keeper, responses)) => *stream = Some((member, keeper, responses)),
+                Err(e) => {
+                    self.inner.failed(member);
+                    return Outcome::Failed(format!("{}: {e}", self.inner.endpoint(member)));
+                }
             }
         }
-        let Some((keeper, responses)) = stream.as_mut() else {
+        let Some((_, keeper, responses)) = stream.as_mut() else {
             return Outcome::Failed("no stream".into());
         };
         if let Err(e) = keeper.keep_alive().await {

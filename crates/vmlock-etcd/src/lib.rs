@@ -16,12 +16,14 @@
 
 mod client;
 mod config;
+mod handover;
 mod keys;
 mod lease;
 mod locks;
 
 pub use client::Etcd;
 pub use config::{Config, CLOCK_RATE_BOUND};
+pub use handover::SourceKey;
 pub use keys::LockKey;
 pub use lease::{BootTime, HostLease, LeaseState, LossReason};
 pub use locks::{Held, LockRequest, Owner, Released};

@@ -79,7 +79,7 @@ pub struct Released {
     pub not_held: Vec<LockKey>,
 }
 
-fn owner_json(owner: &Owner) -> String {
+pub(crate) fn owner_json(owner: &Owner) -> String {
     // A struct of strings and an integer: serialisation cannot fail.
     serde_json::to_string(owner).unwrap_or_default()
 }
@@ -101,14 +101,14 @@ fn parse_held(prefix: &str, kv: &KeyValue) -> Result<Held, Error> {
     })
 }
 
-fn gets(responses: &[TxnOpResponse]) -> impl Iterator<Item = &[KeyValue]> {
+pub(crate) fn gets(responses: &[TxnOpResponse]) -> impl Iterator<Item = &[KeyValue]> {
     responses.iter().map(|r| match r {
         TxnOpResponse::Get(g) => g.kvs(),
         _ => &[],
     })
 }
 
-fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Revision {
+pub(crate) fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Revision {
     Revision(h.map_or(0, |h| h.revision()))
 }
 

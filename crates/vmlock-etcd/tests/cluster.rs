@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vmlock_etcd::{
     BootTime, Config, Error, Etcd, HostLease, LockKey, LockRequest, LossReason, Owner, Revision,
+    SourceKey,
 };
 use vmlock_testkit::etcd::EtcdCluster;
 
@@ -438,4 +439,95 @@ fn latency_acquire_release_beside_put_delete() {
     println!(
         "three members, {N} rounds: acquire+release p50 {l50:?} p90 {l90:?}; bare put+delete p50 {f50:?} p90 {f90:?}"
     );
+}
+
+/// A lock for VM `vm` named by its holder on `lease`'s host (`uuid@host`), as vmlockd names them.
+fn host_req(lease: &HostLease, disk: &str, vm: &str, exclusive: bool) -> LockRequest {
+    let host = lease.etcd().config().host.clone();
+    LockRequest {
+        key: LockKey::new(disk, &format!("uuid-{vm}@{host}")),
+        exclusive,
+        owner: owner(lease, vm),
+    }
+}
+
+/// Migration A → B: the destination's keys come beside the source's, fenced by the source's
+/// revisions and secret; a third host is refused at every step; either host's lease ending
+/// midway leaves the disk held by the other.
+#[test]
+fn a_hand_over_leaves_no_window() {
+    let _s = serial();
+    let cluster = EtcdCluster::single();
+    let a = host(&cluster, "host-a", 10);
+    let b = host(&cluster, "host-b", 10);
+    let c = host(&cluster, "host-c", 10);
+    let third = |disk: &str| {
+        assert!(
+            matches!(
+                c.acquire(&[req(&c, disk, "intruder", true)]),
+                Err(Error::Conflict { .. })
+            ),
+            "a third host took {disk}"
+        );
+    };
+    let a_d1 = host_req(&a, "d1", "web1", true);
+    let a_d2 = host_req(&a, "d2", "web1", false);
+    a.acquire(&[a_d1.clone(), a_d2.clone()])
+        .expect("A takes d1, d2");
+    let locks = [(a_d1.key.clone(), true), (a_d2.key.clone(), false)];
+    let revs = a
+        .prepare_handover("uuid-web1", "hash-1", &locks)
+        .expect("prepare");
+    third("d1");
+    let sources: Vec<SourceKey> = locks
+        .iter()
+        .zip(&revs)
+        .map(|((key, exclusive), r)| SourceKey {
+            key: key.clone(),
+            exclusive: *exclusive,
+            revision: *r,
+        })
+        .collect();
+    let wanted = [
+        host_req(&b, "d1", "web1", true),
+        host_req(&b, "d2", "web1", false),
+    ];
+
+    // A wrong secret, a stale revision: refused, nothing created.
+    assert!(matches!(
+        b.acquire_incoming("uuid-web1", "hash-x", &sources, &wanted),
+        Err(Error::Stale { .. })
+    ));
+    let mut stale = sources.clone();
+    stale[0].revision = Revision(stale[0].revision.0 - 1);
+    match b.acquire_incoming("uuid-web1", "hash-1", &stale, &wanted) {
+        Err(Error::Stale { key, current, .. }) => {
+            assert_eq!(key.disk, "d1");
+            assert_eq!(current, Some(revs[0]));
+        }
+        other => panic!("a stale state was taken: {other:?}"),
+    }
+    assert_eq!(
+        cluster_keys(&a, "d1"),
+        1,
+        "a refused hand-over created a key"
+    );
+
+    // The right state: both hold, the third host is still refused.
+    b.acquire_incoming("uuid-web1", "hash-1", &sources, &wanted)
+        .expect("B takes its keys beside A's");
+    b.acquire_incoming("uuid-web1", "hash-1", &sources, &wanted)
+        .expect("a retry is the same success");
+    third("d1");
+    third("d2");
+
+    // A's lease ends midway (the source host dies): B's keys still hold the disks.
+    a.revoke().expect("A's host is gone");
+    third("d1");
+    third("d2");
+    assert_eq!(cluster_keys(&b, "d1"), 1);
+}
+
+fn cluster_keys(lease: &HostLease, disk: &str) -> usize {
+    lease.etcd().holders(disk).expect("holders").len()
 }

@@ -17,6 +17,9 @@
 //!   deadline D, or at once when the lease is lost, every guest holding keys gets its
 //!   lock-failure action.
 //!
+//! A key's holder is `UUID@HOST`: during a migration between hosts the destination's keys sit
+//! beside the source's (`vmlock_etcd`'s hand-over), and either alone still holds the disk.
+//!
 //! The key of a disk is its path, which must be its real path (no symlink in it): shared storage
 //! is mounted at the same path on every host, and two names for one file on one host still reach
 //! one local lock. A lease's key is `lease:LOCKSPACE/KEY`.
@@ -26,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use vmlock::{DiskMode, Error, ForeignHolder, Holder, Resource};
-use vmlock_etcd::{Etcd, HostLease, LeaseId, LockKey, LockRequest, Owner, Revision};
+use vmlock_etcd::{Etcd, HostLease, LeaseId, LockKey, LockRequest, Owner, Revision, SourceKey};
 
 /// The etcd disk id of `resource` and whether its lock is exclusive; `None` for what takes no
 /// lock (read-only disks).
@@ -190,7 +193,12 @@ impl Cluster {
 
     /// Takes the keys of `resources` for VM `owner` in one transaction, or none. Call with the
     /// VM's cluster lock held and its local locks reserved.
-    pub fn acquire(&self, owner: &Owner, resources: &[Resource]) -> Result<(), Error> {
+    pub fn acquire(
+        &self,
+        owner: &Owner,
+        resources: &[Resource],
+        incoming: Option<&Incoming>,
+    ) -> Result<(), Error> {
         if resources.iter().all(|r| disk_id(r).is_none()) {
             return Ok(());
         }
@@ -198,7 +206,7 @@ impl Cluster {
             let trouble = locked(&self.link).trouble.clone().unwrap_or_default();
             return Err(self.unavailable(&trouble));
         };
-        self.acquire_under(&lease, owner, resources)
+        self.acquire_under(&lease, owner, resources, incoming)
     }
 
     /// [`Cluster::acquire`] under `lease`, in force or about to be.
@@ -207,6 +215,7 @@ impl Cluster {
         lease: &HostLease,
         owner: &Owner,
         resources: &[Resource],
+        incoming: Option<&Incoming>,
     ) -> Result<(), Error> {
         let wanted: Vec<(String, bool, String)> = resources
             .iter()
@@ -226,11 +235,34 @@ impl Cluster {
         let requests: Vec<LockRequest> = wanted
             .iter()
             .map(|(disk, exclusive, _)| LockRequest {
-                key: LockKey::new(disk, &owner.vm_uuid),
+                key: LockKey::new(disk, &self.holder_name(&owner.vm_uuid)),
                 exclusive: *exclusive,
                 owner: owner.clone(),
             })
             .collect();
+        match incoming {
+            None => self.take(owner, &wanted, |r| lease.acquire(r), &requests),
+            Some(h) => {
+                let sources = h.sources(&wanted)?;
+                let hash = secret_hash(&h.secret);
+                self.take(
+                    owner,
+                    &wanted,
+                    |r| lease.acquire_incoming(&owner.vm_uuid, &hash, &sources, r),
+                    &requests,
+                )
+            }
+        }
+    }
+
+    /// Runs `transaction` for `requests`, keeping `held` true to what it may have taken.
+    fn take(
+        &self,
+        owner: &Owner,
+        wanted: &[(String, bool, String)],
+        transaction: impl FnOnce(&[LockRequest]) -> Result<Revision, vmlock_etcd::Error>,
+        requests: &[LockRequest],
+    ) -> Result<(), Error> {
         // Counted as held before the transaction: if its outcome is unknown (a timeout), the
         // release thread deletes whatever it left once the table no longer wants it.
         let fresh: Vec<String> = {
@@ -251,10 +283,10 @@ impl Cluster {
                 .map(|(d, _, _)| d.clone())
                 .collect()
         };
-        match lease.acquire(&requests) {
+        match transaction(requests) {
             Ok(revision) => {
                 if let Some(vm) = locked(&self.held).get_mut(&owner.vm_uuid) {
-                    for (disk, _, _) in &wanted {
+                    for (disk, _, _) in wanted {
                         if let Some(k) = vm.get_mut(disk) {
                             k.revision = Some(revision);
                         }
@@ -265,7 +297,9 @@ impl Cluster {
             Err(e) => {
                 if matches!(
                     e,
-                    vmlock_etcd::Error::Conflict { .. } | vmlock_etcd::Error::Invalid(_)
+                    vmlock_etcd::Error::Conflict { .. }
+                        | vmlock_etcd::Error::Invalid(_)
+                        | vmlock_etcd::Error::Stale { .. }
                 ) {
                     // Refused: the transaction took nothing.
                     let mut held = locked(&self.held);
@@ -278,7 +312,7 @@ impl Cluster {
                         }
                     }
                 }
-                Err(self.refusal(e, &wanted))
+                Err(self.refusal(e, wanted))
             }
         }
     }
@@ -300,6 +334,13 @@ impl Cluster {
                     }),
                 }
             }
+            vmlock_etcd::Error::Stale { key, .. } => Error::InvalidLockState {
+                reason: format!(
+                    "the source's lock state is not current for {}: another prepare, or the \
+                     lock moved since (etcd)",
+                    key.disk
+                ),
+            },
             other => {
                 let kind = other.kind();
                 Error::io(
@@ -337,7 +378,8 @@ impl Cluster {
             // No lease: its keys went with it (see `lease_ended`).
             return Ok(());
         };
-        let keys: Vec<LockKey> = extra.iter().map(|d| LockKey::new(d, uuid)).collect();
+        let holder = self.holder_name(uuid);
+        let keys: Vec<LockKey> = extra.iter().map(|d| LockKey::new(d, &holder)).collect();
         lease
             .release(&keys)
             .map_err(|e| self.unavailable(&e.to_string()))?;
@@ -392,7 +434,12 @@ impl Cluster {
                 let held = etcd.held_by(lease.id()).map_err(|e| self.note_trouble(e))?;
                 let mut map = locked(&self.held);
                 for h in held {
-                    map.entry(h.key.holder.clone()).or_default().insert(
+                    let uuid = h
+                        .key
+                        .holder
+                        .split_once('@')
+                        .map_or(h.key.holder.as_str(), |(u, _)| u);
+                    map.entry(uuid.to_owned()).or_default().insert(
                         h.key.disk.clone(),
                         HeldKey {
                             exclusive: h.exclusive,
@@ -451,6 +498,74 @@ impl Cluster {
         std::fs::rename(&tmp, &self.lease_file)
     }
 
+    /// The holder part of VM `uuid`'s keys on this host.
+    fn holder_name(&self, uuid: &str) -> String {
+        format!("{uuid}@{}", self.config.host)
+    }
+
+    /// Source side of a migration between hosts: the hand-over key for `secret` beside VM
+    /// `uuid`'s keys; returns the token part the destination needs (see [`Incoming`]), or `None`
+    /// when the VM holds no key.
+    pub fn prepare_handover(
+        &self,
+        uuid: &str,
+        secret: &str,
+        resources: &[Resource],
+    ) -> Result<Option<String>, Error> {
+        let held = self.disks_of(uuid);
+        let holder = self.holder_name(uuid);
+        let locks: Vec<(usize, LockKey, bool)> = resources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| disk_id(r).map(|(d, e)| (i, d, e)))
+            .filter(|(_, d, _)| held.contains(d))
+            .map(|(i, d, e)| (i, LockKey::new(&d, &holder), e))
+            .collect();
+        if locks.is_empty() {
+            return Ok(None);
+        }
+        let Some(lease) = self.lease() else {
+            return Err(self.unavailable("no lease in force"));
+        };
+        let pairs: Vec<(LockKey, bool)> = locks.iter().map(|(_, k, e)| (k.clone(), *e)).collect();
+        let revisions = lease
+            .prepare_handover(uuid, &secret_hash(secret), &pairs)
+            .map_err(|e| self.unavailable(&e.to_string()))?;
+        let mut per_entry = vec![0i64; resources.len()];
+        for ((i, _, _), r) in locks.iter().zip(revisions) {
+            per_entry[*i] = r.0;
+        }
+        let list: Vec<String> = per_entry.iter().map(i64::to_string).collect();
+        Ok(Some(format!("{}~{}", self.config.host, list.join(","))))
+    }
+
+    /// Source side: whether a destination on another host holds keys of VM `uuid` for every
+    /// disk this host holds keys for (its migration's hand-over is done).
+    pub fn taken_over_elsewhere(&self, uuid: &str) -> bool {
+        let Some(lease) = self.lease() else {
+            return false;
+        };
+        let mine = self.holder_name(uuid);
+        let theirs = format!("{uuid}@");
+        let disks = self.disks_of(uuid);
+        !disks.is_empty()
+            && disks.iter().all(|d| {
+                lease.etcd().holders(d).is_ok_and(|held| {
+                    held.iter()
+                        .any(|h| h.key.holder.starts_with(&theirs) && h.key.holder != mine)
+                })
+            })
+    }
+
+    /// Source side: the migration is over (finished or cancelled); its hand-over key goes.
+    pub fn end_handover(&self, uuid: &str) {
+        if let Some(lease) = self.lease() {
+            if let Err(e) = lease.end_handover(uuid) {
+                tracing::warn!(uuid, "deleting the migration's hand-over key: {e}");
+            }
+        }
+    }
+
     /// Whether VM `uuid` holds keys.
     pub fn holds(&self, uuid: &str) -> bool {
         locked(&self.held).contains_key(uuid)
@@ -463,6 +578,84 @@ impl Cluster {
                 .map(|(d, k)| (d.clone(), k.exclusive, k.revision))
                 .collect()
         })
+    }
+}
+
+/// SHA-256 of a migration's secret, hex: what the hand-over key holds (the secret itself
+/// travels only in the lock state).
+fn secret_hash(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The destination's view of a migration between hosts, from the lock state's hand-over token
+/// `SECRET~SOURCE_HOST~REV,REV,...` (one revision per state entry, 0 for an entry with no key).
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    secret: String,
+    source_host: String,
+    /// Per state entry: its resource and the source key's revision (0: none).
+    entries: Vec<(Resource, i64)>,
+    uuid: String,
+}
+
+impl Incoming {
+    /// Parses `token` for VM `uuid` whose state lists `resources`; `None` if the token is a
+    /// same-host one (no `~`).
+    pub fn parse(token: &str, uuid: &str, resources: &[Resource]) -> Option<Result<Self, Error>> {
+        let mut parts = token.splitn(3, '~');
+        let secret = parts.next()?;
+        let source_host = parts.next()?;
+        let bad = |reason: &str| Error::InvalidLockState {
+            reason: format!("hand-over token: {reason}"),
+        };
+        let Some(revisions) = parts.next() else {
+            return Some(Err(bad("no revisions")));
+        };
+        let revisions: Result<Vec<i64>, _> = if revisions.is_empty() {
+            Ok(Vec::new())
+        } else {
+            revisions.split(',').map(str::parse).collect()
+        };
+        let Ok(revisions) = revisions else {
+            return Some(Err(bad("a revision is not a number")));
+        };
+        if revisions.len() != resources.len() {
+            return Some(Err(bad("one revision per entry expected")));
+        }
+        Some(Ok(Incoming {
+            secret: secret.to_owned(),
+            source_host: source_host.to_owned(),
+            entries: resources.iter().cloned().zip(revisions).collect(),
+            uuid: uuid.to_owned(),
+        }))
+    }
+
+    /// The source keys the destination's `wanted` disks are fenced by; a wanted disk the source
+    /// holds no key for cannot be handed over.
+    fn sources(&self, wanted: &[(String, bool, String)]) -> Result<Vec<SourceKey>, Error> {
+        let holder = format!("{}@{}", self.uuid, self.source_host);
+        wanted
+            .iter()
+            .map(|(disk, exclusive, label)| {
+                let revision = self
+                    .entries
+                    .iter()
+                    .find(|(r, rev)| *rev > 0 && disk_id(r).is_some_and(|(d, _)| d == *disk))
+                    .map(|(_, rev)| *rev)
+                    .ok_or_else(|| Error::InvalidLockState {
+                        reason: format!("the source's state carries no cluster lock for {label}"),
+                    })?;
+                Ok(SourceKey {
+                    key: LockKey::new(disk, &holder),
+                    exclusive: *exclusive,
+                    revision: Revision(revision),
+                })
+            })
+            .collect()
     }
 }
 

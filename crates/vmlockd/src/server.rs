@@ -711,7 +711,7 @@ impl Daemon {
                 uuid,
                 resources,
                 flags,
-            } => return self.acquire(stream, caller, &uuid, &resources, &flags, restricted),
+            } => return self.acquire(stream, caller, &uuid, &resources, &flags, restricted, None),
             Request::ReleaseKept { uuid, resources } => self
                 .with_table(|t, h| {
                     let (r, fx) = t.release(h, caller, &uuid, Some(&resources), true);
@@ -730,22 +730,96 @@ impl Daemon {
                 uuid,
                 versions,
                 token,
-            } => self.acquire_incoming(caller, &uuid, &versions, token.as_deref()),
+            } => {
+                // From another host: this VM's holder registered here afresh (`register_holder`)
+                // and the token carries the source's etcd revisions.
+                let resources: Vec<vmlock::Resource> =
+                    versions.iter().map(|(r, _)| r.clone()).collect();
+                let from_afar = self.cluster.is_some() && {
+                    let t = self.lock_table();
+                    !t.is_migrating(&uuid) && t.holder_pid(&uuid) == Some(caller.pid)
+                };
+                let parsed = token
+                    .as_deref()
+                    .filter(|_| from_afar)
+                    .and_then(|t| cluster::Incoming::parse(t, &uuid, &resources));
+                match parsed {
+                    Some(Ok(incoming)) => {
+                        let mut no_restrict = false;
+                        let answer = self.acquire(
+                            stream,
+                            caller,
+                            &uuid,
+                            &resources,
+                            &crate::proto::AcquireFlags::default(),
+                            &mut no_restrict,
+                            Some(&incoming),
+                        );
+                        if matches!(answer, Some((Reply::Error(_), _))) {
+                            // Refused: the destination registered for nothing.
+                            self.with_table(|t, _| ((), t.forget_empty(caller, &uuid)));
+                        }
+                        return answer;
+                    }
+                    Some(Err(e)) => Reply::Error(e),
+                    // On this host: the core checks the secret, before any `~` (the part a
+                    // destination on another host would need).
+                    None => self.acquire_incoming(
+                        caller,
+                        &uuid,
+                        &versions,
+                        token.as_deref().and_then(|t| t.split('~').next()),
+                    ),
+                }
+            }
             Request::MigratePrepare { uuid } => {
                 // 128 bits from the kernel's random source, drawn before the table is locked.
                 let fresh = uuid::Uuid::new_v4().simple().to_string();
-                self.with_table(|t, _| {
+                let prepared = self.with_table(|t, _| {
                     (t.migrate_prepare(caller, &uuid, fresh), Effects::default())
-                })
-                .map_or_else(Reply::Error, |(held, token)| Reply::Prepared {
-                    held,
-                    token,
-                })
+                });
+                match (prepared, &self.cluster) {
+                    (Err(e), _) => Reply::Error(e),
+                    (Ok((held, token)), None) => Reply::Prepared { held, token },
+                    // With cluster locks, the token also carries what a destination on another
+                    // host needs: this host's name and each key's revision (cluster::Incoming).
+                    (Ok((held, token)), Some(cluster)) => {
+                        let resources: Vec<vmlock::Resource> =
+                            held.iter().map(|h| h.resource.clone()).collect();
+                        match cluster.prepare_handover(&uuid, &token, &resources) {
+                            Ok(Some(more)) => Reply::Prepared {
+                                held,
+                                token: format!("{token}~{more}"),
+                            },
+                            Ok(None) => Reply::Prepared { held, token },
+                            Err(e) => {
+                                // Nothing stays prepared that a destination could not use.
+                                let _ = self
+                                    .with_table(|t, _| t.migrate_complete(caller, &uuid, false));
+                                Reply::Error(e)
+                            }
+                        }
+                    }
+                }
             }
-            Request::MigrateComplete { uuid, success } => self.with_table(|t, _| {
-                let (result, fx) = t.migrate_complete(caller, &uuid, success);
-                (result.map_or_else(Reply::Error, |()| Reply::Ok), fx)
-            }),
+            Request::MigrateComplete { uuid, success } => {
+                // A destination on another host took its keys beside ours: this side's part is
+                // over. The source keeps its grants until its guest exits (QEMU quits after a
+                // migration), and the destination's keys hold the disks from now on.
+                let elsewhere = success
+                    && self
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| c.taken_over_elsewhere(&uuid));
+                let reply = self.with_table(|t, _| {
+                    let (result, fx) = t.migrate_complete(caller, &uuid, success && !elsewhere);
+                    (result.map_or_else(Reply::Error, |()| Reply::Ok), fx)
+                });
+                if let (Reply::Ok, Some(cluster)) = (&reply, &self.cluster) {
+                    cluster.end_handover(&uuid);
+                }
+                reply
+            }
             Request::Shutdown { uuid, guest_pid } => self
                 .with_table(|t, h| {
                     let (r, fx) = t.shutdown(h, caller, &uuid, guest_pid);
@@ -788,6 +862,7 @@ impl Daemon {
     /// Two-phase acquire: open every target (table unlocked) → reserve in the core (kernel locks
     /// taken, grants pending) → hand the copies to the holder (table unlocked, bounded) → commit,
     /// or abort so nothing stays held. Returns `None` when it wrote the reply itself.
+    #[allow(clippy::too_many_arguments)]
     fn acquire(
         &self,
         stream: &UnixStream,
@@ -796,6 +871,7 @@ impl Daemon {
         resources: &[vmlock::Resource],
         flags: &crate::proto::AcquireFlags,
         restricted: &mut bool,
+        incoming: Option<&cluster::Incoming>,
     ) -> Option<(Reply, Vec<OwnedFd>)> {
         let mut opened = Vec::with_capacity(resources.len());
         let wanted = resources.iter().filter(|r| {
@@ -817,6 +893,13 @@ impl Daemon {
                     Ok(o) => opened.push(o),
                     Err(e) => return refused(None, e),
                 }
+            }
+        }
+        if incoming.is_some() {
+            // The source's QEMU is the image's one expected writer during a migration: its lock
+            // bytes are not a stranger's.
+            for o in &mut opened {
+                o.image = None;
             }
         }
         let reserved = self.with_table(|t, h| {
@@ -852,7 +935,7 @@ impl Daemon {
                 vm_uuid: uuid.to_owned(),
                 pid: Some(vm.pid),
             };
-            let mut taken = cluster.acquire(&owner, &resources);
+            let mut taken = cluster.acquire(&owner, &resources, incoming);
             // A VM of this host released the disk a moment ago and the release thread has not
             // deleted its key yet: delete it here and try once more.
             if let Err(Error::Busy {
@@ -864,7 +947,7 @@ impl Daemon {
                     && holder.uuid != uuid
                     && self.release_ended_keys(cluster, &holder.uuid)
                 {
-                    taken = cluster.acquire(&owner, &resources);
+                    taken = cluster.acquire(&owner, &resources, incoming);
                 }
             }
             if let Err(e) = taken {
@@ -1069,6 +1152,10 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Arc::clone(link));
+        // A destination whose source is on another host (the VM is unknown here) registers as a
+        // VM of its own, and its AcquireIncoming takes cluster keys beside the source's.
+        let incoming =
+            incoming && (self.cluster.is_none() || self.lock_table().lookup(&vm.uuid).is_ok());
         let result = self.with_table(|t, h| {
             if incoming {
                 match t.hold_incoming(caller, id, &vm, guest) {
@@ -1333,7 +1420,7 @@ impl Daemon {
                 pid: Some(vm.pid),
             };
             let resources: Vec<vmlock::Resource> = grants.iter().map(|(_, r)| r.clone()).collect();
-            match cluster.acquire_under(lease, &owner, &resources) {
+            match cluster.acquire_under(lease, &owner, &resources, None) {
                 Ok(()) => tracing::warn!(
                     vm = %vm.name, uuid = %vm.uuid,
                     "recovered grants had no etcd keys (the last lease expired?); taken again"

@@ -32,10 +32,10 @@ struct Host {
     _lockspace: tempfile::TempDir,
 }
 
-fn host_config(endpoints: &[String], name: &str, lockspace: &Path) -> String {
+fn host_config(endpoints: &[String], name: &str, lockspace: &Path, ttl: u64) -> String {
     let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
     format!(
-        "file_lockspace_dir = {:?}\nhost_name = {name:?}\n\n[etcd]\nendpoints = [{}]\nttl = {TTL}\n\
+        "file_lockspace_dir = {:?}\nhost_name = {name:?}\n\n[etcd]\nendpoints = [{}]\nttl = {ttl}\n\
          keepalive_interval_ms = {}\nmargin_ms = 500\nfence_lead_ms = 800\nrequest_timeout_ms = 2000\n\
          connect_timeout_ms = 2000\n",
         lockspace.display(),
@@ -45,8 +45,12 @@ fn host_config(endpoints: &[String], name: &str, lockspace: &Path) -> String {
 }
 
 fn host(endpoints: &[String], name: &str) -> Host {
+    host_with_ttl(endpoints, name, TTL)
+}
+
+fn host_with_ttl(endpoints: &[String], name: &str, ttl: u64) -> Host {
     let lockspace = tempfile::tempdir().unwrap();
-    let config = host_config(endpoints, name, lockspace.path());
+    let config = host_config(endpoints, name, lockspace.path(), ttl);
     Host {
         f: Fixture::new(Daemon::start_with_config(Some(&config))),
         _lockspace: lockspace,
@@ -213,4 +217,140 @@ fn an_unreachable_etcd_refuses_starts_naming_the_endpoints() {
     // A read-only disk needs no key: it starts.
     let ro = Resource::disk(d.path(), DiskMode::ReadOnly).unwrap();
     start(&a.f, "reader", &g, &[ro]).expect("a read-only start needs no etcd");
+}
+
+/// With one member of three SIGKILLed (a follower, then the leader), nothing is lost: A's guest
+/// keeps its disk past several TTLs, B is refused throughout (with the disk's holder named, or
+/// while the members elect a new leader, with "no leader"), new disks are granted again after.
+/// TTL 6 s: a leader election takes 1–3 s here, which a 3 s lease's fencing margin does not
+/// cover (nor should it: the default TTL is 10 s).
+#[test]
+fn a_member_or_the_leader_killed_loses_no_lock() {
+    let _s = serial();
+    let mut cluster = EtcdCluster::three();
+    let disks = tempfile::tempdir().unwrap();
+    let a = host_with_ttl(&cluster.endpoints(), "host-a", 6);
+    let b = host_with_ttl(&cluster.endpoints(), "host-b", 6);
+    let d = shared_disk(disks.path(), "d", DiskMode::Exclusive);
+    let ga = Guest::spawn();
+    let _web1 = start_vm(&a, "web1", &ga, std::slice::from_ref(&d)).expect("A takes the disk");
+    for (round, victim) in ["follower", "leader"].into_iter().enumerate() {
+        let i = if victim == "leader" {
+            cluster.leader()
+        } else {
+            cluster.follower()
+        };
+        cluster.kill_member(i);
+        // Across two TTLs: A's lease is renewed by the members left (its guest is not fenced).
+        let until = Instant::now() + Duration::from_secs(12);
+        while Instant::now() < until {
+            let g = Guest::spawn();
+            match start_vm(&b, "db1", &g, std::slice::from_ref(&d)) {
+                Ok(_) => panic!("B acquired A's disk with a {victim} down"),
+                Err(Error::Busy { .. }) | Err(Error::ServiceUnavailable { .. }) => {}
+                // While the members elect a leader, a request can fail after its retries.
+                Err(e) if e.to_string().contains("etcd acquire failed") => {}
+                Err(e) => panic!("{e}"),
+            }
+            // Deliberate pacing across the TTLs.
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert!(
+            vmlock::process::is_running(ga.pid()),
+            "A's guest was fenced with a {victim} down"
+        );
+        let g = Guest::spawn();
+        assert_held_by(
+            start_vm(&b, "db1", &g, std::slice::from_ref(&d)),
+            "host-a",
+            "web1",
+        );
+        let other = shared_disk(disks.path(), &format!("new{round}"), DiskMode::Exclusive);
+        let g = Guest::spawn();
+        start_vm(&b, "db2", &g, &[other]).unwrap_or_else(|e| panic!("{victim} down: {e}"));
+        cluster.restart_member(i);
+    }
+}
+
+/// Migration from host A to host B: B's keys come beside A's, fenced by A's state; a third host
+/// never gets the disk; a stale or forged state is refused; after A finishes and its guest exits,
+/// B alone holds the disk.
+#[test]
+fn a_migration_between_hosts_leaves_the_disk_to_no_third_host() {
+    let _s = serial();
+    let cluster = EtcdCluster::single();
+    let disks = tempfile::tempdir().unwrap();
+    let a = host(&cluster.endpoints(), "host-a");
+    let b = host(&cluster.endpoints(), "host-b");
+    let c = host(&cluster.endpoints(), "host-c");
+    let d = shared_disk(disks.path(), "d", DiskMode::Exclusive);
+    let third = |step: &str| {
+        let g = Guest::spawn();
+        match start_vm(&c, "intruder", &g, std::slice::from_ref(&d)) {
+            Err(Error::Busy { .. }) => {}
+            other => panic!(
+                "{step}: a third host was not refused: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    };
+    let mut src_guest = Guest::spawn();
+    let vm_src = vmlock::conformance::vm("vm-m", &src_guest);
+    let mut src = vmlock::domain::process_start(
+        &a.f.plugin,
+        vm_src.clone(),
+        [d.clone()],
+        &vmlock::AcquireOptions::default(),
+    )
+    .expect("A starts the VM");
+    let state = src.prepare_migration("vmlock://host-b").expect("prepare");
+    third("prepared");
+    let token = state.handover.clone().expect("a hand-over token");
+    assert!(token.contains("~host-a~"), "no cluster part: {token}");
+
+    // Forged: another secret; stale: another revision. Both refused, nothing taken.
+    let dst_guest = Guest::spawn();
+    let vm_dst = vm_src.clone().with_pid(dst_guest.pid());
+    let incoming = |state: &vmlock::LockState| {
+        vmlock::domain::migration_incoming(
+            &b.f.plugin,
+            vm_dst.clone(),
+            [d.clone()],
+            state,
+            &vmlock::AcquireOptions::default(),
+        )
+    };
+    let mut forged = state.clone();
+    forged.handover = Some(format!("x{token}"));
+    assert!(incoming(&forged).is_err(), "a forged secret was taken");
+    let (head, revision) = token.rsplit_once('~').unwrap();
+    let mut stale = state.clone();
+    stale.handover = Some(format!("{head}~{}", revision.parse::<i64>().unwrap() - 1));
+    let e = incoming(&stale)
+        .map(|_| ())
+        .expect_err("a stale state was taken");
+    assert!(e.to_string().contains("not current"), "{e}");
+    third("refused hand-overs");
+
+    let mut dst = incoming(&state).expect("B takes its keys beside A's");
+    third("both hold");
+    vmlock::domain::migration_finish(&mut src, &mut dst).expect("finish");
+    third("finished");
+    src_guest.kill();
+    src.shutdown().expect("the source lets go");
+    third("the source gone");
+    drop(dst_guest);
+    drop(dst);
+    let g = Guest::spawn();
+    let took = Instant::now();
+    loop {
+        match start_vm(&c, "after", &g, std::slice::from_ref(&d)) {
+            Ok(_) => break,
+            Err(Error::Busy { .. }) if took.elapsed() < Duration::from_secs(5) => {
+                // Bounded poll: B's release of its key after its guest exited.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the disk stayed held after both sides ended: {e}"),
+        }
+    }
 }
