@@ -267,6 +267,9 @@ struct OwnerState {
     /// Leases whose owner record this owner must not remove: the source's record names the VM
     /// until the destination's convert to exclusive succeeded and wrote its own.
     foreign_record: BTreeSet<(String, String)>,
+    /// Gate leases held exclusively for a hand-off (source or destination side): released when
+    /// this side's part of the hand-off ends, or with the connection.
+    gates: Vec<ResourceSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -300,10 +303,14 @@ impl LeaseOwner {
         let mut st = self.lock();
         let specs: Vec<ResourceSpec> = st.held.values().map(|h| h.spec.clone()).collect();
         for spec in &specs {
-            if !st
-                .foreign_record
-                .contains(&(spec.lockspace.clone(), spec.name.clone()))
-            {
+            let key = (spec.lockspace.clone(), spec.name.clone());
+            // A source that dies mid hand-off leaves its record: the destination may hold the
+            // lease shared and writes its own only at its convert.
+            let handed = st
+                .converted
+                .iter()
+                .any(|h| h.spec.lockspace == key.0 && h.spec.name == key.1);
+            if !handed && !st.foreign_record.contains(&key) {
                 shared.remove_owner_record(spec, &self.uuid);
             }
         }
@@ -311,6 +318,14 @@ impl LeaseOwner {
             for chunk in specs.chunks(proto::MAX_RESOURCES) {
                 if let Err(e) = conn.release(chunk) {
                     tracing::warn!(vm = %self.name, "sanlock release at guest exit failed ({e}); closing the connection releases the leases");
+                }
+            }
+        }
+        let gates = std::mem::take(&mut st.gates);
+        if let (Some(conn), false) = (st.conn.as_mut(), gates.is_empty()) {
+            for chunk in gates.chunks(proto::MAX_RESOURCES) {
+                if let Err(e) = conn.release(chunk) {
+                    tracing::warn!(vm = %self.name, "sanlock release of gate leases failed ({e}); closing the connection releases them");
                 }
             }
         }
@@ -389,6 +404,7 @@ impl Shared {
     fn create_lease_file(
         &self,
         name: &str,
+        size: u64,
         what: &str,
         format: impl FnOnce(&Path) -> std::result::Result<(), ClientError>,
     ) -> Result<PathBuf> {
@@ -405,7 +421,7 @@ impl Shared {
                 .mode(0o660)
                 .open(&tmp)
                 .map_err(|e| Error::io(format!("creating {}", tmp.display()), &e))?;
-            file.set_len(self.align)
+            file.set_len(size)
                 .map_err(|e| Error::io(format!("sizing {}", tmp.display()), &e))?;
             drop(file);
             format(&tmp).map_err(|e| daemon_error(&self.client, what, &e))?;
@@ -446,7 +462,7 @@ impl Shared {
             Resource::Disk { path, mode } => {
                 let name = lease_name(path);
                 let lease_path =
-                    self.create_lease_file(&name, "formatting a disk lease", |tmp| {
+                    self.create_lease_file(&name, self.align, "formatting a disk lease", |tmp| {
                         self.client.write_resource(&ResourceSpec {
                             lockspace: self.config.lockspace.clone(),
                             name: name.clone(),
@@ -487,6 +503,45 @@ impl Shared {
                 })
             }
         }
+    }
+
+    /// The two gate leases of a disk lease `spec` (`[source gate, destination gate]`), or None
+    /// for a lease that is not one of this driver's disk leases (explicit leases have no gate).
+    /// They live in `lease_dir/HASH.gate`, two align sizes long, created on first use like the
+    /// disk's lease file: `HASH.gate.src` at offset 0, `HASH.gate.dst` at offset `align`.
+    ///
+    /// A migration source holds its gate exclusively from before `prepare_migration` makes the
+    /// lease shared until its `complete_migration`; a destination holds its own from before its
+    /// incoming shared acquire until its convert to exclusive (or cancel). Every other shared
+    /// acquire of the disk holds **both** gates shared while it takes the lease, so sanlock
+    /// refuses it whenever either side of a hand-off is in the gate (docs/sanlock.md §6).
+    fn gates(&self, spec: &ResourceSpec) -> Result<Option<[ResourceSpec; 2]>> {
+        if spec.lockspace != self.config.lockspace
+            || spec.path != self.config.lease_dir.join(&spec.name)
+        {
+            return Ok(None);
+        }
+        let spec_at = |path: &Path, which: &str, offset: u64| ResourceSpec {
+            lockspace: self.config.lockspace.clone(),
+            name: format!("{}.gate.{which}", spec.name),
+            path: path.to_owned(),
+            offset,
+            lver: 0,
+            flags: self.lease_flags,
+        };
+        let path = self.create_lease_file(
+            &format!("{}.gate", spec.name),
+            2 * self.align,
+            "formatting a disk's gate leases",
+            |tmp| {
+                self.client.write_resource(&spec_at(tmp, "src", 0))?;
+                self.client.write_resource(&spec_at(tmp, "dst", self.align))
+            },
+        )?;
+        Ok(Some([
+            spec_at(&path, "src", 0),
+            spec_at(&path, "dst", self.align),
+        ]))
     }
 
     fn owner(&self, uuid: &str) -> Option<Arc<LeaseOwner>> {
@@ -768,11 +823,16 @@ impl SanlockDriver {
         })?;
         shared.lease_flags = align_flags(shared.align);
         let ls_flags = shared.lease_flags;
-        shared.create_lease_file(&config.lockspace, "formatting the lockspace", |tmp| {
-            let mut ls = config.lockspace_spec(0, ls_flags);
-            ls.path = tmp.to_owned();
-            client.write_lockspace(&ls, config.io_timeout)
-        })?;
+        shared.create_lease_file(
+            &config.lockspace,
+            shared.align,
+            "formatting the lockspace",
+            |tmp| {
+                let mut ls = config.lockspace_spec(0, ls_flags);
+                ls.path = tmp.to_owned();
+                client.write_lockspace(&ls, config.io_timeout)
+            },
+        )?;
         let shared = Arc::new(shared);
         let joiner = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -999,6 +1059,7 @@ impl SanlockSession {
                 converted: Vec::new(),
                 prepared: None,
                 foreign_record: BTreeSet::new(),
+                gates: Vec::new(),
             }),
         });
         if !self.incoming {
@@ -1143,6 +1204,13 @@ impl SanlockSession {
             // versions after the source released (detected, not prevented).
             return Ok(());
         }
+        // The destination's gate of each disk it migrates in, before it takes the lease shared
+        // and until its convert to exclusive: the source opens its own at its
+        // complete_migration, before this side converts.
+        if let Err(e) = self.close_gates(&owner, &pending, 1) {
+            self.open_gates(&owner);
+            return Err(e);
+        }
         let mut todo = self.plan(&owner, &shared_now, None)?;
         todo.extend(pending.into_iter().map(|h| {
             let mut spec = h.spec;
@@ -1150,7 +1218,11 @@ impl SanlockSession {
             (h.resource, spec)
         }));
         // No owner records yet: the source's keep naming the VM until the hand-off succeeded.
-        self.take(&owner, todo, false)
+        let result = self.take(&owner, todo, false);
+        if result.is_err() {
+            self.open_gates(&owner);
+        }
+        result
     }
 
     /// Migration destination, after the source released: converts the leases it holds shared to
@@ -1195,6 +1267,8 @@ impl SanlockSession {
         let missing: Vec<(Resource, ResourceSpec)> =
             missing.into_iter().map(|h| (h.resource, h.spec)).collect();
         self.take(&owner, missing, true)?;
+        // Exclusive now: the lease itself refuses every other request.
+        self.open_gates(&owner);
         let mut st = owner.lock();
         st.pending.clear();
         st.foreign_record.clear();
@@ -1302,9 +1376,35 @@ impl SanlockSession {
         {
             self.shared.wait_joined(self.shared.config.join_timeout)?;
         }
+        // A shared disk lease is taken inside its gate (both gate leases held shared meanwhile),
+        // so that it is refused while a migration hands the disk over. The destination's own
+        // shared acquire of a lease it migrates in carries the source's version (`RES_LVER`) and
+        // its own gate is held exclusively: it does not pass the gate.
+        let mut gated: Vec<Option<Vec<ResourceSpec>>> = Vec::with_capacity(todo.len());
+        for (_, spec) in &todo {
+            let through_gate =
+                spec.flags & flags::RES_SHARED != 0 && spec.flags & flags::RES_LVER == 0;
+            gated.push(match through_gate {
+                true => self.shared.gates(spec)?.map(|g| {
+                    g.into_iter()
+                        .map(|mut s| {
+                            s.flags |= flags::RES_SHARED;
+                            s
+                        })
+                        .collect()
+                }),
+                false => None,
+            });
+        }
         let failure = {
             let mut st = owner.lock();
-            let Some(conn) = st.conn.as_mut() else {
+            let OwnerState {
+                conn: conn_slot,
+                gates,
+                held,
+                ..
+            } = &mut *st;
+            let Some(conn) = conn_slot.as_mut() else {
                 return Err(Error::invalid_state(
                     "acquire",
                     format!("the guest of VM \"{}\" has exited", self.name),
@@ -1313,29 +1413,43 @@ impl SanlockSession {
             // One lease per call, so a refusal names its disk; earlier ones are rolled back.
             let mut taken: Vec<ResourceSpec> = Vec::new();
             let mut failure = None;
-            for (r, spec) in &todo {
-                if let Err(e) = conn.acquire(
-                    std::slice::from_ref(spec),
-                    flags::ACQUIRE_OWNER_NOWAIT,
-                    &self.name,
-                ) {
+            let mut stuck_gates: Vec<ResourceSpec> = Vec::new();
+            for ((r, spec), gate) in todo.iter().zip(&gated) {
+                let lease = std::slice::from_ref(spec);
+                let result = match gate {
+                    None => conn.acquire(lease, flags::ACQUIRE_OWNER_NOWAIT, &self.name),
+                    Some(gate) => conn
+                        .acquire(gate, flags::ACQUIRE_OWNER_NOWAIT, &self.name)
+                        .and_then(|()| {
+                            let result =
+                                conn.acquire(lease, flags::ACQUIRE_OWNER_NOWAIT, &self.name);
+                            if let Err(e) = conn.release(gate) {
+                                tracing::warn!(vm = %self.name, "leaving the gate of {}: release failed ({e}); the gate stays held shared until the VM's leases are released", r.label());
+                                stuck_gates.extend(gate.iter().cloned());
+                            }
+                            result
+                        }),
+                };
+                if let Err(e) = result {
                     failure = Some((r.clone(), spec.clone(), e));
                     break;
                 }
                 taken.push(spec.clone());
             }
+            gates.extend(stuck_gates);
             if failure.is_some() {
                 for chunk in taken.chunks(proto::MAX_RESOURCES) {
                     if let Err(e) = conn.release(chunk) {
                         tracing::error!(vm = %self.name, "rolling back a failed acquire: release failed ({e}); closing the sanlock connection");
-                        st.conn = None;
-                        st.held.clear();
+                        *conn_slot = None;
+                        held.clear();
+                        gates.clear();
                         break;
                     }
                 }
             } else {
                 for (r, spec) in &todo {
-                    st.held.insert(
+                    held.insert(
                         (spec.lockspace.clone(), spec.name.clone()),
                         Held {
                             resource: r.clone(),
@@ -1368,7 +1482,97 @@ fn same_lease(a: &Resource, b: &Resource) -> bool {
     }
 }
 
+/// Results worth retrying while closing a gate: a shared acquire is inside it (`-EAGAIN`, or
+/// `-EEXIST` on this host), or a ballot holds its leader for a moment.
+fn gate_busy(code: i32) -> bool {
+    matches!(
+        code,
+        rv::EAGAIN
+            | rv::EEXIST
+            | rv::EBUSY
+            | rv::ACQUIRE_IDLIVE
+            | rv::ACQUIRE_OWNED
+            | rv::ACQUIRE_OTHER
+            | rv::ACQUIRE_SHRETRY
+            | rv::ACQUIRE_OWNED_RETRY
+    )
+}
+
 impl SanlockSession {
+    /// Closes the gate of each of `leases` for a hand-off: takes gate `which` (0: the source's,
+    /// 1: the destination's) exclusively on `owner`'s connection and files it in the owner's
+    /// `gates`. A shared acquire inside the gate is waited for, up to `CONVERT_RETRY` in all;
+    /// then the error is "retry later". On failure the gates already closed stay filed (the
+    /// caller opens them).
+    fn close_gates(&self, owner: &LeaseOwner, leases: &[Held], which: usize) -> Result<()> {
+        let deadline = Instant::now() + CONVERT_RETRY;
+        for h in leases {
+            let Some(gates) = self.shared.gates(&h.spec)? else {
+                continue;
+            };
+            let gate = gates[which].clone();
+            loop {
+                let result = {
+                    let mut st = owner.lock();
+                    let Some(conn) = st.conn.as_mut() else {
+                        return Err(Error::invalid_state(
+                            "close a disk's gate",
+                            format!("the guest of VM \"{}\" has exited", self.name),
+                        ));
+                    };
+                    let r = conn.acquire(
+                        std::slice::from_ref(&gate),
+                        flags::ACQUIRE_OWNER_NOWAIT,
+                        &self.name,
+                    );
+                    if r.is_ok() {
+                        st.gates.push(gate.clone());
+                    }
+                    r
+                };
+                match result {
+                    Ok(()) => break,
+                    Err(ClientError::Daemon(code)) if gate_busy(code) => {
+                        if Instant::now() >= deadline {
+                            return Err(Error::ServiceUnavailable {
+                                reason: format!(
+                                    "the migration gate of {} stayed busy for {} s (a shared acquire of the disk is under way, or a host that was in the gate has not been seen dead yet); retry later: {}",
+                                    h.resource.label(),
+                                    CONVERT_RETRY.as_secs(),
+                                    describe_rv(code)
+                                ),
+                            });
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        return Err(self
+                            .shared
+                            .acquire_error(&h.resource, &gate, &self.uuid, &e))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the gates `owner` holds for a hand-off; one the daemon does not release stays
+    /// filed (the connection's close releases it).
+    fn open_gates(&self, owner: &LeaseOwner) {
+        let mut st = owner.lock();
+        let OwnerState { conn, gates, .. } = &mut *st;
+        let Some(conn) = conn.as_mut() else {
+            gates.clear();
+            return;
+        };
+        for chunk in std::mem::take(gates).chunks(proto::MAX_RESOURCES) {
+            if let Err(e) = conn.release(chunk) {
+                tracing::warn!(vm = %self.name, "releasing migration gates failed ({e}); they stay held until the VM's connection closes");
+                gates.extend(chunk.iter().cloned());
+            }
+        }
+    }
+
     /// Converts `leases` (shared since a prepare) back to exclusive; the ones left shared stay
     /// in the owner's `converted` on failure.
     fn restore(&self, owner: &LeaseOwner, leases: &[Held]) -> Result<()> {
@@ -1545,6 +1749,12 @@ impl Session for SanlockSession {
             .filter(|h| h.spec.flags & flags::RES_SHARED == 0)
             .cloned()
             .collect();
+        // The source's gate of each such disk first: from here until this side's
+        // complete_migration no other VM's shared acquire of the disk passes its gate.
+        if let Err(e) = self.close_gates(&owner, &exclusive, 0) {
+            self.open_gates(&owner);
+            return Err(e);
+        }
         let mut done: Vec<Held> = Vec::new();
         for h in exclusive {
             if let Err(e) = self.convert(&owner, &h, true) {
@@ -1552,6 +1762,8 @@ impl Session for SanlockSession {
                 if let Err(back) = self.restore(&owner, &done) {
                     tracing::error!(vm = %self.name, "undoing a failed migration prepare: {back}");
                     owner.lock().converted = done;
+                } else {
+                    self.open_gates(&owner);
                 }
                 return Err(e);
             }
@@ -1584,7 +1796,12 @@ impl Session for SanlockSession {
                     }
                     None => Vec::new(),
                 };
-                self.release(&held).map(drop)
+                self.release(&held)?;
+                // The destination holds its own gate until its convert to exclusive.
+                if let Some(o) = self.current() {
+                    self.open_gates(&o);
+                }
+                Ok(())
             }
             // Source: the leases prepare made shared become exclusive again (a ballot: the
             // version grows, so the handed-out state is stale).
@@ -1594,6 +1811,7 @@ impl Session for SanlockSession {
                 };
                 let converted = owner.lock().converted.clone();
                 self.restore(&owner, &converted)?;
+                self.open_gates(&owner);
                 let mut st = owner.lock();
                 st.converted.clear();
                 st.prepared = None;
