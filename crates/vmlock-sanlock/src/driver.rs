@@ -13,10 +13,11 @@
 //!   each VM gets a registered connection from this process that owns its leases, plus a thread
 //!   waiting on the guest's pidfd: when the guest exits its leases are released and the
 //!   connection closed. Dropping a session releases nothing.
-//! - **Migration**: exclusive leases cannot be held by two hosts at once, so the source releases
-//!   at `complete_migration(Success)` and the destination then acquires with `SANLK_RES_LVER` =
-//!   the versions of the source's state; the destination's `acquire_incoming` only checks the
-//!   state against the leader records (`READ_RESOURCE`) and registers.
+//! - **Migration**: the lease goes through shared mode (source converts to shared at prepare,
+//!   destination takes it shared with `SANLK_RES_LVER` = the source's version, source releases,
+//!   destination converts to exclusive), so a live host holds it at every instant. Each side
+//!   holds its own gate lease exclusively meanwhile (`lease_dir/HASH.gate`), and every other
+//!   shared acquire passes both gates shared, so no third VM is granted the disk in either mode.
 
 use crate::proto::{
     self, describe_rv, flags, rv, Client, ClientError, LockspaceSpec, Registered, ResourceSpec,
