@@ -28,8 +28,12 @@
 //! writers; a live writer keeps its lock; a stale or forged state is refused; a cancelled
 //! migration leaves the source holding every disk; no lock outlives its guest once the world is
 //! quiet; the daemon kills no guest whose supervisor lives.
+//!
+//! [`sanlock`] is a second, smaller model: the `sanlock` driver's hand-off through shared mode
+//! and its migration gates, as sanlock's rules for the requests the driver sends.
 
 pub mod host;
+pub mod sanlock;
 mod world;
 
 pub use world::{Action, Bounds, HandoffModel, Presented, Role, State, Variant};

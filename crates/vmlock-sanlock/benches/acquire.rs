@@ -1,5 +1,7 @@
 //! Acquire + release latency of one exclusive disk lease: through the vmlock `sanlock` driver,
-//! beside the same requests sent straight to the daemon with this crate's protocol client.
+//! beside the same requests sent straight to the daemon with this crate's protocol client; and
+//! of one shared disk lease, which the driver takes inside the disk's migration gate (both gate
+//! leases held shared meanwhile), beside the bare shared lease and the gate alone.
 //!
 //! `cargo bench -p vmlock-sanlock --bench acquire` (iterations: `VMLOCK_BENCH_ITERS`, default
 //! 300). Starts its own sanlock daemon (io_timeout 1, lease files under /var/tmp) and SIGKILLs it
@@ -87,15 +89,51 @@ fn main() {
     let client = host.daemon.client();
     let mut conn = client.register().unwrap();
 
+    // A shared disk: a running VM of the driver, and its lease and gates straight to the daemon.
+    let shared_path = dir.path().join("disks").join("shared.img");
+    std::fs::write(&shared_path, vec![0u8; 4096]).unwrap();
+    let shared_disk = Resource::disk(&shared_path, DiskMode::Shared).unwrap();
+    let guest2 = Guest::spawn();
+    let mut sharing = Manager::new(
+        &host.plugin,
+        vm(3, "bench-shared").with_pid(guest2.pid()),
+        vmlock::StartMode::Start,
+    )
+    .unwrap();
+    sharing.register_resource(shared_disk).unwrap();
+    sharing.acquire(&opts).unwrap(); // creates the lease and gate files
+    sharing.release().unwrap();
+    let shared_name = lease_name(&shared_path);
+    let shared_lease = host.driver.lease_path(&shared_path);
+    let shared_spec = ResourceSpec {
+        name: shared_name.clone(),
+        path: shared_lease.clone(),
+        flags: spec.flags | flags::RES_SHARED,
+        ..spec.clone()
+    };
+    let gate_path = shared_lease.with_file_name(format!("{shared_name}.gate"));
+    let gates: Vec<ResourceSpec> = [("src", 0), ("dst", 1 << 20)]
+        .into_iter()
+        .map(|(which, offset)| ResourceSpec {
+            name: format!("{shared_name}.gate.{which}"),
+            path: gate_path.clone(),
+            offset,
+            ..shared_spec.clone()
+        })
+        .collect();
+
     let mut rows = [
         Row::new("daemon direct: acquire + release on a registered connection"),
         Row::new("driver: acquire + release of a running VM (Manager)"),
         Row::new("daemon direct: register + acquire + release + close"),
         Row::new("driver: VM start + stop (open, register, acquire, shutdown)"),
+        Row::new("daemon direct: shared acquire + release (no gate)"),
+        Row::new("daemon direct: the gate alone (both gate leases shared, acquire + release)"),
+        Row::new("driver: shared acquire + release of a running VM (gate + lease)"),
     ];
     for round in 0..warmup + iters {
         let keep = round >= warmup;
-        let [direct, driver, direct_conn, driver_vm] = &mut rows;
+        let [direct, driver, direct_conn, driver_vm, direct_sh, direct_gate, driver_sh] = &mut rows;
         let sample = |row: &mut Row, f: &mut dyn FnMut()| {
             if keep {
                 row.time(f);
@@ -132,6 +170,24 @@ fn main() {
                     .unwrap();
             m.shutdown().unwrap();
         });
+        sample(direct_sh, &mut || {
+            conn.acquire(
+                std::slice::from_ref(&shared_spec),
+                flags::ACQUIRE_OWNER_NOWAIT,
+                "bench",
+            )
+            .unwrap();
+            conn.release(std::slice::from_ref(&shared_spec)).unwrap();
+        });
+        sample(direct_gate, &mut || {
+            conn.acquire(&gates, flags::ACQUIRE_OWNER_NOWAIT, "bench")
+                .unwrap();
+            conn.release(&gates).unwrap();
+        });
+        sample(driver_sh, &mut || {
+            sharing.acquire(&opts).unwrap();
+            sharing.release().unwrap();
+        });
     }
     drop(conn);
 
@@ -156,6 +212,8 @@ fn main() {
     }
     // The daemon (SIGKILL by pid) and the directory go when `host` and `dir` drop.
     drop(running);
+    drop(sharing);
     drop(guest);
+    drop(guest2);
     drop(host);
 }

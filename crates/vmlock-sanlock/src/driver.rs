@@ -13,17 +13,18 @@
 //!   each VM gets a registered connection from this process that owns its leases, plus a thread
 //!   waiting on the guest's pidfd: when the guest exits its leases are released and the
 //!   connection closed. Dropping a session releases nothing.
-//! - **Migration**: exclusive leases cannot be held by two hosts at once, so the source releases
-//!   at `complete_migration(Success)` and the destination then acquires with `SANLK_RES_LVER` =
-//!   the versions of the source's state; the destination's `acquire_incoming` only checks the
-//!   state against the leader records (`READ_RESOURCE`) and registers.
+//! - **Migration**: the lease goes through shared mode (source converts to shared at prepare,
+//!   destination takes it shared with `SANLK_RES_LVER` = the source's version, source releases,
+//!   destination converts to exclusive), so a live host holds it at every instant. Each side
+//!   holds its own gate lease exclusively meanwhile (`lease_dir/HASH.gate`), and every other
+//!   shared acquire passes both gates shared, so no third VM is granted the disk in either mode.
 
 use crate::proto::{
     self, describe_rv, flags, rv, Client, ClientError, LockspaceSpec, Registered, ResourceSpec,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -51,6 +52,8 @@ pub const DEFAULT_RUN_DIR: &str = "/run/sanlock";
 pub const MIN_VERSION: u32 = 0x0303_0000;
 const MAX_HOST_ID: u64 = 2000;
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a convert to exclusive retries while another live host still holds the lease shared.
+const CONVERT_RETRY: Duration = Duration::from_secs(3);
 
 /// The driver's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,9 +258,19 @@ struct LeaseOwner {
 struct OwnerState {
     conn: Option<Registered>,
     held: BTreeMap<(String, String), Held>,
-    /// Migration destination: the exclusive leases to take at `complete_migration(Success)`,
-    /// each with `RES_LVER` and the version from the source's state.
+    /// Migration destination: the exclusive leases it holds shared since the incoming acquire,
+    /// to convert to exclusive at `complete_migration(Success)` (also in `held`).
     pending: Vec<Held>,
+    /// Migration source: the exclusive leases `prepare_migration` converted to shared, to
+    /// convert back at `complete_migration(Cancel)`, and the state it handed out.
+    converted: Vec<Held>,
+    prepared: Option<LockState>,
+    /// Leases whose owner record this owner must not remove: the source's record names the VM
+    /// until the destination's convert to exclusive succeeded and wrote its own.
+    foreign_record: BTreeSet<(String, String)>,
+    /// Gate leases held exclusively for a hand-off (source or destination side): released when
+    /// this side's part of the hand-off ends, or with the connection.
+    gates: Vec<ResourceSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -291,12 +304,29 @@ impl LeaseOwner {
         let mut st = self.lock();
         let specs: Vec<ResourceSpec> = st.held.values().map(|h| h.spec.clone()).collect();
         for spec in &specs {
-            shared.remove_owner_record(spec, &self.uuid);
+            let key = (spec.lockspace.clone(), spec.name.clone());
+            // A source that dies mid hand-off leaves its record: the destination may hold the
+            // lease shared and writes its own only at its convert.
+            let handed = st
+                .converted
+                .iter()
+                .any(|h| h.spec.lockspace == key.0 && h.spec.name == key.1);
+            if !handed && !st.foreign_record.contains(&key) {
+                shared.remove_owner_record(spec, &self.uuid);
+            }
         }
         if let Some(conn) = st.conn.as_mut() {
             for chunk in specs.chunks(proto::MAX_RESOURCES) {
                 if let Err(e) = conn.release(chunk) {
                     tracing::warn!(vm = %self.name, "sanlock release at guest exit failed ({e}); closing the connection releases the leases");
+                }
+            }
+        }
+        let gates = std::mem::take(&mut st.gates);
+        if let (Some(conn), false) = (st.conn.as_mut(), gates.is_empty()) {
+            for chunk in gates.chunks(proto::MAX_RESOURCES) {
+                if let Err(e) = conn.release(chunk) {
+                    tracing::warn!(vm = %self.name, "sanlock release of gate leases failed ({e}); closing the connection releases them");
                 }
             }
         }
@@ -375,6 +405,7 @@ impl Shared {
     fn create_lease_file(
         &self,
         name: &str,
+        size: u64,
         what: &str,
         format: impl FnOnce(&Path) -> std::result::Result<(), ClientError>,
     ) -> Result<PathBuf> {
@@ -391,7 +422,7 @@ impl Shared {
                 .mode(0o660)
                 .open(&tmp)
                 .map_err(|e| Error::io(format!("creating {}", tmp.display()), &e))?;
-            file.set_len(self.align)
+            file.set_len(size)
                 .map_err(|e| Error::io(format!("sizing {}", tmp.display()), &e))?;
             drop(file);
             format(&tmp).map_err(|e| daemon_error(&self.client, what, &e))?;
@@ -432,7 +463,7 @@ impl Shared {
             Resource::Disk { path, mode } => {
                 let name = lease_name(path);
                 let lease_path =
-                    self.create_lease_file(&name, "formatting a disk lease", |tmp| {
+                    self.create_lease_file(&name, self.align, "formatting a disk lease", |tmp| {
                         self.client.write_resource(&ResourceSpec {
                             lockspace: self.config.lockspace.clone(),
                             name: name.clone(),
@@ -473,6 +504,45 @@ impl Shared {
                 })
             }
         }
+    }
+
+    /// The two gate leases of a disk lease `spec` (`[source gate, destination gate]`), or None
+    /// for a lease that is not one of this driver's disk leases (explicit leases have no gate).
+    /// They live in `lease_dir/HASH.gate`, two align sizes long, created on first use like the
+    /// disk's lease file: `HASH.gate.src` at offset 0, `HASH.gate.dst` at offset `align`.
+    ///
+    /// A migration source holds its gate exclusively from before `prepare_migration` makes the
+    /// lease shared until its `complete_migration`; a destination holds its own from before its
+    /// incoming shared acquire until its convert to exclusive (or cancel). Every other shared
+    /// acquire of the disk holds **both** gates shared while it takes the lease, so sanlock
+    /// refuses it whenever either side of a hand-off is in the gate (docs/sanlock.md §6).
+    fn gates(&self, spec: &ResourceSpec) -> Result<Option<[ResourceSpec; 2]>> {
+        if spec.lockspace != self.config.lockspace
+            || spec.path != self.config.lease_dir.join(&spec.name)
+        {
+            return Ok(None);
+        }
+        let spec_at = |path: &Path, which: &str, offset: u64| ResourceSpec {
+            lockspace: self.config.lockspace.clone(),
+            name: format!("{}.gate.{which}", spec.name),
+            path: path.to_owned(),
+            offset,
+            lver: 0,
+            flags: self.lease_flags,
+        };
+        let path = self.create_lease_file(
+            &format!("{}.gate", spec.name),
+            2 * self.align,
+            "formatting a disk's gate leases",
+            |tmp| {
+                self.client.write_resource(&spec_at(tmp, "src", 0))?;
+                self.client.write_resource(&spec_at(tmp, "dst", self.align))
+            },
+        )?;
+        Ok(Some([
+            spec_at(&path, "src", 0),
+            spec_at(&path, "dst", self.align),
+        ]))
     }
 
     fn owner(&self, uuid: &str) -> Option<Arc<LeaseOwner>> {
@@ -754,11 +824,16 @@ impl SanlockDriver {
         })?;
         shared.lease_flags = align_flags(shared.align);
         let ls_flags = shared.lease_flags;
-        shared.create_lease_file(&config.lockspace, "formatting the lockspace", |tmp| {
-            let mut ls = config.lockspace_spec(0, ls_flags);
-            ls.path = tmp.to_owned();
-            client.write_lockspace(&ls, config.io_timeout)
-        })?;
+        shared.create_lease_file(
+            &config.lockspace,
+            shared.align,
+            "formatting the lockspace",
+            |tmp| {
+                let mut ls = config.lockspace_spec(0, ls_flags);
+                ls.path = tmp.to_owned();
+                client.write_lockspace(&ls, config.io_timeout)
+            },
+        )?;
         let shared = Arc::new(shared);
         let joiner = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -982,6 +1057,10 @@ impl SanlockSession {
                 conn: Some(conn),
                 held: BTreeMap::new(),
                 pending: Vec::new(),
+                converted: Vec::new(),
+                prepared: None,
+                foreign_record: BTreeSet::new(),
+                gates: Vec::new(),
             }),
         });
         if !self.incoming {
@@ -1037,9 +1116,13 @@ fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
 
 impl SanlockSession {
     /// Migration destination, before the hand-off: checks the source's state against the
-    /// leases on disk, registers the owner and remembers the versions to acquire with at
-    /// `complete_migration(Success)`. Exclusive leases are not taken (the source still holds
-    /// them); shared ones are taken now, beside the source's.
+    /// leases on disk, registers the owner and takes every lease **shared**, beside the source,
+    /// which converted its exclusive leases to shared at `prepare_migration`. The exclusive ones
+    /// are taken with `RES_LVER` = the source's version, so sanlock itself refuses if anyone ran
+    /// a ballot on the lease since the state was taken; they are converted to exclusive at
+    /// `complete_migration(Success)`, after the source released. From the source's convert to
+    /// the destination's, a live shared holder is always there: sanlock grants no exclusive
+    /// request from any other host (`-EAGAIN`).
     fn acquire_incoming(
         &mut self,
         resources: &[Resource],
@@ -1109,17 +1192,44 @@ impl SanlockSession {
             });
         }
         let owner = self.owner(options)?;
-        owner.lock().pending = pending;
-        if options.register_only || shared_now.is_empty() {
+        {
+            let mut st = owner.lock();
+            st.pending = pending.clone();
+            st.foreign_record = pending
+                .iter()
+                .map(|h| (h.spec.lockspace.clone(), h.spec.name.clone()))
+                .collect();
+        }
+        if options.register_only {
+            // Nothing is held: complete_migration(Success) then acquires exclusively with the
+            // versions after the source released (detected, not prevented).
             return Ok(());
         }
-        let todo = self.plan(&owner, &shared_now, None)?;
-        self.take(&owner, todo)
+        // The destination's gate of each disk it migrates in, before it takes the lease shared
+        // and until its convert to exclusive: the source opens its own at its
+        // complete_migration, before this side converts.
+        if let Err(e) = self.close_gates(&owner, &pending, 1) {
+            self.open_gates(&owner);
+            return Err(e);
+        }
+        let mut todo = self.plan(&owner, &shared_now, None)?;
+        todo.extend(pending.into_iter().map(|h| {
+            let mut spec = h.spec;
+            spec.flags |= flags::RES_SHARED;
+            (h.resource, spec)
+        }));
+        // No owner records yet: the source's keep naming the VM until the hand-off succeeded.
+        let result = self.take(&owner, todo, false);
+        if result.is_err() {
+            self.open_gates(&owner);
+        }
+        result
     }
 
-    /// Migration destination, after the source released: takes the exclusive leases with the
-    /// source's versions (`RES_LVER`), so sanlock refuses if anyone held one in between, and
-    /// files the owner as the VM's owner on this host.
+    /// Migration destination, after the source released: converts the leases it holds shared to
+    /// exclusive (a ballot: the version grows, so the source's state is stale from then on) and
+    /// files the owner as the VM's owner on this host. A lease it does not hold (registered
+    /// only) is acquired exclusively with the source's version (`RES_LVER`).
     fn finish_incoming(&mut self) -> Result<()> {
         let Some(owner) = self.current() else {
             return Err(Error::invalid_state(
@@ -1130,15 +1240,40 @@ impl SanlockSession {
                 ),
             ));
         };
-        let pending: Vec<(Resource, ResourceSpec)> = owner
-            .lock()
-            .pending
-            .iter()
-            .map(|h| (h.resource.clone(), h.spec.clone()))
-            .collect();
-        // On failure the versions stay pending: the caller cancels (or retries a Busy).
-        self.take(&owner, pending)?;
-        owner.lock().pending.clear();
+        let (shared, missing): (Vec<Held>, Vec<Held>) = {
+            let st = owner.lock();
+            st.pending.iter().cloned().partition(|h| {
+                st.held
+                    .contains_key(&(h.spec.lockspace.clone(), h.spec.name.clone()))
+            })
+        };
+        // On failure the leases not converted yet stay pending (and held shared): the caller
+        // cancels, or retries a Busy.
+        for h in &shared {
+            self.convert(&owner, h, false)?;
+            let mut st = owner.lock();
+            st.pending
+                .retain(|p| p.spec.lockspace != h.spec.lockspace || p.spec.name != h.spec.name);
+            st.foreign_record
+                .remove(&(h.spec.lockspace.clone(), h.spec.name.clone()));
+            if let Some(held) = st
+                .held
+                .get_mut(&(h.spec.lockspace.clone(), h.spec.name.clone()))
+            {
+                held.spec.flags &= !(flags::RES_SHARED | flags::RES_LVER);
+            }
+            drop(st);
+            self.shared.write_owner_record(&h.spec, &owner);
+        }
+        let missing: Vec<(Resource, ResourceSpec)> =
+            missing.into_iter().map(|h| (h.resource, h.spec)).collect();
+        self.take(&owner, missing, true)?;
+        // Exclusive now: the lease itself refuses every other request.
+        self.open_gates(&owner);
+        let mut st = owner.lock();
+        st.pending.clear();
+        st.foreign_record.clear();
+        drop(st);
         lock_map(&self.shared.owners).insert(self.uuid.clone(), Arc::clone(&owner));
         self.shared.owners_cv.notify_all();
         Ok(())
@@ -1191,9 +1326,48 @@ impl SanlockSession {
         Ok(todo)
     }
 
+    /// Converts `h`, held by `owner`, to shared or to exclusive. To exclusive, `-EAGAIN` (another
+    /// live host still holds it shared: e.g. the source's release not yet seen, or the
+    /// destination not cancelled yet) is retried for up to `CONVERT_RETRY`; the lease stays held
+    /// shared whatever happens.
+    fn convert(&self, owner: &LeaseOwner, h: &Held, to_shared: bool) -> Result<()> {
+        let deadline = Instant::now() + CONVERT_RETRY;
+        loop {
+            let result = {
+                let mut st = owner.lock();
+                let Some(conn) = st.conn.as_mut() else {
+                    return Err(Error::invalid_state(
+                        "convert a lease",
+                        format!("the guest of VM \"{}\" has exited", self.name),
+                    ));
+                };
+                conn.convert(&h.spec, to_shared)
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(ClientError::Daemon(rv::EALREADY)) => return Ok(()),
+                Err(ClientError::Daemon(rv::EAGAIN)) if !to_shared && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    let mut spec = h.spec.clone();
+                    spec.flags &= !flags::RES_LVER;
+                    return Err(self
+                        .shared
+                        .acquire_error(&h.resource, &spec, &self.uuid, &e));
+                }
+            }
+        }
+    }
+
     /// Takes `todo` for `owner`, all or nothing, one lease per call so that a refusal names its
-    /// disk.
-    fn take(&self, owner: &Arc<LeaseOwner>, todo: Vec<(Resource, ResourceSpec)>) -> Result<()> {
+    /// disk; writes the owner records when `record`.
+    fn take(
+        &self,
+        owner: &Arc<LeaseOwner>,
+        todo: Vec<(Resource, ResourceSpec)>,
+        record: bool,
+    ) -> Result<()> {
         if todo.is_empty() {
             return Ok(());
         }
@@ -1203,9 +1377,35 @@ impl SanlockSession {
         {
             self.shared.wait_joined(self.shared.config.join_timeout)?;
         }
+        // A shared disk lease is taken inside its gate (both gate leases held shared meanwhile),
+        // so that it is refused while a migration hands the disk over. The destination's own
+        // shared acquire of a lease it migrates in carries the source's version (`RES_LVER`) and
+        // its own gate is held exclusively: it does not pass the gate.
+        let mut gated: Vec<Option<Vec<ResourceSpec>>> = Vec::with_capacity(todo.len());
+        for (_, spec) in &todo {
+            let through_gate =
+                spec.flags & flags::RES_SHARED != 0 && spec.flags & flags::RES_LVER == 0;
+            gated.push(match through_gate {
+                true => self.shared.gates(spec)?.map(|g| {
+                    g.into_iter()
+                        .map(|mut s| {
+                            s.flags |= flags::RES_SHARED;
+                            s
+                        })
+                        .collect()
+                }),
+                false => None,
+            });
+        }
         let failure = {
             let mut st = owner.lock();
-            let Some(conn) = st.conn.as_mut() else {
+            let OwnerState {
+                conn: conn_slot,
+                gates,
+                held,
+                ..
+            } = &mut *st;
+            let Some(conn) = conn_slot.as_mut() else {
                 return Err(Error::invalid_state(
                     "acquire",
                     format!("the guest of VM \"{}\" has exited", self.name),
@@ -1214,29 +1414,43 @@ impl SanlockSession {
             // One lease per call, so a refusal names its disk; earlier ones are rolled back.
             let mut taken: Vec<ResourceSpec> = Vec::new();
             let mut failure = None;
-            for (r, spec) in &todo {
-                if let Err(e) = conn.acquire(
-                    std::slice::from_ref(spec),
-                    flags::ACQUIRE_OWNER_NOWAIT,
-                    &self.name,
-                ) {
+            let mut stuck_gates: Vec<ResourceSpec> = Vec::new();
+            for ((r, spec), gate) in todo.iter().zip(&gated) {
+                let lease = std::slice::from_ref(spec);
+                let result = match gate {
+                    None => conn.acquire(lease, flags::ACQUIRE_OWNER_NOWAIT, &self.name),
+                    Some(gate) => conn
+                        .acquire(gate, flags::ACQUIRE_OWNER_NOWAIT, &self.name)
+                        .and_then(|()| {
+                            let result =
+                                conn.acquire(lease, flags::ACQUIRE_OWNER_NOWAIT, &self.name);
+                            if let Err(e) = conn.release(gate) {
+                                tracing::warn!(vm = %self.name, "leaving the gate of {}: release failed ({e}); the gate stays held shared until the VM's leases are released", r.label());
+                                stuck_gates.extend(gate.iter().cloned());
+                            }
+                            result
+                        }),
+                };
+                if let Err(e) = result {
                     failure = Some((r.clone(), spec.clone(), e));
                     break;
                 }
                 taken.push(spec.clone());
             }
+            gates.extend(stuck_gates);
             if failure.is_some() {
                 for chunk in taken.chunks(proto::MAX_RESOURCES) {
                     if let Err(e) = conn.release(chunk) {
                         tracing::error!(vm = %self.name, "rolling back a failed acquire: release failed ({e}); closing the sanlock connection");
-                        st.conn = None;
-                        st.held.clear();
+                        *conn_slot = None;
+                        held.clear();
+                        gates.clear();
                         break;
                     }
                 }
             } else {
                 for (r, spec) in &todo {
-                    st.held.insert(
+                    held.insert(
                         (spec.lockspace.clone(), spec.name.clone()),
                         Held {
                             resource: r.clone(),
@@ -1250,8 +1464,10 @@ impl SanlockSession {
         if let Some((r, spec, e)) = failure {
             return Err(self.shared.acquire_error(&r, &spec, &self.uuid, &e));
         }
-        for (_, spec) in &todo {
-            self.shared.write_owner_record(spec, owner);
+        if record {
+            for (_, spec) in &todo {
+                self.shared.write_owner_record(spec, owner);
+            }
         }
         Ok(())
     }
@@ -1264,6 +1480,110 @@ fn same_lease(a: &Resource, b: &Resource) -> bool {
             a == b || lease_name(p) == lease_name(q)
         }
         _ => a == b,
+    }
+}
+
+/// Results worth retrying while closing a gate: a shared acquire is inside it (`-EAGAIN`, or
+/// `-EEXIST` on this host), or a ballot holds its leader for a moment.
+fn gate_busy(code: i32) -> bool {
+    matches!(
+        code,
+        rv::EAGAIN
+            | rv::EEXIST
+            | rv::EBUSY
+            | rv::ACQUIRE_IDLIVE
+            | rv::ACQUIRE_OWNED
+            | rv::ACQUIRE_OTHER
+            | rv::ACQUIRE_SHRETRY
+            | rv::ACQUIRE_OWNED_RETRY
+    )
+}
+
+impl SanlockSession {
+    /// Closes the gate of each of `leases` for a hand-off: takes gate `which` (0: the source's,
+    /// 1: the destination's) exclusively on `owner`'s connection and files it in the owner's
+    /// `gates`. A shared acquire inside the gate is waited for, up to `CONVERT_RETRY` in all;
+    /// then the error is "retry later". On failure the gates already closed stay filed (the
+    /// caller opens them).
+    fn close_gates(&self, owner: &LeaseOwner, leases: &[Held], which: usize) -> Result<()> {
+        let deadline = Instant::now() + CONVERT_RETRY;
+        for h in leases {
+            let Some(gates) = self.shared.gates(&h.spec)? else {
+                continue;
+            };
+            let gate = gates[which].clone();
+            loop {
+                let result = {
+                    let mut st = owner.lock();
+                    let Some(conn) = st.conn.as_mut() else {
+                        return Err(Error::invalid_state(
+                            "close a disk's gate",
+                            format!("the guest of VM \"{}\" has exited", self.name),
+                        ));
+                    };
+                    let r = conn.acquire(
+                        std::slice::from_ref(&gate),
+                        flags::ACQUIRE_OWNER_NOWAIT,
+                        &self.name,
+                    );
+                    if r.is_ok() {
+                        st.gates.push(gate.clone());
+                    }
+                    r
+                };
+                match result {
+                    Ok(()) => break,
+                    Err(ClientError::Daemon(code)) if gate_busy(code) => {
+                        if Instant::now() >= deadline {
+                            return Err(Error::ServiceUnavailable {
+                                reason: format!(
+                                    "the migration gate of {} stayed busy for {} s (a shared acquire of the disk is under way, or a host that was in the gate has not been seen dead yet); retry later: {}",
+                                    h.resource.label(),
+                                    CONVERT_RETRY.as_secs(),
+                                    describe_rv(code)
+                                ),
+                            });
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        return Err(self
+                            .shared
+                            .acquire_error(&h.resource, &gate, &self.uuid, &e))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the gates `owner` holds for a hand-off; one the daemon does not release stays
+    /// filed (the connection's close releases it).
+    fn open_gates(&self, owner: &LeaseOwner) {
+        let mut st = owner.lock();
+        let OwnerState { conn, gates, .. } = &mut *st;
+        let Some(conn) = conn.as_mut() else {
+            gates.clear();
+            return;
+        };
+        for chunk in std::mem::take(gates).chunks(proto::MAX_RESOURCES) {
+            if let Err(e) = conn.release(chunk) {
+                tracing::warn!(vm = %self.name, "releasing migration gates failed ({e}); they stay held until the VM's connection closes");
+                gates.extend(chunk.iter().cloned());
+            }
+        }
+    }
+
+    /// Converts `leases` (shared since a prepare) back to exclusive; the ones left shared stay
+    /// in the owner's `converted` on failure.
+    fn restore(&self, owner: &LeaseOwner, leases: &[Held]) -> Result<()> {
+        for (i, h) in leases.iter().enumerate() {
+            if let Err(e) = self.convert(owner, h, false) {
+                owner.lock().converted = leases[i..].to_vec();
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1286,7 +1606,7 @@ impl Session for SanlockSession {
             return Ok(());
         }
         let todo = self.plan(&owner, resources, state)?;
-        self.take(&owner, todo)
+        self.take(&owner, todo, true)
     }
 
     fn release(&mut self, resources: &[Resource]) -> Result<LockState> {
@@ -1356,8 +1676,9 @@ impl Session for SanlockSession {
             }
         }
         for e in &released.entries {
-            st.held.retain(|_, h| {
-                if h.resource == e.resource {
+            let foreign = st.foreign_record.clone();
+            st.held.retain(|k, h| {
+                if h.resource == e.resource && !foreign.contains(k) {
                     self.shared.remove_owner_record(&h.spec, &self.uuid);
                 }
                 h.resource != e.resource
@@ -1411,8 +1732,48 @@ impl Session for SanlockSession {
                 ));
             }
         }
-        // The source keeps holding; the destination re-acquires with these versions later.
-        self.inquire()
+        let Some(owner) = self.current() else {
+            return Ok(LockState::empty(NAME));
+        };
+        if let Some(state) = owner.lock().prepared.clone() {
+            return Ok(state); // prepared already: the same hand-off
+        }
+        // The versions first (sanlock reports none for shared leases), then every exclusive
+        // lease goes shared: this host's shared mode block is written before the leader is
+        // released, so no other host can take the lease exclusively from now on, and the
+        // destination can take it shared beside this one.
+        let state = self.inquire()?;
+        let exclusive: Vec<Held> = owner
+            .lock()
+            .held
+            .values()
+            .filter(|h| h.spec.flags & flags::RES_SHARED == 0)
+            .cloned()
+            .collect();
+        // The source's gate of each such disk first: from here until this side's
+        // complete_migration no other VM's shared acquire of the disk passes its gate.
+        if let Err(e) = self.close_gates(&owner, &exclusive, 0) {
+            self.open_gates(&owner);
+            return Err(e);
+        }
+        let mut done: Vec<Held> = Vec::new();
+        for h in exclusive {
+            if let Err(e) = self.convert(&owner, &h, true) {
+                // All or nothing: the ones already shared go back to exclusive.
+                if let Err(back) = self.restore(&owner, &done) {
+                    tracing::error!(vm = %self.name, "undoing a failed migration prepare: {back}");
+                    owner.lock().converted = done;
+                } else {
+                    self.open_gates(&owner);
+                }
+                return Err(e);
+            }
+            done.push(h);
+        }
+        let mut st = owner.lock();
+        st.converted = done;
+        st.prepared = Some(state.clone());
+        Ok(state)
     }
 
     fn complete_migration(&mut self, outcome: MigrationOutcome, incoming: bool) -> Result<()> {
@@ -1421,12 +1782,42 @@ impl Session for SanlockSession {
             // the state prepare_migration handed out.
             (MigrationOutcome::Success, false) => {
                 let held: Vec<Resource> = match self.current() {
-                    Some(o) => o.lock().held.values().map(|h| h.resource.clone()).collect(),
+                    Some(o) => {
+                        let mut st = o.lock();
+                        // The destination's owner record replaces this one at its convert.
+                        let handed: Vec<(String, String)> = st
+                            .converted
+                            .iter()
+                            .map(|h| (h.spec.lockspace.clone(), h.spec.name.clone()))
+                            .collect();
+                        st.foreign_record.extend(handed);
+                        st.converted.clear();
+                        st.prepared = None;
+                        st.held.values().map(|h| h.resource.clone()).collect()
+                    }
                     None => Vec::new(),
                 };
-                self.release(&held).map(drop)
+                self.release(&held)?;
+                // The destination holds its own gate until its convert to exclusive.
+                if let Some(o) = self.current() {
+                    self.open_gates(&o);
+                }
+                Ok(())
             }
-            (MigrationOutcome::Cancel, false) => Ok(()),
+            // Source: the leases prepare made shared become exclusive again (a ballot: the
+            // version grows, so the handed-out state is stale).
+            (MigrationOutcome::Cancel, false) => {
+                let Some(owner) = self.current() else {
+                    return Ok(());
+                };
+                let converted = owner.lock().converted.clone();
+                self.restore(&owner, &converted)?;
+                self.open_gates(&owner);
+                let mut st = owner.lock();
+                st.converted.clear();
+                st.prepared = None;
+                Ok(())
+            }
             (MigrationOutcome::Success, true) => self.finish_incoming(),
             (MigrationOutcome::Cancel, true) => {
                 // Shared leases taken at the incoming acquire are released; the session keeps

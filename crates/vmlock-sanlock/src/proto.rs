@@ -36,6 +36,7 @@ pub mod cmd {
     pub const WRITE_LOCKSPACE: u32 = 18;
     pub const WRITE_RESOURCE: u32 = 19;
     pub const READ_RESOURCE: u32 = 21;
+    pub const CONVERT: u32 = 27;
     pub const VERSION: u32 = 28;
 }
 
@@ -43,6 +44,8 @@ pub mod cmd {
 #[allow(missing_docs)]
 pub mod flags {
     pub const ACQUIRE_OWNER_NOWAIT: u32 = 0x8;
+    /// `SANLK_CONVERT_OWNER_NOWAIT`: the same value and meaning as `ACQUIRE_OWNER_NOWAIT`.
+    pub const CONVERT_OWNER_NOWAIT: u32 = 0x8;
     pub const RES_LVER: u32 = 0x1;
     pub const RES_SHARED: u32 = 0x4;
     pub const ALIGN1M: u32 = 0x10;
@@ -69,6 +72,7 @@ pub mod rv {
     pub const ENODEV: i32 = -19;
     pub const EINVAL: i32 = -22;
     pub const ENOSPC: i32 = -28;
+    pub const EALREADY: i32 = -114;
     pub const EINPROGRESS: i32 = -115;
     pub const LEADER_MAGIC: i32 = -223;
     pub const LEADER_SECTORSIZE: i32 = -225;
@@ -99,6 +103,7 @@ pub fn describe_rv(code: i32) -> String {
         rv::EINVAL => "EINVAL (invalid argument, or conflicting lockspace)",
         rv::ENOSPC => "ENOSPC (lockspace not joined)",
         -34 => "ERANGE (bad number of disks)",
+        rv::EALREADY => "EALREADY (the lease is already in that mode)",
         rv::EINPROGRESS => "EINPROGRESS (lockspace add/remove in progress)",
         -116 | -25 => "ESTALE/ENOTTY (registered process died)",
         -201 => "SANLK_ERROR",
@@ -428,6 +433,15 @@ pub fn encode_resource(r: &ResourceSpec, with_disk: bool) -> ClientResult<Vec<u8
     } else {
         wire::Resource::new(r)?.as_bytes().to_vec()
     })
+}
+
+/// Encodes the body of `SM_CMD_CONVERT`: the resource without disks, with `RES_SHARED` set
+/// exactly when converting to shared (the resource's own flags are ignored).
+pub fn encode_convert(r: &ResourceSpec, to_shared: bool) -> ClientResult<Vec<u8>> {
+    let mut res = wire::Resource::new(r)?;
+    res.flags = if to_shared { flags::RES_SHARED } else { 0 };
+    res.lver = 0;
+    Ok(res.as_bytes().to_vec())
 }
 
 /// A reply header.
@@ -843,6 +857,23 @@ impl Registered {
         Ok(())
     }
 
+    /// Converts a lease this client holds between exclusive and shared (`SM_CMD_CONVERT`, sanlock
+    /// 3.1+). The body is the `struct sanlk_resource` alone (no disks); the daemon matches the
+    /// lease by lockspace and name and reads only `RES_SHARED` of its flags: set = exclusive →
+    /// shared, clear = shared → exclusive.
+    ///
+    /// Exclusive → shared keeps the token and writes this host's shared mode block before it
+    /// releases the leader, so no other host can take the lease exclusively in between. Shared →
+    /// exclusive runs a ballot (the lver grows) and fails with `-EAGAIN` while another live host
+    /// holds it shared; the lease is then still held shared. Converting to the mode already held
+    /// is `-EALREADY` (-114); a lease this client does not hold is `-ENOENT`.
+    pub fn convert(&mut self, resource: &ResourceSpec, to_shared: bool) -> ClientResult<()> {
+        let body = encode_convert(resource, to_shared)?;
+        self.conn
+            .call(cmd::CONVERT, flags::CONVERT_OWNER_NOWAIT, 0, SELF, &body)?;
+        Ok(())
+    }
+
     /// Forbids the daemon some actions on this client (`RESTRICT_*`).
     pub fn restrict(&mut self, restrict_flags: u32) -> ClientResult<()> {
         self.conn
@@ -955,6 +986,18 @@ mod tests {
         assert_eq!(u32::from_ne_bytes(b[120..124].try_into().unwrap()), 1);
         assert_eq!(u32::from_ne_bytes(b[124..128].try_into().unwrap()), 1);
         assert_eq!(encode_resource(&r, false).unwrap().len(), 128);
+        let shared = ResourceSpec {
+            flags: flags::RES_LVER | flags::ALIGN1M | flags::SECTOR512,
+            ..r.clone()
+        };
+        let c = encode_convert(&shared, true).unwrap();
+        assert_eq!(c.len(), 128);
+        assert_eq!(&c[0..3], b"LS\0");
+        assert_eq!(&c[48..50], b"R\0");
+        assert_eq!(&c[96..104], &[0; 8], "no lver");
+        assert_eq!(u32::from_ne_bytes(c[120..124].try_into().unwrap()), 0x4);
+        let c = encode_convert(&shared, false).unwrap();
+        assert_eq!(u32::from_ne_bytes(c[120..124].try_into().unwrap()), 0);
     }
 
     #[test]

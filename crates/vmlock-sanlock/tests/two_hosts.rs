@@ -405,11 +405,10 @@ fn migration_hands_the_lease_to_the_other_host_with_its_version() {
         &state.to_string().parse().unwrap(),
         &AcquireOptions::default(),
     )
-    .expect("destination registers and checks the state");
-    assert!(
-        dst.inquire().unwrap().entries.is_empty(),
-        "the destination takes nothing before the hand-off"
-    );
+    .expect("destination checks the state and takes the lease shared");
+    let early = dst.inquire().unwrap();
+    assert_eq!(early.entries.len(), 1, "B holds the lease shared: {early}");
+    assert_eq!(early.entries[0].version, 0, "shared: no version: {early}");
     // While the migration runs, A's VM holds the disk.
     let g = Guest::spawn();
     assert_busy(
@@ -449,7 +448,7 @@ fn migration_hands_the_lease_to_the_other_host_with_its_version() {
 }
 
 #[test]
-fn a_lease_taken_during_the_hand_off_is_refused_by_sanlock() {
+fn no_vm_takes_the_lease_between_the_source_release_and_the_destination_convert() {
     let p = Pair::start();
     let d = p.disk("race", DiskMode::Exclusive);
     let ga = Guest::spawn();
@@ -467,21 +466,23 @@ fn a_lease_taken_during_the_hand_off_is_refused_by_sanlock() {
     .unwrap();
     src.complete_migration(MigrationOutcome::Success)
         .expect("source releases");
-    // Between the source's release and the destination's acquire another VM on A takes the disk
-    // and gives it back: the lease version moved on.
-    {
-        let gc = Guest::spawn();
-        let mut c = start(&p.a.plugin, "vm-c", &gc, std::slice::from_ref(&d)).unwrap();
-        c.release().unwrap();
-    }
-    let e = dst
-        .complete_migration(MigrationOutcome::Success)
-        .expect_err("sanlock refuses the old version (SANLK_ACQUIRE_LVER)");
-    assert!(matches!(e, Error::InvalidLockState { .. }), "{e}");
-    assert!(e.to_string().contains(&d.label()), "{e}");
-    assert!(dst.inquire().unwrap().entries.is_empty(), "B holds nothing");
-    dst.complete_migration(MigrationOutcome::Cancel)
-        .expect("cancel after the refusal");
-    let gd = Guest::spawn();
-    start(&p.b.plugin, "vm-d", &gd, &[d]).expect("the disk is free");
+    // Between the source's release and the destination's convert, B holds the lease shared:
+    // another VM on A is refused (it used to get the free lease here).
+    let gc = Guest::spawn();
+    assert_busy(
+        start(&p.a.plugin, "vm-c", &gc, std::slice::from_ref(&d)),
+        &d,
+        "vm-m",
+    );
+    dst.complete_migration(MigrationOutcome::Success)
+        .expect("B converts to exclusive");
+    assert!(
+        dst.inquire().unwrap().entries[0].version > state.entries[0].version,
+        "B holds it exclusively at a new version"
+    );
+    let err = start(&p.a.plugin, "vm-c", &gc, std::slice::from_ref(&d)).unwrap_err();
+    assert!(
+        err.to_string().contains("host-b"),
+        "B's record names it: {err}"
+    );
 }

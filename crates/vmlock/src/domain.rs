@@ -105,9 +105,9 @@ pub fn migration_incoming(
 }
 
 /// Migration succeeded: the source gives up first, then the destination takes over. Drivers that
-/// move the very locks (lockd) do the whole hand-off at the first call; drivers whose leases cannot
-/// be held by two hosts at once (sanlock) release on the source and re-acquire on the destination
-/// with the versions from the source's state, so anyone taking the lease in between is detected.
+/// move the very locks (lockd) do the whole hand-off at the first call; sanlock, whose exclusive
+/// leases cannot be held by two hosts at once, releases the source's shared lease first and then
+/// converts the destination's shared lease to exclusive (docs/sanlock.md §6).
 pub fn migration_finish(source: &mut Manager, destination: &mut Manager) -> Result<()> {
     source.complete_migration(MigrationOutcome::Success)?;
     destination.complete_migration(MigrationOutcome::Success)
