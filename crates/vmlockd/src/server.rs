@@ -945,8 +945,9 @@ impl Daemon {
                 pid: Some(vm.pid),
             };
             let mut taken = cluster.acquire(&owner, &resources, incoming);
-            // A VM of this host released the disk a moment ago and the release thread has not
-            // deleted its key yet: delete it here and try once more.
+            // A VM of this host released the disk a moment ago (or its guest died) and its key
+            // is not deleted yet: delete it here, or wait (bounded) for the release thread that
+            // is deleting it, and try once more.
             if let Err(Error::Busy {
                 holder: vmlock::ForeignHolder::Vm(holder),
                 ..
@@ -954,7 +955,7 @@ impl Daemon {
             {
                 if holder.host == self.host_name
                     && holder.uuid != uuid
-                    && self.release_ended_keys(cluster, &holder.uuid)
+                    && self.ended_keys_gone(cluster, &holder.uuid)
                 {
                     taken = cluster.acquire(&owner, &resources, incoming);
                 }
@@ -1453,6 +1454,32 @@ impl Daemon {
             for uuid in cluster.vms() {
                 self.release_ended_keys(cluster, &uuid);
             }
+        }
+    }
+
+    /// Whether VM `uuid`'s keys of ended grants are gone now: deleted here, or by the release
+    /// thread while this waited (at most a second, polling: the caller holds another VM's
+    /// cluster lock, so it never blocks on this one's). False at once if the VM still holds
+    /// grants with keys: the conflict is real.
+    fn ended_keys_gone(&self, cluster: &Cluster, uuid: &str) -> bool {
+        let until = Instant::now() + Duration::from_secs(1);
+        loop {
+            let still_granted = self
+                .lock_table()
+                .vm_grants(uuid)
+                .iter()
+                .any(|(_, r)| cluster::disk_id(r).is_some());
+            if still_granted {
+                return false;
+            }
+            if self.release_ended_keys(cluster, uuid) || cluster.disks_of(uuid).is_empty() {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            // Bounded poll: the release thread holds that VM's lock while it deletes.
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
