@@ -162,64 +162,77 @@ fn ratio(a: &Cell, b: &Cell) -> String {
     }
 }
 
-/// The markdown table. `results[0]` is vmlock; ratio columns are vmlock ÷ each other column.
-pub fn table(results: &[SysResult]) -> String {
-    let mut reasons = Vec::new();
-    let mut rows = vec![
+/// Rows 1 and 2 (one client's acquire+release latency, 16 owners' throughput and latency), for
+/// every table whose results carry them.
+fn latency_rows<R>(
+    reasons: &mut Vec<String>,
+    results: &[R],
+    single: impl Fn(&R) -> &Outcome<Samples> + Copy,
+    concurrent: impl Fn(&R) -> &Outcome<Concurrent> + Copy,
+) -> Vec<Row> {
+    vec![
         row(
-            &mut reasons,
+            reasons,
             results,
             "1. acquire+release, 1 client",
             "p50",
-            |r| &r.single,
+            single,
             |s| time_cell(s.pct(50.0)),
         ),
         row(
-            &mut reasons,
+            reasons,
             results,
             "1. acquire+release, 1 client",
             "p99",
-            |r| &r.single,
+            single,
             |s| time_cell(s.pct(99.0)),
         ),
         row(
-            &mut reasons,
+            reasons,
             results,
             "1. acquire+release, 1 client",
             "samples",
-            |r| &r.single,
+            single,
             |s| Cell {
                 value: None,
                 text: s.len().to_string(),
             },
         ),
         row(
-            &mut reasons,
+            reasons,
             results,
             "2. 16 owners, different disks",
             "acquire+release pairs/s",
-            |r| &r.concurrent,
+            concurrent,
             |c| Cell {
                 value: Some(c.per_sec),
                 text: format!("{:.0}", c.per_sec),
             },
         ),
         row(
-            &mut reasons,
+            reasons,
             results,
             "2. 16 owners, different disks",
             "p50",
-            |r| &r.concurrent,
+            concurrent,
             |c| time_cell(c.samples.pct(50.0)),
         ),
         row(
-            &mut reasons,
+            reasons,
             results,
             "2. 16 owners, different disks",
             "p99",
-            |r| &r.concurrent,
+            concurrent,
             |c| time_cell(c.samples.pct(99.0)),
         ),
+    ]
+}
+
+/// The markdown table. `results[0]` is vmlock; ratio columns are vmlock ÷ each other column.
+pub fn table(results: &[SysResult]) -> String {
+    let mut reasons = Vec::new();
+    let mut rows = latency_rows(&mut reasons, results, |r| &r.single, |r| &r.concurrent);
+    rows.extend(vec![
         row(
             &mut reasons,
             results,
@@ -381,7 +394,7 @@ pub fn table(results: &[SysResult]) -> String {
                 text: format!("{:.1} MiB", m.loaded as f64 / 1048576.0),
             },
         ),
-    ];
+    ]);
     let names: Vec<&str> = results.iter().map(|r| r.name).collect();
     render(&names, &mut rows, &reasons)
 }
@@ -557,62 +570,7 @@ fn takeover_rows(
 /// The cluster table: `results[0]` is vmlock with etcd; ratios are it ÷ each other column.
 pub fn cluster_table(results: &[ClusterResult]) -> String {
     let mut reasons = Vec::new();
-    let mut rows = vec![
-        row(
-            &mut reasons,
-            results,
-            "1. acquire+release, 1 client",
-            "p50",
-            |r| &r.single,
-            |s| time_cell(s.pct(50.0)),
-        ),
-        row(
-            &mut reasons,
-            results,
-            "1. acquire+release, 1 client",
-            "p99",
-            |r| &r.single,
-            |s| time_cell(s.pct(99.0)),
-        ),
-        row(
-            &mut reasons,
-            results,
-            "1. acquire+release, 1 client",
-            "samples",
-            |r| &r.single,
-            |s| Cell {
-                value: None,
-                text: s.len().to_string(),
-            },
-        ),
-        row(
-            &mut reasons,
-            results,
-            "2. 16 owners, different disks",
-            "acquire+release pairs/s",
-            |r| &r.concurrent,
-            |c| Cell {
-                value: Some(c.per_sec),
-                text: format!("{:.0}", c.per_sec),
-            },
-        ),
-        row(
-            &mut reasons,
-            results,
-            "2. 16 owners, different disks",
-            "p50",
-            |r| &r.concurrent,
-            |c| time_cell(c.samples.pct(50.0)),
-        ),
-        row(
-            &mut reasons,
-            results,
-            "2. 16 owners, different disks",
-            "p99",
-            |r| &r.concurrent,
-            |c| time_cell(c.samples.pct(99.0)),
-        ),
-    ];
+    let mut rows = latency_rows(&mut reasons, results, |r| &r.single, |r| &r.concurrent);
     rows.extend(takeover_rows(
         &mut reasons,
         results,
