@@ -4,8 +4,7 @@
 # QEMU driver, virsh and the stock lockd plugin (the testkit's private libvirtd), sanlock, etcd,
 # protoc with its well-known types (for the etcd-client crate's build), iproute2 (the testkit's
 # network namespaces), openssl (certificates for the TLS etcd clusters) and g++ (libFuzzer, for
-# scripts/fuzz.sh). Idempotent; needs
-# root. Skips the install when everything is already there.
+# scripts/fuzz.sh). Idempotent; needs root. Skips the install when everything is already there.
 set -euo pipefail
 
 need=()
