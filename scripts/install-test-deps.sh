@@ -3,8 +3,8 @@
 # the preinstalled qemu-utils 10.x), virtlockd for the side-by-side benchmark, libvirtd with its
 # QEMU driver, virsh and the stock lockd plugin (the testkit's private libvirtd), sanlock, etcd,
 # protoc with its well-known types (for the etcd-client crate's build), iproute2 (the testkit's
-# network namespaces) and openssl (certificates for the TLS etcd clusters). Idempotent; needs
-# root. Skips the install when everything is already there.
+# network namespaces), openssl (certificates for the TLS etcd clusters) and g++ (libFuzzer, for
+# scripts/fuzz.sh). Idempotent; needs root. Skips the install when everything is already there.
 set -euo pipefail
 
 need=()
@@ -24,6 +24,8 @@ command -v etcdctl >/dev/null || need+=(other)
 command -v ip >/dev/null || need+=(other)
 # openssl: the testkit's TLS etcd clusters make their CA and certificates with it.
 command -v openssl >/dev/null || need+=(other)
+# c++ (g++): libfuzzer-sys builds libFuzzer for scripts/fuzz.sh.
+command -v c++ >/dev/null || need+=(other)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""
@@ -47,4 +49,4 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
   qemu-system-x86 libvirt-daemon-lock \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon-plugin-lockd
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-  sanlock etcd-server etcd-client protobuf-compiler libprotobuf-dev iproute2 openssl
+  sanlock etcd-server etcd-client protobuf-compiler libprotobuf-dev iproute2 openssl g++

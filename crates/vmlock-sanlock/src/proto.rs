@@ -455,6 +455,76 @@ pub struct Reply {
     pub data2: u32,
 }
 
+/// Bytes of a reply header (`struct sm_header`).
+pub const REPLY_HEADER_LEN: usize = size_of::<wire::Header>();
+
+/// Longest reply body accepted.
+pub const MAX_REPLY_BODY: usize = 64 << 20;
+
+impl Reply {
+    /// The body length the header announces (its `length` less the header), refused above
+    /// [`MAX_REPLY_BODY`].
+    pub fn body_len(&self) -> ClientResult<usize> {
+        let len = (self.length as usize).saturating_sub(REPLY_HEADER_LEN);
+        if len > MAX_REPLY_BODY {
+            return Err(ClientError::Protocol(format!("reply body of {len} bytes")));
+        }
+        Ok(len)
+    }
+}
+
+/// Decodes a reply header from the daemon's bytes; refuses a wrong length or magic.
+pub fn decode_reply_header(bytes: &[u8]) -> ClientResult<Reply> {
+    let h = wire::Header::read_from_bytes(bytes).map_err(|_| {
+        ClientError::Protocol(format!(
+            "reply header of {} bytes, not {REPLY_HEADER_LEN}",
+            bytes.len()
+        ))
+    })?;
+    if h.magic != SM_MAGIC {
+        return Err(ClientError::Protocol(format!(
+            "reply magic {:#x} is not sanlock's {SM_MAGIC:#x}",
+            h.magic
+        )));
+    }
+    Ok(Reply {
+        length: h.length,
+        data: h.data as i32,
+        data2: h.data2,
+    })
+}
+
+/// Decodes the body of a `GET_HOSTS` reply: at most `count` (`data2`) whole `struct sanlk_host`
+/// entries; a trailing partial entry is ignored.
+pub fn decode_hosts(body: &[u8], count: u32) -> Vec<HostStatus> {
+    body.chunks_exact(size_of::<wire::Host>())
+        .take(count as usize)
+        // The body is a Vec<u8>, not aligned for u64: copy each entry out.
+        .filter_map(|h| wire::Host::read_from_bytes(h).ok())
+        .map(|h| HostStatus {
+            host_id: h.host_id,
+            generation: h.generation,
+            timestamp: h.timestamp,
+            io_timeout: h.io_timeout,
+            state: HostState::from_flags(h.flags),
+        })
+        .collect()
+}
+
+/// Decodes the body of a `READ_RESOURCE` reply: the resource's leader version.
+pub fn decode_read_resource(body: &[u8]) -> ClientResult<u64> {
+    let (back, _) = wire::Resource::read_from_prefix(body).map_err(|_| {
+        ClientError::Protocol(format!("read_resource reply of {} bytes", body.len()))
+    })?;
+    Ok(back.lver)
+}
+
+/// Decodes the body of an `INQUIRE` reply: sanlock's state string, up to its first NUL.
+pub fn decode_inquire(body: &[u8]) -> String {
+    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    String::from_utf8_lossy(&body[..end]).into_owned()
+}
+
 /// One connection to the daemon. Requests on it are strictly one at a time.
 #[derive(Debug)]
 pub struct Connection {
@@ -517,27 +587,14 @@ impl Connection {
 
     /// Reads one reply header.
     pub fn recv_header(&mut self) -> ClientResult<Reply> {
-        let mut h = wire::Header::new_zeroed();
-        self.stream.read_exact(h.as_mut_bytes())?;
-        if h.magic != SM_MAGIC {
-            return Err(ClientError::Protocol(format!(
-                "reply magic {:#x} is not sanlock's {SM_MAGIC:#x}",
-                h.magic
-            )));
-        }
-        Ok(Reply {
-            length: h.length,
-            data: h.data as i32,
-            data2: h.data2,
-        })
+        let mut h = [0u8; REPLY_HEADER_LEN];
+        self.stream.read_exact(&mut h)?;
+        decode_reply_header(&h)
     }
 
     /// Reads the reply body announced by `reply.length`.
     pub fn recv_body(&mut self, reply: &Reply) -> ClientResult<Vec<u8>> {
-        let len = (reply.length as usize).saturating_sub(size_of::<wire::Header>());
-        if len > 64 << 20 {
-            return Err(ClientError::Protocol(format!("reply body of {len} bytes")));
-        }
+        let len = reply.body_len()?;
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body)?;
         Ok(body)
@@ -644,10 +701,7 @@ impl Client {
         if reply.data < 0 {
             return Err(ClientError::Daemon(reply.data));
         }
-        let (back, _) = wire::Resource::read_from_prefix(&res).map_err(|_| {
-            ClientError::Protocol(format!("read_resource reply of {} bytes", res.len()))
-        })?;
-        Ok(back.lver)
+        decode_read_resource(&res)
     }
 
     /// Joins a lockspace as `ls.host_id`; blocks until joined (2–5 × io_timeout) or failed.
@@ -697,19 +751,7 @@ impl Client {
             return Err(ClientError::Daemon(reply.data));
         }
         let body = c.recv_body(&reply)?;
-        Ok(body
-            .chunks_exact(size_of::<wire::Host>())
-            .take(reply.data2 as usize)
-            // The body is a Vec<u8>, not aligned for u64: copy each entry out.
-            .filter_map(|h| wire::Host::read_from_bytes(h).ok())
-            .map(|h| HostStatus {
-                host_id: h.host_id,
-                generation: h.generation,
-                timestamp: h.timestamp,
-                io_timeout: h.io_timeout,
-                state: HostState::from_flags(h.flags),
-            })
-            .collect())
+        Ok(decode_hosts(&body, reply.data2))
     }
 
     /// Registers the calling process: the returned connection owns every lease acquired on it,
@@ -838,8 +880,7 @@ impl Registered {
         if reply.data < 0 {
             return Err(ClientError::Daemon(reply.data));
         }
-        let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
-        Ok(String::from_utf8_lossy(&body[..end]).into_owned())
+        Ok(decode_inquire(&body))
     }
 
     /// Sets the program the daemon runs when this client's lockspace fails (`args` are split on
@@ -1024,6 +1065,40 @@ mod tests {
             u32::from_ne_bytes(b[24..28].try_into().unwrap()) as i32,
             -243
         );
+    }
+
+    #[test]
+    fn decodes_replies_from_bytes() {
+        let header = wire::Header {
+            magic: SM_MAGIC,
+            length: 32 + 40 + 7,
+            data: (-243i32) as u32,
+            data2: 5,
+            ..Default::default()
+        };
+        let reply = decode_reply_header(header.as_bytes()).unwrap();
+        assert_eq!(
+            (reply.data, reply.data2, reply.body_len().unwrap()),
+            (-243, 5, 47)
+        );
+        assert!(decode_reply_header(&header.as_bytes()[..31]).is_err());
+        assert!(decode_reply_header(&[0u8; REPLY_HEADER_LEN]).is_err());
+        let huge = Reply {
+            length: u32::MAX,
+            data: 0,
+            data2: 0,
+        };
+        assert!(huge.body_len().is_err());
+        // A trailing partial entry and entries past the count are ignored.
+        let mut host = wire::Host::new_zeroed();
+        host.host_id = 2;
+        host.flags = 5;
+        let mut body = host.as_bytes().repeat(2);
+        body.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(decode_hosts(&body, 5).len(), 2);
+        assert_eq!(decode_hosts(&body, 1)[0].state, HostState::Dead);
+        assert!(decode_read_resource(&body).is_err());
+        assert_eq!(decode_inquire(b"LS:r:/p:0:3\0junk"), "LS:r:/p:0:3");
     }
 
     #[test]
