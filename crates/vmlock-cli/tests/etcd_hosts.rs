@@ -85,6 +85,18 @@ impl Host {
         (child, pid)
     }
 
+    /// `vmlock ARGS` on this host, which must succeed; what it printed, trimmed.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmlock().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "vmlock {args:?} on {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
     /// One try to run a guest that exits at once on `disk`: whether the disk was acquired, and
     /// the refusal's text if not.
     fn try_acquire(&self, vm: &str, disk: &Path) -> Result<(), String> {
@@ -384,17 +396,7 @@ fn a_live_migration_between_hosts_leaves_the_disk_to_no_third_host() {
     let mut src_qmp = Qmp::connect_when_ready(&src_qmp_path, WAIT).unwrap();
     third("before the migration");
 
-    let out = a
-        .vmlock()
-        .args(["migrate-prepare", "--uuid", &uuid])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let state = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let state = a.ok(&["migrate-prepare", "--uuid", &uuid]);
     third("after prepare");
 
     let (mut dst, dst_qmp_path) = qemu_vm(
@@ -411,16 +413,7 @@ fn a_live_migration_between_hosts_leaves_the_disk_to_no_third_host() {
     let uri = format!("unix:{}", b.env.dir.path().join("migration.sock").display());
     assert_eq!(src_qmp.migrate_to(&mut dst_qmp, &uri).unwrap(), "completed");
     third("between switchover and finish");
-    let out = a
-        .vmlock()
-        .args(["migrate-finish", "--uuid", &uuid])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    a.ok(&["migrate-finish", "--uuid", &uuid]);
     dst_qmp.execute("cont", serde_json::json!({})).unwrap();
     src_qmp
         .execute("quit", serde_json::json!({}))
