@@ -25,14 +25,24 @@ struct Host {
 
 impl Host {
     fn new() -> Self {
+        Self::with_daemon_config(None)
+    }
+
+    /// A host whose vmlockd runs with the configuration text `config`.
+    fn with_daemon_config(config: Option<&str>) -> Self {
         let host = Host {
             dir: tempfile::tempdir().unwrap(),
         };
+        let config = config.map(|text| {
+            let path = host.dir.path().join("vmlockd.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
         // This build's daemon, started from here (outside any libvirtd's namespace) and named
         // explicitly: a `vmlockd` beside the binary may be older in a shared target directory.
         let runtime = RuntimeDir::resolve(Some(&host.run_dir())).unwrap();
         let vmlock = Path::new(env!("CARGO_BIN_EXE_vmlock"));
-        spawn_daemon(&runtime, vmlock, &["daemon".into()], None).unwrap();
+        spawn_daemon(&runtime, vmlock, &["daemon".into()], config.as_deref()).unwrap();
         host
     }
 
@@ -854,4 +864,53 @@ fn qemu_keeps_its_own_locks_when_its_holder_and_vmlockd_both_die() {
         "QEMU ran without its lock in {free} of {probes} probes"
     );
     wait_freed(&host, &a, "the disk is freed");
+}
+
+/// With `[etcd]` in vmlockd.toml, a libvirt domain's disk also holds its cluster key (named
+/// after the domain), the domain's holder watches the fencing deadline, and destroy frees the
+/// key with no plugin call.
+#[test]
+fn a_libvirt_domain_holds_a_cluster_key_when_vmlockd_uses_etcd() {
+    if skip() {
+        return;
+    }
+    let cluster = vmlock_testkit::etcd::EtcdCluster::single();
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect();
+    let host = Host::with_daemon_config(Some(&format!(
+        "host_name = \"host-a\"\n[etcd]\nendpoints = [{}]\n",
+        endpoints.join(", ")
+    )));
+    let libvirtd = host.libvirtd();
+    let disk = std::fs::canonicalize(host.qcow2("c")).unwrap();
+    define(&libvirtd, "clustered", &[&disk]);
+    libvirtd.virsh_ok(&["start", "clustered"]);
+    assert_eq!(host.holder_of(&disk).as_deref(), Some("clustered"));
+
+    let etcd = vmlock_etcd::Etcd::connect(&vmlock_etcd::Config::new(cluster.endpoints(), "check"))
+        .unwrap();
+    let keys = |disk: &Path| etcd.holders(&disk.to_string_lossy()).unwrap();
+    let held = keys(&disk);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (held[0].owner.vm_name.as_str(), held[0].owner.host.as_str()),
+        ("clustered", "host-a")
+    );
+    assert!(
+        vmlock_client::fence::read(&host.run_dir()).is_some(),
+        "no fencing deadline for the domain's holder"
+    );
+
+    libvirtd.virsh_ok(&["destroy", "clustered"]);
+    wait_freed(&host, &disk, "the disk is freed");
+    // Bounded poll: the daemon's release thread deletes the key after the grant ended.
+    wait_until(
+        "the cluster key is deleted",
+        SETTLE,
+        Duration::from_millis(10),
+        || keys(&disk).is_empty(),
+    );
 }
