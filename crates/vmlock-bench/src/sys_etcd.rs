@@ -291,6 +291,7 @@ fn one_takeover(
         let attempt = Instant::now();
         match b.acquire(res) {
             Ok(_) => break attempt,
+            // Bounded retry (limit): the takeover is measured by polling acquires.
             Err(Error::Busy { .. }) if lost.elapsed() < limit => std::thread::sleep(RETRY),
             Err(e) => {
                 armed.store(false, Ordering::Release);

@@ -478,6 +478,7 @@ pub fn takeover(bin: &Path, dir: &Path, io_timeout: u32) -> Result<Takeover> {
             0 => break,
             rv if lost.elapsed() < limit => {
                 codes.insert(rv);
+                // Bounded retry (limit): the takeover is measured by polling acquires.
                 std::thread::sleep(Duration::from_millis(50));
             }
             rv => bail!(

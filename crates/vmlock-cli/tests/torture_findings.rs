@@ -78,6 +78,7 @@ fn supervisor_is_taken_back_after_the_journal_lost_its_tail() {
         if back || Instant::now() >= deadline {
             break text;
         }
+        // Bounded poll (deadline above), as said: the hand-back has no event.
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(

@@ -1347,6 +1347,8 @@ impl SanlockSession {
                 Ok(()) => return Ok(()),
                 Err(ClientError::Daemon(rv::EALREADY)) => return Ok(()),
                 Err(ClientError::Daemon(rv::EAGAIN)) if !to_shared && Instant::now() < deadline => {
+                    // Bounded retry (deadline): sanlock tells no one when the other host's
+                    // shared hold ends.
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(e) => {
@@ -1544,6 +1546,7 @@ impl SanlockSession {
                                 ),
                             });
                         }
+                        // Bounded retry (deadline above): a gate's release has no event.
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     Err(e) => {
