@@ -79,14 +79,6 @@ pub fn check_cluster_name(resource: &Resource) -> Result<(), Error> {
     }
 }
 
-/// One key this host holds (or may hold: an acquire whose outcome is unknown counts as held
-/// until a release confirms it gone).
-#[derive(Debug, Clone, Copy)]
-struct HeldKey {
-    exclusive: bool,
-    revision: Option<Revision>,
-}
-
 /// The connection and the lease in force.
 #[derive(Default)]
 struct Link {
@@ -101,8 +93,9 @@ pub struct Cluster {
     config: vmlock_etcd::Config,
     lease_file: PathBuf,
     link: Mutex<Link>,
-    /// Keys held per VM uuid, per disk id.
-    held: Mutex<HashMap<String, HashMap<String, HeldKey>>>,
+    /// The disk ids of the keys each VM (by uuid) holds, or may hold: an acquire whose outcome
+    /// is unknown counts as held until a release confirms it gone.
+    held: Mutex<HashMap<String, HashSet<String>>>,
     /// One lock per VM: its acquire's etcd step and its keys' release never overlap.
     vm_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Set when the table changed; the release thread waits on it.
@@ -274,30 +267,12 @@ impl Cluster {
             let vm = held.entry(owner.vm_uuid.clone()).or_default();
             wanted
                 .iter()
-                .filter(|(disk, exclusive, _)| {
-                    vm.insert(
-                        disk.clone(),
-                        HeldKey {
-                            exclusive: *exclusive,
-                            revision: None,
-                        },
-                    )
-                    .is_none()
-                })
+                .filter(|(disk, _, _)| vm.insert(disk.clone()))
                 .map(|(d, _, _)| d.clone())
                 .collect()
         };
         match transaction(requests) {
-            Ok(revision) => {
-                if let Some(vm) = locked(&self.held).get_mut(&owner.vm_uuid) {
-                    for (disk, _, _) in wanted {
-                        if let Some(k) = vm.get_mut(disk) {
-                            k.revision = Some(revision);
-                        }
-                    }
-                }
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(e) => {
                 if matches!(
                     e,
@@ -364,7 +339,7 @@ impl Cluster {
     pub fn disks_of(&self, uuid: &str) -> Vec<String> {
         locked(&self.held)
             .get(uuid)
-            .map_or_else(Vec::new, |vm| vm.keys().cloned().collect())
+            .map_or_else(Vec::new, |vm| vm.iter().cloned().collect())
     }
 
     /// Deletes the keys of VM `uuid` not in `wanted` (disk ids). Call with the VM's cluster
@@ -414,7 +389,7 @@ impl Cluster {
         }
         std::mem::take(&mut *locked(&self.held))
             .into_iter()
-            .map(|(uuid, disks)| (uuid, disks.into_keys().collect()))
+            .map(|(uuid, disks)| (uuid, disks.into_iter().collect()))
             .collect()
     }
 
@@ -443,13 +418,9 @@ impl Cluster {
                         .holder
                         .split_once('@')
                         .map_or(h.key.holder.as_str(), |(u, _)| u);
-                    map.entry(uuid.to_owned()).or_default().insert(
-                        h.key.disk.clone(),
-                        HeldKey {
-                            exclusive: h.exclusive,
-                            revision: Some(h.revision),
-                        },
-                    );
+                    map.entry(uuid.to_owned())
+                        .or_default()
+                        .insert(h.key.disk.clone());
                 }
                 lease
             }
@@ -576,20 +547,6 @@ impl Cluster {
                 tracing::warn!(uuid, "deleting the migration's hand-over key: {e}");
             }
         }
-    }
-
-    /// Whether VM `uuid` holds keys.
-    pub fn holds(&self, uuid: &str) -> bool {
-        locked(&self.held).contains_key(uuid)
-    }
-
-    /// `(disk, exclusive, revision)` of VM `uuid`'s keys, for status.
-    pub fn keys_of(&self, uuid: &str) -> Vec<(String, bool, Option<Revision>)> {
-        locked(&self.held).get(uuid).map_or_else(Vec::new, |vm| {
-            vm.iter()
-                .map(|(d, k)| (d.clone(), k.exclusive, k.revision))
-                .collect()
-        })
     }
 }
 

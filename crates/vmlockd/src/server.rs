@@ -928,11 +928,18 @@ impl Daemon {
         // The local locks are taken (pending); now the cluster's, in one transaction. Under the
         // VM's cluster lock until the grants are committed or aborted, so the release thread
         // never sees a key whose grant is neither.
-        let cluster_lock = self.cluster.as_ref().map(|c| c.vm_lock(uuid));
+        // (A request that takes no key, read-only disks only, needs neither.)
+        let keyed = self.cluster.as_ref().filter(|_| {
+            reservation
+                .handover
+                .iter()
+                .any(|(l, _)| cluster::disk_id(&l.resource).is_some())
+        });
+        let cluster_lock = keyed.map(|c| c.vm_lock(uuid));
         let _cluster_guard = cluster_lock
             .as_ref()
             .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()));
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = keyed {
             let resources: Vec<vmlock::Resource> = reservation
                 .handover
                 .iter()
