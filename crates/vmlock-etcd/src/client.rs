@@ -245,6 +245,30 @@ impl Etcd {
         }
     }
 
+    /// One transaction, bounded by the request timeout and retried like every request (each
+    /// caller's transaction recognises its own earlier success, or is idempotent).
+    pub(crate) fn txn(
+        &self,
+        what: &'static str,
+        txn: etcd_client::Txn,
+    ) -> Result<etcd_client::TxnResponse, Error> {
+        self.run(what, self.config().request_timeout(), |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+    }
+
+    /// Every key under `prefix`.
+    pub(crate) fn get_prefix(&self, prefix: &str) -> Result<etcd_client::GetResponse, Error> {
+        self.run("get", self.config().request_timeout(), |mut c| {
+            let p = prefix.to_owned();
+            async move {
+                c.get(p, Some(etcd_client::GetOptions::new().with_prefix()))
+                    .await
+            }
+        })
+    }
+
     /// A bare put then delete of `key` (no transaction, no lease): the floor the lock
     /// operations are measured against.
     pub fn put_delete(&self, key: &str) -> Result<(), Error> {

@@ -63,11 +63,7 @@ impl HostLease {
         )];
         success.extend(reads.iter().cloned());
         let txn = Txn::new().when(compares).and_then(success).or_else(reads);
-        let t = self.etcd.config().request_timeout();
-        let resp = self.etcd.run("prepare hand-over", t, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })?;
+        let resp = self.etcd.txn("prepare hand-over", txn)?;
         let responses = resp.op_responses();
         // On success the hand-over put comes first and answers no get.
         let skip = usize::from(resp.succeeded());
@@ -137,11 +133,7 @@ impl HostLease {
             reads.push(TxnOp::get(own, None));
         }
         let txn = Txn::new().when(compares).and_then(puts).or_else(reads);
-        let t = self.etcd.config().request_timeout();
-        let resp = self.etcd.run("acquire incoming", t, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })?;
+        let resp = self.etcd.txn("acquire incoming", txn)?;
         if resp.succeeded() {
             return Ok(header_revision(resp.header()));
         }
@@ -196,12 +188,6 @@ impl HostLease {
         let txn = Txn::new()
             .when([Compare::lease(key.clone(), CompareOp::Equal, self.id().0)])
             .and_then([TxnOp::delete(key, None)]);
-        let t = self.etcd.config().request_timeout();
-        self.etcd
-            .run("end hand-over", t, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .map(drop)
+        self.etcd.txn("end hand-over", txn).map(drop)
     }
 }

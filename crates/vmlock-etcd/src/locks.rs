@@ -117,11 +117,7 @@ impl Etcd {
     pub fn holders(&self, disk: &str) -> Result<Vec<Held>, Error> {
         let prefix = self.config().prefix.clone();
         let p = keys::disk_prefix(&prefix, disk);
-        let t = self.config().request_timeout();
-        let resp = self.run("get", t, |mut c| {
-            let p = p.clone();
-            async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
-        })?;
+        let resp = self.get_prefix(&p)?;
         resp.kvs()
             .iter()
             .map(|kv| parse_held(&prefix, kv))
@@ -132,11 +128,7 @@ impl Etcd {
     pub fn held_by(&self, lease: LeaseId) -> Result<Vec<Held>, Error> {
         let prefix = self.config().prefix.clone();
         let p = format!("{prefix}/disks/");
-        let t = self.config().request_timeout();
-        let resp = self.run("get", t, |mut c| {
-            let p = p.clone();
-            async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
-        })?;
+        let resp = self.get_prefix(&p)?;
         let mut held = Vec::new();
         for kv in resp.kvs().iter().filter(|kv| kv.lease() == lease.0) {
             held.push(parse_held(&prefix, kv)?);
@@ -187,11 +179,7 @@ impl Etcd {
             reads.push(TxnOp::get(disk, Some(GetOptions::new().with_prefix())));
         }
         let txn = Txn::new().when(compares).and_then(puts).or_else(reads);
-        let t = self.config().request_timeout();
-        let resp = self.run("acquire", t, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })?;
+        let resp = self.txn("acquire", txn)?;
         if resp.succeeded() {
             return Ok(header_revision(resp.header()));
         }
@@ -255,11 +243,7 @@ impl Etcd {
             }
         }
         let txn = Txn::new().and_then(ops);
-        let t = self.config().request_timeout();
-        let resp = self.run("release", t, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })?;
+        let resp = self.txn("release", txn)?;
         let deleted: Vec<bool> = resp
             .op_responses()
             .iter()
@@ -301,11 +285,7 @@ impl Etcd {
                 Some(PutOptions::new().with_lease(to_lease.0)),
             )])
             .or_else([TxnOp::get(k.clone(), None)]);
-        let t = self.config().request_timeout();
-        let resp = self.run("transfer", t, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })?;
+        let resp = self.txn("transfer", txn)?;
         if resp.succeeded() {
             return Ok(header_revision(resp.header()));
         }
