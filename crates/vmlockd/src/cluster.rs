@@ -279,6 +279,7 @@ impl Cluster {
                     vmlock_etcd::Error::Conflict { .. }
                         | vmlock_etcd::Error::Invalid(_)
                         | vmlock_etcd::Error::Stale { .. }
+                        | vmlock_etcd::Error::Refused { .. }
                 ) {
                     // Refused: the transaction took nothing.
                     let mut held = locked(&self.held);
