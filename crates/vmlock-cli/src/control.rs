@@ -164,8 +164,19 @@ impl ControlServer {
             path
         };
         let listener = UnixListener::bind(&path)?;
-        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path)?);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Self::serve_on(listener, path, manager, policy)
+    }
+
+    /// Serves `manager` on `listener`, already bound at `path` (by the process that started
+    /// this one).
+    pub fn serve_on(
+        listener: UnixListener,
+        path: PathBuf,
+        manager: Arc<Mutex<Manager>>,
+        policy: LockFailurePolicy,
+    ) -> anyhow::Result<Self> {
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path)?);
         let uid = nix::unistd::geteuid().as_raw();
         let since = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -16,6 +16,7 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use vmlock::{AcquireOptions, LockFailureAction, Manager, Plugin, Resource, StartMode, VmParams};
 
 /// The marker the plugin carries in its binary, so `uninstall` removes only a plugin it wrote.
@@ -78,8 +79,19 @@ pub struct HolderArgs {
     #[arg(long)]
     uri: Option<String>,
     /// The socket on which the start is reported ("OK" with the lock descriptions, or "ERR ...").
-    #[arg(long)]
-    ready_fd: RawFd,
+    #[arg(
+        long,
+        required_unless_present = "takeover_fd",
+        conflicts_with = "takeover_fd"
+    )]
+    ready_fd: Option<RawFd>,
+    /// Take over from the guest, which took the leases itself: the socket on which it hands
+    /// their descriptions down.
+    #[arg(long, requires = "control_fd")]
+    takeover_fd: Option<RawFd>,
+    /// With `--takeover-fd`: the domain's control socket, bound and listening.
+    #[arg(long, requires = "takeover_fd")]
+    control_fd: Option<RawFd>,
 }
 
 /// Runs a `vmlock libvirt` command.
@@ -92,9 +104,15 @@ pub fn run(plugin: &Plugin, runtime_dir: &Path, command: LibvirtCommand) -> anyh
 }
 
 fn hold(plugin: &Plugin, runtime_dir: &Path, args: HolderArgs) -> anyhow::Result<i32> {
+    if let (Some(takeover), Some(control)) = (args.takeover_fd, args.control_fd) {
+        return take_over(runtime_dir, &args, takeover, control);
+    }
+    let ready_fd = args
+        .ready_fd
+        .context("--ready-fd or --takeover-fd is needed")?;
     // SAFETY: the plugin passes its end of a socket pair under this number and nothing else in
     // this process owns it; it is closed once the start is reported.
-    let mut ready = unsafe { std::os::unix::net::UnixStream::from_raw_fd(args.ready_fd) };
+    let mut ready = unsafe { std::os::unix::net::UnixStream::from_raw_fd(ready_fd) };
     let _ = rustix::io::fcntl_setfd(&ready, rustix::io::FdFlags::CLOEXEC);
     let started = start(plugin, &args);
     let (manager, policy) = match started {
@@ -142,6 +160,78 @@ fn hold(plugin: &Plugin, runtime_dir: &Path, args: HolderArgs) -> anyhow::Result
     // The leases live as long as QEMU: when it exits the daemon unlocks them from the guest's
     // own pidfd (or hands them to a migration destination that took them over), so there is
     // nothing left to release here.
+    guest.wait_exit(None);
+    drop(control);
+    Ok(0)
+}
+
+/// The holder started by a pre-exec child that took the leases itself: receives their
+/// descriptions, takes the domain over from its guest (this process's parent) in vmlockd, and
+/// serves the control socket the child bound. Nobody waits for it: a failure is logged (to the
+/// domain's log) and leaves the guest holding its leases, through vmlockd and its own copies of
+/// the descriptions, until it exits.
+fn take_over(
+    runtime_dir: &Path,
+    args: &HolderArgs,
+    takeover_fd: RawFd,
+    control_fd: RawFd,
+) -> anyhow::Result<i32> {
+    // SAFETY: the plugin passes these two descriptors under these numbers (the hand-down socket
+    // and the bound control socket) and nothing else in this process owns them.
+    let (handed, listener) = unsafe {
+        (
+            std::os::unix::net::UnixStream::from_raw_fd(takeover_fd),
+            std::os::unix::net::UnixListener::from_raw_fd(control_fd),
+        )
+    };
+    for fd in [takeover_fd, control_fd] {
+        let _ = rustix::io::fcntl_setfd(
+            // SAFETY: borrowed for this call only; owned by `handed` and `listener` above.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+            rustix::io::FdFlags::CLOEXEC,
+        );
+    }
+    let result = take_over_and_serve(runtime_dir, args, &handed, listener);
+    if let Err(e) = &result {
+        eprintln!(
+            "vmlock libvirt holder: domain {} (uuid {}): could not take over from its guest, pid              {}: {e:#}; the guest keeps its leases, but libvirt's later lock calls will fail",
+            args.name, args.uuid, args.guest_pid
+        );
+    }
+    result
+}
+
+fn take_over_and_serve(
+    runtime_dir: &Path,
+    args: &HolderArgs,
+    handed: &std::os::unix::net::UnixStream,
+    listener: std::os::unix::net::UnixListener,
+) -> anyhow::Result<i32> {
+    let (locks, fds) = vmlock_client::handdown::receive(handed, Duration::from_secs(10))
+        .context("receiving the lock descriptions")?;
+    let runtime = vmlock_client::RuntimeDir::resolve(Some(runtime_dir))?;
+    let driver = vmlock_client::driver::LockdDriver::taking_over(
+        vmlock_client::Endpoint::new(runtime),
+        vmlock_client::driver::Takeover {
+            guest_pid: args.guest_pid,
+            locks,
+            fds,
+        },
+    );
+    let plugin = Plugin::from_driver(Arc::new(driver));
+    let (manager, policy) = start(&plugin, args)?;
+    let guest = vmlock_sys::pidfd::ProcessHandle::open(args.guest_pid, None)
+        .context("watching the guest")?;
+    let uuid = manager.vm().uuid.to_string();
+    let manager = Arc::new(Mutex::new(manager));
+    crate::control::watch_fencing(runtime_dir, &manager, &policy);
+    let control = crate::control::ControlServer::serve_on(
+        listener,
+        crate::control::socket_path(runtime_dir, &uuid),
+        Arc::clone(&manager),
+        policy,
+    )?;
+    // As for a holder that took the leases itself: they live as long as QEMU.
     guest.wait_exit(None);
     drop(control);
     Ok(0)

@@ -173,6 +173,23 @@ fn a_domain_holds_its_disk_a_second_is_refused_by_name_and_destroy_frees_it() {
         "{:?}",
         host.held()
     );
+    // The pre-exec child took the disk itself and handed it down: the holder it started (QEMU's
+    // child) took over, and vmlockd names it as the holder.
+    let qemu_pid = libvirtd.qemu_pid("first").unwrap();
+    let holder = holder_process(qemu_pid).expect("no holder process under QEMU");
+    let command_line = std::fs::read(format!("/proc/{holder}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&command_line).contains("--takeover-fd"),
+        "not the fast start: {}",
+        String::from_utf8_lossy(&command_line)
+    );
+    // Bounded poll: nobody waits for the takeover; it follows the start by milliseconds.
+    wait_until(
+        "the holder took over from QEMU",
+        SETTLE,
+        Duration::from_millis(20),
+        || status_holder_pid(&host, &disk) == Some(u64::from(holder)),
+    );
 
     // vmlock refuses in libvirt's pre-exec child, before QEMU opens the disk (QEMU's own image
     // locking would otherwise be what refuses, with its own message).
@@ -452,6 +469,17 @@ fn holder_pid(host: &Host, disk: &Path) -> Option<u64> {
         .iter()
         .find(|r| r["resource"].as_str().is_some_and(|p| p.contains(&disk)))
         .and_then(|r| r["vm"]["pid"].as_u64())
+}
+
+/// `status --json`'s holder pid for `disk`.
+fn status_holder_pid(host: &Host, disk: &Path) -> Option<u64> {
+    let out = host.vmlock(&["status", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let disk = disk.display().to_string();
+    rows.as_array()?
+        .iter()
+        .find(|r| r["resource"].as_str().is_some_and(|p| p.contains(&disk)))
+        .and_then(|r| r["holder_pid"].as_u64())
 }
 
 fn socket_uri(libvirtd: &LibvirtDaemon) -> String {

@@ -6,10 +6,11 @@
 
 use crate::connection::{unexpected, Connection, Endpoint};
 use crate::holder::Holder;
-use crate::proto::{AcquireFlags, HeldResource, Reply, Request, VmIdentity};
+use crate::proto::{AcquireFlags, HeldLock, HeldResource, Reply, Request, VmIdentity};
 use crate::runtime::RuntimeDir;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use vmlock::registry::parse_config;
 use vmlock::{
     AcquireOptions, Capabilities, Driver, DriverConfig, Error, LockState, MigrationOutcome,
@@ -23,12 +24,39 @@ pub const NAME: &str = "lockd";
 #[derive(Debug)]
 pub struct LockdDriver {
     endpoint: Endpoint,
+    /// For the next start: take the VM over from its self-holding guest.
+    takeover: Mutex<Option<Takeover>>,
+}
+
+/// What a guest that held its own locks hands down to its child, the holder that takes over
+/// (libvirt's pre-exec child to `vmlock libvirt holder`).
+#[derive(Debug)]
+pub struct Takeover {
+    /// The guest (the holder's parent).
+    pub guest_pid: u32,
+    /// What the guest took, with one description each.
+    pub locks: Vec<HeldLock>,
+    /// Those descriptions, in the same order.
+    pub fds: Vec<OwnedFd>,
 }
 
 impl LockdDriver {
     /// A driver for the daemon at `endpoint`.
     pub fn new(endpoint: Endpoint) -> Self {
-        LockdDriver { endpoint }
+        LockdDriver {
+            endpoint,
+            takeover: Mutex::new(None),
+        }
+    }
+
+    /// A driver whose next [`StartMode::Start`] session takes the VM over from its guest, which
+    /// registered as its own holder and took `takeover.locks`, instead of registering a new
+    /// holder: the session's acquire then finds everything already held (idempotent).
+    pub fn taking_over(endpoint: Endpoint, takeover: Takeover) -> Self {
+        LockdDriver {
+            endpoint,
+            takeover: Mutex::new(Some(takeover)),
+        }
     }
 
     /// Registry factory. Keys: `runtime_dir` (default as `vmlock --runtime-dir`), `auto_start`
@@ -103,9 +131,23 @@ impl Driver for LockdDriver {
         }
         // A destination registers at once, so a start that is no migration (nothing prepared
         // on the source) is refused before its guest runs, with the source named.
-        let holder = match mode {
-            StartMode::IncomingMigration => {
+        let takeover = match mode {
+            StartMode::Start => self.takeover.lock().ok().and_then(|mut t| t.take()),
+            _ => None,
+        };
+        let mut identity = identity;
+        let holder = match (mode, takeover) {
+            (StartMode::IncomingMigration, _) => {
                 Some(Holder::start_incoming(&self.endpoint, identity.clone())?)
+            }
+            (_, Some(t)) => {
+                identity.pid = t.guest_pid;
+                Some(Holder::take_over(
+                    &self.endpoint,
+                    identity.clone(),
+                    t.locks,
+                    t.fds,
+                )?)
             }
             _ => None,
         };

@@ -130,12 +130,15 @@ impl Registration {
         }
     }
 
-    /// Only what belongs to the VM: the per-request modifiers of an acquire do not.
+    /// Only what belongs to the VM: the per-request modifiers of an acquire do not. Who carries
+    /// the lock-failure action out (`supervisor_acts`) does: without it, a daemon restarted
+    /// without its state files would act behind the VM manager's back.
     fn vm_flags(flags: &AcquireFlags) -> AcquireFlags {
         AcquireFlags {
             on_lock_failure: flags.on_lock_failure,
             qmp_socket: flags.qmp_socket.clone(),
             hold_qemu_bytes: flags.hold_qemu_bytes,
+            supervisor_acts: flags.supervisor_acts,
             ..AcquireFlags::default()
         }
     }
@@ -392,8 +395,33 @@ impl Holder {
         Self::start_as(endpoint, vm, true)
     }
 
+    /// Takes over as the holder of `vm` from its guest, which registered as its own holder and
+    /// took `locks` (their descriptions `fds`, handed down to this process): the daemon accepts
+    /// this from the guest's child only (see `LockTable::hold`). Every description is handed
+    /// back with the registration, so the takeover loses nothing even if the daemon restarted
+    /// since the guest's acquire.
+    pub fn take_over(
+        endpoint: &Endpoint,
+        vm: VmIdentity,
+        locks: Vec<HeldLock>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Self, Error> {
+        let mut kept = Kept::default();
+        kept.keep(locks, fds)?;
+        Self::start_with(endpoint, vm, false, kept)
+    }
+
     fn start_as(endpoint: &Endpoint, vm: VmIdentity, incoming: bool) -> Result<Self, Error> {
-        let kept = Arc::new(Mutex::new(Kept::default()));
+        Self::start_with(endpoint, vm, incoming, Kept::default())
+    }
+
+    fn start_with(
+        endpoint: &Endpoint,
+        vm: VmIdentity,
+        incoming: bool,
+        kept: Kept,
+    ) -> Result<Self, Error> {
+        let kept = Arc::new(Mutex::new(kept));
         let name = vm.name.clone();
         let registration = Arc::new(Mutex::new(Registration { vm, flags: None }));
         let conn = register(endpoint, &registration, &kept, incoming)?;
@@ -621,6 +649,7 @@ mod tests {
                 on_lock_failure: LockFailureAction::Ignore,
                 hold_qemu_bytes: true,
                 qmp_socket: Some("/run/qmp.sock".into()),
+                supervisor_acts: true,
                 ..AcquireFlags::default()
             })
         );

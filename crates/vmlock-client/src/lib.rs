@@ -6,6 +6,8 @@
 //! - [`holder`]: the holder that keeps a VM's lock descriptions, on a thread of its own
 //!   ([`Holder`]) or in the caller's own loop without any thread ([`HoldConnection`], usable in a
 //!   forked child before exec: see [`holder`] for the contract);
+//! - [`handdown`]: a self-holding guest hands its lock descriptions down to the holder that
+//!   takes over from it;
 //! - [`control`]: the control socket of a VM's supervisor (protocol and client);
 //! - [`driver`]: the `lockd` driver of the lock manager API;
 //! - [`runtime`]: the runtime directory and starting the embedded daemon;
@@ -15,6 +17,7 @@ pub mod connection;
 pub mod control;
 pub mod driver;
 pub mod fence;
+pub mod handdown;
 pub mod holder;
 pub mod proto;
 pub mod qmp;

@@ -269,6 +269,22 @@ impl<D, P> Owner<D, P> {
     fn is_holder(&self, caller: Caller) -> bool {
         self.holder.is(caller) && !self.orphaned
     }
+    /// Whether `caller`, registering with `guest` as its guest, takes this VM over from a guest
+    /// that is its own holder. The guest's own registration exists only so it holds its disks
+    /// before it execs (QEMU's pre-exec child takes them in microseconds, and its child, started
+    /// without waiting for it, becomes the long-lived holder). A child of the guest runs in the
+    /// guest's trust domain and could already act for it; it gains no disk the guest did not
+    /// hold. Not while migrating or orphaned, and never from a holder that is not the guest.
+    fn delegates_to<Q>(&self, guest: &ProcInfo<Q>, caller: Caller) -> bool {
+        self.holder.pid == self.guest.pid
+            && self.holder.start_time == self.guest.start_time
+            && guest.pid == self.guest.pid
+            && guest.start_time == self.guest.start_time
+            && guest.parent_of_caller
+            && caller.pid != self.guest.pid
+            && !self.orphaned
+            && self.migration.is_none()
+    }
     fn holder_identity(&self, host: &str) -> Holder {
         Holder {
             name: self.vm.name.clone(),
@@ -542,6 +558,13 @@ impl<H: Host> LockTable<H> {
         let uuid = vm.uuid.clone();
         match self.owners.get_mut(&uuid) {
             Some(existing) => {
+                // A guest that holds its own locks (libvirt's pre-exec child, which becomes
+                // QEMU) delegates them to its child, which takes over as the holder: see
+                // `delegates_to`.
+                if existing.delegates_to(&guest, caller) {
+                    existing.holder = caller;
+                    existing.link = None;
+                }
                 // Only the process that kept the descriptions may take them back.
                 if existing.link.is_some() || !existing.holder.is(caller) {
                     let holder = existing.holder_identity(&self.host_name);

@@ -444,3 +444,121 @@ fn a_holder_is_taken_back_when_the_record_of_its_guest_was_lost() {
     r.expect("the holder is taken back");
     assert_eq!(table.guest_of(UUID).map(|(g, _)| g), Some(11));
 }
+
+/// Guest 30 holds its own disk (libvirt's pre-exec child, which becomes QEMU), on link 1.
+fn self_holding_guest(host: &mut TinyHost) -> LockTable<TinyHost> {
+    let mut table = LockTable::new(Policy::default(), "test".into());
+    let (r, _) = table.hold(
+        host,
+        who(30),
+        LinkId(1),
+        identity(30),
+        proc(30, 130, 1),
+        Vec::new(),
+        Some(AcquireFlags::default()),
+    );
+    r.expect("a guest may be its own holder");
+    let opened = vec![Opened {
+        resource: disk(),
+        key: LockKey {
+            dev: 1,
+            ino: 1,
+            byte: 0,
+        },
+        desc: host.open(1),
+        image: None,
+    }];
+    let (r, _) = table.reserve(host, who(30), UUID, opened, &AcquireFlags::default());
+    let reservation = r.ok().flatten().expect("reserved");
+    table.commit(UUID, reservation.ticket).0.expect("committed");
+    table
+}
+
+/// The guest as a caller whose parent it is sees it.
+fn parent_guest() -> ProcInfo<(u32, u64)> {
+    let mut guest = proc(30, 130, 1);
+    guest.parent_of_caller = true;
+    guest
+}
+
+#[test]
+fn a_self_holding_guest_delegates_to_its_child_and_to_nobody_else() {
+    let mut host = TinyHost::default();
+    let mut table = self_holding_guest(&mut host);
+
+    // A stranger (the guest is not its parent) cannot take the VM over.
+    let (r, fx) = table.hold(
+        &mut host,
+        who(40),
+        LinkId(4),
+        identity(30),
+        proc(30, 130, 1),
+        Vec::new(),
+        None,
+    );
+    assert!(r.is_err(), "a stranger took the VM over");
+    assert!(fx.kill.is_empty() && fx.close.is_empty());
+
+    // The guest's child does, with the guest's own link still open.
+    let (r, _) = table.hold(
+        &mut host,
+        who(31),
+        LinkId(2),
+        identity(30),
+        parent_guest(),
+        Vec::new(),
+        None,
+    );
+    r.expect("the guest's child takes over");
+    let status = table.status();
+    assert_eq!(status[0].holder_pid, Some(31));
+    assert_eq!(status[0].resources.len(), 1, "the grant moved with it");
+
+    // The guest's own link closing (its exec) is no longer the holder's: nothing changes.
+    let fx = table.holder_closed(&mut host, LinkId(1), false);
+    assert!(fx.kill.is_empty() && fx.close.is_empty());
+    assert_eq!(table.status()[0].holder_pid, Some(31));
+    assert!(host.locked_by_anyone(1));
+
+    // The guest no longer speaks for the VM, and a second child cannot take it again.
+    let (r, _) = table.release(&mut host, who(30), UUID, None, false);
+    assert!(r.is_err(), "the delegating guest still released its disk");
+    let (r, _) = table.hold(
+        &mut host,
+        who(32),
+        LinkId(3),
+        identity(30),
+        parent_guest(),
+        Vec::new(),
+        None,
+    );
+    assert!(r.is_err(), "a second child took the VM from its holder");
+
+    // The new holder dies while the guest runs: the guest is killed before anything unlocks.
+    let fx = table.holder_closed(&mut host, LinkId(2), false);
+    assert_eq!(fx.kill, vec![(30, 130)]);
+    assert!(host.locked_by_anyone(1));
+}
+
+#[test]
+fn a_guest_under_a_supervisor_is_not_delegated_by_its_child() {
+    let mut host = TinyHost::default();
+    // Holder 10, guest 11: a child of the guest is nobody.
+    let mut table = running_vm(&mut host, AcquireFlags::default());
+    let mut guest = proc(11, 111, 10);
+    guest.parent_of_caller = true;
+    let (r, _) = table.hold(
+        &mut host,
+        who(12),
+        LinkId(5),
+        identity(11),
+        guest,
+        Vec::new(),
+        None,
+    );
+    assert!(
+        r.is_err(),
+        "the guest's child took the VM from its supervisor"
+    );
+    assert_eq!(table.status()[0].holder_pid, Some(10));
+}

@@ -8,6 +8,7 @@
 
 use crate::config::Config;
 use crate::domain::{self, code, Domain, PluginError, Value};
+use crate::spawn::{TakeOutcome, TakeRequest};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -358,22 +359,16 @@ unsafe extern "C" fn drv_acquire(
         // SAFETY: the manager and state libvirt passes for this call.
         let (d, state) = unsafe { (domain(man)?, text(state)) };
         if flags & domain::ACQUIRE_REGISTER_ONLY != 0 {
-            // libvirt's pre-exec child: the holder takes the leases before QEMU opens a disk.
-            // Nothing is handed to QEMU: `*fd` stays -1.
+            // libvirt's pre-exec child: the leases are taken before QEMU opens a disk, by this
+            // process itself (then handed down to the holder it starts), or by the holder.
+            // Nothing is handed to QEMU through `*fd`: it stays -1.
             let action = domain::lock_failure_action(action)?;
             d.check_leases(config)?;
-            let descriptions = crate::spawn::start_holder(
-                &d.holder_args(config, action),
-                crate::spawn::READY_TIMEOUT,
-            )
-            .map_err(|reason| PluginError {
-                code: if reason.contains("held by") || reason.contains("is locked") {
-                    code::RESOURCE_BUSY
-                } else {
-                    code::OPERATION_FAILED
-                },
-                message: format!("vmlock: {reason}"),
-            })?;
+            let descriptions = match fast_start(config, d, action) {
+                TakeOutcome::Held(descriptions) => descriptions,
+                TakeOutcome::Refused(e) => return Err(e.into()),
+                TakeOutcome::UseHolder => holder_start(config, d, action)?,
+            };
             // QEMU keeps copies of its lock descriptions across the exec: its locks then end
             // with it and nothing else, whatever happens to its holder or to vmlockd.
             for fd in descriptions {
@@ -388,6 +383,47 @@ unsafe extern "C" fn drv_acquire(
         d.acquire(config, state.as_deref())?;
         Ok(0)
     })
+}
+
+/// The pre-exec child takes the leases itself and hands them down to the holder it starts
+/// (see [`crate::spawn::take_and_hand_down`]), unless it cannot tell a fresh start.
+fn fast_start(config: &Config, d: &Domain, action: vmlock::LockFailureAction) -> TakeOutcome {
+    // A pause needs libvirt's connection to be carried out: the holder's start names the gap.
+    if action == vmlock::LockFailureAction::Pause && d.uri.is_none() {
+        return TakeOutcome::UseHolder;
+    }
+    let Ok(runtime) = vmlock_client::RuntimeDir::resolve(Some(&config.runtime_dir)) else {
+        return TakeOutcome::UseHolder;
+    };
+    let (vm, flags) = d.registration(action);
+    let args = d.takeover_args(config, action);
+    let control = vmlock_client::control::socket_path(&config.runtime_dir, &d.uuid);
+    crate::spawn::take_and_hand_down(&TakeRequest {
+        runtime: &runtime,
+        vm,
+        resources: d.resources.clone(),
+        flags,
+        holder_args: &args,
+        control: &control,
+    })
+}
+
+/// The holder's own start: it takes the leases and reports; this child waits for the report.
+fn holder_start(
+    config: &Config,
+    d: &Domain,
+    action: vmlock::LockFailureAction,
+) -> Result<Vec<std::os::fd::OwnedFd>, PluginError> {
+    crate::spawn::start_holder(&d.holder_args(config, action), crate::spawn::READY_TIMEOUT).map_err(
+        |reason| PluginError {
+            code: if reason.contains("held by") || reason.contains("is locked") {
+                code::RESOURCE_BUSY
+            } else {
+                code::OPERATION_FAILED
+            },
+            message: format!("vmlock: {reason}"),
+        },
+    )
 }
 
 unsafe extern "C" fn drv_release(

@@ -10,6 +10,7 @@ use crate::config::Config;
 use std::path::PathBuf;
 use vmlock::{DiskMode, LockFailureAction, Resource};
 use vmlock_client::control::{self, ControlReply, ControlRequest};
+use vmlock_client::proto::{AcquireFlags, VmIdentity};
 
 /// libvirt's error codes (`virErrorNumber`) the plugin reports with.
 pub mod code {
@@ -218,8 +219,46 @@ impl Domain {
         Ok(())
     }
 
-    /// The holder's command line (`vmlock libvirt holder`), for the pre-exec child.
+    /// The holder's command line (`vmlock libvirt holder`), for the pre-exec child: a holder
+    /// that takes the leases and reports on [`crate::spawn::READY_FD`].
     pub fn holder_args(&self, config: &Config, action: LockFailureAction) -> Vec<String> {
+        let mut args = self.holder_base_args(config, action);
+        args.push("--ready-fd".into());
+        args.push(crate::spawn::READY_FD.to_string());
+        args
+    }
+
+    /// The command line of a holder that takes over from the pre-exec child, which took the
+    /// leases itself ([`crate::spawn::take_and_hand_down`]).
+    pub fn takeover_args(&self, config: &Config, action: LockFailureAction) -> Vec<String> {
+        let mut args = self.holder_base_args(config, action);
+        args.push("--takeover-fd".into());
+        args.push(crate::spawn::TAKEOVER_FD.to_string());
+        args.push("--control-fd".into());
+        args.push(crate::spawn::CONTROL_FD.to_string());
+        args
+    }
+
+    /// The domain as vmlockd knows it, with this process (the pre-exec child) as its guest, and
+    /// its options: what the holder's own start would register and acquire with.
+    pub fn registration(&self, action: LockFailureAction) -> (VmIdentity, AcquireFlags) {
+        (
+            VmIdentity {
+                uuid: self.uuid.clone(),
+                name: self.name.clone(),
+                id: self.id,
+                pid: self.pid,
+            },
+            AcquireFlags {
+                on_lock_failure: action,
+                // Through libvirt, so that it knows its domain paused or stopped.
+                supervisor_acts: self.uri.is_some(),
+                ..AcquireFlags::default()
+            },
+        )
+    }
+
+    fn holder_base_args(&self, config: &Config, action: LockFailureAction) -> Vec<String> {
         let mut args = vec![
             config.vmlock_binary.display().to_string(),
             "--runtime-dir".into(),
@@ -236,8 +275,6 @@ impl Domain {
             self.pid.to_string(),
             "--on-lock-failure".into(),
             action.to_string(),
-            "--ready-fd".into(),
-            crate::spawn::READY_FD.to_string(),
         ];
         if let Some(uri) = &self.uri {
             args.push("--uri".into());

@@ -15,9 +15,12 @@ use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::ForkResult;
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
+use vmlock_client::proto::{AcquireFlags, Reply, Request, VmIdentity};
+use vmlock_client::unexpected;
 
 /// The descriptor number the holder reports its start on.
 pub const READY_FD: i32 = 3;
@@ -28,19 +31,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// and waits for its report: once it holds the leases, copies of their descriptions (close on
 /// exec; the caller decides what QEMU inherits), else its reason.
 pub fn start_holder(args: &[String], timeout: Duration) -> Result<Vec<OwnedFd>, String> {
-    let argv: Vec<CString> = args
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| "an argument of the holder contains a NUL byte".to_owned())?;
-    let program = argv
-        .first()
-        .cloned()
-        .ok_or_else(|| "no holder program".to_owned())?;
-    let env = [
-        CString::new("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .map_err(|_| "environment".to_owned())?,
-    ];
+    let (program, argv, env) = command(args)?;
     let (read_end, write_end) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -54,7 +45,7 @@ pub fn start_holder(args: &[String], timeout: Duration) -> Result<Vec<OwnedFd>, 
     // exits.
     match unsafe { nix::unistd::fork() } {
         Err(e) => Err(format!("fork: {e}")),
-        Ok(ForkResult::Child) => exec_holder(&program, &argv, &env, &write_end),
+        Ok(ForkResult::Child) => exec_holder(&program, &argv, &env, &[write_end.as_raw_fd()]),
         Ok(ForkResult::Parent { child }) => {
             drop(write_end);
             match read_report(&read_end, timeout) {
@@ -71,28 +62,59 @@ pub fn start_holder(args: &[String], timeout: Duration) -> Result<Vec<OwnedFd>, 
     }
 }
 
-/// In the forked process: becomes the holder, or exits 127.
-fn exec_holder(program: &CString, argv: &[CString], env: &[CString], ready: &OwnedFd) -> ! {
-    let fd = ready.as_raw_fd();
-    let ok = if fd == READY_FD {
-        // dup2 onto itself keeps close-on-exec: clear it by hand.
-        nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .is_ok()
-    } else {
-        // SAFETY: dup2 on descriptor numbers only; READY_FD is replaced by the report socket's end
-        // (dup2 leaves the copy without close-on-exec).
-        unsafe { nix::libc::dup2(fd, READY_FD) == READY_FD }
-    };
+/// The holder's program, arguments and environment, ready for `execve` (allocated before the
+/// fork).
+#[allow(clippy::type_complexity)]
+fn command(args: &[String]) -> Result<(CString, Vec<CString>, [CString; 1]), String> {
+    let argv: Vec<CString> = args
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "an argument of the holder contains a NUL byte".to_owned())?;
+    let program = argv
+        .first()
+        .cloned()
+        .ok_or_else(|| "no holder program".to_owned())?;
+    let env = [
+        CString::new("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .map_err(|_| "environment".to_owned())?,
+    ];
+    Ok((program, argv, env))
+}
+
+/// In the forked process: becomes the holder with `fds` as its descriptors 3, 4, …, or exits
+/// 127. Only system calls on values prepared before the fork: no allocation.
+fn exec_holder(program: &CString, argv: &[CString], env: &[CString], fds: &[RawFd]) -> ! {
+    const MOST: usize = 4;
+    let first = READY_FD;
+    let mut ok = fds.len() <= MOST;
+    // Copies above every target number first, so that placing one never overwrites another.
+    let mut high = [-1; MOST];
+    let above = first + MOST as i32;
+    for (slot, fd) in high.iter_mut().zip(fds) {
+        if !ok {
+            break;
+        }
+        match nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_DUPFD(above)) {
+            Ok(copy) => *slot = copy,
+            Err(_) => ok = false,
+        }
+    }
+    for (i, copy) in high.iter().take(fds.len()).enumerate() {
+        if !ok {
+            break;
+        }
+        // SAFETY: dup2 on descriptor numbers only; the copy made above goes to its place (dup2
+        // leaves the result without close-on-exec).
+        ok = unsafe { nix::libc::dup2(*copy, first + i as i32) } == first + i as i32;
+    }
     if ok {
-        // Nothing of libvirtd's reaches the holder: every descriptor above READY_FD goes.
+        // Nothing of libvirtd's reaches the holder: every descriptor above ours goes.
         // SAFETY: close_range only closes descriptors; none is used by this process again.
         unsafe {
             nix::libc::syscall(
                 nix::libc::SYS_close_range,
-                READY_FD + 1,
+                first + fds.len() as i32,
                 nix::libc::c_uint::MAX,
                 0,
             );
@@ -199,4 +221,166 @@ mod tests {
         );
         start_holder(&sh(&script), Duration::from_secs(10)).unwrap();
     }
+}
+
+/// What the fast start came to.
+#[derive(Debug)]
+pub enum TakeOutcome {
+    /// Every lease is held: the descriptions, for QEMU to keep across its exec (close-on-exec:
+    /// the caller decides), and the holder was started to take over.
+    Held(Vec<OwnedFd>),
+    /// vmlockd refused (a disk is held, a bad resource): nothing is held.
+    Refused(vmlock::Error),
+    /// Not for the fast start (no daemon answers, or the domain is registered already, as a
+    /// migration destination's is): start the holder and wait for it instead.
+    UseHolder,
+}
+
+/// What the fast start needs, prepared by the caller.
+#[derive(Debug)]
+pub struct TakeRequest<'a> {
+    /// vmlockd's runtime directory.
+    pub runtime: &'a vmlock_client::RuntimeDir,
+    /// The domain, with this process (QEMU-to-be) as its guest.
+    pub vm: VmIdentity,
+    /// Every resource to take, all or nothing.
+    pub resources: Vec<vmlock::Resource>,
+    /// The VM's options (lock-failure action, whether libvirt carries it out).
+    pub flags: AcquireFlags,
+    /// The holder's command line, taking over (`--takeover-fd`, `--control-fd`).
+    pub holder_args: &'a [String],
+    /// The domain's control socket.
+    pub control: &'a Path,
+}
+
+/// The holder that takes over gets the hand-down socket as this descriptor, and its control
+/// socket, already listening, as the next.
+pub const TAKEOVER_FD: i32 = READY_FD;
+/// See [`TAKEOVER_FD`].
+pub const CONTROL_FD: i32 = READY_FD + 1;
+/// How long the child waits to hand the descriptions down (the holder reads at once; the bound
+/// only keeps a holder that hangs before reading from hanging the start).
+const HAND_DOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The fast start, in libvirt's pre-exec child: this process (the QEMU-to-be) registers as its
+/// own holder and takes every lease itself, over two connections to vmlockd (a few round trips,
+/// no process start); then it starts the holder, hands the descriptions down to it and returns
+/// without waiting: the holder takes over from its parent (QEMU by then) while libvirt goes on.
+/// Until it has, vmlockd and QEMU keep the descriptions, and vmlockd unlocks when QEMU exits.
+pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
+    let own_pid = std::process::id();
+    if request.vm.pid != own_pid {
+        return TakeOutcome::UseHolder;
+    }
+    let Ok((program, argv, env)) = command(request.holder_args) else {
+        return TakeOutcome::UseHolder;
+    };
+    // No daemon, or the domain is known (a migration destination, or a record being cleaned
+    // up): the holder's own start sorts these out and names them.
+    // No flags here: as for any holder, the first acquire's are the VM's.
+    let Ok(hold) =
+        vmlock_client::HoldConnection::register(request.runtime, request.vm.clone(), None)
+    else {
+        return TakeOutcome::UseHolder;
+    };
+    let Ok(mut conn) = vmlock_client::Connection::connect(request.runtime) else {
+        // Registered and holding nothing: the holder takes this registration over.
+        drop(hold);
+        return TakeOutcome::UseHolder;
+    };
+    let uuid = request.vm.uuid.clone();
+    let acquire = Request::Acquire {
+        uuid: uuid.clone(),
+        resources: request.resources.clone(),
+        flags: AcquireFlags {
+            reply_with_fds: true,
+            ..request.flags.clone()
+        },
+    };
+    let (locks, fds) = match conn.call_with_fds(&acquire, &[]) {
+        Ok((Reply::Kept { locks, .. }, fds)) => (locks, fds),
+        Ok((Reply::Held(_), _)) => (Vec::new(), Vec::new()),
+        Ok((other, _)) => return refuse(&mut conn, &request.vm, unexpected(&other)),
+        Err(e) => return refuse(&mut conn, &request.vm, e),
+    };
+    if locks.len() != fds.len() {
+        return refuse(
+            &mut conn,
+            &request.vm,
+            vmlock::Error::Protocol {
+                reason: format!("{} locks but {} descriptions", locks.len(), fds.len()),
+            },
+        );
+    }
+    let listener = match bind_control(request.control) {
+        Ok(l) => l,
+        Err(e) => {
+            return refuse(
+                &mut conn,
+                &request.vm,
+                vmlock::Error::io(
+                    format!("the domain's control socket {}", request.control.display()),
+                    &e,
+                ),
+            )
+        }
+    };
+    let (ours, theirs) = match socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    ) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return refuse(
+                &mut conn,
+                &request.vm,
+                vmlock::Error::io("socketpair", &e.into()),
+            )
+        }
+    };
+    let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
+    // SAFETY: this process is single-threaded (libvirt's pre-exec child) and the new process
+    // runs only async-signal-safe system calls on values prepared above before it execs or
+    // exits.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => return refuse(&mut conn, &request.vm, vmlock::Error::io("fork", &e.into())),
+        Ok(ForkResult::Child) => exec_holder(&program, &argv, &env, &handed),
+        Ok(ForkResult::Parent { .. }) => {}
+    }
+    drop(theirs);
+    drop(listener);
+    let ours = UnixStream::from(ours);
+    if let Err(e) = vmlock_client::handdown::send(&ours, &locks, &fds, HAND_DOWN_TIMEOUT) {
+        // The holder died before it read: QEMU would run with nobody to serve libvirt's later
+        // calls. Fail the start instead; the holder's own exit leaves it nothing.
+        return refuse(&mut conn, &request.vm, e);
+    }
+    // The registration connection closes at our exec (close-on-exec); vmlockd keeps the grants
+    // for the guest, which is alive, until the holder has taken over.
+    drop(hold);
+    TakeOutcome::Held(fds)
+}
+
+/// A refusal after registering: this process was its own guest and holds nothing it keeps, so
+/// it shuts the registration down (the daemon allows a guest that to itself) and reports `e`.
+fn refuse(conn: &mut vmlock_client::Connection, vm: &VmIdentity, e: vmlock::Error) -> TakeOutcome {
+    let _ = conn.call(
+        &Request::Shutdown {
+            uuid: vm.uuid.clone(),
+            guest_pid: vm.pid,
+        },
+        &[],
+    );
+    TakeOutcome::Refused(e)
+}
+
+/// Binds the domain's control socket (root only) for the holder to serve. The domain was just
+/// registered afresh, so a socket file left there belongs to nobody serving this domain.
+fn bind_control(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
 }
