@@ -2,8 +2,8 @@
 //! is free, with libvirt's `nop` lock manager, stock `lockd` (virtlockd) and `vmlock`, side by
 //! side in one run.
 //!
-//! `cargo bench -p vmlock-cli --bench libvirt_lifecycle [-- RUNS]` (or `VMLOCK_BENCH_RUNS=RUNS`;
-//! default 20) — as root, with libvirtd, virsh, virtlockd and QEMU installed
+//! `cargo bench -p vmlock-cli --bench libvirt_lifecycle [-- RUNS] [lock-step]` (or
+//! `VMLOCK_BENCH_RUNS=RUNS`; default 20; `lock-step`: only the second table) — as root, with libvirtd, virsh, virtlockd and QEMU installed
 //! (scripts/install-test-deps.sh); it skips, saying why, when they are missing.
 //!
 //! Each manager gets its own private libvirtd (`vmlock_testkit::libvirt::LibvirtDaemon`), one
@@ -21,23 +21,23 @@
 //! - **QEMU's exit → disk free**: from QEMU's exit (seen on its pidfd) until the disk is free:
 //!   the lock manager's own share of destroy (libvirt's own teardown runs on after it).
 //!
-//! A second table times vmlock's per-domain holder alone, as the plugin starts it from libvirt's
-//! pre-exec child: fork + exec of `vmlock libvirt holder`, which connects to vmlockd, acquires
-//! the disk and reports "OK" on a pipe; beside it the same fork + exec of `/bin/echo OK` and of
-//! `vmlock --version`, to tell process start-up from the holder's own work.
+//! A second table times vmlock's lock step in libvirt's pre-exec child alone, without libvirt:
+//! a forked child runs the plugin's own code as that child does and times it from the inside,
+//! both ways: taking the leases itself and handing them down to the holder it starts (the
+//! default), and starting the holder and waiting for its report (the fallback, for a migration
+//! destination or when no vmlockd answers).
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // a benchmark program: failures abort it
 
 use std::fs::OpenOptions;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmlock_client::runtime::{spawn_daemon, RuntimeDir};
 use vmlock_sys::ofd::{self, LockKind};
 use vmlock_sys::pidfd::ProcessHandle;
 use vmlock_testkit::libvirt::{self, domain_xml, LibvirtBuilder, LibvirtDaemon};
-use vmlock_testkit::process::{kill_child, read_line};
+use vmlock_testkit::process::read_line;
 use vmlock_testkit::qemu;
 use vmlock_testkit::vmlockd as vmlockd_kit;
 
@@ -316,121 +316,165 @@ fn row(step: &str, who: &str, v: &[f64]) {
     );
 }
 
-/// A guest for the holder alone: `sh` starts `program` in the background with the report pipe
-/// (the child's stdout) as its descriptor 3, then execs `sleep`, so the guest's pid (`$$`) is
-/// the program's parent, as libvirt's pre-exec child is the holder's. Returns the guest and the
-/// time until the first line, which must satisfy `ok`.
-fn spawn_and_report(
-    program: &str,
-    args: &[String],
-    ok: impl Fn(&str) -> bool,
-) -> (std::process::Child, f64) {
-    // An argument `GUEST` becomes the shell's pid (a builtin loop: microseconds).
-    let script = r#"exec 3>&1 >/dev/null; p=$1; shift; n=$#
-while [ "$n" -gt 0 ]; do a=$1; shift; [ "$a" = GUEST ] && a=$$; set -- "$@" "$a"; n=$((n-1)); done
-"$p" "$@" >&3 2>>"$LOG" &
-exec 3>&- sleep 600"#;
-    let log = std::env::temp_dir().join("vmlock-bench-holder.log");
-    let t = Instant::now();
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(script)
-        .arg("guest")
-        .arg(program)
-        .args(args)
-        .env("LOG", &log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let line = read_line(&mut out, Duration::from_secs(60)).unwrap();
-    let took = ms(t.elapsed());
-    let line = line.unwrap_or_default();
-    assert!(
-        ok(&line),
-        "{program} reported {line:?} (see {})",
-        log.display()
-    );
-    (child, took)
+/// How the pre-exec child takes the leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockStep {
+    /// Itself, then hands them down to the holder it starts without waiting (the default).
+    TakeAndHandDown,
+    /// The holder's own start: fork + exec, connect, acquire, report (the fallback).
+    HolderStart,
 }
 
-/// The holder alone, `runs` times, beside fork + exec of `/bin/echo` and `vmlock --version`.
-fn holder_alone(host: &VmlockHost, runs: usize) {
-    let disk = qemu::qcow2(host.dir.path(), "holder.qcow2");
-    let vmlock = env!("CARGO_BIN_EXE_vmlock");
-    let (mut echo, mut version, mut holder) = (vec![], vec![], vec![]);
-    for run in 0..=runs {
-        let (mut g, t) = spawn_and_report("/bin/echo", &["OK".into()], |l| l == "OK");
-        kill_child(&mut g);
-        let t_echo = t;
-        let (mut g, t) =
-            spawn_and_report(vmlock, &["--version".into()], |l| l.starts_with("vmlock"));
-        kill_child(&mut g);
-        let t_version = t;
-        // The holder's command line as the plugin builds it (`holder_args`), with the guest's
-        // pid filled in by the shell.
-        let uuid = uuid::Uuid::new_v4().to_string();
-        let script_args: Vec<String> = [
-            "--runtime-dir",
-            &host.run_dir().display().to_string(),
-            "libvirt",
-            "holder",
-            "--name",
-            "bench-holder",
-            "--uuid",
-            &uuid,
-            "--id",
-            "1",
-            "--guest-pid",
-            "GUEST",
-            "--on-lock-failure",
-            "poweroff",
-            "--ready-fd",
-            "3",
-            "--disk",
-            &disk.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let (mut g, t) = spawn_and_report(vmlock, &script_args, |l| l == "OK");
+/// One pre-exec lock step as libvirt's child runs it, timed inside that child: a forked child
+/// of this (single-threaded) bench becomes the domain's guest-to-be, runs the plugin's own code
+/// for `step` on `disk`, writes its time in microseconds to a pipe, then waits to be killed, as
+/// QEMU would run. The disk must be locked while it waits, and free once it is killed.
+fn lock_step_in_child(host: &VmlockHost, disk: &Path, step: LockStep) -> f64 {
+    use vmlock_libvirt::spawn::{self, TakeOutcome, TakeRequest};
+    let config = vmlock_libvirt::config::Config {
+        runtime_dir: host.run_dir(),
+        vmlock_binary: PathBuf::from(env!("CARGO_BIN_EXE_vmlock")),
+        ..Default::default()
+    };
+    let runtime = RuntimeDir::resolve(Some(&host.run_dir())).unwrap();
+    let mut domain = vmlock_libvirt::domain::Domain {
+        uuid: uuid::Uuid::new_v4().to_string(),
+        name: "bench-alone".into(),
+        id: 1,
+        pid: 0,
+        uri: None,
+        resources: vec![vmlock::Resource::Disk {
+            path: disk.to_path_buf(),
+            mode: vmlock::DiskMode::Exclusive,
+        }],
+    };
+    let control = vmlock_client::control::socket_path(&host.run_dir(), &domain.uuid);
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    // SAFETY: the bench is single-threaded here (every libvirtd and thread of the first table
+    // is gone); the child runs the plugin's pre-exec code, as libvirt's forked child does.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            drop(read_end);
+            domain.pid = std::process::id();
+            let action = vmlock::LockFailureAction::Poweroff;
+            let t = Instant::now();
+            let ok = match step {
+                LockStep::TakeAndHandDown => {
+                    let (vm, flags) = domain.registration(action);
+                    let args = domain.takeover_args(&config, action);
+                    matches!(
+                        spawn::take_and_hand_down(&TakeRequest {
+                            runtime: &runtime,
+                            vm,
+                            resources: domain.resources.clone(),
+                            flags,
+                            holder_args: &args,
+                            control: &control,
+                        }),
+                        TakeOutcome::Held(_)
+                    )
+                }
+                LockStep::HolderStart => {
+                    spawn::start_holder(&domain.holder_args(&config, action), spawn::READY_TIMEOUT)
+                        .is_ok()
+                }
+            };
+            let line = format!("{} {}\n", ok, t.elapsed().as_micros());
+            let _ = nix::unistd::write(&write_end, line.as_bytes());
+            loop {
+                nix::unistd::pause();
+            }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(write_end);
+            let mut out = std::fs::File::from(read_end);
+            let line = read_line(&mut out, Duration::from_secs(60))
+                .unwrap()
+                .unwrap_or_default();
+            let mut fields = line.split_whitespace();
+            let ok = fields.next() == Some("true");
+            let micros: f64 = fields
+                .next()
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(f64::NAN);
+            let locked = !lockable(disk, 0, 1);
+            if ok && step == LockStep::TakeAndHandDown {
+                // Not timed: the holder takes over from the guest (as from QEMU) before the
+                // guest goes, so every run also checks the takeover.
+                wait_taken_over(&runtime, &domain.uuid, child.as_raw() as u32);
+            }
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, None);
+            assert!(ok, "{step:?} failed in the child: {line:?}");
+            assert!(locked, "{step:?} reported success without the lock");
+            // The guest's exit frees the disk (vmlockd watches its pidfd).
+            wait_free(disk);
+            micros / 1000.0
+        }
+    }
+}
+
+/// Waits (bounded) until vmlockd names a holder other than `guest` for VM `uuid`.
+fn wait_taken_over(runtime: &RuntimeDir, uuid: &str, guest: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut conn = vmlock_client::Connection::connect(runtime).unwrap();
+        let holder = match conn
+            .call(&vmlock_client::proto::Request::Status, &[])
+            .unwrap()
+        {
+            vmlock_client::proto::Reply::Status(owners) => owners
+                .into_iter()
+                .find(|o| o.vm.uuid == uuid)
+                .and_then(|o| o.holder_pid),
+            other => panic!("status: {other:?}"),
+        };
+        if holder.is_some_and(|h| h != guest) {
+            return;
+        }
         assert!(
-            !lockable(&disk, 0, 1),
-            "the holder reported OK without the lock"
+            Instant::now() < deadline,
+            "the holder did not take VM {uuid} over from its guest {guest}"
         );
-        // The guest's exit ends the holder; the daemon frees the disk from the guest's pidfd.
-        kill_child(&mut g);
-        wait_free(&disk);
+        // A bounded poll: vmlockd has no event for a takeover that a client could wait on.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The pre-exec lock step alone, `runs` times each way (after one warm-up), interleaved.
+fn lock_step_alone(host: &VmlockHost, runs: usize) {
+    let disk = qemu::qcow2(host.dir.path(), "alone.qcow2");
+    let (mut fast, mut slow) = (vec![], vec![]);
+    for run in 0..=runs {
+        let t_fast = lock_step_in_child(host, &disk, LockStep::TakeAndHandDown);
+        let t_slow = lock_step_in_child(host, &disk, LockStep::HolderStart);
         if run > 0 {
-            echo.push(t_echo);
-            version.push(t_version);
-            holder.push(t);
+            fast.push(t_fast);
+            slow.push(t_slow);
         }
     }
     println!();
-    println!("vmlock's holder alone ({runs} runs after one warm-up; ms; fork + exec from a shell until the first line on the pipe):");
+    println!("vmlock's lock step in the pre-exec child alone ({runs} runs each after one warm-up; ms; timed inside the child, from the plugin's call until it returns):");
     println!();
-    println!("| what | p50 | p99 | mean | min | max | n |");
+    println!("| lock step | p50 | p99 | mean | min | max | n |");
     println!("|---|---|---|---|---|---|---|");
-    for (what, v) in [
-        ("`/bin/echo OK` (process start floor)", &echo),
-        ("`vmlock --version` (vmlock's binary start)", &version),
-        (
-            "`vmlock libvirt holder` → OK (connect, acquire, control socket)",
-            &holder,
-        ),
-    ] {
-        println!(
-            "| {what} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
-            pct(v, 50.0),
-            pct(v, 99.0),
-            mean(v),
-            pct(v, 0.0),
-            pct(v, 100.0),
-            v.len()
-        );
-    }
+    row_of(
+        "take the leases, start the holder, hand them down (default)",
+        &fast,
+    );
+    row_of("start the holder and wait for its report (fallback)", &slow);
+}
+
+fn row_of(what: &str, v: &[f64]) {
+    println!(
+        "| {what} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+        pct(v, 50.0),
+        pct(v, 99.0),
+        mean(v),
+        pct(v, 0.0),
+        pct(v, 100.0),
+        v.len()
+    );
 }
 
 fn main() {
@@ -456,6 +500,11 @@ fn main() {
     let runs = runs();
     let started = Instant::now();
     let host = VmlockHost::new();
+    if std::env::args().any(|a| a == "lock-step") {
+        // Only the second table: seconds instead of minutes.
+        lock_step_alone(&host, runs);
+        return;
+    }
     let mut managers = vec![
         Manager::new("nop", debug_log(LibvirtDaemon::builder(), "nop").start()),
         Manager::new(
@@ -527,5 +576,5 @@ fn main() {
         log_breakdown(Path::new(&dir), &managers);
     }
     drop(managers);
-    holder_alone(&host, runs);
+    lock_step_alone(&host, runs);
 }

@@ -194,7 +194,8 @@ fn take_over(
     let result = take_over_and_serve(runtime_dir, args, &handed, listener);
     if let Err(e) = &result {
         eprintln!(
-            "vmlock libvirt holder: domain {} (uuid {}): could not take over from its guest, pid              {}: {e:#}; the guest keeps its leases, but libvirt's later lock calls will fail",
+            "vmlock libvirt holder: domain {} (uuid {}): could not take over from its guest, \
+             pid {}: {e:#}; the guest keeps its leases, but libvirt's later lock calls will fail",
             args.name, args.uuid, args.guest_pid
         );
     }

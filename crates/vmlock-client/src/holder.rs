@@ -31,7 +31,7 @@
 //! the environment) before forking. [`Endpoint::connect`] (it may spawn a daemon) and [`Holder`]
 //! (a thread) are not for that child.
 
-use crate::connection::{unexpected, Connection, Endpoint};
+use crate::connection::{unexpected, Connection, Endpoint, Opening};
 use crate::proto::{
     write_frame, AcquireFlags, FrameReader, HeldLock, LockKey, Push, ReadError, Reply, Request,
     VmIdentity,
@@ -127,6 +127,7 @@ impl Registration {
             adopt,
             incoming,
             flags: self.flags.clone(),
+            acquire: None,
         }
     }
 
@@ -161,7 +162,16 @@ fn hold_on(
 ) -> Result<(UnixStream, FrameReader), Error> {
     let adopt: Vec<HeldLock> = kept.0.values().map(|(l, _)| l.clone()).collect();
     let fds: Vec<&OwnedFd> = kept.0.values().map(|(_, fd)| fd).collect();
-    match conn.call(&registration.hold(adopt, incoming), &fds) {
+    let answer = conn.call(&registration.hold(adopt, incoming), &fds);
+    held(conn, answer)
+}
+
+/// The connection, once the daemon answered its `Hold` with `answer`.
+fn held(
+    conn: Connection,
+    answer: Result<Reply, Error>,
+) -> Result<(UnixStream, FrameReader), Error> {
+    match answer {
         Ok(Reply::Ok) | Err(Error::PartialRelease { .. }) => {}
         Ok(other) => return Err(unexpected(&other)),
         Err(e) => return Err(e),
@@ -171,6 +181,15 @@ fn hold_on(
         .set_read_timeout(None)
         .map_err(|e| Error::io("socket", &e))?;
     Ok((conn.stream, conn.reader))
+}
+
+/// Why [`HoldConnection::start_opened`] failed.
+#[derive(Debug)]
+pub enum StartRefused {
+    /// The registration (the VM is known here, or no daemon answered): nothing was taken.
+    Registration(Error),
+    /// The acquire: nothing is held and nothing stays registered.
+    Acquire(Error),
 }
 
 /// What one [`HoldConnection::serve_ready`] did.
@@ -224,6 +243,91 @@ impl HoldConnection {
         flags: Option<AcquireFlags>,
     ) -> Result<Self, Error> {
         Self::register_as(runtime, vm, flags, true)
+    }
+
+    /// [`HoldConnection::register`] on a connection whose hello is still on its way: the
+    /// registration follows it at once (one round trip less; for libvirt's pre-exec child).
+    pub fn register_opened(
+        mut opening: Opening,
+        vm: VmIdentity,
+        flags: Option<AcquireFlags>,
+    ) -> Result<Self, Error> {
+        let registration = Registration {
+            vm,
+            flags: flags.as_ref().map(Registration::vm_flags),
+        };
+        let kept = Kept::default();
+        opening.send(&registration.hold(Vec::new(), false), &[])?;
+        let mut conn = opening.established()?;
+        let answer = conn.receive().map(|(reply, _)| reply);
+        let (stream, reader) = held(conn, answer)?;
+        Ok(HoldConnection {
+            stream,
+            reader,
+            registration,
+            kept,
+            connected: true,
+            finished: false,
+        })
+    }
+
+    /// A VM's start in one round trip, on a connection whose hello is still on its way:
+    /// registers as the holder of `vm` (its first acquire's `flags` are the VM's) and takes
+    /// `resources` at once, all or nothing, with their descriptions in the reply (kept here, and
+    /// returned as copies for the caller). `Err(Registration(e))` when the daemon refused the
+    /// registration itself (the VM is known), `Err(Acquire(e))` when it refused the acquire (then
+    /// nothing stays registered).
+    pub fn start_opened(
+        mut opening: Opening,
+        vm: VmIdentity,
+        resources: Vec<vmlock::Resource>,
+        flags: AcquireFlags,
+    ) -> Result<(Self, Vec<HeldLock>, Vec<OwnedFd>), StartRefused> {
+        let request = Request::Hold {
+            vm: vm.clone(),
+            adopt: Vec::new(),
+            incoming: false,
+            flags: Some(flags.clone()),
+            acquire: Some(resources),
+        };
+        let mut registration = Registration { vm, flags: None };
+        opening
+            .send(&request, &[])
+            .map_err(StartRefused::Registration)?;
+        let mut conn = opening.established().map_err(StartRefused::Registration)?;
+        match conn.receive() {
+            Ok((Reply::Ok, _)) => {}
+            Ok((other, _)) => return Err(StartRefused::Registration(unexpected(&other))),
+            Err(e) => return Err(StartRefused::Registration(e)),
+        }
+        let (locks, fds) = match conn.receive() {
+            Ok((Reply::Kept { locks, .. }, fds)) => (locks, fds),
+            Ok((Reply::Held(_), _)) => (Vec::new(), Vec::new()),
+            Ok((other, _)) => return Err(StartRefused::Acquire(unexpected(&other))),
+            Err(e) => return Err(StartRefused::Acquire(e)),
+        };
+        let copies = fds
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StartRefused::Acquire(Error::io("copying the descriptions", &e)))?;
+        registration.acquired(&flags);
+        let mut kept = Kept::default();
+        kept.keep(locks.clone(), fds)
+            .map_err(StartRefused::Acquire)?;
+        let (stream, reader) = held(conn, Ok(Reply::Ok)).map_err(StartRefused::Registration)?;
+        Ok((
+            HoldConnection {
+                stream,
+                reader,
+                registration,
+                kept,
+                connected: true,
+                finished: false,
+            },
+            locks,
+            copies,
+        ))
     }
 
     fn register_as(

@@ -23,6 +23,6 @@ pub mod proto;
 pub mod qmp;
 pub mod runtime;
 
-pub use connection::{unexpected, Connection, Endpoint, EventStream, REPLY_TIMEOUT};
+pub use connection::{unexpected, Connection, Endpoint, EventStream, Opening, REPLY_TIMEOUT};
 pub use holder::{HoldConnection, Holder, Served};
 pub use runtime::RuntimeDir;

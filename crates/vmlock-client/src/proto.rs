@@ -56,6 +56,11 @@ pub enum Request {
         /// lost its state files does not fall back to defaults.
         #[serde(default)]
         flags: Option<AcquireFlags>,
+        /// Then, once registered, take these at once, all or nothing, with `flags` (the
+        /// descriptions come in a second reply, `Kept`, on this connection): a VM's start in
+        /// one round trip, for libvirt's pre-exec child. A refusal leaves nothing registered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        acquire: Option<Vec<Resource>>,
     },
     /// Takes `resources` for VM `uuid`, all or nothing.
     Acquire {

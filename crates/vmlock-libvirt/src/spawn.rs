@@ -19,8 +19,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use vmlock_client::proto::{AcquireFlags, Reply, Request, VmIdentity};
-use vmlock_client::unexpected;
+use vmlock_client::holder::StartRefused;
+use vmlock_client::proto::{AcquireFlags, Request, VmIdentity};
 
 /// The descriptor number the holder reports its start on.
 pub const READY_FD: i32 = 3;
@@ -275,37 +275,28 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     let Ok((program, argv, env)) = command(request.holder_args) else {
         return TakeOutcome::UseHolder;
     };
-    // No daemon, or the domain is known (a migration destination, or a record being cleaned
-    // up): the holder's own start sorts these out and names them.
-    // No flags here: as for any holder, the first acquire's are the VM's.
-    let Ok(hold) =
-        vmlock_client::HoldConnection::register(request.runtime, request.vm.clone(), None)
-    else {
+    // One connection, one round trip: hello, then the registration with its acquire, without
+    // waiting in between (the daemon answers in order); the descriptions come in the reply.
+    let Ok(opening) = vmlock_client::Connection::open(request.runtime) else {
+        // No daemon: the holder's own start may start one.
         return TakeOutcome::UseHolder;
     };
-    let Ok(mut conn) = vmlock_client::Connection::connect(request.runtime) else {
-        // Registered and holding nothing: the holder takes this registration over.
-        drop(hold);
-        return TakeOutcome::UseHolder;
-    };
-    let uuid = request.vm.uuid.clone();
-    let acquire = Request::Acquire {
-        uuid: uuid.clone(),
-        resources: request.resources.clone(),
-        flags: AcquireFlags {
-            reply_with_fds: true,
-            ..request.flags.clone()
-        },
-    };
-    let (locks, fds) = match conn.call_with_fds(&acquire, &[]) {
-        Ok((Reply::Kept { locks, .. }, fds)) => (locks, fds),
-        Ok((Reply::Held(_), _)) => (Vec::new(), Vec::new()),
-        Ok((other, _)) => return refuse(&mut conn, &request.vm, unexpected(&other)),
-        Err(e) => return refuse(&mut conn, &request.vm, e),
+    let (hold, locks, fds) = match vmlock_client::HoldConnection::start_opened(
+        opening,
+        request.vm.clone(),
+        request.resources.clone(),
+        request.flags.clone(),
+    ) {
+        Ok(started) => started,
+        // The domain is known (a migration destination, or a record being cleaned up): the
+        // holder's own start sorts these out and names them.
+        Err(StartRefused::Registration(_)) => return TakeOutcome::UseHolder,
+        // Refused (a disk is held): nothing stays registered.
+        Err(StartRefused::Acquire(e)) => return TakeOutcome::Refused(e),
     };
     if locks.len() != fds.len() {
         return refuse(
-            &mut conn,
+            request.runtime,
             &request.vm,
             vmlock::Error::Protocol {
                 reason: format!("{} locks but {} descriptions", locks.len(), fds.len()),
@@ -316,7 +307,7 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         Ok(l) => l,
         Err(e) => {
             return refuse(
-                &mut conn,
+                request.runtime,
                 &request.vm,
                 vmlock::Error::io(
                     format!("the domain's control socket {}", request.control.display()),
@@ -334,7 +325,7 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         Ok(pair) => pair,
         Err(e) => {
             return refuse(
-                &mut conn,
+                request.runtime,
                 &request.vm,
                 vmlock::Error::io("socketpair", &e.into()),
             )
@@ -345,7 +336,13 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     // runs only async-signal-safe system calls on values prepared above before it execs or
     // exits.
     match unsafe { nix::unistd::fork() } {
-        Err(e) => return refuse(&mut conn, &request.vm, vmlock::Error::io("fork", &e.into())),
+        Err(e) => {
+            return refuse(
+                request.runtime,
+                &request.vm,
+                vmlock::Error::io("fork", &e.into()),
+            )
+        }
         Ok(ForkResult::Child) => exec_holder(&program, &argv, &env, &handed),
         Ok(ForkResult::Parent { .. }) => {}
     }
@@ -355,7 +352,7 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     if let Err(e) = vmlock_client::handdown::send(&ours, &locks, &fds, HAND_DOWN_TIMEOUT) {
         // The holder died before it read: QEMU would run with nobody to serve libvirt's later
         // calls. Fail the start instead; the holder's own exit leaves it nothing.
-        return refuse(&mut conn, &request.vm, e);
+        return refuse(request.runtime, &request.vm, e);
     }
     // The registration connection closes at our exec (close-on-exec); vmlockd keeps the grants
     // for the guest, which is alive, until the holder has taken over.
@@ -363,16 +360,20 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     TakeOutcome::Held(fds)
 }
 
-/// A refusal after registering: this process was its own guest and holds nothing it keeps, so
-/// it shuts the registration down (the daemon allows a guest that to itself) and reports `e`.
-fn refuse(conn: &mut vmlock_client::Connection, vm: &VmIdentity, e: vmlock::Error) -> TakeOutcome {
-    let _ = conn.call(
-        &Request::Shutdown {
-            uuid: vm.uuid.clone(),
-            guest_pid: vm.pid,
-        },
-        &[],
-    );
+/// A failure after the leases were taken: this process was its own guest and keeps nothing
+/// (the start fails), so it shuts its registration down at once (the daemon allows a guest
+/// that to itself) and reports `e`. Were the daemon unreachable now, the guest's exit would
+/// free everything as well.
+fn refuse(runtime: &vmlock_client::RuntimeDir, vm: &VmIdentity, e: vmlock::Error) -> TakeOutcome {
+    if let Ok(mut conn) = vmlock_client::Connection::connect(runtime) {
+        let _ = conn.call(
+            &Request::Shutdown {
+                uuid: vm.uuid.clone(),
+                guest_pid: vm.pid,
+            },
+            &[],
+        );
+    }
     TakeOutcome::Refused(e)
 }
 

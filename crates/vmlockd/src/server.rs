@@ -455,6 +455,7 @@ impl Daemon {
                     adopt,
                     incoming,
                     flags,
+                    acquire,
                 } => {
                     slot.release();
                     // A holder connection lives as long as its VM: no idle timeout. Pushes to a
@@ -466,7 +467,20 @@ impl Daemon {
                     {
                         return;
                     }
-                    self.serve_holder((stream, reader), caller, vm, adopt, fds, incoming, flags);
+                    let first = acquire.filter(|_| !incoming).map(|resources| FirstAcquire {
+                        resources,
+                        flags: flags.clone().unwrap_or_default(),
+                    });
+                    self.serve_holder(
+                        (stream, reader),
+                        caller,
+                        vm,
+                        adopt,
+                        fds,
+                        incoming,
+                        flags,
+                        first,
+                    );
                     return;
                 }
                 Request::Restrict => {
@@ -1073,6 +1087,7 @@ impl Daemon {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     fn serve_holder(
         &self,
         (stream, mut reader): (UnixStream, FrameReader),
@@ -1082,7 +1097,9 @@ impl Daemon {
         fds: Vec<OwnedFd>,
         incoming: bool,
         flags: Option<crate::proto::AcquireFlags>,
+        first: Option<FirstAcquire>,
     ) {
+        let uuid = vm.uuid.clone();
         let Ok(writer) = stream.try_clone() else {
             return;
         };
@@ -1101,12 +1118,41 @@ impl Daemon {
         } else {
             self.register_holder(caller, id, &link, vm, adopt, fds, incoming, flags)
         };
-        let registered = result.is_ok();
+        let mut registered = result.is_ok();
         let reply = match result {
             Ok(()) => Reply::Ok,
             Err(e) => Reply::Error(e),
         };
-        if write_frame(&stream, &reply, &[]).is_ok() && registered {
+        let mut answered = write_frame(&stream, &reply, &[]).is_ok();
+        if let (Some(first), true, true) = (first, registered, answered) {
+            // The start's acquire, on this connection: its reply carries the descriptions.
+            let flags = crate::proto::AcquireFlags {
+                reply_with_fds: true,
+                ..first.flags
+            };
+            let mut unrestricted = false;
+            let answer = self.acquire(
+                &stream,
+                caller,
+                &uuid,
+                &first.resources,
+                &flags,
+                &mut unrestricted,
+                None,
+            );
+            if let Some((reply, reply_fds)) = answer {
+                let refused = matches!(reply, Reply::Error(_));
+                let attached: Vec<&OwnedFd> = reply_fds.iter().collect();
+                answered = write_frame(&stream, &reply, &attached).is_ok();
+                if refused {
+                    // A start refused leaves nothing registered: the VM manager may retry.
+                    self.with_table(|t, _| ((), t.forget_empty(caller, &uuid)));
+                    registered = false;
+                    answered = false;
+                }
+            }
+        }
+        if answered && registered {
             loop {
                 match reader.read::<Request>(&stream) {
                     Ok((Request::Ack { seq }, _)) => link.acked(seq),
@@ -1712,4 +1758,10 @@ pub fn activated_listener() -> anyhow::Result<Option<UnixListener>> {
     // else in the process owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok(Some(UnixListener::from(owned)))
+}
+
+/// The acquire a `Hold` asks for once registered (a VM's start in one round trip).
+struct FirstAcquire {
+    resources: Vec<vmlock::Resource>,
+    flags: crate::proto::AcquireFlags,
 }

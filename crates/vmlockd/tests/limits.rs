@@ -93,6 +93,7 @@ fn descriptors_a_message_does_not_expect_are_closed_at_once() {
         adopt: Vec::new(),
         incoming: false,
         flags: None,
+        acquire: None,
     };
     write_frame(&h, &hold, &refs[..10]).unwrap();
     assert!(matches!(read_reply(&h), Some(Reply::Ok)));

@@ -147,6 +147,7 @@ fn only_a_vms_holder_can_change_it() {
                 adopt: Vec::new(),
                 incoming: false,
                 flags: None,
+                acquire: None,
             },
         ],
     );
@@ -226,6 +227,7 @@ fn a_migration_is_taken_over_only_with_the_sources_token() {
                 adopt: Vec::new(),
                 incoming: true,
                 flags: None,
+                acquire: None,
             },
             take_over(None),
             take_over(Some("0123456789abcdef0123456789abcdef")),

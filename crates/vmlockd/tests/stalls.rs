@@ -494,6 +494,7 @@ fn raw_hold(socket: &Path, vm: &VmIdentity) -> std::os::unix::net::UnixStream {
             adopt: Vec::new(),
             incoming: false,
             flags: None,
+            acquire: None,
         },
         &[],
     )

@@ -252,3 +252,64 @@ fn a_thread_free_holder_hands_its_descriptions_to_a_restarted_daemon() {
         .expect("acquire after restart");
     assert_eq!(holder.descriptions().count(), 2);
 }
+
+#[test]
+fn a_start_in_one_round_trip_takes_all_or_nothing_and_a_refusal_leaves_nothing_registered() {
+    let daemon = Daemon::start();
+    let runtime = daemon.runtime();
+    let (a_path, a) = disk(daemon.disk_dir(), "a.img");
+    let (b_path, b) = disk(daemon.disk_dir(), "b.img");
+    let first = vm(std::process::id());
+    let first_uuid = first.uuid.clone();
+    let opening = Connection::open(&runtime).expect("open");
+    let (holder, locks, copies) =
+        HoldConnection::start_opened(opening, first, vec![a.clone()], AcquireFlags::default())
+            .expect("the first start");
+    assert_eq!(locks.len(), 1);
+    assert_eq!(copies.len(), 1, "a copy of the description for the caller");
+    assert!(locked_by_someone(&a_path));
+
+    // A second VM (a guest of its own, this process's child) wants a and b: refused, nothing
+    // taken, and no registration left behind.
+    let guest = vmlock::conformance::Guest::spawn();
+    let second = vm(guest.pid());
+    let second_uuid = second.uuid.clone();
+    let opening = Connection::open(&runtime).expect("open");
+    let refused = HoldConnection::start_opened(
+        opening,
+        second.clone(),
+        vec![b.clone(), a.clone()],
+        AcquireFlags::default(),
+    );
+    match refused {
+        Err(vmlock_client::holder::StartRefused::Acquire(e)) => {
+            assert!(
+                e.to_string().contains("forked"),
+                "the holder is not named: {e}"
+            )
+        }
+        other => panic!("not refused at the acquire: {other:?}"),
+    }
+    assert!(
+        !locked_by_someone(&b_path),
+        "b was taken by a refused start"
+    );
+    let mut conn = Connection::connect(&runtime).expect("connect");
+    let owners = match conn.call(&Request::Status, &[]).expect("status") {
+        Reply::Status(owners) => owners,
+        other => panic!("status: {other:?}"),
+    };
+    assert!(
+        owners.iter().all(|o| o.vm.uuid != second_uuid),
+        "a refused start stayed registered: {owners:?}"
+    );
+    assert!(owners.iter().any(|o| o.vm.uuid == first_uuid));
+    // So the same VM can start at once when the disk is free: the registration is refused only
+    // while the VM is known.
+    let opening = Connection::open(&runtime).expect("open");
+    let (_again, _, _) =
+        HoldConnection::start_opened(opening, second, vec![b], AcquireFlags::default())
+            .expect("the second VM starts on a free disk");
+    assert!(locked_by_someone(&b_path));
+    drop(holder);
+}
