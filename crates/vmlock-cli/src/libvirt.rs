@@ -217,6 +217,12 @@ fn take_over_and_serve(
             guest_pid: args.guest_pid,
             locks,
             fds,
+            flags: Some(vmlock_client::proto::AcquireFlags {
+                on_lock_failure: args.on_lock_failure.parse()?,
+                // As the guest's own acquire: through libvirt when it gave a connection.
+                supervisor_acts: args.uri.is_some(),
+                ..Default::default()
+            }),
         },
     );
     let plugin = Plugin::from_driver(Arc::new(driver));

@@ -38,6 +38,9 @@ pub struct Takeover {
     pub locks: Vec<HeldLock>,
     /// Those descriptions, in the same order.
     pub fds: Vec<OwnedFd>,
+    /// The VM's options (lock-failure action, who carries it out), handed over with the
+    /// takeover: a daemon that lost its state files meanwhile learns them from it.
+    pub flags: Option<AcquireFlags>,
 }
 
 impl LockdDriver {
@@ -147,6 +150,7 @@ impl Driver for LockdDriver {
                     identity.clone(),
                     t.locks,
                     t.fds,
+                    t.flags,
                 )?)
             }
             _ => None,

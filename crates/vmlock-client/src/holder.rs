@@ -500,8 +500,8 @@ impl Holder {
     }
 
     /// Takes over as the holder of `vm` from its guest, which registered as its own holder and
-    /// took `locks` (their descriptions `fds`, handed down to this process): the daemon accepts
-    /// this from the guest's child only (see `LockTable::hold`). Every description is handed
+    /// took `locks` (their descriptions `fds`, handed down to this process) with the VM's
+    /// `flags`: the daemon accepts this from the guest's child only (see `LockTable::hold`). Every description is handed
     /// back with the registration, so the takeover loses nothing even if the daemon restarted
     /// since the guest's acquire.
     pub fn take_over(
@@ -509,14 +509,15 @@ impl Holder {
         vm: VmIdentity,
         locks: Vec<HeldLock>,
         fds: Vec<OwnedFd>,
+        flags: Option<AcquireFlags>,
     ) -> Result<Self, Error> {
         let mut kept = Kept::default();
         kept.keep(locks, fds)?;
-        Self::start_with(endpoint, vm, false, kept)
+        Self::start_with(endpoint, vm, false, kept, flags)
     }
 
     fn start_as(endpoint: &Endpoint, vm: VmIdentity, incoming: bool) -> Result<Self, Error> {
-        Self::start_with(endpoint, vm, incoming, Kept::default())
+        Self::start_with(endpoint, vm, incoming, Kept::default(), None)
     }
 
     fn start_with(
@@ -524,10 +525,14 @@ impl Holder {
         vm: VmIdentity,
         incoming: bool,
         kept: Kept,
+        flags: Option<AcquireFlags>,
     ) -> Result<Self, Error> {
         let kept = Arc::new(Mutex::new(kept));
         let name = vm.name.clone();
-        let registration = Arc::new(Mutex::new(Registration { vm, flags: None }));
+        let registration = Arc::new(Mutex::new(Registration {
+            vm,
+            flags: flags.as_ref().map(Registration::vm_flags),
+        }));
         let conn = register(endpoint, &registration, &kept, incoming)?;
         let copy = conn
             .0

@@ -59,6 +59,9 @@ pub enum Sabotage {
     UnlockOnHolderClose,
     /// Skip the kernel lock (trust the table alone).
     SkipKernelLock,
+    /// Let any child of a VM's guest take the VM over, not only a child of a guest that holds
+    /// its own locks: a supervised guest's child takes its supervisor's place.
+    TakeoverByAnyChild,
 }
 
 /// A lock target the daemon opened (outside the table lock) for one resource.
@@ -561,7 +564,11 @@ impl<H: Host> LockTable<H> {
                 // A guest that holds its own locks (libvirt's pre-exec child, which becomes
                 // QEMU) delegates them to its child, which takes over as the holder: see
                 // `delegates_to`.
-                if existing.delegates_to(&guest, caller) {
+                if existing.delegates_to(&guest, caller)
+                    || (self.policy.sabotage == Sabotage::TakeoverByAnyChild
+                        && guest.parent_of_caller
+                        && guest.pid == existing.guest.pid)
+                {
                     existing.holder = caller;
                     existing.link = None;
                 }

@@ -10,6 +10,7 @@ enum SabotageArg {
     None,
     UnlockOnHolderClose,
     SkipKernelLock,
+    TakeoverByAnyChild,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
             SabotageArg::None => Sabotage::None,
             SabotageArg::UnlockOnHolderClose => Sabotage::UnlockOnHolderClose,
             SabotageArg::SkipKernelLock => Sabotage::SkipKernelLock,
+            SabotageArg::TakeoverByAnyChild => Sabotage::TakeoverByAnyChild,
         },
         gap_versions_from_status: args.gaps.contains(&GapArg::VersionsFromStatus),
         gap_pid_reuse_window: args.gaps.contains(&GapArg::PidReuseWindow),

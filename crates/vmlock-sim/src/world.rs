@@ -190,6 +190,7 @@ pub const STEP_KINDS: &[(&str, u32)] = &[
     ("lie", 10),
     ("duplicate", 4),
     ("reap", 4),
+    ("delegate", 4),
 ];
 
 /// The world.
@@ -269,6 +270,11 @@ fn proc_info(kernel: &KernelRef, p: &Process) -> ProcInfo<SimProc> {
             start_time: p.start_time,
         },
     }
+}
+
+/// The pid of `vm`'s holder, for messages.
+fn holder_pid(vm: &Vm) -> u32 {
+    vm.holder.as_ref().map_or(0, |h| h.process.pid)
 }
 
 impl World {
@@ -848,6 +854,7 @@ impl World {
             "lie" => self.lie(target)?,
             "duplicate" => self.duplicate(target)?,
             "reap" => self.reap(target)?,
+            "delegate" => self.delegate(target)?,
             _ => {}
         }
         self.check()?;
@@ -869,10 +876,17 @@ impl World {
         if self.daemon.is_none() || self.vms[slot].holder.is_some() {
             return Ok(());
         }
+        // Some guests hold their own locks first, as libvirt's pre-exec child does before it
+        // execs QEMU; a `delegate` step later hands them down to the guest's child.
+        let self_holding = self.rng.chance(25);
         let (holder, guest) = {
             let mut k = self.kernel.borrow_mut();
             let holder = k.spawn(INIT_PID);
-            (holder, k.spawn(holder.pid))
+            if self_holding {
+                (holder, holder)
+            } else {
+                (holder, k.spawn(holder.pid))
+            }
         };
         let link = self.new_link();
         let action = *self
@@ -1010,12 +1024,26 @@ impl World {
 
     fn supervisor_death(&mut self, slot: usize) {
         let daemon_up = self.daemon.is_some();
+        let guest = self.vms[slot].guest;
         let Some(holder) = self.vms[slot].holder.as_mut() else {
             return;
         };
         // The daemon learns of the death only through the holder's connection.
         let daemon_will_know = daemon_up && holder.link.is_some();
+        let self_holding = guest == Some(holder.process);
         World::kill_holder(holder, &self.kernel, daemon_up, &mut self.events);
+        if self_holding {
+            // A guest that holds its own locks died: its pidfd tells the daemon.
+            self.count("death:self_holding_guest");
+            self.vms[slot].granted.clear();
+            if let (Some(g), true) = (guest, daemon_up) {
+                self.events.push(Event::GuestExited {
+                    uuid: self.vms[slot].uuid.clone(),
+                    start_time: g.start_time,
+                });
+            }
+            return;
+        }
         // PDEATHSIG: the kernel sends it as the supervisor exits. The simulator lets the guest
         // run on (until the daemon kills it) only while something else still keeps its locks,
         // the daemon's copies: that is the window the core must cover. With no daemon, or a
@@ -1277,6 +1305,127 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// What the daemon reads from `/proc` about `guest` for a request from `caller`: whether the
+    /// guest is the caller's parent comes from the live kernel, never from the caller.
+    fn guest_info_for(&self, guest: &Process, caller: &Process) -> ProcInfo<SimProc> {
+        let mut info = proc_info(&self.kernel, guest);
+        let k = self.kernel.borrow();
+        info.parent_of_caller = k
+            .process(caller.pid)
+            .is_some_and(|c| c.start_time == caller.start_time && c.ppid == guest.pid)
+            && k.is_alive(guest.pid, guest.start_time);
+        info
+    }
+
+    /// libvirt's start, second half: the guest, which took its locks itself (the pre-exec
+    /// child), starts a child that takes the VM over as its holder with copies of the
+    /// descriptions; the guest's own connection then closes (its exec), in any order with the
+    /// takeover. A child of a guest that does not hold its own locks tries the same and must be
+    /// refused.
+    fn delegate(&mut self, slot: usize) -> Result<(), String> {
+        if self.daemon.is_none() || slot == self.rogue {
+            return Ok(());
+        }
+        let (Some(guest), Some(holder)) = (self.vms[slot].guest, self.vms[slot].holder.as_ref())
+        else {
+            return Ok(());
+        };
+        if !self.alive(&guest)
+            || self.pending.iter().any(|p| p.slot == slot)
+            || holder.kept.iter().any(|k| k.pending.is_some())
+        {
+            return Ok(());
+        }
+        let self_holding = holder.process == guest;
+        let uuid = self.vms[slot].uuid.clone();
+        let known = self
+            .daemon
+            .as_ref()
+            .is_some_and(|d| d.table.lookup(&uuid).is_ok());
+        if !self_holding && !known {
+            // A guest's child may register a VM the daemon does not know (libvirt's holder
+            // does): no takeover to try.
+            return Ok(());
+        }
+        let child = self.kernel.borrow_mut().spawn(guest.pid);
+        // The child got copies of the guest's descriptions; the daemon re-checks each in the
+        // kernel (as after a restart) before it adopts it.
+        let mut adopt = Vec::new();
+        let mut keep = Vec::new();
+        if self_holding {
+            for k in &holder.kept {
+                let copy = k.fd.duplicate();
+                let kind = kind_of(k.lock.resource.mode());
+                if self
+                    .kernel
+                    .borrow_mut()
+                    .try_lock(copy.ofd(), kind, k.lock.key.byte)
+                {
+                    keep.push(Kept {
+                        lock: k.lock.clone(),
+                        fd: k.fd.duplicate(),
+                        pending: None,
+                    });
+                    adopt.push((k.lock.clone(), copy));
+                }
+            }
+        }
+        let link = self.new_link();
+        let identity = self.identity(slot, &guest);
+        let info = self.guest_info_for(&guest, &child);
+        // The VM's options go with the takeover (a daemon that lost its state files meanwhile
+        // learns them from it, never falls back to defaults).
+        let flags = self.vms[slot].flags.clone();
+        let before = self.snapshot();
+        let daemon = self.daemon.as_mut().expect("checked above");
+        let (result, fx) = daemon.table.hold(
+            &mut self.host,
+            caller_of(&self.kernel, child.pid),
+            link,
+            identity,
+            info,
+            adopt,
+            Some(flags),
+        );
+        self.apply(fx)?;
+        match result {
+            Ok(()) if !self_holding => Err(format!(
+                "invariant 2: pid {}, a child of {}'s guest {}, took the VM from its supervisor {}",
+                child.pid,
+                self.vms[slot].name,
+                guest.pid,
+                holder_pid(&self.vms[slot])
+            )),
+            Ok(()) => {
+                self.count("delegate:taken_over");
+                self.note(format!(
+                    "  vm{slot}: guest {} delegated to its child {}",
+                    guest.pid, child.pid
+                ));
+                let old = self.vms[slot].holder.replace(Holder {
+                    process: child,
+                    link: Some(link),
+                    kept: keep,
+                    acking: true,
+                });
+                // The guest's own connection closes at its exec. (Its copies of the
+                // descriptions, which QEMU keeps, are not modelled: fewer copies, a harder case.)
+                if let Some(old_link) = old.and_then(|o| o.link) {
+                    self.events.push(Event::HolderClosed {
+                        link: old_link,
+                        holder: guest,
+                    });
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.refused("refused:delegate");
+                self.kernel.borrow_mut().exit(child.pid, child.start_time);
+                self.check_unchanged(before, "takeover", &e.to_string())
+            }
+        }
     }
 
     fn lease_check(&mut self) -> Result<(), String> {
@@ -2139,7 +2288,9 @@ impl World {
                 });
                 if !kept_by_live_vm && !granted_to_live_owner {
                     return Err(format!(
-                        "invariant 5: after settling, description {ofd} still holds a {kind:?} lock on file {file} byte {byte} for no live guest"
+                        "invariant 5: after settling, description {ofd} still holds a {kind:?} lock on file {file} byte {byte} for no live guest; DEBUG vms: {:?} status: {:?}",
+                        self.vms.iter().map(|v| (v.name.clone(), v.guest, v.holder.as_ref().map(|h| (h.process, h.link, h.kept.iter().map(|k| k.fd.ofd()).collect::<Vec<_>>())))).collect::<Vec<_>>(),
+                        daemon.table.status()
                     ));
                 }
             }

@@ -46,6 +46,8 @@ fn a_million_steps_keep_every_invariant() {
         "lie:registered_as_destination",
         "lie:reused_holder_pid:sent",
         "reconnect:ok",
+        "delegate:taken_over",
+        "refused:delegate",
     ] {
         assert!(
             report.counts.get(kind).copied().unwrap_or(0) > 0,
@@ -88,6 +90,13 @@ fn unlocking_on_holder_close_is_caught() {
 #[test]
 fn skipping_the_kernel_lock_is_caught() {
     caught(Sabotage::SkipKernelLock);
+}
+
+/// A core that lets any child of a guest take its VM over (not only a child of a guest that
+/// holds its own locks, as libvirt's pre-exec child does) is caught.
+#[test]
+fn a_core_that_lets_any_guest_child_take_over_is_caught() {
+    caught(Sabotage::TakeoverByAnyChild);
 }
 
 #[test]
