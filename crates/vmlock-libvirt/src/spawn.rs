@@ -1,19 +1,17 @@
 //! Starting a domain's holder from libvirt's pre-exec child.
 //!
 //! That child is a fork of the multi-threaded libvirtd: only the calling thread exists, and any
-//! lock another thread held at the fork stays held forever. So everything that allocates is done
-//! first; then `fork`, and in the new process only `dup2`, `close_range`, `sigprocmask`,
-//! `setsid` and `execve` (async-signal-safe system calls); the child then waits for the holder's
-//! one-line report with `poll` and `recvmsg`. No thread, no lock, no runtime.
+//! lock another thread held at the fork stays held forever. So nothing here starts a thread or
+//! takes a lock; it allocates (glibc's fork resets the allocator's locks) and makes plain system
+//! calls. The holder starts through `posix_spawn` (`vmlock_sys::child::spawn_clean`), which
+//! copies none of libvirtd's page tables and hands it only the descriptors it needs.
 //!
 //! The report travels on a socket pair, so that with its `OK` the holder sends copies of the
 //! lock descriptions it took: the child keeps them open across its exec, and QEMU holds its own
 //! locks for as long as it runs — even if its holder and vmlockd both die.
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use nix::unistd::ForkResult;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -40,30 +38,21 @@ pub fn start_holder(args: &[String], timeout: Duration) -> Result<Vec<OwnedFd>, 
     )
     .map_err(|e| format!("socketpair: {e}"))?;
     let read_end = UnixStream::from(read_end);
-    // SAFETY: this process is single-threaded (libvirt's pre-exec child) and the new process
-    // runs only async-signal-safe system calls on values prepared above before it execs or
-    // exits.
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => Err(format!("fork: {e}")),
-        Ok(ForkResult::Child) => exec_holder(&program, &argv, &env, &[write_end.as_raw_fd()]),
-        Ok(ForkResult::Parent { child }) => {
-            drop(write_end);
-            match read_report(&read_end, timeout) {
-                Ok(fds) => Ok(fds),
-                Err(reason) => {
-                    // A holder that did not report must not keep anything: it would be a
-                    // holder without a guest.
-                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-                    let _ = nix::sys::wait::waitpid(child, None);
-                    Err(reason)
-                }
-            }
+    let child = spawn(&program, &argv, &env, &[write_end.as_raw_fd()])?;
+    drop(write_end);
+    match read_report(&read_end, timeout) {
+        Ok(fds) => Ok(fds),
+        Err(reason) => {
+            // A holder that did not report must not keep anything: it would be a holder without
+            // a guest.
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, None);
+            Err(reason)
         }
     }
 }
 
-/// The holder's program, arguments and environment, ready for `execve` (allocated before the
-/// fork).
+/// The holder's program, arguments and environment, ready for `posix_spawn`.
 #[allow(clippy::type_complexity)]
 fn command(args: &[String]) -> Result<(CString, Vec<CString>, [CString; 1]), String> {
     let argv: Vec<CString> = args
@@ -82,50 +71,20 @@ fn command(args: &[String]) -> Result<(CString, Vec<CString>, [CString; 1]), Str
     Ok((program, argv, env))
 }
 
-/// In the forked process: becomes the holder with `fds` as its descriptors 3, 4, …, or exits
-/// 127. Only system calls on values prepared before the fork: no allocation.
-fn exec_holder(program: &CString, argv: &[CString], env: &[CString], fds: &[RawFd]) -> ! {
-    const MOST: usize = 4;
-    let first = READY_FD;
-    let mut ok = fds.len() <= MOST;
-    // Copies above every target number first, so that placing one never overwrites another.
-    let mut high = [-1; MOST];
-    let above = first + MOST as i32;
-    for (slot, fd) in high.iter_mut().zip(fds) {
-        if !ok {
-            break;
-        }
-        match nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_DUPFD(above)) {
-            Ok(copy) => *slot = copy,
-            Err(_) => ok = false,
-        }
-    }
-    for (i, copy) in high.iter().take(fds.len()).enumerate() {
-        if !ok {
-            break;
-        }
-        // SAFETY: dup2 on descriptor numbers only; the copy made above goes to its place (dup2
-        // leaves the result without close-on-exec).
-        ok = unsafe { nix::libc::dup2(*copy, first + i as i32) } == first + i as i32;
-    }
-    if ok {
-        // Nothing of libvirtd's reaches the holder: every descriptor above ours goes.
-        // SAFETY: close_range only closes descriptors; none is used by this process again.
-        unsafe {
-            nix::libc::syscall(
-                nix::libc::SYS_close_range,
-                first + fds.len() as i32,
-                nix::libc::c_uint::MAX,
-                0,
-            );
-        }
-        let _ =
-            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-        let _ = nix::unistd::setsid();
-        let _ = nix::unistd::execve(program, argv, env);
-    }
-    // SAFETY: _exit ends this forked process without running libvirtd's atexit handlers.
-    unsafe { nix::libc::_exit(127) }
+/// Starts the holder as a clean child (its own session, no signal blocked or ignored, nothing
+/// of libvirtd's but `fds`, as its descriptors 3, 4, …) through `posix_spawn`: no copy of
+/// libvirtd's page tables, as a fork of this child would make.
+fn spawn(
+    program: &CString,
+    argv: &[CString],
+    env: &[CString],
+    fds: &[RawFd],
+) -> Result<nix::unistd::Pid, String> {
+    let argv: Vec<&std::ffi::CStr> = argv.iter().map(CString::as_c_str).collect();
+    let env: Vec<&std::ffi::CStr> = env.iter().map(CString::as_c_str).collect();
+    vmlock_sys::child::spawn_clean(program, &argv, &env, fds)
+        .map(nix::unistd::Pid::from_raw)
+        .map_err(|e| format!("starting {}: {e}", program.to_string_lossy()))
 }
 
 /// Reads the holder's one line: `OK` (with the descriptions it sends along), or `ERR reason`;
@@ -203,9 +162,12 @@ mod tests {
         assert!(start_holder(&sh("sleep 5"), Duration::from_millis(200))
             .unwrap_err()
             .contains("did not report"));
-        assert!(start_holder(&["/nonexistent/vmlock".to_owned()], t)
-            .unwrap_err()
-            .contains("without a word"));
+        // A holder that cannot start is named, not waited for.
+        let missing = start_holder(&["/nonexistent/vmlock".to_owned()], t).unwrap_err();
+        assert!(
+            missing.contains("starting /nonexistent/vmlock") && missing.contains("No such file"),
+            "{missing}"
+        );
     }
 
     #[test]
@@ -332,19 +294,12 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         }
     };
     let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
-    // SAFETY: this process is single-threaded (libvirt's pre-exec child) and the new process
-    // runs only async-signal-safe system calls on values prepared above before it execs or
-    // exits.
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => {
-            return refuse(
-                request.runtime,
-                &request.vm,
-                vmlock::Error::io("fork", &e.into()),
-            )
-        }
-        Ok(ForkResult::Child) => exec_holder(&program, &argv, &env, &handed),
-        Ok(ForkResult::Parent { .. }) => {}
+    if let Err(reason) = spawn(&program, &argv, &env, &handed) {
+        return refuse(
+            request.runtime,
+            &request.vm,
+            vmlock::Error::ServiceUnavailable { reason },
+        );
     }
     drop(theirs);
     drop(listener);
