@@ -169,7 +169,7 @@ fn log_line(line: &str) -> Option<(f64, &str, &str)> {
 /// libvirtd's own wait for that child's handshake, and of the acquire at CPU start (`Resume`).
 fn log_breakdown(dir: &Path, managers: &[Manager]) {
     println!();
-    println!("From libvirtd's debug logs (ms, 1 ms resolution; logging slows libvirtd):");
+    println!("From libvirtd's debug logs (ms, p50 / mean; the log's clock has 1 ms resolution, so a p50 is a whole ms, while the mean of many such differences estimates the true mean to a fraction of one; logging slows libvirtd):");
     println!();
     println!("| manager | pre-exec hook | its lock acquire | libvirtd waits for the handshake | acquire at CPU start | n |");
     println!("|---|---|---|---|---|---|");
@@ -204,13 +204,14 @@ fn log_breakdown(dir: &Path, managers: &[Manager]) {
         if hook.is_empty() {
             continue;
         }
+        let both = |v: &[f64]| format!("{:.0} / {:.2}", pct(v, 50.0), mean(v));
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             m.name,
-            pct(&hook, 50.0),
-            pct(&acquire, 50.0),
-            pct(&wait, 50.0),
-            pct(&resume, 50.0),
+            both(&hook),
+            both(&acquire),
+            both(&wait),
+            both(&resume),
             hook.len()
         );
     }
