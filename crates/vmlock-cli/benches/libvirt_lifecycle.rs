@@ -305,16 +305,21 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-fn row(step: &str, who: &str, v: &[f64]) {
-    println!(
-        "| {step} | {who} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+/// `p50 | p99 | mean | min | max | n` of `v`, for a table row.
+fn stats(v: &[f64]) -> String {
+    format!(
+        "{:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {}",
         pct(v, 50.0),
         pct(v, 99.0),
         mean(v),
         pct(v, 0.0),
         pct(v, 100.0),
         v.len()
-    );
+    )
+}
+
+fn row(step: &str, who: &str, v: &[f64]) {
+    println!("| {step} | {who} | {} |", stats(v));
 }
 
 /// How the pre-exec child takes the leases.
@@ -467,15 +472,7 @@ fn lock_step_alone(host: &VmlockHost, runs: usize) {
 }
 
 fn row_of(what: &str, v: &[f64]) {
-    println!(
-        "| {what} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
-        pct(v, 50.0),
-        pct(v, 99.0),
-        mean(v),
-        pct(v, 0.0),
-        pct(v, 100.0),
-        v.len()
-    );
+    println!("| {what} | {} |", stats(v));
 }
 
 fn main() {

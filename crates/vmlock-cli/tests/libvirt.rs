@@ -460,26 +460,29 @@ fn a_guest_under_vmlock_run_and_a_libvirt_domain_exclude_each_other() {
     libvirtd.virsh_ok(&["destroy", "dom2"]);
 }
 
-/// `status --json`'s guest pid of the VM holding `disk`.
-fn holder_pid(host: &Host, disk: &Path) -> Option<u64> {
+/// A number of `status --json`'s row for `disk`, read by `field`.
+fn status_number(
+    host: &Host,
+    disk: &Path,
+    field: impl Fn(&serde_json::Value) -> Option<u64>,
+) -> Option<u64> {
     let out = host.vmlock(&["status", "--json"]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let disk = disk.display().to_string();
     rows.as_array()?
         .iter()
         .find(|r| r["resource"].as_str().is_some_and(|p| p.contains(&disk)))
-        .and_then(|r| r["vm"]["pid"].as_u64())
+        .and_then(field)
+}
+
+/// `status --json`'s guest pid of the VM holding `disk`.
+fn holder_pid(host: &Host, disk: &Path) -> Option<u64> {
+    status_number(host, disk, |r| r["vm"]["pid"].as_u64())
 }
 
 /// `status --json`'s holder pid for `disk`.
 fn status_holder_pid(host: &Host, disk: &Path) -> Option<u64> {
-    let out = host.vmlock(&["status", "--json"]);
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let disk = disk.display().to_string();
-    rows.as_array()?
-        .iter()
-        .find(|r| r["resource"].as_str().is_some_and(|p| p.contains(&disk)))
-        .and_then(|r| r["holder_pid"].as_u64())
+    status_number(host, disk, |r| r["holder_pid"].as_u64())
 }
 
 fn socket_uri(libvirtd: &LibvirtDaemon) -> String {

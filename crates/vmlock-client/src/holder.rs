@@ -245,32 +245,6 @@ impl HoldConnection {
         Self::register_as(runtime, vm, flags, true)
     }
 
-    /// [`HoldConnection::register`] on a connection whose hello is still on its way: the
-    /// registration follows it at once (one round trip less; for libvirt's pre-exec child).
-    pub fn register_opened(
-        mut opening: Opening,
-        vm: VmIdentity,
-        flags: Option<AcquireFlags>,
-    ) -> Result<Self, Error> {
-        let registration = Registration {
-            vm,
-            flags: flags.as_ref().map(Registration::vm_flags),
-        };
-        let kept = Kept::default();
-        opening.send(&registration.hold(Vec::new(), false), &[])?;
-        let mut conn = opening.established()?;
-        let answer = conn.receive().map(|(reply, _)| reply);
-        let (stream, reader) = held(conn, answer)?;
-        Ok(HoldConnection {
-            stream,
-            reader,
-            registration,
-            kept,
-            connected: true,
-            finished: false,
-        })
-    }
-
     /// A VM's start in one round trip, on a connection whose hello is still on its way:
     /// registers as the holder of `vm` (its first acquire's `flags` are the VM's) and takes
     /// `resources` at once, all or nothing, with their descriptions in the reply (kept here, and
@@ -315,19 +289,24 @@ impl HoldConnection {
         let mut kept = Kept::default();
         kept.keep(locks.clone(), fds)
             .map_err(StartRefused::Acquire)?;
-        let (stream, reader) = held(conn, Ok(Reply::Ok)).map_err(StartRefused::Registration)?;
-        Ok((
-            HoldConnection {
-                stream,
-                reader,
-                registration,
-                kept,
-                connected: true,
-                finished: false,
-            },
-            locks,
-            copies,
-        ))
+        let link = held(conn, Ok(Reply::Ok)).map_err(StartRefused::Registration)?;
+        Ok((Self::connected(link, registration, kept), locks, copies))
+    }
+
+    /// A registered holder connection.
+    fn connected(
+        (stream, reader): (UnixStream, FrameReader),
+        registration: Registration,
+        kept: Kept,
+    ) -> Self {
+        HoldConnection {
+            stream,
+            reader,
+            registration,
+            kept,
+            connected: true,
+            finished: false,
+        }
     }
 
     fn register_as(
@@ -341,20 +320,13 @@ impl HoldConnection {
             flags: flags.as_ref().map(Registration::vm_flags),
         };
         let kept = Kept::default();
-        let (stream, reader) = hold_on(
+        let link = hold_on(
             Connection::connect(runtime)?,
             &registration,
             &kept,
             incoming,
         )?;
-        Ok(HoldConnection {
-            stream,
-            reader,
-            registration,
-            kept,
-            connected: true,
-            finished: false,
-        })
+        Ok(Self::connected(link, registration, kept))
     }
 
     /// The holder socket, to poll for readability in the caller's own loop; then call

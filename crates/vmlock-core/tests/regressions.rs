@@ -108,13 +108,23 @@ fn disk() -> Resource {
 
 /// VM `UUID` with holder 10 (link 1) and guest 11, holding `disk()` on file 1.
 fn running_vm(host: &mut TinyHost, flags: AcquireFlags) -> LockTable<TinyHost> {
+    vm_holding_disk(host, 10, proc(11, 111, 10), flags)
+}
+
+/// VM `UUID` registered by `holder` (link 1) with `guest`, holding `disk()` on file 1.
+fn vm_holding_disk(
+    host: &mut TinyHost,
+    holder: u32,
+    guest: ProcInfo<(u32, u64)>,
+    flags: AcquireFlags,
+) -> LockTable<TinyHost> {
     let mut table = LockTable::new(Policy::default(), "test".into());
     let (r, _) = table.hold(
         host,
-        who(10),
+        who(holder),
         LinkId(1),
-        identity(11),
-        proc(11, 111, 10),
+        identity(guest.pid),
+        guest,
         Vec::new(),
         Some(flags.clone()),
     );
@@ -129,7 +139,7 @@ fn running_vm(host: &mut TinyHost, flags: AcquireFlags) -> LockTable<TinyHost> {
         desc: host.open(1),
         image: None,
     }];
-    let (r, _) = table.reserve(host, who(10), UUID, opened, &flags);
+    let (r, _) = table.reserve(host, who(holder), UUID, opened, &flags);
     let reservation = r.ok().flatten().expect("reserved");
     let (r, _) = table.commit(UUID, reservation.ticket);
     r.expect("committed");
@@ -447,31 +457,7 @@ fn a_holder_is_taken_back_when_the_record_of_its_guest_was_lost() {
 
 /// Guest 30 holds its own disk (libvirt's pre-exec child, which becomes QEMU), on link 1.
 fn self_holding_guest(host: &mut TinyHost) -> LockTable<TinyHost> {
-    let mut table = LockTable::new(Policy::default(), "test".into());
-    let (r, _) = table.hold(
-        host,
-        who(30),
-        LinkId(1),
-        identity(30),
-        proc(30, 130, 1),
-        Vec::new(),
-        Some(AcquireFlags::default()),
-    );
-    r.expect("a guest may be its own holder");
-    let opened = vec![Opened {
-        resource: disk(),
-        key: LockKey {
-            dev: 1,
-            ino: 1,
-            byte: 0,
-        },
-        desc: host.open(1),
-        image: None,
-    }];
-    let (r, _) = table.reserve(host, who(30), UUID, opened, &AcquireFlags::default());
-    let reservation = r.ok().flatten().expect("reserved");
-    table.commit(UUID, reservation.ticket).0.expect("committed");
-    table
+    vm_holding_disk(host, 30, proc(30, 130, 1), AcquireFlags::default())
 }
 
 /// The guest as a caller whose parent it is sees it.

@@ -1254,18 +1254,7 @@ impl World {
         let link = LinkId(self.next_link + 1);
         // Each description is passed over the socket (a new reference) and re-checked in the
         // kernel by the daemon: one whose lock went to another VM meanwhile is not adopted.
-        let mut adopt = Vec::new();
-        for k in &holder.kept {
-            let copy = k.fd.duplicate();
-            let kind = kind_of(k.lock.resource.mode());
-            if self
-                .kernel
-                .borrow_mut()
-                .try_lock(copy.ofd(), kind, k.lock.key.byte)
-            {
-                adopt.push((k.lock.clone(), copy));
-            }
-        }
+        let adopt = self.adoptable(&holder.kept);
         let identity = self.identity(slot, &guest);
         let flags = self.vms[slot].flags.clone();
         let uuid = self.vms[slot].uuid.clone();
@@ -1305,6 +1294,25 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Copies of `kept` as a holder hands them back (each a new reference, passed over the
+    /// socket), with the daemon's re-check in the kernel: one whose lock went to another VM
+    /// meanwhile is left out.
+    fn adoptable(&self, kept: &[Kept]) -> Vec<(HeldLock, SimFd)> {
+        let mut adopt = Vec::new();
+        for k in kept {
+            let copy = k.fd.duplicate();
+            let kind = kind_of(k.lock.resource.mode());
+            if self
+                .kernel
+                .borrow_mut()
+                .try_lock(copy.ofd(), kind, k.lock.key.byte)
+            {
+                adopt.push((k.lock.clone(), copy));
+            }
+        }
+        adopt
     }
 
     /// What the daemon reads from `/proc` about `guest` for a request from `caller`: whether the
@@ -1352,26 +1360,20 @@ impl World {
         let child = self.kernel.borrow_mut().spawn(guest.pid);
         // The child got copies of the guest's descriptions; the daemon re-checks each in the
         // kernel (as after a restart) before it adopts it.
-        let mut adopt = Vec::new();
-        let mut keep = Vec::new();
-        if self_holding {
-            for k in &holder.kept {
-                let copy = k.fd.duplicate();
-                let kind = kind_of(k.lock.resource.mode());
-                if self
-                    .kernel
-                    .borrow_mut()
-                    .try_lock(copy.ofd(), kind, k.lock.key.byte)
-                {
-                    keep.push(Kept {
-                        lock: k.lock.clone(),
-                        fd: k.fd.duplicate(),
-                        pending: None,
-                    });
-                    adopt.push((k.lock.clone(), copy));
-                }
-            }
-        }
+        let adopt = if self_holding {
+            self.adoptable(&holder.kept)
+        } else {
+            Vec::new()
+        };
+        // The child keeps copies of what it hands over.
+        let keep: Vec<Kept> = adopt
+            .iter()
+            .map(|(lock, fd)| Kept {
+                lock: lock.clone(),
+                fd: fd.duplicate(),
+                pending: None,
+            })
+            .collect();
         let link = self.new_link();
         let identity = self.identity(slot, &guest);
         let info = self.guest_info_for(&guest, &child);
