@@ -829,7 +829,11 @@ impl Daemon {
                 // A destination on another host took its keys beside ours: this side's part is
                 // over. The source keeps its grants until its guest exits (QEMU quits after a
                 // migration), and the destination's keys hold the disks from now on.
+                // Only the VM's holder gets as far as etcd: a stranger's request costs no
+                // round trip to the cluster (the core refuses it below).
+                let from_holder = self.lock_table().holder_pid(&uuid) == Some(caller.pid);
                 let elsewhere = success
+                    && from_holder
                     && self
                         .cluster
                         .as_ref()
