@@ -163,9 +163,17 @@ impl Config {
                 self.prefix
             ));
         }
-        if self.host.is_empty() || self.host.chars().any(char::is_control) {
+        // The host name is part of every key (`…/UUID@HOST`) and of a migration's hand-over
+        // token (`SECRET~HOST~REVISIONS`): only a host name's own characters.
+        let host_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+        if self.host.is_empty()
+            || self.host.len() > 253
+            || !self.host.starts_with(|c: char| c.is_ascii_alphanumeric())
+            || !self.host.chars().all(host_char)
+        {
             return bad(format!(
-                "host {:?}: empty or with control characters",
+                "host {:?}: a host name (letters, digits, '.', '-', '_'; at most 253; set `host` \
+                 in [etcd] if the kernel's is not one)",
                 self.host
             ));
         }
@@ -250,5 +258,31 @@ mod tests {
             .expect("2 s TTL, 0.4 s K, 0.5 s margin, 0.8 s fence lead");
         c.user = Some("u".into());
         assert!(c.validate().is_err(), "user without password");
+    }
+
+    #[test]
+    fn a_host_name_that_would_break_keys_or_tokens_is_refused() {
+        for host in ["h1", "node-2.example.org", "a_b"] {
+            Config::new(vec!["127.0.0.1:2379".into()], host)
+                .validate()
+                .unwrap_or_else(|e| panic!("{host}: {e}"));
+        }
+        for host in [
+            "",
+            "a~b",
+            "a/b",
+            "a@b",
+            "-a",
+            "a b",
+            "a\nb",
+            &"a".repeat(254),
+        ] {
+            assert!(
+                Config::new(vec!["127.0.0.1:2379".into()], host)
+                    .validate()
+                    .is_err(),
+                "{host:?} accepted"
+            );
+        }
     }
 }

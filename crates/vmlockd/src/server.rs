@@ -94,9 +94,14 @@ impl Daemon {
         let lease_check_interval = Duration::from_millis(config.lease_check_interval_ms);
         let lock_failure_grace = Duration::from_millis(config.lock_failure_grace_ms);
         let host_name = host.clone();
-        let cluster = config
-            .etcd_config(&host)
-            .map(|c| Arc::new(Cluster::new(c, runtime.path())));
+        let cluster = match config.etcd_config(&host) {
+            Some(c) => {
+                // The host name may be the kernel's, filled in only now.
+                c.validate().map_err(|e| anyhow::anyhow!("[etcd]: {e}"))?;
+                Some(Arc::new(Cluster::new(c, runtime.path())))
+            }
+            None => None,
+        };
         if cluster.is_none() {
             // Left by a run with etcd: supervisors must not fence for a lease nobody renews.
             vmlock_client::fence::remove(runtime.path());
