@@ -171,6 +171,30 @@ impl Cluster {
         )
     }
 
+    /// Forgets VM `uuid`'s cluster lock `ours` (taken from [`Cluster::vm_lock`] and still held
+    /// by the caller) when the VM holds no key and nobody else has the lock: after a refused
+    /// acquire of a VM that holds nothing, so refusals leave no entry behind.
+    pub fn forget_vm_lock_if_unused(&self, uuid: &str, ours: &Arc<Mutex<()>>) {
+        let held = locked(&self.held);
+        if held.contains_key(uuid) {
+            return;
+        }
+        let mut locks = locked(&self.vm_locks);
+        // The map's reference and `ours`: any more is another request waiting for it.
+        if locks
+            .get(uuid)
+            .is_some_and(|l| Arc::ptr_eq(l, ours) && Arc::strong_count(l) == 2)
+        {
+            locks.remove(uuid);
+        }
+    }
+
+    /// VM locks kept, for tests.
+    #[cfg(test)]
+    fn vm_lock_count(&self) -> usize {
+        locked(&self.vm_locks).len()
+    }
+
     /// Tells the release thread the table changed.
     pub fn changed(&self) {
         *locked(&self.wake.0) = true;
@@ -632,6 +656,30 @@ impl Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_lock_is_forgotten_only_when_unused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Cluster::new(
+            vmlock_etcd::Config::new(vec!["127.0.0.1:1".into()], "h1"),
+            dir.path(),
+        );
+        let ours = c.vm_lock("u1");
+        let waiting = c.vm_lock("u1");
+        c.forget_vm_lock_if_unused("u1", &ours);
+        assert_eq!(
+            c.vm_lock_count(),
+            1,
+            "forgotten while another request had it"
+        );
+        drop(waiting);
+        locked(&c.held).insert("u1".into(), Default::default());
+        c.forget_vm_lock_if_unused("u1", &ours);
+        assert_eq!(c.vm_lock_count(), 1, "forgotten while the VM holds keys");
+        locked(&c.held).remove("u1");
+        c.forget_vm_lock_if_unused("u1", &ours);
+        assert_eq!(c.vm_lock_count(), 0);
+    }
 
     #[test]
     fn disk_ids_by_path_and_lease() {

@@ -992,6 +992,9 @@ impl Daemon {
             }
             if let Err(e) = taken {
                 self.with_table(|t, h| ((), t.abort(h, uuid, ticket)));
+                if let Some(l) = &cluster_lock {
+                    cluster.forget_vm_lock_if_unused(uuid, l);
+                }
                 return refused(Some(vm), e);
             }
         }
