@@ -1,6 +1,6 @@
-//! The real virtlockd (Debian's libvirt-daemon-lock), driven over its own socket protocol: libvirt
-//! RPC framing with XDR bodies, program 0x0EA7BEEF (written from the protocol description, no
-//! libvirt code). Runs in the bench's private mount namespace, which has its own /run.
+//! The real virtlockd (Debian's libvirt-daemon-lock), driven over its own socket protocol (libvirt
+//! RPC framing with XDR bodies: the codec is `vmlock_bench::virtlockd_proto`). Runs in the bench's
+//! private mount namespace, which has its own /run.
 
 use crate::report::{Memory, Restart, SysResult};
 use crate::util::{self, Fast, Op, Proc, Samples};
@@ -11,15 +11,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use vmlock_bench::virtlockd_proto::{
+    self as proto, RemoteError, ERR_BUSY, PROC_ACQUIRE, PROC_REGISTER, PROC_RELEASE,
+};
 
 const SOCKET: &str = "/run/libvirt/virtlockd-sock";
 const RESTART_STATE: &str = "/run/virtlockd-restart-exec.json";
-const PROGRAM: u32 = 0x0EA7_BEEF;
-const PROC_REGISTER: u32 = 1;
-const PROC_ACQUIRE: u32 = 6;
-const PROC_RELEASE: u32 = 7;
-/// `VIR_ERR_RESOURCE_BUSY`.
-const ERR_BUSY: i32 = 87;
 
 /// The virtlockd binary, if installed.
 pub fn find() -> Option<PathBuf> {
@@ -27,41 +24,6 @@ pub fn find() -> Option<PathBuf> {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
-}
-
-/// An error reply.
-#[derive(Debug)]
-pub struct RemoteError {
-    code: i32,
-    message: String,
-}
-
-impl std::fmt::Display for RemoteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "virtlockd error {}: {}", self.code, self.message)
-    }
-}
-
-fn put_u32(b: &mut Vec<u8>, v: u32) {
-    b.extend_from_slice(&v.to_be_bytes());
-}
-
-fn put_string(b: &mut Vec<u8>, s: &str) {
-    put_u32(b, s.len() as u32);
-    b.extend_from_slice(s.as_bytes());
-    while b.len() % 4 != 0 {
-        b.push(0);
-    }
-}
-
-fn get_u32(b: &[u8], at: &mut usize) -> Result<u32> {
-    let v = b
-        .get(*at..*at + 4)
-        .context("short XDR body")?
-        .try_into()
-        .map(u32::from_be_bytes)?;
-    *at += 4;
-    Ok(v)
 }
 
 /// One connection to virtlockd.
@@ -80,67 +42,30 @@ impl Client {
     }
 
     fn call(&mut self, procedure: u32, body: &[u8]) -> Result<Result<(), RemoteError>> {
-        let mut f = Vec::with_capacity(28 + body.len());
-        put_u32(&mut f, (28 + body.len()) as u32);
-        for w in [PROGRAM, 1, procedure, 0, self.serial, 0] {
-            put_u32(&mut f, w);
-        }
-        f.extend_from_slice(body);
-        self.s.write_all(&f).context("writing to virtlockd")?;
+        let frame = proto::encode_call(procedure, self.serial, body);
+        self.s.write_all(&frame).context("writing to virtlockd")?;
         let mut len = [0u8; 4];
         self.s
             .read_exact(&mut len)
             .context("reading from virtlockd")?;
-        let len = u32::from_be_bytes(len) as usize;
-        anyhow::ensure!(
-            (28..=1 << 20).contains(&len),
-            "bad virtlockd frame length {len}"
-        );
-        let mut rest = vec![0u8; len - 4];
+        let mut rest = vec![0u8; proto::frame_len(len)? - 4];
         self.s
             .read_exact(&mut rest)
             .context("reading from virtlockd")?;
-        let mut at = 0;
-        let words: Vec<u32> = (0..6)
-            .map(|_| get_u32(&rest, &mut at))
-            .collect::<Result<_>>()?;
-        anyhow::ensure!(
-            words[0] == PROGRAM && words[2] == procedure && words[4] == self.serial,
-            "reply does not match the call: {words:?}"
-        );
+        let reply = proto::decode_reply(&rest, procedure, self.serial)?;
         self.serial = self.serial.wrapping_add(1);
-        if words[5] == 0 {
-            return Ok(Ok(()));
-        }
-        let code = get_u32(&rest, &mut at)? as i32;
-        let _domain = get_u32(&rest, &mut at)?;
-        let mut message = String::new();
-        if get_u32(&rest, &mut at)? == 1 {
-            let n = get_u32(&rest, &mut at)? as usize;
-            message =
-                String::from_utf8_lossy(rest.get(at..at + n).unwrap_or_default()).into_owned();
-        }
-        Ok(Err(RemoteError { code, message }))
+        Ok(reply)
     }
 
     /// REGISTER the owner `pid` (a live process: virtlockd kills owners whose connection closes).
     pub fn register(&mut self, name: &str, pid: u32) -> Result<()> {
-        let mut b = Vec::new();
-        b.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
-        put_string(&mut b, name);
-        put_u32(&mut b, 1); // id: virtlockd refuses 0
-        put_u32(&mut b, pid);
-        put_u32(&mut b, 0); // flags
-        self.call(PROC_REGISTER, &b)?
+        let body = proto::register_body(uuid::Uuid::new_v4().as_bytes(), name, pid);
+        self.call(PROC_REGISTER, &body)?
             .map_err(|e| anyhow::anyhow!("REGISTER: {e}"))
     }
 
     fn resource_call(&mut self, procedure: u32, path: &Path) -> Result<Result<(), RemoteError>> {
-        let mut b = Vec::new();
-        put_string(&mut b, ""); // the default lockspace: name is an absolute file path
-        put_string(&mut b, &path.to_string_lossy());
-        put_u32(&mut b, 0); // exclusive, no autocreate
-        self.call(procedure, &b)
+        self.call(procedure, &proto::resource_body(&path.to_string_lossy()))
     }
 
     /// ACQUIRE_RESOURCE of `path`, exclusive.
