@@ -204,6 +204,15 @@ fn a_domain_holds_its_disk_a_second_is_refused_by_name_and_destroy_frees_it() {
     );
     assert_ne!(libvirtd.domstate("second"), "running");
     assert_eq!(host.holder_of(&disk).as_deref(), Some("first"));
+    // The refused start left no control socket behind (it is bound under a name of its own and
+    // renamed only once the domain holds its disks), and no holder: only the first domain's.
+    let sockets: Vec<String> = std::fs::read_dir(host.run_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vm-"))
+        .collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
 
     // Destroy makes no plugin call: the disk is freed from QEMU's exit alone.
     libvirtd.virsh_ok(&["destroy", "first"]);

@@ -183,6 +183,53 @@ fn held(
     Ok((conn.stream, conn.reader))
 }
 
+/// A start sent by [`HoldConnection::send_start`], its answers not read yet.
+#[derive(Debug)]
+pub struct StartSent {
+    opening: Opening,
+    registration: Registration,
+    flags: AcquireFlags,
+}
+
+impl StartSent {
+    /// Reads the answers: the holder connection, what was taken and copies of the
+    /// descriptions; or why not (see [`HoldConnection::start_opened`]).
+    pub fn finish(self) -> Result<(HoldConnection, Vec<HeldLock>, Vec<OwnedFd>), StartRefused> {
+        let StartSent {
+            opening,
+            mut registration,
+            flags,
+        } = self;
+        let mut conn = opening.established().map_err(StartRefused::Registration)?;
+        match conn.receive() {
+            Ok((Reply::Ok, _)) => {}
+            Ok((other, _)) => return Err(StartRefused::Registration(unexpected(&other))),
+            Err(e) => return Err(StartRefused::Registration(e)),
+        }
+        let (locks, fds) = match conn.receive() {
+            Ok((Reply::Kept { locks, .. }, fds)) => (locks, fds),
+            Ok((Reply::Held(_), _)) => (Vec::new(), Vec::new()),
+            Ok((other, _)) => return Err(StartRefused::Acquire(unexpected(&other))),
+            Err(e) => return Err(StartRefused::Acquire(e)),
+        };
+        let copies = fds
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StartRefused::Acquire(Error::io("copying the descriptions", &e)))?;
+        registration.acquired(&flags);
+        let mut kept = Kept::default();
+        kept.keep(locks.clone(), fds)
+            .map_err(StartRefused::Acquire)?;
+        let link = held(conn, Ok(Reply::Ok)).map_err(StartRefused::Registration)?;
+        Ok((
+            HoldConnection::connected(link, registration, kept),
+            locks,
+            copies,
+        ))
+    }
+}
+
 /// Why [`HoldConnection::start_opened`] failed.
 #[derive(Debug)]
 pub enum StartRefused {
@@ -252,11 +299,22 @@ impl HoldConnection {
     /// registration itself (the VM is known), `Err(Acquire(e))` when it refused the acquire (then
     /// nothing stays registered).
     pub fn start_opened(
-        mut opening: Opening,
+        opening: Opening,
         vm: VmIdentity,
         resources: Vec<vmlock::Resource>,
         flags: AcquireFlags,
     ) -> Result<(Self, Vec<HeldLock>, Vec<OwnedFd>), StartRefused> {
+        Self::send_start(opening, vm, resources, flags)?.finish()
+    }
+
+    /// The first half of [`HoldConnection::start_opened`]: the request is sent, the caller may
+    /// do something else while the daemon works, then [`StartSent::finish`] reads the answers.
+    pub fn send_start(
+        mut opening: Opening,
+        vm: VmIdentity,
+        resources: Vec<vmlock::Resource>,
+        flags: AcquireFlags,
+    ) -> Result<StartSent, StartRefused> {
         let request = Request::Hold {
             vm: vm.clone(),
             adopt: Vec::new(),
@@ -264,33 +322,14 @@ impl HoldConnection {
             flags: Some(flags.clone()),
             acquire: Some(resources),
         };
-        let mut registration = Registration { vm, flags: None };
         opening
             .send(&request, &[])
             .map_err(StartRefused::Registration)?;
-        let mut conn = opening.established().map_err(StartRefused::Registration)?;
-        match conn.receive() {
-            Ok((Reply::Ok, _)) => {}
-            Ok((other, _)) => return Err(StartRefused::Registration(unexpected(&other))),
-            Err(e) => return Err(StartRefused::Registration(e)),
-        }
-        let (locks, fds) = match conn.receive() {
-            Ok((Reply::Kept { locks, .. }, fds)) => (locks, fds),
-            Ok((Reply::Held(_), _)) => (Vec::new(), Vec::new()),
-            Ok((other, _)) => return Err(StartRefused::Acquire(unexpected(&other))),
-            Err(e) => return Err(StartRefused::Acquire(e)),
-        };
-        let copies = fds
-            .iter()
-            .map(OwnedFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StartRefused::Acquire(Error::io("copying the descriptions", &e)))?;
-        registration.acquired(&flags);
-        let mut kept = Kept::default();
-        kept.keep(locks.clone(), fds)
-            .map_err(StartRefused::Acquire)?;
-        let link = held(conn, Ok(Reply::Ok)).map_err(StartRefused::Registration)?;
-        Ok((Self::connected(link, registration, kept), locks, copies))
+        Ok(StartSent {
+            opening,
+            registration: Registration { vm, flags: None },
+            flags,
+        })
     }
 
     /// A registered holder connection.

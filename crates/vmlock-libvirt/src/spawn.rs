@@ -237,82 +237,100 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     let Ok((program, argv, env)) = command(request.holder_args) else {
         return TakeOutcome::UseHolder;
     };
-    // One connection, one round trip: hello, then the registration with its acquire, without
-    // waiting in between (the daemon answers in order); the descriptions come in the reply.
-    let Ok(opening) = vmlock_client::Connection::open(request.runtime) else {
-        // No daemon: the holder's own start may start one.
+    // The holder's control socket, bound under a name of its own: it takes the domain's name
+    // only once the domain is ours (a migration destination's source serves under it).
+    let staged = staged_path(request.control, own_pid);
+    let Ok(listener) = bind_control(&staged) else {
         return TakeOutcome::UseHolder;
     };
-    let (hold, locks, fds) = match vmlock_client::HoldConnection::start_opened(
-        opening,
-        request.vm.clone(),
-        request.resources.clone(),
-        request.flags.clone(),
-    ) {
-        Ok(started) => started,
-        // The domain is known (a migration destination, or a record being cleaned up): the
-        // holder's own start sorts these out and names them.
-        Err(StartRefused::Registration(_)) => return TakeOutcome::UseHolder,
-        // Refused (a disk is held): nothing stays registered.
-        Err(StartRefused::Acquire(e)) => return TakeOutcome::Refused(e),
+    let unstage = || {
+        let _ = std::fs::remove_file(&staged);
     };
-    if locks.len() != fds.len() {
-        return refuse(
-            request.runtime,
-            &request.vm,
-            vmlock::Error::Protocol {
-                reason: format!("{} locks but {} descriptions", locks.len(), fds.len()),
-            },
-        );
-    }
-    let listener = match bind_control(request.control) {
-        Ok(l) => l,
-        Err(e) => {
-            return refuse(
-                request.runtime,
-                &request.vm,
-                vmlock::Error::io(
-                    format!("the domain's control socket {}", request.control.display()),
-                    &e,
-                ),
-            )
-        }
-    };
-    let (ours, theirs) = match socketpair(
+    let Ok((ours, theirs)) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
         None,
         SockFlag::SOCK_CLOEXEC,
-    ) {
-        Ok(pair) => pair,
-        Err(e) => {
-            return refuse(
-                request.runtime,
-                &request.vm,
-                vmlock::Error::io("socketpair", &e.into()),
-            )
-        }
+    ) else {
+        unstage();
+        return TakeOutcome::UseHolder;
     };
+    // One connection, one round trip: hello, then the registration with its acquire, without
+    // waiting in between (the daemon answers in order); the descriptions come in the reply.
+    let sent = vmlock_client::Connection::open(request.runtime)
+        .map_err(StartRefused::Registration)
+        .and_then(|opening| {
+            vmlock_client::HoldConnection::send_start(
+                opening,
+                request.vm.clone(),
+                request.resources.clone(),
+                request.flags.clone(),
+            )
+        });
+    let Ok(sent) = sent else {
+        // No daemon: the holder's own start may start one.
+        unstage();
+        return TakeOutcome::UseHolder;
+    };
+    // While vmlockd works on it, start the holder (it waits for the hand-down).
     let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
-    if let Err(reason) = spawn(&program, &argv, &env, &handed) {
-        return refuse(
-            request.runtime,
-            &request.vm,
-            vmlock::Error::ServiceUnavailable { reason },
-        );
-    }
+    let holder = spawn(&program, &argv, &env, &handed);
     drop(theirs);
     drop(listener);
+    let stop_holder = || {
+        if let Ok(pid) = &holder {
+            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(*pid, None);
+        }
+        unstage();
+    };
+    let (hold, locks, fds) = match sent.finish() {
+        Ok(started) => started,
+        // The domain is known (a migration destination, or a record being cleaned up): the
+        // holder's own start sorts these out and names them.
+        Err(StartRefused::Registration(_)) => {
+            stop_holder();
+            return TakeOutcome::UseHolder;
+        }
+        // Refused (a disk is held): nothing stays registered.
+        Err(StartRefused::Acquire(e)) => {
+            stop_holder();
+            return TakeOutcome::Refused(e);
+        }
+    };
+    let fail = |e: vmlock::Error| {
+        stop_holder();
+        refuse(request.runtime, &request.vm, e)
+    };
+    if let Err(reason) = &holder {
+        return fail(vmlock::Error::ServiceUnavailable {
+            reason: reason.clone(),
+        });
+    }
+    if let Err(e) = std::fs::rename(&staged, request.control) {
+        return fail(vmlock::Error::io(
+            format!("the domain's control socket {}", request.control.display()),
+            &e,
+        ));
+    }
     let ours = UnixStream::from(ours);
     if let Err(e) = vmlock_client::handdown::send(&ours, &locks, &fds, HAND_DOWN_TIMEOUT) {
         // The holder died before it read: QEMU would run with nobody to serve libvirt's later
-        // calls. Fail the start instead; the holder's own exit leaves it nothing.
-        return refuse(request.runtime, &request.vm, e);
+        // calls. Fail the start instead.
+        let _ = std::fs::remove_file(request.control);
+        return fail(e);
     }
     // The registration connection closes at our exec (close-on-exec); vmlockd keeps the grants
     // for the guest, which is alive, until the holder has taken over.
     drop(hold);
     TakeOutcome::Held(fds)
+}
+
+/// Where the control socket is bound before it takes the domain's name.
+fn staged_path(control: &Path, pid: u32) -> std::path::PathBuf {
+    let mut name = control.as_os_str().to_owned();
+    name.push(format!(".{pid}.staged"));
+    std::path::PathBuf::from(name)
 }
 
 /// A failure after the leases were taken: this process was its own guest and keeps nothing
@@ -332,8 +350,8 @@ fn refuse(runtime: &vmlock_client::RuntimeDir, vm: &VmIdentity, e: vmlock::Error
     TakeOutcome::Refused(e)
 }
 
-/// Binds the domain's control socket (root only) for the holder to serve. The domain was just
-/// registered afresh, so a socket file left there belongs to nobody serving this domain.
+/// Binds a control socket (root only) at `path`, a name of this process's own (a file left
+/// there by an earlier process with this pid is nobody's).
 fn bind_control(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     let _ = std::fs::remove_file(path);
     let listener = std::os::unix::net::UnixListener::bind(path)?;
