@@ -190,6 +190,14 @@ fn a_domain_holds_its_disk_a_second_is_refused_by_name_and_destroy_frees_it() {
         Duration::from_millis(20),
         || status_holder_pid(&host, &disk) == Some(u64::from(holder)),
     );
+    // It started at a lower priority (its start-up is off the domain's start) and serves at the
+    // normal one once it took over. Bounded poll: it resets its priority right after.
+    wait_until(
+        "the holder serves at the normal priority",
+        SETTLE,
+        Duration::from_millis(20),
+        || nice_of(holder) == Some(0),
+    );
 
     // vmlock refuses in libvirt's pre-exec child, before QEMU opens the disk (QEMU's own image
     // locking would otherwise be what refuses, with its own message).
@@ -467,6 +475,14 @@ fn a_guest_under_vmlock_run_and_a_libvirt_domain_exclude_each_other() {
     libvirtd.virsh_ok(&["start", "dom2"]);
     assert_refused(&host, &b, "dom2");
     libvirtd.virsh_ok(&["destroy", "dom2"]);
+}
+
+/// Process `pid`'s nice value (field 19 of `/proc/PID/stat`).
+fn nice_of(pid: u32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(16)?.parse().ok()
 }
 
 /// A number of `status --json`'s row for `disk`, read by `field`.

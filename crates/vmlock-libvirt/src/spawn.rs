@@ -275,6 +275,11 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     // While vmlockd works on it, start the holder (it waits for the hand-down).
     let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
     let holder = spawn(&program, &argv, &env, &handed);
+    if let Ok(pid) = &holder {
+        // Its start-up is off the critical path: it must not take the CPU from vmlockd, which
+        // is answering this start now, or from QEMU's. It returns to normal once it took over.
+        deprioritise(*pid);
+    }
     drop(theirs);
     drop(listener);
     let stop_holder = || {
@@ -324,6 +329,20 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     // for the guest, which is alive, until the holder has taken over.
     drop(hold);
     TakeOutcome::Held(fds)
+}
+
+/// The nice value the holder starts with, until it has taken over.
+pub const HOLDER_START_NICE: i32 = 10;
+
+/// Lowers process `pid`'s priority to [`HOLDER_START_NICE`].
+fn deprioritise(pid: nix::unistd::Pid) {
+    let Ok(who) = nix::libc::id_t::try_from(pid.as_raw()) else {
+        return;
+    };
+    // SAFETY: setpriority on a pid this process just started; no memory is passed.
+    unsafe {
+        nix::libc::setpriority(nix::libc::PRIO_PROCESS, who, HOLDER_START_NICE);
+    }
 }
 
 /// Where the control socket is bound before it takes the domain's name.
