@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vmlock::{DiskMode, Resource};
+use vmlock_client::proto::{AcquireFlags, Reply, Request, VmIdentity};
+use vmlock_client::{Connection, HoldConnection, RuntimeDir};
 use vmlock_sys::pidfd::ProcessHandle;
+use vmlock_testkit::fuse::HangFs;
 use vmlock_testkit::process::{read_line, wait_child};
 
 /// How long `vmlock run` may take to report its guest started (or to give up).
@@ -37,6 +41,18 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 const CHECK_EVERY: u64 = 250;
 /// Size of each disk file.
 const DISK_SIZE: u64 = 64 * 1024;
+/// A daemon probe slower than this while another client is stuck is a stall (issue 13).
+pub const STALL: Duration = Duration::from_millis(100);
+/// A hang of the storage lasts at least this long: more than one round of vmlockd's lease check
+/// (once a second), so the daemon's own stat of a hung disk is stuck in it too.
+const MIN_HANG: Duration = Duration::from_millis(1200);
+/// One stop in three lasts at least this long: past vmlockd's 5 s wait for a holder's ack
+/// (`vmlockd::holder::ACK_TIMEOUT`), so the daemon gives the hotplug pushed to the stopped
+/// supervisor up while it is still stopped.
+const LONG_STOP: Duration = Duration::from_millis(5500);
+/// How long a supervisor may take, once continued, to drop what a refused hotplug had pushed to
+/// it while it was stopped.
+const DROP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the campaign is asked to do.
 #[derive(Debug, Clone)]
@@ -62,6 +78,9 @@ pub struct Options {
     /// Run vmlockd with cluster locks in the etcd cluster at these endpoints (empty: local only).
     /// Every grant then also holds a key; after the campaign no key may be left.
     pub etcd_endpoints: Vec<String>,
+    /// Sabotage, to show the stall row can fail: while something is stuck, the campaign itself
+    /// SIGSTOPs vmlockd for 150 ms during each status probe.
+    pub sabotage_stall: bool,
 }
 
 impl Options {
@@ -78,6 +97,7 @@ impl Options {
             keep_dir: false,
             verbose: false,
             etcd_endpoints: Vec::new(),
+            sabotage_stall: false,
         }
     }
 }
@@ -120,10 +140,18 @@ pub enum Op {
     /// namespace) filled to the last byte for the next 1–10 operations (becomes a start where
     /// no private mount namespace can be made).
     FillRuntimeFs,
+    /// Fault: the storage of 1–2 of the disks (a FUSE mount, [`vmlock_testkit::fuse::HangFs`], in
+    /// the campaign's own mount namespace) stops answering for the next 1–10 operations and at
+    /// least [`MIN_HANG`]; guests holding those disks block in it and keep their locks. Skipped
+    /// (a start instead, counted as skipped) where no FUSE mount can be made.
+    HangStorage,
+    /// Fault: SIGSTOP a supervisor (a holder that stops reading and acking) for the next 1–10
+    /// operations, with a hotplug for its VM pushed to it meanwhile, then SIGCONT.
+    StuckSupervisor,
 }
 
 impl Op {
-    const ALL: [(Op, u64); 16] = [
+    const ALL: [(Op, u64); 18] = [
         (Op::Start, 300),
         (Op::Stop, 120),
         (Op::Attach, 160),
@@ -140,6 +168,8 @@ impl Op {
         (Op::KillSupervisorMidRequest, 6),
         (Op::DescriptorFlood, 6),
         (Op::FillRuntimeFs, 5),
+        (Op::HangStorage, 6),
+        (Op::StuckSupervisor, 6),
     ];
 
     /// Its name in the table.
@@ -161,6 +191,8 @@ impl Op {
             Op::KillSupervisorMidRequest => "SIGKILL supervisor mid-hotplug",
             Op::DescriptorFlood => "descriptor flood",
             Op::FillRuntimeFs => "runtime file system full",
+            Op::HangStorage => "hung disk storage (FUSE)",
+            Op::StuckSupervisor => "SIGSTOP/SIGCONT supervisor",
         }
     }
 
@@ -221,10 +253,111 @@ pub struct Report {
     pub recovery: BTreeMap<Op, Vec<Duration>>,
     /// Daemon kills after which no acquire succeeded within the bound.
     pub recovery_failures: u64,
+    /// Hung-storage faults drawn but skipped (no FUSE mount), and why.
+    pub hang_skipped: (u64, String),
+    /// How long each hang of the storage lasted (wall time).
+    pub hang_durations: Vec<Duration>,
+    /// Hangs during which a live guest held a disk on the hung storage.
+    pub hangs_with_guest: u64,
+    /// Hangs during which a vmlockd thread was seen waiting in the hung storage (its `wchan`).
+    pub hangs_with_daemon_waiting: u64,
+    /// From each resume to every guest on the storage having run a round again (acked a
+    /// control write).
+    pub hang_recovery: Vec<Duration>,
+    /// Guests on the storage that did not run a round again within the bound after a resume.
+    pub hang_recovery_failures: u64,
+    /// How long each supervisor stayed stopped (wall time).
+    pub stop_durations: Vec<Duration>,
+    /// Hotplugs pushed to a stopped supervisor: granted (after SIGCONT) / refused.
+    pub stuck_hotplugs: (u64, u64),
+    /// From SIGCONT to the answer of the hotplug pushed to the stopped supervisor, when it was
+    /// still pending.
+    pub stop_recovery: Vec<Duration>,
+    /// Daemon probes (status on a fresh connection; an acquire and release of the probe disk by
+    /// a holder of the campaign's own) while something was stuck.
+    pub probes_stuck: Probes,
+    /// The same with nothing stuck.
+    pub probes_free: Probes,
+    /// Probes longer than [`STALL`] while another client was stuck.
+    pub stalls: u64,
+    /// Probes longer than [`STALL`] with nothing stuck (not a violation: the machine's own noise).
+    pub slow_free_probes: u64,
+    /// Probes that got no answer (no daemon, an error other than a refusal).
+    pub probe_failures: u64,
     /// Wall-clock time.
     pub elapsed: Duration,
     /// One line per violation or anomaly.
     pub details: Vec<String>,
+}
+
+/// Latencies of the daemon probes.
+#[derive(Debug, Default)]
+pub struct Probes {
+    /// `Status` on a fresh connection (connect and hello included).
+    pub status: Vec<Duration>,
+    /// A holder registering for a new VM (connect and hello included).
+    pub hold: Vec<Duration>,
+    /// That VM acquiring the probe disk and releasing it.
+    pub round_trip: Vec<Duration>,
+}
+
+impl Probes {
+    fn summary(&self) -> String {
+        let p = |v: &[Duration]| {
+            let mut v = v.to_vec();
+            v.sort();
+            format!(
+                "{:.1} / {:.1} / {:.1} ms",
+                ms(percentile(&v, 0.5)),
+                ms(percentile(&v, 0.99)),
+                ms(v.last().copied().unwrap_or_default())
+            )
+        };
+        format!(
+            "status {}; hold {}; acquire+release {}; n {}",
+            p(&self.status),
+            p(&self.hold),
+            p(&self.round_trip),
+            self.status.len()
+        )
+    }
+}
+
+/// Times the laps of a probe, and how long this thread waited for a CPU meanwhile (from
+/// `/proc/thread-self/schedstat`: time runnable but not running), to tell a daemon that did not
+/// answer from a machine that did not run the campaign.
+struct ProbeTimer {
+    at: Instant,
+    waited: Duration,
+}
+
+impl ProbeTimer {
+    fn start() -> Self {
+        ProbeTimer {
+            at: Instant::now(),
+            waited: cpu_wait(),
+        }
+    }
+
+    /// The time since the last lap (or the start), and the CPU wait in it.
+    fn lap(&mut self) -> (Duration, Duration) {
+        let (at, waited) = (Instant::now(), cpu_wait());
+        let lap = (at - self.at, waited.saturating_sub(self.waited));
+        (self.at, self.waited) = (at, waited);
+        lap
+    }
+}
+
+/// How long this thread has waited on a run queue in all (0 where schedstat is unavailable).
+fn cpu_wait() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -254,6 +387,7 @@ impl Report {
             && self.keys_leaked == 0
             && self.descriptors_leaked == 0
             && self.killed_by_vmlock == 0
+            && self.stalls == 0
     }
 
     /// The table (Markdown).
@@ -289,6 +423,15 @@ impl Report {
                 row(&format!("  {}", k.name()), n.to_string());
             }
         }
+        if self.hang_skipped.0 > 0 {
+            row(
+                &format!("  {}", Op::HangStorage.name()),
+                format!(
+                    "skipped ({} drawn, each a start instead): {}",
+                    self.hang_skipped.0, self.hang_skipped.1
+                ),
+            );
+        }
         row(
             "double writers (must be 0)",
             self.double_writers.to_string(),
@@ -307,6 +450,10 @@ impl Report {
         row(
             "guests killed by vmlock's own restart (must be 0)",
             self.killed_by_vmlock.to_string(),
+        );
+        row(
+            "daemon stalls longer than 100 ms while another client was stuck (must be 0)",
+            self.stalls.to_string(),
         );
         row(
             "no lock seen by a guest whose supervisor had died",
@@ -334,6 +481,67 @@ impl Report {
         row(
             "daemon kills without recovery within 30 s",
             self.recovery_failures.to_string(),
+        );
+        let p50_p99 = |v: &[Duration]| {
+            let mut v = v.to_vec();
+            v.sort();
+            format!(
+                "{} ms / {} ms, {}",
+                percentile(&v, 0.5).as_millis(),
+                percentile(&v, 0.99).as_millis(),
+                v.len()
+            )
+        };
+        if !self.hang_durations.is_empty() {
+            row(
+                "storage hung for (p50 / p99, n)",
+                p50_p99(&self.hang_durations),
+            );
+            row(
+                "hangs with a guest on the storage / with a vmlockd thread waiting in it",
+                format!(
+                    "{} / {}",
+                    self.hangs_with_guest, self.hangs_with_daemon_waiting
+                ),
+            );
+            row(
+                "recovery after hung storage: resume to its guests' next round (p50 / p99, n)",
+                p50_p99(&self.hang_recovery),
+            );
+            row(
+                "guests on hung storage not running again within 5 s of the resume",
+                self.hang_recovery_failures.to_string(),
+            );
+        }
+        if !self.stop_durations.is_empty() {
+            row(
+                "supervisor stopped for (p50 / p99, n)",
+                p50_p99(&self.stop_durations),
+            );
+            row(
+                "hotplugs pushed to a stopped supervisor: granted after SIGCONT / refused",
+                format!("{} / {}", self.stuck_hotplugs.0, self.stuck_hotplugs.1),
+            );
+            row(
+                "recovery after a stopped supervisor: SIGCONT to its hotplug's answer (p50 / p99, n)",
+                p50_p99(&self.stop_recovery),
+            );
+        }
+        row(
+            "daemon probe with a client stuck (p50 / p99 / max)",
+            self.probes_stuck.summary(),
+        );
+        row(
+            "daemon probe with nothing stuck (p50 / p99 / max)",
+            self.probes_free.summary(),
+        );
+        row(
+            "daemon probes over 100 ms with nothing stuck",
+            self.slow_free_probes.to_string(),
+        );
+        row(
+            "daemon probes without an answer",
+            self.probe_failures.to_string(),
         );
         let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = format!("| {:w$} | value |\n|{}|---|\n", "row", "-".repeat(w + 2));
@@ -378,7 +586,35 @@ enum Cli {
     TimedOut,
 }
 
+/// The storage hangs (a [`Op::HangStorage`] in force).
+struct Hung {
+    since: Instant,
+    /// It is resumed before this operation (and not before [`MIN_HANG`]).
+    until: u64,
+}
+
+/// A supervisor stopped by [`Op::StuckSupervisor`].
+struct Stopped {
+    guest_id: u64,
+    pid: u32,
+    since: Instant,
+    /// It is continued before this operation (and, if set, not before this much time).
+    until: u64,
+    at_least: Option<Duration>,
+    /// The hotplug for its VM started while it was stopped: `vmlock attach-disk`, the disk.
+    hotplug: Option<(Child, usize)>,
+}
+
 struct Campaign {
+    /// The FUSE storage that the last 1–2 disks live on, when it could be mounted (declared
+    /// first: dropped, i.e. unmounted, before the directory it is mounted in is removed).
+    hang: Option<HangFs>,
+    /// The disks on it.
+    hung_disks: Vec<usize>,
+    /// While it hangs.
+    hung: Option<Hung>,
+    /// The supervisor stopped now, if any.
+    stopped: Option<Stopped>,
     opts: Options,
     rng: Rng,
     dir: tempfile::TempDir,
@@ -437,6 +673,10 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         .map(|_| uuid::Uuid::new_v4().to_string())
         .collect();
     let mut c = Campaign {
+        hang: None,
+        hung_disks: Vec::new(),
+        hung: None,
+        stopped: None,
         rng: Rng::new(opts.seed),
         report: Report {
             seed: opts.seed,
@@ -465,6 +705,21 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
             "no runtime file system of its own ({e}): no \"file system full\" faults"
         )),
     }
+    // The last 1–2 disks on FUSE storage that hangs on command, mounted in the same private
+    // mount namespace (so no other process on the host ever sees it hang).
+    if c.small_runtime_fs {
+        if let Err(e) = c.mount_hang_fs() {
+            c.report.hang_skipped.1 = format!("no FUSE mount ({e})");
+        }
+    } else {
+        c.report.hang_skipped.1 = "no mount namespace of its own".into();
+    }
+    if !c.report.hang_skipped.1.is_empty() {
+        c.report.details.push(format!(
+            "{}: no \"hung storage\" faults",
+            c.report.hang_skipped.1
+        ));
+    }
     if !c.opts.etcd_endpoints.is_empty() {
         c.etcd_prefix = format!("/vmlock-torture/{}-{}", c.opts.seed, std::process::id());
         let endpoints: Vec<String> = c
@@ -491,12 +746,20 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         .map(std::io::BufWriter::new);
     let t0 = Instant::now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.campaign(t0)));
-    // Whatever happened (a panic too): every guest ends, the daemon is killed by pid.
+    // Whatever happened (a panic too): nothing stays stuck (a process waiting in the hung
+    // storage or stopped could not be reaped), every guest ends, the daemon is killed by pid.
+    if let Some(fs) = &c.hang {
+        fs.resume();
+    }
+    c.hung = None;
+    c.continue_supervisor();
     c.stop_all();
     if result.is_ok() {
         c.check_etcd_keys();
     }
     c.kill_daemon();
+    // Unmounted once nothing of the campaign's uses it any more.
+    c.hang = None;
     match result {
         Ok(r) => r?,
         Err(panic) => std::panic::resume_unwind(panic),
@@ -552,18 +815,36 @@ impl Campaign {
             if self.filler.is_some_and(|until| until <= ops) {
                 self.empty_runtime_fs();
             }
+            if self
+                .hung
+                .as_ref()
+                .is_some_and(|h| h.until <= ops && h.since.elapsed() >= MIN_HANG)
+            {
+                self.resume_storage();
+            }
+            if self.stopped.as_ref().is_some_and(|s| {
+                s.until <= ops && s.at_least.map_or(true, |t| s.since.elapsed() >= t)
+            }) {
+                self.continue_supervisor();
+            }
             self.reap();
             let op = Op::ALL[self.rng.weighted(&weights)].0;
             let done = self.step(op)?;
             self.report.ops += 1;
             *self.report.by_kind.entry(done).or_default() += 1;
+            self.probe_daemon();
             if self.report.ops % CHECK_EVERY == 0 {
+                // The checks open every disk: the storage answers again first.
+                self.resume_storage();
+                self.continue_supervisor();
                 let when = format!("at op {}", self.report.ops);
                 self.settle_and_check(&when, false);
             }
         }
         self.idle.clear();
         self.empty_runtime_fs();
+        self.resume_storage();
+        self.continue_supervisor();
         self.settle_and_check("after the campaign", true);
         self.read_findings();
         Ok(())
@@ -580,26 +861,48 @@ impl Campaign {
                 | Op::KillSupervisor
                 | Op::KillGuest
                 | Op::KillSupervisorMidRequest
+                | Op::StuckSupervisor
         );
-        if needs_guest && self.live.is_empty() {
+        // Guests that are stuck (on hung storage, or their supervisor stopped) are left alone.
+        let guests = self.eligible();
+        if needs_guest && guests.is_empty() {
             return self.step(Op::Start);
         }
         if op == Op::FillRuntimeFs && !self.small_runtime_fs {
             return self.step(Op::Start);
         }
+        if op == Op::HangStorage && self.hang.is_none() {
+            self.report.hang_skipped.0 += 1;
+            return self.step(Op::Start);
+        }
+        if (op == Op::HangStorage && self.hung.is_some())
+            || (op == Op::StuckSupervisor && self.stopped.is_some())
+        {
+            // One at a time.
+            return self.step(Op::Start);
+        }
+        let i = if needs_guest || op == Op::KillDaemonMidRequest {
+            self.rng.pick(&guests).copied().unwrap_or(0)
+        } else {
+            0
+        };
         match op {
             Op::Start => {
                 if !self.start_random()? {
+                    if guests.is_empty() {
+                        // Every slot taken, every guest stuck: nothing to start or stop.
+                        self.log("no free slot and every guest stuck: nothing done");
+                        return Ok(op);
+                    }
                     return self.step(Op::Stop);
                 }
             }
             Op::Stop => {
-                let i = self.rng.below(self.live.len() as u64) as usize;
                 self.log(&format!("stop guest {}", self.live[i].id));
                 self.stop(i);
             }
-            Op::Attach => self.attach()?,
-            Op::Detach => self.detach()?,
+            Op::Attach => self.attach(i)?,
+            Op::Detach => self.detach(i)?,
             Op::KillDaemon | Op::DeleteState | Op::CorruptState => {
                 if !self.ensure_daemon() {
                     self.report
@@ -619,7 +922,6 @@ impl Campaign {
             }
             Op::PauseDaemon => self.pause_daemon()?,
             Op::KillSupervisor => {
-                let i = self.rng.below(self.live.len() as u64) as usize;
                 self.log(&format!("SIGKILL supervisor of guest {}", self.live[i].id));
                 let mut l = self.live.swap_remove(i);
                 l.signalled = true;
@@ -627,7 +929,6 @@ impl Campaign {
                 self.finish(l);
             }
             Op::KillGuest => {
-                let i = self.rng.below(self.live.len() as u64) as usize;
                 self.log(&format!("SIGKILL guest {}", self.live[i].id));
                 let mut l = self.live.swap_remove(i);
                 l.signalled = true;
@@ -666,17 +967,19 @@ impl Campaign {
                     daemon.wait_exit(Some(EXIT_TIMEOUT));
                     at
                 });
-                if self.live.is_empty() || self.rng.below(2) == 0 {
-                    if !self.start_random()? {
-                        self.attach()?;
+                if guests.is_empty() || self.rng.below(2) == 0 {
+                    if !self.start_random()? && !guests.is_empty() {
+                        self.attach(i)?;
                     }
                 } else {
-                    self.attach()?;
+                    self.attach(i)?;
                 }
                 let killed_at = killer.join().unwrap_or_else(|_| Instant::now());
                 self.recover(op, killed_at)?;
             }
-            Op::KillSupervisorMidRequest => self.kill_supervisor_mid_hotplug()?,
+            Op::KillSupervisorMidRequest => self.kill_supervisor_mid_hotplug(i)?,
+            Op::HangStorage => self.hang_storage(),
+            Op::StuckSupervisor => self.stop_supervisor(i)?,
         }
         Ok(op)
     }
@@ -692,10 +995,14 @@ impl Campaign {
         let Some(&slot) = self.rng.pick(&free) else {
             return Ok(false);
         };
-        let n = self.rng.range(1, 2.min(self.disks.len() as u64));
+        // A start on hung storage would only wait for its bound: none while it hangs.
+        let usable: Vec<usize> = (0..self.disks.len())
+            .filter(|d| self.usable_disk(*d))
+            .collect();
+        let n = self.rng.range(1, 2.min(usable.len() as u64));
         let mut chosen = Vec::new();
         while chosen.len() < n as usize {
-            let d = self.rng.below(self.disks.len() as u64) as usize;
+            let d = usable[self.rng.below(usable.len() as u64) as usize];
             if !chosen.contains(&d) {
                 chosen.push(d);
             }
@@ -805,6 +1112,13 @@ impl Campaign {
     /// A guest the campaign ended or saw end: waits (bounded) for its supervisor and its guest,
     /// and counts it if the campaign did not end it.
     fn finish(&mut self, mut l: Live) {
+        // A process waiting in the hung storage, or stopped, cannot be reaped: free it first.
+        if self.holds_hung(&l) {
+            self.resume_storage();
+        }
+        if self.stopped.as_ref().is_some_and(|s| s.guest_id == l.id) {
+            self.continue_supervisor();
+        }
         self.log(&format!(
             "guest {} ends (ended by the campaign: {})",
             l.id, l.signalled
@@ -903,11 +1217,9 @@ impl Campaign {
         }
     }
 
-    fn attach(&mut self) -> anyhow::Result<()> {
-        let i = self.rng.below(self.live.len() as u64) as usize;
-        let absent: Vec<usize> = (0..self.disks.len())
-            .filter(|d| !self.live[i].disks.contains(d))
-            .collect();
+    /// Hotplugs a random disk (not on hung storage) into guest `i`.
+    fn attach(&mut self, i: usize) -> anyhow::Result<()> {
+        let absent = self.absent_disks(i);
         let Some(&d) = self.rng.pick(&absent) else {
             return Ok(());
         };
@@ -935,12 +1247,9 @@ impl Campaign {
         Ok(())
     }
 
-    /// SIGKILLs a supervisor 0–20 ms after a `vmlock attach-disk` for its VM started.
-    fn kill_supervisor_mid_hotplug(&mut self) -> anyhow::Result<()> {
-        let i = self.rng.below(self.live.len() as u64) as usize;
-        let absent: Vec<usize> = (0..self.disks.len())
-            .filter(|d| !self.live[i].disks.contains(d))
-            .collect();
+    /// SIGKILLs guest `i`'s supervisor 0–20 ms after a `vmlock attach-disk` for its VM started.
+    fn kill_supervisor_mid_hotplug(&mut self, i: usize) -> anyhow::Result<()> {
+        let absent = self.absent_disks(i);
         let d = self.rng.pick(&absent).copied();
         let delay = Duration::from_micros(self.rng.range(0, 20_000));
         self.log(&format!(
@@ -978,8 +1287,8 @@ impl Campaign {
         Ok(())
     }
 
-    fn detach(&mut self) -> anyhow::Result<()> {
-        let i = self.rng.below(self.live.len() as u64) as usize;
+    /// Unplugs a random disk of guest `i`.
+    fn detach(&mut self, i: usize) -> anyhow::Result<()> {
         let Some(&d) = self.rng.pick(&self.live[i].disks) else {
             return Ok(());
         };
@@ -1052,6 +1361,465 @@ impl Campaign {
                 ));
                 Ok(Cli::TimedOut)
             }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Stuck clients: hung storage, a stopped supervisor
+
+    /// Whether guest `l` holds a disk on the storage while it hangs.
+    fn holds_hung(&self, l: &Live) -> bool {
+        self.hung.is_some() && l.disks.iter().any(|d| self.hung_disks.contains(d))
+    }
+
+    /// The live guests that are not stuck (on hung storage, or under a stopped supervisor): the
+    /// ones operations may pick.
+    fn eligible(&self) -> Vec<usize> {
+        (0..self.live.len())
+            .filter(|i| {
+                let l = &self.live[*i];
+                !self.holds_hung(l) && self.stopped.as_ref().map_or(true, |s| s.guest_id != l.id)
+            })
+            .collect()
+    }
+
+    /// Whether disk `d` may be named by a new operation now (not on hung storage).
+    fn usable_disk(&self, d: usize) -> bool {
+        self.hung.is_none() || !self.hung_disks.contains(&d)
+    }
+
+    /// The disks guest `i` does not have that a hotplug may name now.
+    fn absent_disks(&self, i: usize) -> Vec<usize> {
+        (0..self.disks.len())
+            .filter(|d| !self.live[i].disks.contains(d) && self.usable_disk(*d))
+            .collect()
+    }
+
+    /// Moves the last 1–2 disks onto a [`HangFs`] mounted in the campaign's directory (the
+    /// caller is in the campaign's private mount namespace).
+    fn mount_hang_fs(&mut self) -> std::io::Result<()> {
+        let n = if self.disks.len() >= 4 { 2 } else { 1 };
+        let first = self.disks.len() - n;
+        let names: Vec<String> = (first..self.disks.len())
+            .map(|i| format!("disk{i}.img"))
+            .collect();
+        let mount = self.dir.path().join("hung");
+        std::fs::create_dir_all(&mount)?;
+        let files: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), DISK_SIZE)).collect();
+        let fs = HangFs::mount_with(&mount, &files)?;
+        let ids = names
+            .iter()
+            .map(|n| FileId::of(&fs.file(n)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for ((i, name), id) in (first..self.disks.len()).zip(&names).zip(ids) {
+            let _ = std::fs::remove_file(&self.disks[i]);
+            self.disks[i] = fs.file(name);
+            self.disk_ids[i] = id;
+            self.hung_disks.push(i);
+        }
+        self.hang = Some(fs);
+        Ok(())
+    }
+
+    /// Hangs the storage for the next 1–10 operations (and at least [`MIN_HANG`]).
+    fn hang_storage(&mut self) {
+        let keep = self.rng.range(1, 10);
+        let Some(fs) = &self.hang else {
+            return;
+        };
+        fs.hang();
+        self.hung = Some(Hung {
+            since: Instant::now(),
+            until: self.report.ops + keep,
+        });
+        let on_it: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|l| self.holds_hung(l))
+            .map(|l| l.id)
+            .collect();
+        self.log(&format!(
+            "storage of disks {:?} hangs for {keep} operations (at least {MIN_HANG:?}); guests on it: {on_it:?}",
+            self.hung_disks
+        ));
+    }
+
+    /// Ends a hang (if one is in force): resumes the storage and waits (bounded) until every
+    /// guest on it has run a round again.
+    fn resume_storage(&mut self) {
+        if self.hung.is_none() {
+            return;
+        }
+        let daemon_waiting = self.daemon_waits_in_fuse();
+        let on_it: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|l| self.holds_hung(l) && !l.guest_gone())
+            .map(|l| l.id)
+            .collect();
+        let Some(h) = self.hung.take() else {
+            return;
+        };
+        if let Some(fs) = &self.hang {
+            fs.resume();
+        }
+        let resumed = Instant::now();
+        self.report.hang_durations.push(h.since.elapsed());
+        if daemon_waiting {
+            self.report.hangs_with_daemon_waiting += 1;
+        }
+        self.log(&format!(
+            "storage resumed after {:?}; guests on it: {on_it:?}; a vmlockd thread waited in it: {daemon_waiting}",
+            h.since.elapsed()
+        ));
+        if on_it.is_empty() {
+            return;
+        }
+        self.report.hangs_with_guest += 1;
+        let mut all = true;
+        for id in on_it {
+            let Some(i) = self.live.iter().position(|l| l.id == id) else {
+                continue;
+            };
+            // A control write with the same disks: acked once the guest's round got through.
+            if !self.plug(i).unwrap_or(false) && !self.live[i].guest_gone() {
+                all = false;
+                self.report.hang_recovery_failures += 1;
+                self.report.details.push(format!(
+                    "op {}: guest {id} did not run a round within {ACK_TIMEOUT:?} of its storage's resume",
+                    self.report.ops
+                ));
+            }
+        }
+        if all {
+            self.report.hang_recovery.push(resumed.elapsed());
+        }
+    }
+
+    /// Whether a thread of vmlockd sleeps in a FUSE request now (`/proc/PID/task/*/wchan`).
+    fn daemon_waits_in_fuse(&self) -> bool {
+        let Some(daemon) = self.daemon() else {
+            return false;
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", daemon.pid)) else {
+            return false;
+        };
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("wchan"))
+                .is_ok_and(|w| w.contains("fuse") || w.contains("request_wait_answer"))
+        })
+    }
+
+    /// SIGSTOPs guest `i`'s supervisor for the next 1–10 operations and starts a hotplug for its
+    /// VM meanwhile (the daemon pushes the new description to the stopped holder and waits for
+    /// an ack that does not come).
+    fn stop_supervisor(&mut self, i: usize) -> anyhow::Result<()> {
+        let keep = self.rng.range(1, 10);
+        let at_least = (self.rng.below(3) == 0).then_some(LONG_STOP);
+        let absent = self.absent_disks(i);
+        let d = self.rng.pick(&absent).copied();
+        let (id, pid, uuid) = (
+            self.live[i].id,
+            self.live[i].supervisor.id(),
+            self.uuids[self.live[i].slot].clone(),
+        );
+        self.log(&format!(
+            "SIGSTOP supervisor {pid} of guest {id} for {keep} operations (at least {at_least:?}); hotplug of disk {d:?} meanwhile"
+        ));
+        if let Some(p) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(p, Signal::STOP);
+        }
+        let hotplug = match d {
+            Some(d) => {
+                let mut cmd = self.vmlock();
+                cmd.args(["attach-disk", "--uuid", &uuid, "--disk"])
+                    .arg(&self.disks[d])
+                    .stderr(Stdio::piped());
+                Some((cmd.spawn().context("spawning vmlock attach-disk")?, d))
+            }
+            None => None,
+        };
+        self.stopped = Some(Stopped {
+            guest_id: id,
+            pid,
+            since: Instant::now(),
+            until: self.report.ops + keep,
+            at_least,
+            hotplug,
+        });
+        Ok(())
+    }
+
+    /// Ends a stop (if one is in force): SIGCONT, then the hotplug started meanwhile is awaited
+    /// (bounded) and, if granted, plugged into the guest.
+    fn continue_supervisor(&mut self) {
+        let Some(s) = self.stopped.take() else {
+            return;
+        };
+        if let Some(p) = i32::try_from(s.pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(p, Signal::CONT);
+        }
+        let continued = Instant::now();
+        self.report.stop_durations.push(s.since.elapsed());
+        self.log(&format!(
+            "SIGCONT supervisor {} of guest {} after {:?}",
+            s.pid,
+            s.guest_id,
+            s.since.elapsed()
+        ));
+        let Some((mut child, d)) = s.hotplug else {
+            return;
+        };
+        let pending = matches!(child.try_wait(), Ok(None));
+        let Some(status) = wait_child(&mut child, CLI_TIMEOUT) else {
+            let _ = child.kill();
+            let _ = wait_child(&mut child, EXIT_TIMEOUT);
+            self.report.cli_timeouts += 1;
+            self.report.details.push(format!(
+                "op {}: attach-disk pushed to a stopped supervisor did not end within {CLI_TIMEOUT:?} of SIGCONT",
+                self.report.ops
+            ));
+            return;
+        };
+        if pending {
+            self.report.stop_recovery.push(continued.elapsed());
+        }
+        if !status.success() {
+            let mut said = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                while let Ok(Some(line)) = read_line(&mut err, Duration::from_secs(1)) {
+                    said.push_str(&line);
+                    said.push(' ');
+                }
+            }
+            self.report.stuck_hotplugs.1 += 1;
+            self.log(&format!(
+                "attach-disk of disk {d} pushed to the stopped supervisor: refused: {}",
+                said.trim()
+            ));
+            // Refused: the supervisor, reading the push it missed, must not keep the disk's
+            // lock (bounded wait: it drops it as it catches up).
+            let deadline = Instant::now() + DROP_TIMEOUT;
+            while locked_by_process(s.pid).contains(&self.disk_ids[d]) {
+                if Instant::now() >= deadline {
+                    self.report.locks_leaked += 1;
+                    self.report.details.push(format!(
+                        "op {} (seed {}): a hotplug of disk {d} refused while the supervisor of guest {} was stopped left the disk locked by that supervisor",
+                        self.report.ops, self.opts.seed, s.guest_id
+                    ));
+                    break;
+                }
+                // Bounded poll (deadline above): the supervisor's catching up has no event.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return;
+        }
+        self.report.stuck_hotplugs.0 += 1;
+        self.log(&format!(
+            "attach-disk of disk {d} pushed to the stopped supervisor: granted"
+        ));
+        let Some(i) = self.live.iter().position(|l| l.id == s.guest_id) else {
+            return;
+        };
+        self.report.attached += 1;
+        self.live[i].disks.push(d);
+        if !self.plug(i).unwrap_or(false) && !self.live[i].guest_gone() {
+            self.report.details.push(format!(
+                "op {}: guest {} did not plug disk {d} in within {ACK_TIMEOUT:?}",
+                self.report.ops, s.guest_id
+            ));
+        }
+    }
+
+    /// What is stuck now, if anything.
+    fn stuck_now(&self) -> Option<String> {
+        let mut what = Vec::new();
+        if self.hung.is_some() {
+            what.push(format!("storage of disks {:?} hung", self.hung_disks));
+        }
+        if let Some(s) = &self.stopped {
+            what.push(format!("supervisor of guest {} stopped", s.guest_id));
+        }
+        (!what.is_empty()).then(|| what.join(", "))
+    }
+
+    /// Probes the daemon directly and times it, on fresh connections: `Status` (connect, hello,
+    /// status); a holder of the campaign's own registering for a VM of its own (connect, hello,
+    /// hold); that VM acquiring the probe disk (its descriptions come in the reply) and releasing
+    /// it. While something is stuck, each of the three over [`STALL`] is a stall.
+    fn probe_daemon(&mut self) {
+        let runtime = match RuntimeDir::resolve(Some(&self.run_dir())) {
+            Ok(r) => r,
+            Err(e) => {
+                self.report.probe_failures += 1;
+                self.report.details.push(format!("probe: {e}"));
+                return;
+            }
+        };
+        let stuck = self.stuck_now();
+        let sabotage = match (self.opts.sabotage_stall, &stuck) {
+            (true, Some(_)) => self.daemon().map(|daemon| {
+                let _ = daemon.signal(Signal::STOP);
+                std::thread::spawn(move || {
+                    // Deliberate (sabotage): the daemon stays stopped this long under the probe.
+                    std::thread::sleep(Duration::from_millis(150));
+                    let _ = daemon.signal(Signal::CONT);
+                })
+            }),
+            _ => None,
+        };
+        let mut timer = ProbeTimer::start();
+        let conn = Connection::connect(&runtime).and_then(|mut c| {
+            c.call(&Request::Status, &[])?;
+            Ok(c)
+        });
+        let status = timer.lap();
+        if let Some(sabotage) = sabotage {
+            let _ = sabotage.join();
+        }
+        let mut timings = Vec::new();
+        match conn {
+            Ok(conn) => {
+                timings.push(("status", status));
+                if let Err(e) = self.probe_round_trip(&runtime, conn, &mut timings) {
+                    self.report.probe_failures += 1;
+                    self.report
+                        .details
+                        .push(format!("op {}: probe: {e}", self.report.ops));
+                }
+            }
+            Err(e) => {
+                self.report.probe_failures += 1;
+                self.report.details.push(format!(
+                    "op {}: status probe: {e} (after {:?})",
+                    self.report.ops, status.0
+                ));
+            }
+        }
+        for (what, (took, cpu_wait)) in timings {
+            let probes = if stuck.is_some() {
+                &mut self.report.probes_stuck
+            } else {
+                &mut self.report.probes_free
+            };
+            match what {
+                "status" => probes.status.push(took),
+                "hold" => probes.hold.push(took),
+                _ => probes.round_trip.push(took),
+            }
+            if took <= STALL {
+                continue;
+            }
+            let line = format!(
+                "{what} probe took {took:?} (this thread waited {cpu_wait:?} of it for a CPU)"
+            );
+            match &stuck {
+                Some(stuck) => {
+                    self.report.stalls += 1;
+                    self.report.details.push(format!(
+                        "op {} (seed {}): {line} while {stuck}",
+                        self.report.ops, self.opts.seed
+                    ));
+                    self.log(&format!("stall: {line} while {stuck}"));
+                }
+                None => {
+                    self.report.slow_free_probes += 1;
+                    self.log(&format!("{line} with nothing stuck"));
+                }
+            }
+        }
+    }
+
+    /// The rest of a probe, on `conn` (hello and status done): a new VM (a `sleep` of the
+    /// campaign's own as its guest, so that this process, its parent, may hold for it) registers
+    /// its holder, acquires the probe disk and releases it; then its guest is killed, so the
+    /// daemon forgets the VM. Only the requests are timed. `Err` when the daemon gave no answer;
+    /// a refusal is an answer (logged).
+    fn probe_round_trip(
+        &mut self,
+        runtime: &RuntimeDir,
+        mut conn: Connection,
+        timings: &mut Vec<(&'static str, (Duration, Duration))>,
+    ) -> Result<(), String> {
+        let mut guest = Command::new("sleep")
+            .arg("infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting the probe's guest: {e}"))?;
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let vm = VmIdentity {
+            uuid: uuid.clone(),
+            name: "stall-probe".into(),
+            id: 1,
+            pid: guest.id(),
+        };
+        let disk = Resource::disk(&self.probe_disk, DiskMode::Exclusive)
+            .map_err(|e| format!("probe disk: {e}"))?;
+        let flags = AcquireFlags {
+            reply_with_fds: true,
+            ..AcquireFlags::default()
+        };
+        let answer = |e: vmlock::Error| match e {
+            vmlock::Error::ServiceUnavailable { .. } => Err(e.to_string()),
+            refused => Ok(Some(refused.to_string())),
+        };
+        let mut timer = ProbeTimer::start();
+        let result = match HoldConnection::register(runtime, vm, None) {
+            Err(e) => {
+                timings.push(("hold", timer.lap()));
+                answer(e)
+            }
+            Ok(mut holder) => {
+                timings.push(("hold", timer.lap()));
+                let acquire = Request::Acquire {
+                    uuid: uuid.clone(),
+                    resources: vec![disk.clone()],
+                    flags: flags.clone(),
+                };
+                let release = Request::ReleaseKept {
+                    uuid,
+                    resources: vec![disk],
+                };
+                let result = match conn.call_with_fds(&acquire, &[]) {
+                    Ok((Reply::Kept { locks, .. }, fds)) => {
+                        let kept = holder.keep_local(locks, fds).map_err(|e| e.to_string());
+                        holder.acquired(&flags);
+                        kept.and_then(|()| match conn.call(&release, &[]) {
+                            Ok(Reply::Held(held)) => {
+                                let released: Vec<Resource> =
+                                    held.into_iter().map(|h| h.resource).collect();
+                                holder.forget_local(&released);
+                                Ok(None)
+                            }
+                            Ok(other) => Err(format!("release answered {other:?}")),
+                            Err(e) => answer(e),
+                        })
+                    }
+                    Ok((other, _)) => Err(format!("acquire answered {other:?}")),
+                    Err(e) => answer(e),
+                };
+                timings.push(("acquire+release", timer.lap()));
+                drop(holder);
+                result
+            }
+        };
+        let _ = guest.kill();
+        let _ = wait_child(&mut guest, EXIT_TIMEOUT);
+        match result {
+            Ok(Some(refused)) => {
+                self.log(&format!("probe: refused: {refused}"));
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 

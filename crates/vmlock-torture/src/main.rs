@@ -40,6 +40,10 @@ struct Args {
     /// client URLs); no key may be left at the end.
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
+    /// Sabotage, to show the stall row can fail: SIGSTOP vmlockd for 150 ms under each status
+    /// probe taken while something is stuck.
+    #[arg(long)]
+    sabotage_stall: bool,
 }
 
 fn main() {
@@ -78,6 +82,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     opts.keep_dir = args.keep;
     opts.verbose = args.verbose;
     opts.etcd_endpoints = args.etcd;
+    opts.sabotage_stall = args.sabotage_stall;
     let report = vmlock_torture::run(opts)?;
     print!("{}", report.table());
     for d in &report.details {
