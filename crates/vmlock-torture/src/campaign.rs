@@ -50,6 +50,8 @@ const MIN_HANG: Duration = Duration::from_millis(1200);
 /// (`vmlockd::holder::ACK_TIMEOUT`), so the daemon gives the hotplug pushed to the stopped
 /// supervisor up while it is still stopped.
 const LONG_STOP: Duration = Duration::from_millis(5500);
+/// How long the foreign-holder probe waits for its refusal.
+const FOREIGN_BOUND: Duration = Duration::from_secs(1);
 /// How long a supervisor may take, once continued, to drop what a refused hotplug had pushed to
 /// it while it was stopped.
 const DROP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -81,6 +83,10 @@ pub struct Options {
     /// Sabotage, to show the stall row can fail: while something is stuck, the campaign itself
     /// SIGSTOPs vmlockd for 150 ms during each status probe.
     pub sabotage_stall: bool,
+    /// Also probe a refused acquire: the probe VM asks for a disk the campaign locked itself,
+    /// outside vmlock, so the refusal names a foreign holder. Off by default while the stall it
+    /// shows is open (docs/RELIABILITY.md, torture campaign, "Found").
+    pub probe_foreign_holder: bool,
 }
 
 impl Options {
@@ -98,6 +104,7 @@ impl Options {
             verbose: false,
             etcd_endpoints: Vec::new(),
             sabotage_stall: false,
+            probe_foreign_holder: false,
         }
     }
 }
@@ -299,6 +306,8 @@ pub struct Probes {
     pub hold: Vec<Duration>,
     /// That VM acquiring the probe disk and releasing it.
     pub round_trip: Vec<Duration>,
+    /// With [`Options::probe_foreign_holder`]: that VM refused a disk locked outside vmlock.
+    pub foreign: Vec<Duration>,
 }
 
 impl Probes {
@@ -313,8 +322,13 @@ impl Probes {
                 ms(v.last().copied().unwrap_or_default())
             )
         };
+        let foreign = if self.foreign.is_empty() {
+            String::new()
+        } else {
+            format!("; refused (foreign holder) {}", p(&self.foreign))
+        };
         format!(
-            "status {}; hold {}; acquire+release {}; n {}",
+            "status {}; hold {}; acquire+release {}{foreign}; n {}",
             p(&self.status),
             p(&self.hold),
             p(&self.round_trip),
@@ -613,6 +627,9 @@ struct Campaign {
     hung_disks: Vec<usize>,
     /// While it hangs.
     hung: Option<Hung>,
+    /// With [`Options::probe_foreign_holder`]: a disk of the campaign's own, and the description
+    /// through which the campaign itself holds its lock, outside vmlock.
+    foreign: Option<(PathBuf, std::fs::File)>,
     /// The supervisor stopped now, if any.
     stopped: Option<Stopped>,
     opts: Options,
@@ -676,6 +693,7 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         hang: None,
         hung_disks: Vec::new(),
         hung: None,
+        foreign: None,
         stopped: None,
         rng: Rng::new(opts.seed),
         report: Report {
@@ -713,6 +731,25 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         }
     } else {
         c.report.hang_skipped.1 = "no mount namespace of its own".into();
+    }
+    if c.opts.probe_foreign_holder {
+        let path = c.dir.path().join("foreign.img");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.set_len(DISK_SIZE)?;
+        let locked = vmlock_sys::ofd::try_lock(
+            std::os::fd::AsFd::as_fd(&file),
+            vmlock_sys::ofd::LockKind::Exclusive,
+            0,
+            1,
+        )?;
+        anyhow::ensure!(locked, "{} is locked already", path.display());
+        c.foreign = Some((path, file));
     }
     if !c.report.hang_skipped.1.is_empty() {
         c.report.details.push(format!(
@@ -1069,11 +1106,12 @@ impl Campaign {
                 }
                 Ok(None) => break None,
                 Err(_) => {
+                    let waits = self.where_waiting(supervisor.id());
                     let _ = supervisor.kill();
                     let _ = wait_child(&mut supervisor, EXIT_TIMEOUT);
                     self.report.cli_timeouts += 1;
                     self.report.details.push(format!(
-                        "op {}: vmlock run of vm{slot} on {disks:?} did not answer within {START_TIMEOUT:?}; it said: {said}",
+                        "op {}: vmlock run of vm{slot} on {disks:?} did not answer within {START_TIMEOUT:?}; it said: {said}; {waits}",
                         self.report.ops
                     ));
                     return Ok(Started::TimedOut);
@@ -1352,11 +1390,12 @@ impl Campaign {
                 Ok(Cli::Failed(said))
             }
             None => {
+                let waits = self.where_waiting(child.id());
                 let _ = child.kill();
                 let _ = wait_child(&mut child, EXIT_TIMEOUT);
                 self.report.cli_timeouts += 1;
                 self.report.details.push(format!(
-                    "op {}: vmlock {what} did not end within {CLI_TIMEOUT:?}",
+                    "op {}: vmlock {what} did not end within {CLI_TIMEOUT:?}; {waits}",
                     self.report.ops
                 ));
                 Ok(Cli::TimedOut)
@@ -1494,6 +1533,37 @@ impl Campaign {
         if all {
             self.report.hang_recovery.push(resumed.elapsed());
         }
+    }
+
+    /// Where the threads of process `pid` (a `vmlock` that did not answer) and of vmlockd wait
+    /// now: each thread's name, `wchan` and innermost kernel frames, for the report.
+    fn where_waiting(&self, pid: u32) -> String {
+        let threads = |pid: u32| -> String {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return "gone".into();
+            };
+            let mut out = Vec::new();
+            for t in tasks.flatten() {
+                let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+                let stack: Vec<String> = read("stack")
+                    .lines()
+                    .take(4)
+                    .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+                    .collect();
+                out.push(format!(
+                    "{}[{}] {} {}",
+                    read("comm").trim(),
+                    t.file_name().to_string_lossy(),
+                    read("wchan").trim(),
+                    stack.join("<")
+                ));
+            }
+            out.join("; ")
+        };
+        let daemon = self
+            .daemon()
+            .map_or_else(|| "none".to_owned(), |d| threads(d.pid));
+        format!("its threads wait in: {}; vmlockd's: {daemon}", threads(pid))
     }
 
     /// Whether a thread of vmlockd sleeps in a FUSE request now (`/proc/PID/task/*/wchan`).
@@ -1711,6 +1781,7 @@ impl Campaign {
             match what {
                 "status" => probes.status.push(took),
                 "hold" => probes.hold.push(took),
+                "refused" => probes.foreign.push(took),
                 _ => probes.round_trip.push(took),
             }
             if took <= STALL {
@@ -1785,10 +1856,10 @@ impl Campaign {
                     flags: flags.clone(),
                 };
                 let release = Request::ReleaseKept {
-                    uuid,
+                    uuid: uuid.clone(),
                     resources: vec![disk],
                 };
-                let result = match conn.call_with_fds(&acquire, &[]) {
+                let mut result = match conn.call_with_fds(&acquire, &[]) {
                     Ok((Reply::Kept { locks, .. }, fds)) => {
                         let kept = holder.keep_local(locks, fds).map_err(|e| e.to_string());
                         holder.acquired(&flags);
@@ -1807,6 +1878,36 @@ impl Campaign {
                     Err(e) => answer(e),
                 };
                 timings.push(("acquire+release", timer.lap()));
+                if let (Ok(None), Some((path, _))) = (&result, &self.foreign) {
+                    let refused = Request::Acquire {
+                        uuid,
+                        resources: vec![Resource::disk(path, DiskMode::Exclusive)
+                            .map_err(|e| format!("foreign disk: {e}"))?],
+                        flags: flags.clone(),
+                    };
+                    // Bounded: a refusal that does not come within FOREIGN_BOUND is a stall
+                    // of that long already (the connection is not used again).
+                    let _ = nix::sys::socket::setsockopt(
+                        &conn.fd(),
+                        nix::sys::socket::sockopt::ReceiveTimeout,
+                        &nix::sys::time::TimeVal::new(FOREIGN_BOUND.as_secs() as i64, 0),
+                    );
+                    timer.lap();
+                    let answer_to_refused = conn.call_with_fds(&refused, &[]);
+                    let lap = timer.lap();
+                    timings.push(("refused", lap));
+                    result = match answer_to_refused {
+                        Ok((other, _)) => Err(format!(
+                            "an acquire of a disk locked outside vmlock answered {other:?}"
+                        )),
+                        Err(vmlock::Error::Busy { .. }) => Ok(None),
+                        // Counted as a stall by its time; not also as a probe without answer.
+                        Err(e) if lap.0 >= FOREIGN_BOUND => {
+                            Ok(Some(format!("no refusal within {FOREIGN_BOUND:?}: {e}")))
+                        }
+                        Err(e) => answer(e),
+                    };
+                }
                 drop(holder);
                 result
             }
