@@ -15,6 +15,8 @@ pub struct FdLock {
     pub start: u64,
     /// Last byte (`EOF` maps to `u64::MAX`).
     pub end: u64,
+    /// The locked file's device (`st_dev`) and inode, from the line's `maj:min:ino`.
+    pub file: (u64, u64),
 }
 
 /// A process holding locks on the file.
@@ -38,10 +40,15 @@ pub fn parse_fdinfo_locks(text: &str) -> Vec<FdLock> {
                 "EOF" => u64::MAX,
                 n => n.parse().ok()?,
             };
+            let mut file = f.get(5)?.split(':');
+            let major = u64::from_str_radix(file.next()?, 16).ok()?;
+            let minor = u64::from_str_radix(file.next()?, 16).ok()?;
+            let ino = file.next()?.parse().ok()?;
             Some(FdLock {
                 write: *f.get(3)? == "WRITE",
                 start,
                 end,
+                file: (nix::sys::stat::makedev(major, minor), ino),
             })
         })
         .collect()
@@ -49,11 +56,17 @@ pub fn parse_fdinfo_locks(text: &str) -> Vec<FdLock> {
 
 /// Every process (other than `except`) with a descriptor on the inode `(dev, ino)` that holds
 /// a lock overlapping `[start, end]`. Best effort: processes that vanish or deny access are skipped.
+///
+/// Reads only `/proc/PID/fdinfo/*`, whose lock lines name the locked file by device and inode:
+/// never a `stat` through `/proc/PID/fd/*`, which goes to each file's own file system and waits
+/// forever on a hung mount (an NFS server gone, a FUSE daemon stuck) that any process on the host
+/// has a descriptor on.
 pub fn lock_holders(dev: u64, ino: u64, start: u64, end: u64, except: u32) -> Vec<LockHolder> {
     let mut found = Vec::new();
     let Ok(procs) = fs::read_dir("/proc") else {
         return found;
     };
+    let wanted = format!("ino:\t{ino}\n");
     for entry in procs.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -65,27 +78,22 @@ pub fn lock_holders(dev: u64, ino: u64, start: u64, end: u64, except: u32) -> Ve
         if pid == except {
             continue;
         }
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
             continue;
         };
         let mut locks = Vec::new();
         for fd in fds.flatten() {
-            let Ok(meta) = fs::metadata(fd.path()) else {
+            let Ok(info) = fs::read_to_string(fd.path()) else {
                 continue;
             };
-            if meta.dev() != dev || meta.ino() != ino {
+            // Most descriptors are not on this inode: skip them before parsing.
+            if !info.contains(&wanted) {
                 continue;
             }
-            let Ok(info) = fs::read_to_string(format!(
-                "/proc/{pid}/fdinfo/{}",
-                fd.file_name().to_string_lossy()
-            )) else {
-                continue;
-            };
             locks.extend(
                 parse_fdinfo_locks(&info)
                     .into_iter()
-                    .filter(|l| l.start <= end && l.end >= start),
+                    .filter(|l| l.file == (dev, ino) && l.start <= end && l.end >= start),
             );
         }
         if !locks.is_empty() {
@@ -355,6 +363,44 @@ mod tests {
     }
 
     #[test]
+    fn names_the_holder_of_an_ofd_lock_from_fdinfo_alone() {
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, b"disk").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        crate::ofd::try_lock(file.as_fd(), crate::ofd::LockKind::Exclusive, 0, 1)
+            .unwrap()
+            .then_some(())
+            .expect("locked");
+        let meta = std::fs::metadata(&path).unwrap();
+        let me = std::process::id();
+        let holders = lock_holders(meta.dev(), meta.ino(), 0, 0, 0);
+        let mine = holders
+            .iter()
+            .find(|h| h.pid == me)
+            .expect("this process is named");
+        assert!(mine
+            .locks
+            .iter()
+            .all(|l| l.write && l.file == (meta.dev(), meta.ino())));
+        // Another byte, another inode, or this process excluded: nobody.
+        assert!(lock_holders(meta.dev(), meta.ino(), 5, 9, 0)
+            .iter()
+            .all(|h| h.pid != me));
+        assert!(lock_holders(meta.dev(), meta.ino() + 1, 0, 0, 0)
+            .iter()
+            .all(|h| h.pid != me));
+        assert!(lock_holders(meta.dev(), meta.ino(), 0, 0, me)
+            .iter()
+            .all(|h| h.pid != me));
+    }
+
+    #[test]
     fn parses_qemu_lock_lines() {
         let text = "pos:\t0\nflags:\t02\nlock:\t1: OFDLCK  ADVISORY  READ -1 fe:00:10010648 100 101\nlock:\t2: POSIX  ADVISORY  WRITE 77 fe:00:1 0 EOF\n";
         let l = parse_fdinfo_locks(text);
@@ -364,12 +410,14 @@ mod tests {
                 FdLock {
                     write: false,
                     start: 100,
-                    end: 101
+                    end: 101,
+                    file: (nix::sys::stat::makedev(0xfe, 0), 10010648),
                 },
                 FdLock {
                     write: true,
                     start: 0,
-                    end: u64::MAX
+                    end: u64::MAX,
+                    file: (nix::sys::stat::makedev(0xfe, 0), 1),
                 },
             ]
         );

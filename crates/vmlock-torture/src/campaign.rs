@@ -84,8 +84,8 @@ pub struct Options {
     /// SIGSTOPs vmlockd for 150 ms during each status probe.
     pub sabotage_stall: bool,
     /// Also probe a refused acquire: the probe VM asks for a disk the campaign locked itself,
-    /// outside vmlock, so the refusal names a foreign holder. Off by default while the stall it
-    /// shows is open (docs/RELIABILITY.md, torture campaign, "Found").
+    /// outside vmlock, so the refusal names a foreign holder. On by default: it found naming
+    /// such a holder stalled on hung storage (docs/RELIABILITY.md, torture campaign, "Found").
     pub probe_foreign_holder: bool,
 }
 
@@ -104,7 +104,7 @@ impl Options {
             verbose: false,
             etcd_endpoints: Vec::new(),
             sabotage_stall: false,
-            probe_foreign_holder: false,
+            probe_foreign_holder: true,
         }
     }
 }

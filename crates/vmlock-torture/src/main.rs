@@ -44,10 +44,10 @@ struct Args {
     /// probe taken while something is stuck.
     #[arg(long)]
     sabotage_stall: bool,
-    /// Also probe a refused acquire of a disk the campaign locked itself, outside vmlock (the
-    /// refusal names a foreign holder); off by default while the stall it shows is open.
+    /// Do not probe a refused acquire of a disk the campaign locked itself, outside vmlock (the
+    /// refusal names a foreign holder, which once stalled on hung storage).
     #[arg(long)]
-    probe_foreign_holder: bool,
+    no_foreign_holder_probe: bool,
 }
 
 fn main() {
@@ -87,7 +87,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     opts.verbose = args.verbose;
     opts.etcd_endpoints = args.etcd;
     opts.sabotage_stall = args.sabotage_stall;
-    opts.probe_foreign_holder = args.probe_foreign_holder;
+    opts.probe_foreign_holder = !args.no_foreign_holder_probe;
     let report = vmlock_torture::run(opts)?;
     print!("{}", report.table());
     for d in &report.details {
