@@ -216,23 +216,26 @@ fn serve(
 ) {
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
     let reply = match peer {
-        Ok(p) if p.uid() == 0 || p.uid() == uid => match read_request(&stream) {
-            Ok(ControlRequest::LockFailure) => {
-                say!(
-                    "vmlock: the leases of the VM with guest pid {} were lost: {}",
-                    policy.guest_pid,
-                    policy.action
-                );
-                policy
-                    .enforce(manager)
-                    .map_or_else(ControlReply::Error, |()| ControlReply::Ok)
+        Ok(p) if p.uid() == 0 || p.uid() == uid => {
+            match read_request(&stream).map(for_us(policy)) {
+                Ok(Err(not_ours)) => not_ours,
+                Ok(Ok(ControlRequest::LockFailure)) => {
+                    say!(
+                        "vmlock: the leases of the VM with guest pid {} were lost: {}",
+                        policy.guest_pid,
+                        policy.action
+                    );
+                    policy
+                        .enforce(manager)
+                        .map_or_else(ControlReply::Error, |()| ControlReply::Ok)
+                }
+                Ok(Ok(request)) => {
+                    let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
+                    answer(&mut manager, policy, request, since)
+                }
+                Err(e) => ControlReply::Error(e),
             }
-            Ok(request) => {
-                let mut manager = manager.lock().unwrap_or_else(|p| p.into_inner());
-                answer(&mut manager, policy, request, since)
-            }
-            Err(e) => ControlReply::Error(e),
-        },
+        }
         Ok(p) => ControlReply::Error(Error::PermissionDenied {
             reason: format!("uid {} may not control this VM", p.uid()),
         }),
@@ -297,6 +300,22 @@ fn ensure(
     Ok(ControlReply::Held(manager.inquire()?.to_string()))
 }
 
+/// The request itself, or for a [`ControlRequest::ForGuest`] the inner one if this supervisor
+/// serves that guest, else the reply that it does not.
+fn for_us(
+    policy: &LockFailurePolicy,
+) -> impl Fn(ControlRequest) -> Result<ControlRequest, ControlReply> + '_ {
+    move |request| match request {
+        ControlRequest::ForGuest { guest_pid, request } if guest_pid == policy.guest_pid => {
+            Ok(*request)
+        }
+        ControlRequest::ForGuest { .. } => Err(ControlReply::NotServing {
+            guest_pid: policy.guest_pid,
+        }),
+        other => Ok(other),
+    }
+}
+
 fn answer(
     manager: &mut Manager,
     policy: &LockFailurePolicy,
@@ -306,6 +325,10 @@ fn answer(
     let result = match request {
         ControlRequest::LockFailure => Err(Error::Protocol {
             reason: "a lock failure is handled before the manager is locked".into(),
+        }),
+        // Unwrapped once by `for_us`: one inside another is refused.
+        ControlRequest::ForGuest { .. } => Err(Error::Protocol {
+            reason: "a ForGuest request inside another".into(),
         }),
         ControlRequest::Inquire => manager
             .inquire()
@@ -346,4 +369,35 @@ fn answer(
         }
     };
     result.unwrap_or_else(ControlReply::Error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_for_another_guest_is_not_served_and_one_for_ours_is_unwrapped() {
+        let policy = LockFailurePolicy {
+            action: LockFailureAction::Poweroff,
+            qmp: None,
+            guest_pid: 42,
+            libvirt: None,
+        };
+        let for_guest = |guest_pid| ControlRequest::ForGuest {
+            guest_pid,
+            request: Box::new(ControlRequest::Inquire),
+        };
+        assert!(matches!(
+            for_us(&policy)(for_guest(42)),
+            Ok(ControlRequest::Inquire)
+        ));
+        assert!(matches!(
+            for_us(&policy)(for_guest(7)),
+            Err(ControlReply::NotServing { guest_pid: 42 })
+        ));
+        assert!(matches!(
+            for_us(&policy)(ControlRequest::Serves),
+            Ok(ControlRequest::Serves)
+        ));
+    }
 }

@@ -23,7 +23,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A request to a supervisor.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ControlRequest {
     /// The lock state.
     Inquire,
@@ -54,6 +54,15 @@ pub enum ControlRequest {
     /// The lock service lost this VM's leases (sanlock's kill path runs `vmlock lock-failure`):
     /// carry out the VM's action and release the leases.
     LockFailure,
+    /// `request`, if this supervisor serves guest `guest_pid`; else [`ControlReply::NotServing`]
+    /// and nothing done. Lets a caller skip asking [`ControlRequest::Serves`] first when the
+    /// VM's own socket is the likely one (see [`call_for_guest`]).
+    ForGuest {
+        /// The guest the caller means.
+        guest_pid: u32,
+        /// What to do for it.
+        request: Box<ControlRequest>,
+    },
 }
 
 /// Carries no descriptors.
@@ -87,6 +96,11 @@ pub enum ControlReply {
     },
     /// Failed.
     Error(Error),
+    /// This supervisor serves another guest (an answer to [`ControlRequest::ForGuest`]).
+    NotServing {
+        /// The guest it serves.
+        guest_pid: u32,
+    },
 }
 
 /// Carries no descriptors.
@@ -186,6 +200,32 @@ pub fn find_serving(runtime_dir: &Path, uuid: &str, guest_pid: u32) -> Result<Pa
             runtime_dir.display()
         ),
     })
+}
+
+/// Sends `request` to the supervisor of VM `uuid` that serves guest `guest_pid`: to the VM's own
+/// socket first, in one round trip ([`ControlRequest::ForGuest`]); if that one serves another
+/// guest (a migration on this host) or does not answer, to the one [`find_serving`] finds.
+pub fn call_for_guest(
+    runtime_dir: &Path,
+    uuid: &str,
+    guest_pid: u32,
+    request: &ControlRequest,
+) -> Result<ControlReply, Error> {
+    let direct = ControlRequest::ForGuest {
+        guest_pid,
+        request: Box::new(request.clone()),
+    };
+    // Not connected (no socket, nobody listening): nothing was sent.
+    if let Ok(stream) = UnixStream::connect(socket_path(runtime_dir, uuid)) {
+        match exchange(stream, &direct, REPLY_TIMEOUT) {
+            // Another guest's supervisor, or one from before `ForGuest` that could not read
+            // it: nothing was done.
+            Ok(ControlReply::NotServing { .. }) | Err(Error::Protocol { .. }) => {}
+            other => return other,
+        }
+    }
+    let path = find_serving(runtime_dir, uuid, guest_pid)?;
+    call_at(&path, request)
 }
 
 /// Sends `request` to the supervisor serving at `path`.

@@ -309,8 +309,7 @@ impl Domain {
     /// Asks the domain's holder (the one serving this QEMU: two serve one uuid during a
     /// migration on one host).
     fn ask(&self, config: &Config, request: &ControlRequest) -> vmlock::Result<ControlReply> {
-        let holder = control::find_serving(&config.runtime_dir, &self.uuid, self.pid)?;
-        control::call_at(&holder, request)
+        control::call_for_guest(&config.runtime_dir, &self.uuid, self.pid, request)
     }
 
     /// `drvAcquire` in libvirtd (CPU start, resume, hotplug, migration finish): the domain's
