@@ -83,6 +83,10 @@ pub struct Options {
     /// Sabotage, to show the stall row can fail: while something is stuck, the campaign itself
     /// SIGSTOPs vmlockd for 150 ms during each status probe.
     pub sabotage_stall: bool,
+    /// One idle-connections fault in four opens 2,000–3,000 at once (when none are held). Off by
+    /// default while the stall it shows is open: the probe right after such a burst waits
+    /// 140–180 ms (docs/RELIABILITY.md, torture campaign, "Open").
+    pub idle_burst: bool,
     /// Also probe a refused acquire: the probe VM asks for a disk the campaign locked itself,
     /// outside vmlock, so the refusal names a foreign holder. On by default: it found naming
     /// such a holder stalled on hung storage (docs/RELIABILITY.md, torture campaign, "Found").
@@ -104,6 +108,7 @@ impl Options {
             verbose: false,
             etcd_endpoints: Vec::new(),
             sabotage_stall: false,
+            idle_burst: false,
             probe_foreign_holder: true,
         }
     }
@@ -132,7 +137,8 @@ pub enum Op {
     DeleteState,
     /// Fault: corrupt a state file (truncate, flip bytes, garbage, empty), then SIGKILL vmlockd.
     CorruptState,
-    /// Fault: open 50–400 idle connections, kept for the next 1–10 operations.
+    /// Fault: open 50–400 idle connections (with [`Options::idle_burst`], one time in four when
+    /// none are held: 2,000–3,000 at once), kept for the next 1–10 operations.
     IdleConnections,
     /// Fault: a malformed frame (oversized length, bad JSON, wrong shape, cut short, noise).
     MalformedFrame,
@@ -250,6 +256,8 @@ pub struct Report {
     /// Descriptors of a flood (a file of the campaign's own) still open in vmlockd after
     /// settling.
     pub descriptors_leaked: u64,
+    /// The most idle connections the campaign held open at once.
+    pub most_idle: usize,
     /// Guests that ended without the campaign ending them.
     pub killed_by_vmlock: u64,
     /// Guests' own errors (open, write, /proc).
@@ -460,6 +468,10 @@ impl Report {
         row(
             "flooded descriptors left open in vmlockd (must be 0)",
             self.descriptors_leaked.to_string(),
+        );
+        row(
+            "most idle connections held open at once",
+            self.most_idle.to_string(),
         );
         row(
             "guests killed by vmlock's own restart (must be 0)",
@@ -975,7 +987,15 @@ impl Campaign {
                 self.finish(l);
             }
             Op::IdleConnections => {
-                let n = self.rng.range(50, 400);
+                // Thousands at once now and then, but never with other idle ones still held: the
+                // daemon's client limit (4,096) must stay out of reach of the campaign's own.
+                let thousands =
+                    self.opts.idle_burst && self.idle.is_empty() && self.rng.range(0, 4) == 0;
+                let n = if thousands {
+                    self.rng.range(2000, 3000)
+                } else {
+                    self.rng.range(50, 400)
+                };
                 let keep = self.rng.range(1, 10);
                 let sock = self.run_dir().join("vmlockd.sock");
                 let conns: Vec<UnixStream> = (0..n)
@@ -983,6 +1003,8 @@ impl Campaign {
                     .collect();
                 self.log(&format!("{} idle connections", conns.len()));
                 self.idle.push((self.report.ops + keep, conns));
+                let held: usize = self.idle.iter().map(|(_, c)| c.len()).sum();
+                self.report.most_idle = self.report.most_idle.max(held);
             }
             Op::MalformedFrame => self.malformed(),
             Op::DescriptorFlood => self.descriptor_flood(),
