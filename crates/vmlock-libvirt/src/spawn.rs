@@ -300,7 +300,10 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         // Refused (a disk is held): nothing stays registered.
         Err(StartRefused::Acquire(e)) => {
             stop_holder();
-            return TakeOutcome::Refused(e);
+            // vmlockd forgets a refused start itself; a failure after its acquire (a reply cut
+            // short, descriptions that could not be copied) leaves grants for this process,
+            // which the shutdown drops at once instead of at its exit.
+            return refuse(request.runtime, &request.vm, e);
         }
     };
     let fail = |e: vmlock::Error| {

@@ -1130,7 +1130,7 @@ impl Daemon {
         } else {
             self.register_holder(caller, id, &link, vm, adopt, fds, incoming, flags)
         };
-        let mut registered = result.is_ok();
+        let registered = result.is_ok();
         let reply = match result {
             Ok(()) => Reply::Ok,
             Err(e) => Reply::Error(e),
@@ -1157,9 +1157,10 @@ impl Daemon {
                 let attached: Vec<&OwnedFd> = reply_fds.iter().collect();
                 answered = write_frame(&stream, &reply, &attached).is_ok();
                 if refused {
-                    // A start refused leaves nothing registered: the VM manager may retry.
+                    // A start refused leaves nothing registered: the VM manager may retry. The
+                    // connection ends here; its close is still handled below, so a VM that was
+                    // registered before (and keeps its grants) does not keep a dead link.
                     self.with_table(|t, _| ((), t.forget_empty(caller, &uuid)));
-                    registered = false;
                     answered = false;
                 }
             }
