@@ -6,11 +6,13 @@
 //! - [`ofd`]: open-file-description byte-range locks;
 //! - [`pidfd`]: process handles that cannot be fooled by pid reuse;
 //! - [`fdpass`]: descriptors over `SCM_RIGHTS`;
+//! - [`lobby`]: accepted connections wait, without a thread, until they send something;
 //! - [`procfs`]: naming the process that holds a lock; QEMU processes and their writable disks.
 
 pub mod child;
 pub mod disk;
 pub mod fdpass;
+pub mod lobby;
 pub mod mountns;
 pub mod ofd;
 pub mod pidfd;

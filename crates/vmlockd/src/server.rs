@@ -29,6 +29,7 @@ use vmlock::LockFailureAction;
 use vmlock_client::proto::{EventKind, EventPosition, VmIdentity};
 use vmlock_core::types::{HeldLock as CoreHeldLock, LockKey};
 use vmlock_core::{Caller, Effects, LinkId, LockTable, LostLease, Push};
+use vmlock_sys::lobby::Lobby;
 use vmlock_sys::ofd::{self, LockKind};
 use vmlock_sys::pidfd::ProcessHandle;
 
@@ -262,18 +263,17 @@ impl Daemon {
                 .name("etcd-release".into())
                 .spawn(move || daemon.release_cluster_keys(&c))?;
         }
+        // Connections wait in the lobby, without a thread, until they send something: a burst
+        // of idle connections costs the next real client a few microseconds each, not a thread
+        // start each. At most max_clients wait; beyond that the longest-waiting one is closed.
+        let mut lobby = Lobby::new(listener, self.idle_timeout, self.max_clients)?;
         // Out of descriptors (or memory), accept fails at once as long as the connection waits in
         // the backlog: back off instead of spinning, and say so once per episode, not per try.
         let mut backoff: Option<Duration> = None;
         let mut last_failure = Instant::now();
         loop {
-            let stream = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                // The peer gave up before we took it: nothing to do.
-                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECONNABORTED as i32) => {
-                    continue
-                }
+            let stream = match lobby.next_speaker() {
+                Ok(s) => s,
                 Err(e) => {
                     let pause = match backoff {
                         None => {
@@ -286,6 +286,7 @@ impl Daemon {
                     };
                     backoff = Some(pause);
                     last_failure = Instant::now();
+                    // Pacing: the failure repeats until a descriptor is free again.
                     std::thread::sleep(pause);
                     continue;
                 }
