@@ -941,6 +941,11 @@ impl Campaign {
             // One at a time.
             return self.step(Op::Start);
         }
+        if op == Op::HangStorage && self.hotplug_waits_for_hung_disk() {
+            // A hotplug pushed to a stopped supervisor opens its disk once continued: on hung
+            // storage it would wait (rightly) for the storage, not end after the SIGCONT.
+            return self.step(Op::Start);
+        }
         let i = if needs_guest || op == Op::KillDaemonMidRequest {
             self.rng.pick(&guests).copied().unwrap_or(0)
         } else {
@@ -1476,6 +1481,14 @@ impl Campaign {
                 !self.holds_hung(l) && self.stopped.as_ref().map_or(true, |s| s.guest_id != l.id)
             })
             .collect()
+    }
+
+    /// Whether the hotplug pushed to the stopped supervisor is of a disk on the FUSE storage.
+    fn hotplug_waits_for_hung_disk(&self) -> bool {
+        self.stopped
+            .as_ref()
+            .and_then(|s| s.hotplug.as_ref())
+            .is_some_and(|(_, d)| self.hung_disks.contains(d))
     }
 
     /// Whether disk `d` may be named by a new operation now (not on hung storage).
