@@ -328,19 +328,6 @@ pub struct Persisted {
     pub versions: Vec<(LockKey, String, u64)>,
 }
 
-impl Persisted {
-    /// Keeps the highest version seen per lock.
-    pub fn note_versions(&mut self, owner: &PersistedOwner) {
-        for (key, _, _, version) in &owner.grants {
-            match self.versions.iter_mut().find(|(k, _, _)| k == key) {
-                Some(v) if v.2 >= *version => {}
-                Some(v) => *v = (*key, owner.vm.uuid.clone(), *version),
-                None => self.versions.push((*key, owner.vm.uuid.clone(), *version)),
-            }
-        }
-    }
-}
-
 /// One VM as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedOwner {
