@@ -38,10 +38,18 @@ pub struct SanlockDaemon {
 impl SanlockDaemon {
     /// Starts the daemon and waits (bounded) until it answers on its socket.
     pub fn start(base: &Path, name: &str) -> Self {
+        Self::try_start(base, name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`SanlockDaemon::start`], with its failures returned (for the torture campaign, which
+    /// restarts daemons and must not panic).
+    pub fn try_start(base: &Path, name: &str) -> std::io::Result<Self> {
         let run_dir = base.join(format!("run-{name}"));
-        std::fs::create_dir_all(&run_dir).expect("create run dir");
-        let log = std::fs::File::create(base.join(format!("sanlock-{name}.log")))
-            .expect("create daemon log");
+        std::fs::create_dir_all(&run_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(base.join(format!("sanlock-{name}.log")))?;
         let mut child = Command::new("sanlock")
             .args([
                 "daemon", "-D", "-w", "0", "-l", "0", "-h", "0", "-U", "root", "-G", "root",
@@ -53,25 +61,35 @@ impl SanlockDaemon {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn sanlock daemon (is sanlock installed?)");
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("spawn sanlock daemon (is sanlock installed?): {e}"),
+                )
+            })?;
         // The daemon announces nothing when ready: poll its socket (bounded) until it answers.
         let client = Client::new(&run_dir);
         let deadline = Instant::now() + READY_TIMEOUT;
         while client.version(Duration::from_secs(1)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("sanlock daemon {name} exited: {status}");
+                return Err(std::io::Error::other(format!(
+                    "sanlock daemon {name} exited: {status}"
+                )));
             }
             if Instant::now() >= deadline {
                 kill_child(&mut child);
-                panic!("sanlock daemon {name} not ready in {READY_TIMEOUT:?}");
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("sanlock daemon {name} not ready in {READY_TIMEOUT:?}"),
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        SanlockDaemon {
+        Ok(SanlockDaemon {
             name: name.to_owned(),
             run_dir,
             child: Some(child),
-        }
+        })
     }
 
     /// A client of this daemon.
@@ -82,6 +100,11 @@ impl SanlockDaemon {
     /// Its pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Its pid, unless it was killed.
+    pub fn running_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL and reap.

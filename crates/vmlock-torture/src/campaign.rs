@@ -4,6 +4,14 @@
 //! Every choice (which operation, which VM, which disks, which fault variant, how long a pause)
 //! comes from the seeded [`Rng`]; what the system answers (a refusal, a timing) can differ between
 //! two runs of one seed, and the state the next choice is made from with it.
+//!
+//! The guests' life (start, stop, hotplug, unplug, kills of supervisors and guests, the guests'
+//! findings) is the same for every driver; what is driver-specific lives apart: here the `lockd`
+//! campaign (vmlockd's faults, its probes, the kernel's OFD locks as the holdings), in [`sanlock`]
+//! the `sanlock` one (two sanlock daemons as two hosts, their faults, sanlock's own lease lists as
+//! the holdings).
+
+mod sanlock;
 
 use crate::guest::{ack_path, ctl_path, log_path, write_atomic};
 use crate::locks::{locked_by_process, locked_files, path_locked, FileId};
@@ -60,9 +68,21 @@ const FOREIGN_BOUND: Duration = Duration::from_secs(1);
 /// it while it was stopped.
 const DROP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The driver a campaign runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Driver {
+    /// `lockd` (vmlockd, OFD locks), optionally with cluster locks in etcd.
+    #[default]
+    Lockd,
+    /// `sanlock`: two real sanlock daemons as two hosts sharing one lease directory.
+    Sanlock,
+}
+
 /// What the campaign is asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The driver under test.
+    pub driver: Driver,
     /// The seed of every choice.
     pub seed: u64,
     /// How many operations (faults included).
@@ -101,6 +121,7 @@ impl Options {
     /// Defaults: 6 disks, 4 VMs.
     pub fn new(seed: u64, ops: u64, vmlock: PathBuf, guest_program: PathBuf) -> Self {
         Options {
+            driver: Driver::Lockd,
             seed,
             ops,
             duration: None,
@@ -165,6 +186,19 @@ pub enum Op {
     /// Fault: SIGSTOP a supervisor (a holder that stops reading and acking) for the next 1–10
     /// operations, with a hotplug for its VM pushed to it meanwhile, then SIGCONT.
     StuckSupervisor,
+    /// Fault (sanlock): SIGKILL one host's sanlock daemon. Its leases are gone with it: every guest
+    /// of that host must be stopped by the driver's lock-failure path (an expected kill, by the
+    /// lock service), then the daemon is restarted and the host rejoins the lockspace.
+    KillLockService,
+    /// Fault (sanlock): SIGSTOP one host's sanlock daemon for 20–300 ms while a hotplug of a VM of
+    /// that host (or a status request) waits on it, then SIGCONT.
+    PauseLockService,
+    /// Fault (sanlock): a malformed request on a sanlock daemon's socket (bad magic, unknown
+    /// command, oversized length, cut-short header, noise, a registration followed by garbage).
+    MalformedLockService,
+    /// Fault (sanlock): a malformed frame on a supervisor's control socket (the frames of
+    /// [`Op::MalformedFrame`]).
+    MalformedControl,
 }
 
 impl Op {
@@ -210,6 +244,10 @@ impl Op {
             Op::FillRuntimeFs => "runtime file system full",
             Op::HangStorage => "hung disk storage (FUSE)",
             Op::StuckSupervisor => "SIGSTOP/SIGCONT supervisor",
+            Op::KillLockService => "SIGKILL sanlock daemon (+ restart)",
+            Op::PauseLockService => "SIGSTOP/SIGCONT sanlock daemon",
+            Op::MalformedLockService => "malformed request to sanlock's socket",
+            Op::MalformedControl => "malformed frame to a supervisor's control socket",
         }
     }
 
@@ -310,6 +348,28 @@ pub struct Report {
     pub elapsed: Duration,
     /// One line per violation or anomaly.
     pub details: Vec<String>,
+    /// The driver the campaign ran against.
+    pub driver: Driver,
+    /// sanlock: guests ended by the driver's lock-failure path after their host's sanlock daemon
+    /// was killed (expected: their leases went with the daemon).
+    pub fenced_by_lock_service: u64,
+    /// sanlock: from each daemon kill to the end of each guest of its host.
+    pub fence_times: Vec<Duration>,
+    /// sanlock: guests still running a while after their host's sanlock daemon was killed
+    /// (running without leases).
+    pub unfenced: u64,
+    /// sanlock: leases listed by the daemons of both hosts at once.
+    pub double_held: u64,
+    /// sanlock: status requests that a daemon the campaign had neither killed nor stopped did
+    /// not answer.
+    pub lock_service_unanswered: u64,
+    /// sanlock: outages of their host's daemon seen by guests (from their findings).
+    pub lease_service_gone: u64,
+    /// sanlock: supervisors that did not answer a request right after a malformed frame on their
+    /// control socket.
+    pub control_unanswered: u64,
+    /// Kinds of fault of the other driver that do not apply to this one, and why.
+    pub not_applicable: Vec<(Op, &'static str)>,
 }
 
 /// Latencies of the daemon probes.
@@ -417,10 +477,17 @@ impl Report {
             && self.descriptors_leaked == 0
             && self.killed_by_vmlock == 0
             && self.stalls == 0
+            && self.unfenced == 0
+            && self.double_held == 0
+            && self.lock_service_unanswered == 0
+            && self.control_unanswered == 0
     }
 
     /// The table (Markdown).
     pub fn table(&self) -> String {
+        if self.driver == Driver::Sanlock {
+            return self.sanlock_table();
+        }
         let mut rows: Vec<(String, String)> = Vec::new();
         let mut row = |k: &str, v: String| rows.push((k.to_owned(), v));
         row("seed", self.seed.to_string());
@@ -580,19 +647,41 @@ impl Report {
             "daemon probes without an answer",
             self.probe_failures.to_string(),
         );
-        let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-        let mut out = format!("| {:w$} | value |\n|{}|---|\n", "row", "-".repeat(w + 2));
-        for (k, v) in rows {
-            out.push_str(&format!("| {k:w$} | {v} |\n"));
-        }
-        out
+        render(rows)
     }
+}
+
+/// Rows as a Markdown table.
+fn render(rows: Vec<(String, String)>) -> String {
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!("| {:w$} | value |\n|{}|---|\n", "row", "-".repeat(w + 2));
+    for (k, v) in rows {
+        out.push_str(&format!("| {k:w$} | {v} |\n"));
+    }
+    out
+}
+
+/// `p50 ms / p99 ms, n` of some durations.
+fn p50_p99(v: &[Duration]) -> String {
+    let mut v = v.to_vec();
+    v.sort();
+    format!(
+        "{} ms / {} ms, {}",
+        percentile(&v, 0.5).as_millis(),
+        percentile(&v, 0.99).as_millis(),
+        v.len()
+    )
 }
 
 /// A guest the campaign started and still tracks.
 struct Live {
     id: u64,
     slot: usize,
+    /// The host it runs on (index of a sanlock host; 0 under lockd).
+    host: usize,
+    /// sanlock: its host's daemon was killed at this time, so its leases are gone and the
+    /// driver's lock-failure path must end it.
+    fenced_at: Option<Instant>,
     supervisor: Child,
     guest: Option<ProcessHandle>,
     guest_pid: u32,
@@ -675,6 +764,8 @@ struct Campaign {
     small_runtime_fs: bool,
     /// The filler that fills it, and the operation after which it is removed.
     filler: Option<u64>,
+    /// sanlock: the two hosts (their daemons, configurations, runtime directories).
+    sanlock: Option<sanlock::Hosts>,
 }
 
 /// Mounts a 2 MiB tmpfs on `run_dir` in a mount namespace of this thread's own (needs root).
@@ -691,53 +782,66 @@ fn small_runtime_fs(run_dir: &Path) -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
+impl Campaign {
+    /// A campaign in `dir` with its disks (and the probe's) and its VMs' uuids; nothing of a
+    /// driver set up yet.
+    fn new(opts: Options, dir: tempfile::TempDir) -> anyhow::Result<Self> {
+        let mut disks = Vec::new();
+        let mut disk_ids = Vec::new();
+        for i in 0..=opts.disks {
+            let p = dir.path().join(format!("disk{i}.img"));
+            let f =
+                std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+            f.set_len(DISK_SIZE)?;
+            disk_ids.push(FileId::of(&p)?);
+            disks.push(p);
+        }
+        // The last disk is the recovery probe's own, so a probe is never refused by a guest.
+        let probe_disk = disks.pop().context("no probe disk")?;
+        let uuids = (0..=opts.vms)
+            .map(|_| uuid::Uuid::new_v4().to_string())
+            .collect();
+        Ok(Campaign {
+            hang: None,
+            hung_disks: Vec::new(),
+            hung: None,
+            foreign: None,
+            stopped: None,
+            rng: Rng::new(opts.seed),
+            report: Report {
+                seed: opts.seed,
+                ..Report::default()
+            },
+            opts,
+            dir,
+            disks,
+            disk_ids,
+            probe_disk,
+            uuids,
+            live: Vec::new(),
+            next_id: 1,
+            idle: Vec::new(),
+            ops_log: None,
+            driver_config: None,
+            etcd_prefix: String::new(),
+            small_runtime_fs: false,
+            filler: None,
+            sanlock: None,
+        })
+    }
+}
+
 /// Runs a campaign and returns what it found. Errors are failures of the campaign itself (its
 /// directory, spawning `vmlock`), not findings.
 pub fn run(opts: Options) -> anyhow::Result<Report> {
+    if opts.driver == Driver::Sanlock {
+        return sanlock::run(opts);
+    }
     let dir = tempfile::Builder::new()
         .prefix("vmlock-torture-")
         .tempdir()
         .context("creating the campaign's directory")?;
-    let mut disks = Vec::new();
-    let mut disk_ids = Vec::new();
-    for i in 0..=opts.disks {
-        let p = dir.path().join(format!("disk{i}.img"));
-        let f = std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
-        f.set_len(DISK_SIZE)?;
-        disk_ids.push(FileId::of(&p)?);
-        disks.push(p);
-    }
-    // The last disk is the recovery probe's own, so a probe is never refused by a guest.
-    let probe_disk = disks.pop().context("no probe disk")?;
-    let uuids = (0..=opts.vms)
-        .map(|_| uuid::Uuid::new_v4().to_string())
-        .collect();
-    let mut c = Campaign {
-        hang: None,
-        hung_disks: Vec::new(),
-        hung: None,
-        foreign: None,
-        stopped: None,
-        rng: Rng::new(opts.seed),
-        report: Report {
-            seed: opts.seed,
-            ..Report::default()
-        },
-        opts,
-        dir,
-        disks,
-        disk_ids,
-        probe_disk,
-        uuids,
-        live: Vec::new(),
-        next_id: 1,
-        idle: Vec::new(),
-        ops_log: None,
-        driver_config: None,
-        etcd_prefix: String::new(),
-        small_runtime_fs: false,
-        filler: None,
-    };
+    let mut c = Campaign::new(opts, dir)?;
     // The runtime directory on a 2 MiB tmpfs that this thread alone sees (and every process it
     // starts): the "file system full" fault fills it without touching the host.
     match small_runtime_fs(&c.run_dir()) {
@@ -986,22 +1090,8 @@ impl Campaign {
                 self.recover(op, t)?;
             }
             Op::PauseDaemon => self.pause_daemon()?,
-            Op::KillSupervisor => {
-                self.log(&format!("SIGKILL supervisor of guest {}", self.live[i].id));
-                let mut l = self.live.swap_remove(i);
-                l.signalled = true;
-                let _ = l.supervisor.kill();
-                self.finish(l);
-            }
-            Op::KillGuest => {
-                self.log(&format!("SIGKILL guest {}", self.live[i].id));
-                let mut l = self.live.swap_remove(i);
-                l.signalled = true;
-                if let Some(h) = &l.guest {
-                    let _ = h.signal(Signal::KILL);
-                }
-                self.finish(l);
-            }
+            Op::KillSupervisor => self.kill_supervisor(i),
+            Op::KillGuest => self.kill_guest(i),
             Op::IdleConnections => {
                 // Thousands at once now and then, but never with other idle ones still held: the
                 // daemon's client limit (4,096) must stay out of reach of the campaign's own.
@@ -1078,12 +1168,47 @@ impl Campaign {
             Op::KillSupervisorMidRequest => self.kill_supervisor_mid_hotplug(i)?,
             Op::HangStorage => self.hang_storage(),
             Op::StuckSupervisor => self.stop_supervisor(i)?,
+            Op::KillLockService
+            | Op::PauseLockService
+            | Op::MalformedLockService
+            | Op::MalformedControl => {
+                anyhow::bail!("{} is not a lockd operation", op.name())
+            }
         }
         Ok(op)
     }
 
     // -----------------------------------------------------------------------------------------
     // Guests
+
+    /// `vmlock` for a command on `host`: under sanlock, that host's driver configuration and
+    /// runtime directory; under lockd, [`Campaign::vmlock`].
+    fn vmlock_on(&self, host: usize) -> Command {
+        match &self.sanlock {
+            Some(hosts) => hosts.vmlock(&self.opts.vmlock, host),
+            None => self.vmlock(),
+        }
+    }
+
+    /// SIGKILL to guest `i`'s supervisor.
+    fn kill_supervisor(&mut self, i: usize) {
+        self.log(&format!("SIGKILL supervisor of guest {}", self.live[i].id));
+        let mut l = self.live.swap_remove(i);
+        l.signalled = true;
+        let _ = l.supervisor.kill();
+        self.finish(l);
+    }
+
+    /// SIGKILL to guest `i`.
+    fn kill_guest(&mut self, i: usize) {
+        self.log(&format!("SIGKILL guest {}", self.live[i].id));
+        let mut l = self.live.swap_remove(i);
+        l.signalled = true;
+        if let Some(h) = &l.guest {
+            let _ = h.signal(Signal::KILL);
+        }
+        self.finish(l);
+    }
 
     /// Starts a guest in a free slot on 1–2 random disks; false if no slot is free.
     fn start_random(&mut self) -> anyhow::Result<bool> {
@@ -1105,13 +1230,29 @@ impl Campaign {
                 chosen.push(d);
             }
         }
-        self.log(&format!("start vm{slot} on {chosen:?}"));
-        self.start_and_track(slot, &chosen)?;
+        // Under sanlock, on either host (lockd has one).
+        let host = match &self.sanlock {
+            Some(hosts) => {
+                let host = self.rng.below(hosts.count() as u64) as usize;
+                self.log(&format!("start vm{slot} on host {host} on {chosen:?}"));
+                host
+            }
+            None => {
+                self.log(&format!("start vm{slot} on {chosen:?}"));
+                0
+            }
+        };
+        self.start_and_track(slot, host, &chosen)?;
         Ok(true)
     }
 
-    fn start_and_track(&mut self, slot: usize, disks: &[usize]) -> anyhow::Result<bool> {
-        match self.start(slot, disks)? {
+    fn start_and_track(
+        &mut self,
+        slot: usize,
+        host: usize,
+        disks: &[usize],
+    ) -> anyhow::Result<bool> {
+        match self.start(slot, host, disks)? {
             Started::Yes(l) => {
                 self.report.started += 1;
                 self.live.push(*l);
@@ -1129,11 +1270,12 @@ impl Campaign {
         self.disks.get(d).unwrap_or(&self.probe_disk)
     }
 
-    /// `vmlock run` of a new guest in `slot` on `disks` (index `self.disks.len()` is the probe's).
-    fn start(&mut self, slot: usize, disks: &[usize]) -> anyhow::Result<Started> {
+    /// `vmlock run` of a new guest in `slot` on `host` on `disks` (index `self.disks.len()` is
+    /// the probe's).
+    fn start(&mut self, slot: usize, host: usize, disks: &[usize]) -> anyhow::Result<Started> {
         let id = self.next_id;
         self.next_id += 1;
-        let mut cmd = self.vmlock();
+        let mut cmd = self.vmlock_on(host);
         cmd.args(["run", "--name", &format!("vm{slot}"), "--uuid"])
             .arg(&self.uuids[slot]);
         for d in disks {
@@ -1143,6 +1285,9 @@ impl Campaign {
             .arg(&self.opts.guest_program)
             .args(["guest", "--id", &id.to_string(), "--dir"])
             .arg(self.dir.path());
+        if let Some(hosts) = &self.sanlock {
+            cmd.arg("--sanlock").arg(hosts.run_dir(host));
+        }
         for d in disks {
             cmd.arg("--disk").arg(self.disk_path(*d));
         }
@@ -1198,6 +1343,8 @@ impl Campaign {
         Ok(Started::Yes(Box::new(Live {
             id,
             slot,
+            host,
+            fenced_at: None,
             supervisor,
             guest,
             guest_pid,
@@ -1240,7 +1387,15 @@ impl Campaign {
                 h.wait_exit(Some(EXIT_TIMEOUT));
             }
         }
-        if !l.signalled {
+        if let (false, Some(at)) = (l.signalled, l.fenced_at) {
+            // Its host's sanlock daemon was killed: the lock service's failure path ended it.
+            self.report.fenced_by_lock_service += 1;
+            self.log(&format!(
+                "guest {} ended by the lock-failure path, {:?} after its host's daemon died",
+                l.id,
+                at.elapsed()
+            ));
+        } else if !l.signalled {
             self.report.killed_by_vmlock += 1;
             let said = l.said.lock().map(|s| s.clone()).unwrap_or_default();
             self.report.details.push(format!(
@@ -1324,7 +1479,7 @@ impl Campaign {
         };
         let uuid = self.uuids[self.live[i].slot].clone();
         self.log(&format!("attach disk {d} to guest {}", self.live[i].id));
-        let mut cmd = self.vmlock();
+        let mut cmd = self.vmlock_on(self.live[i].host);
         cmd.args(["attach-disk", "--uuid", &uuid, "--disk"])
             .arg(&self.disks[d]);
         let answer = self.cli(cmd, "attach-disk")?;
@@ -1358,7 +1513,7 @@ impl Campaign {
         let mut attach = match d {
             Some(d) => {
                 let uuid = self.uuids[self.live[i].slot].clone();
-                let mut cmd = self.vmlock();
+                let mut cmd = self.vmlock_on(self.live[i].host);
                 cmd.args(["attach-disk", "--uuid", &uuid, "--disk"])
                     .arg(&self.disks[d])
                     .stderr(Stdio::null());
@@ -1405,7 +1560,7 @@ impl Campaign {
             return Ok(());
         }
         let uuid = self.uuids[self.live[i].slot].clone();
-        let mut cmd = self.vmlock();
+        let mut cmd = self.vmlock_on(self.live[i].host);
         cmd.args(["detach-disk", "--uuid", &uuid, "--disk"])
             .arg(&self.disks[d]);
         let answer = self.cli(cmd, "detach-disk")?;
@@ -2045,7 +2200,7 @@ impl Campaign {
         let probe_slot = self.opts.vms;
         let probe_disk = self.disks.len();
         loop {
-            match self.start(probe_slot, &[probe_disk])? {
+            match self.start(probe_slot, 0, &[probe_disk])? {
                 Started::Yes(l) => {
                     self.report
                         .recovery
@@ -2153,7 +2308,9 @@ impl Campaign {
         Ok(())
     }
 
-    fn malformed(&mut self) {
+    /// A malformed frame of vmlock's framing (4-byte length, JSON): oversized length, bad JSON,
+    /// wrong shape, cut short, noise; with its variant.
+    fn malformed_frame(&mut self) -> (u64, Vec<u8>) {
         let variant = self.rng.below(5);
         let mut noise = vec![0u8; self.rng.range(1, 64) as usize];
         for b in &mut noise {
@@ -2175,6 +2332,11 @@ impl Campaign {
             }
             _ => noise,
         };
+        (variant, bytes)
+    }
+
+    fn malformed(&mut self) {
+        let (variant, bytes) = self.malformed_frame();
         self.log(&format!("malformed frame (variant {variant})"));
         let Ok(mut s) = UnixStream::connect(self.run_dir().join("vmlockd.sock")) else {
             return;
@@ -2281,6 +2443,9 @@ impl Campaign {
     /// Locks lost (a live guest's disk without a lock) and leaked (a lock no live guest's
     /// supervisor keeps), now.
     fn violations(&self) -> (Vec<String>, Vec<String>) {
+        if self.sanlock.is_some() {
+            return self.sanlock_violations();
+        }
         let mut lost = Vec::new();
         let mut leaked = Vec::new();
         let Ok(locked) = locked_files() else {
@@ -2351,6 +2516,10 @@ impl Campaign {
         }
         if then_stop {
             self.stop_all();
+            if self.sanlock.is_some() {
+                self.sanlock_leases_left();
+                return;
+            }
             let deadline = Instant::now() + SETTLE_TIMEOUT;
             let left = loop {
                 let locked = locked_files().unwrap_or_default();
@@ -2435,6 +2604,7 @@ impl Campaign {
                     Some("double-writer") => &mut self.report.double_writers,
                     Some("no-lock") => &mut self.report.no_lock,
                     Some("orphan-no-lock") => &mut self.report.orphan_no_lock,
+                    Some("lease-service-gone") => &mut self.report.lease_service_gone,
                     Some("proc-locks-miss") => {
                         self.report.proc_locks_misses += 1;
                         continue;

@@ -8,7 +8,11 @@
 //!    without its lock**: asked with `F_OFD_GETLK` through its own description (which holds no
 //!    lock, so any lock seen is another description's), and cross-checked in `/proc/locks` by
 //!    inode (a miss there while `F_OFD_GETLK` sees the lock is noted as `proc-locks-miss`: a
-//!    `/proc/locks` read is not atomic);
+//!    `/proc/locks` read is not atomic). Under the `sanlock` driver (`--sanlock RUN_DIR`) it asks
+//!    sanlock instead, every [`SANLOCK_CHECK_EVERY`] rounds: the daemon of its host must list the
+//!    disk's lease as held by its supervisor (its parent, the registered sanlock client)
+//!    ([`crate::sanlock_view`]); a daemon that does not answer is noted once per outage
+//!    (`lease-service-gone`, then `lease-service-back`);
 //! 3. writes its mark again (`pwrite`, and `fsync` now and then).
 //!
 //! What it finds is appended to `DIR/g<ID>.log`, one line per finding:
@@ -22,7 +26,7 @@
 //! attaches a disk before plugging it in and unplugs it (waiting for the ack) before detaching.
 
 use crate::locks::{byte0_locked, locked_files, FileId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -35,6 +39,10 @@ pub const PERIOD: Duration = Duration::from_millis(4);
 pub const MARK_OFFSET: u64 = 4096;
 /// Length of the mark.
 pub const MARK_LEN: usize = 16;
+/// Under sanlock, the lease check runs every this many rounds (one `sanlock client status`).
+pub const SANLOCK_CHECK_EVERY: u64 = 8;
+/// How long a guest waits for its host's sanlock daemon to answer a status request.
+const SANLOCK_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A guest's mark: `G` and its id, zero-padded to [`MARK_LEN`] bytes.
 pub fn mark(id: u64) -> [u8; MARK_LEN] {
@@ -73,6 +81,8 @@ struct Disk {
     rounds: u64,
     reported_no_lock: bool,
     reported_other: Option<[u8; MARK_LEN]>,
+    /// Under sanlock: the disk's lease name.
+    lease: Option<String>,
 }
 
 struct Guest {
@@ -83,6 +93,12 @@ struct Guest {
     disks: BTreeMap<PathBuf, Disk>,
     generation: u64,
     parent: nix::unistd::Pid,
+    /// Under sanlock: the run directory of its host's daemon.
+    sanlock: Option<PathBuf>,
+    /// Rounds run (under sanlock, the lease check runs every [`SANLOCK_CHECK_EVERY`]).
+    round_no: u64,
+    /// Under sanlock: the daemon did not answer at the last check.
+    service_gone: bool,
 }
 
 impl Guest {
@@ -109,6 +125,10 @@ impl Guest {
                             rounds: 0,
                             reported_no_lock: false,
                             reported_other: None,
+                            lease: self
+                                .sanlock
+                                .as_ref()
+                                .map(|_| crate::sanlock_view::lease_name(path)),
                         },
                     );
                 }
@@ -141,12 +161,49 @@ impl Guest {
         }
     }
 
-    fn round(&mut self) {
-        let locked = match locked_files() {
-            Ok(l) => l,
+    /// Under sanlock, on rounds that check: the leases the daemon lists as held by this guest's
+    /// supervisor (`Some(None)`: the daemon did not answer; noted once per outage).
+    fn sanlock_view(&mut self) -> Option<Option<HashSet<String>>> {
+        let run_dir = self.sanlock.clone()?;
+        self.round_no += 1;
+        if (self.round_no - 1) % SANLOCK_CHECK_EVERY != 0 {
+            return None;
+        }
+        let supervisor = u32::try_from(self.parent.as_raw()).unwrap_or(0);
+        match crate::sanlock_view::status(&run_dir, SANLOCK_STATUS_TIMEOUT) {
+            Ok(leases) => {
+                if std::mem::take(&mut self.service_gone) {
+                    self.note("lease-service-back");
+                }
+                Some(Some(
+                    leases
+                        .into_iter()
+                        .filter(|l| l.pid == supervisor)
+                        .map(|l| l.name)
+                        .collect(),
+                ))
+            }
             Err(e) => {
-                self.note(&format!("error /proc/locks: {e}"));
-                return;
+                if !std::mem::replace(&mut self.service_gone, true) {
+                    self.note(&format!("lease-service-gone {e}"));
+                }
+                Some(None)
+            }
+        }
+    }
+
+    fn round(&mut self) {
+        let sanlock = self.sanlock.is_some();
+        let view = self.sanlock_view();
+        let locked = if sanlock {
+            HashSet::new()
+        } else {
+            match locked_files() {
+                Ok(l) => l,
+                Err(e) => {
+                    self.note(&format!("error /proc/locks: {e}"));
+                    return;
+                }
             }
         };
         let orphan = nix::unistd::getppid() != self.parent;
@@ -167,16 +224,24 @@ impl Guest {
                     Err(e) => notes.push(format!("error read {}: {e}", path.display())),
                 }
             }
-            // The verdict is the kernel's F_OFD_GETLK; /proc/locks is read too, and a lock it
+            // Under sanlock: the daemon's list, on rounds that check it (no answer: no verdict).
+            // Else the verdict is the kernel's F_OFD_GETLK; /proc/locks is read too, and a lock it
             // misses while F_OFD_GETLK sees one is noted (its reads are not atomic).
-            let held = match byte0_locked(&disk.file) {
-                Ok(h) => h,
-                Err(e) => {
-                    notes.push(format!("error F_OFD_GETLK {}: {e}", path.display()));
-                    true
+            let held = if sanlock {
+                match (&view, &disk.lease) {
+                    (Some(Some(leases)), Some(lease)) => leases.contains(lease),
+                    _ => !disk.reported_no_lock,
+                }
+            } else {
+                match byte0_locked(&disk.file) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        notes.push(format!("error F_OFD_GETLK {}: {e}", path.display()));
+                        true
+                    }
                 }
             };
-            if held && !locked.contains(&disk.id) {
+            if !sanlock && held && !locked.contains(&disk.id) {
                 notes.push(format!("proc-locks-miss {}", path.display()));
             }
             if !held {
@@ -207,20 +272,25 @@ impl Guest {
     }
 }
 
-/// The guest's entry point: `guest --id ID --dir DIR [--disk PATH]...` (the arguments after the
-/// program and its `guest` word). Runs until SIGTERM (exit 0) or SIGKILL; returns the exit code.
+/// The guest's entry point: `guest --id ID --dir DIR [--sanlock RUN_DIR] [--disk PATH]...` (the
+/// arguments after the program and its `guest` word). Runs until SIGTERM (exit 0) or SIGKILL;
+/// returns the exit code.
 pub fn main(args: &[String]) -> i32 {
     let mut id = None;
     let mut dir = None;
+    let mut sanlock = None;
     let mut disks = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--id", Some(v)) => id = v.parse::<u64>().ok(),
             ("--dir", Some(v)) => dir = Some(PathBuf::from(v)),
+            ("--sanlock", Some(v)) => sanlock = Some(PathBuf::from(v)),
             ("--disk", Some(v)) => disks.push(PathBuf::from(v)),
             _ => {
-                eprintln!("guest: usage: guest --id ID --dir DIR [--disk PATH]...");
+                eprintln!(
+                    "guest: usage: guest --id ID --dir DIR [--sanlock RUN_DIR] [--disk PATH]..."
+                );
                 return 2;
             }
         }
@@ -265,6 +335,9 @@ pub fn main(args: &[String]) -> i32 {
         disks: BTreeMap::new(),
         generation: 0,
         parent: nix::unistd::getppid(),
+        sanlock,
+        round_no: 0,
+        service_gone: false,
     };
     for d in &disks {
         guest.plug(d);

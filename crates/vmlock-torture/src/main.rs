@@ -1,6 +1,7 @@
-//! `vmlock-torture --seed S --ops N [--duration SECS] [--vmlock PATH]`: one campaign against the
-//! `vmlock` beside this binary (or `--vmlock`), one table; exit status 1 if a must-be-0 row is not
-//! 0, 2 if the campaign itself failed.
+//! `vmlock-torture [--driver lockd|sanlock] --seed S --ops N [--duration SECS] [--vmlock PATH]`: one
+//! campaign against the `vmlock` beside this binary (or `--vmlock`), one table; exit status 1 if a
+//! must-be-0 row is not 0, 2 if the campaign itself failed, 3 if it could not run here (skipped:
+//! sanlock not installed).
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -9,9 +10,13 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(
     name = "vmlock-torture",
-    about = "Torture campaign against vmlock's lockd"
+    about = "Torture campaign against vmlock's lockd or sanlock driver"
 )]
 struct Args {
+    /// The driver: lockd (vmlockd), or sanlock (two sanlock daemons as two hosts; the lockd-only
+    /// options below do not apply to it).
+    #[arg(long, default_value = "lockd", value_parser = ["lockd", "sanlock"])]
+    driver: String,
     /// Seed of every choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -84,6 +89,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
         vmlock.display()
     );
     let mut opts = vmlock_torture::Options::new(args.seed, args.ops, vmlock, me);
+    if args.driver == "sanlock" {
+        opts.driver = vmlock_torture::Driver::Sanlock;
+    }
+    if let Some(why) = vmlock_torture::skip_reason(&opts) {
+        println!("skipped: {why}");
+        std::process::exit(3);
+    }
     opts.duration = args.duration.map(Duration::from_secs);
     opts.disks = args.disks.max(2);
     opts.vms = args.vms.max(1);
