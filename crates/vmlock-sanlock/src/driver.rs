@@ -13,6 +13,10 @@
 //!   each VM gets a registered connection from this process that owns its leases, plus a thread
 //!   waiting on the guest's pidfd: when the guest exits its leases are released and the
 //!   connection closed. Dropping a session releases nothing.
+//! - **Daemon gone**: the same thread watches the registered connection. If the daemon closes it
+//!   (it died: its leases went with it, and no kill path of its will run), the driver runs the
+//!   VM's kill path itself, as the daemon would have on a lost lockspace, so the guest does not go
+//!   on writing without a lease; a guest still alive [`LOST_KILL_GRACE`] later is SIGKILLed.
 //! - **Migration**: the lease goes through shared mode (source converts to shared at prepare,
 //!   destination takes it shared with `SANLK_RES_LVER` = the source's version, source releases,
 //!   destination converts to exclusive), so a live host holds it at every instant. Each side
@@ -54,6 +58,10 @@ const MAX_HOST_ID: u64 = 2000;
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a convert to exclusive retries while another live host still holds the lease shared.
 const CONVERT_RETRY: Duration = Duration::from_secs(3);
+/// After the daemon closed a VM's registered connection and the kill path was run, how long the
+/// guest may take to exit before the driver SIGKILLs it (the helper's own SIGTERM-then-SIGKILL
+/// takes up to 10 s).
+pub const LOST_KILL_GRACE: Duration = Duration::from_secs(12);
 
 /// The driver's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +259,9 @@ struct LeaseOwner {
     name: String,
     guest_pid: Option<u32>,
     pidfd: Option<OwnedFd>,
+    /// The kill path given to the daemon (program and arguments), run by the driver itself when
+    /// the daemon is gone.
+    killpath: Option<(PathBuf, Vec<String>)>,
     state: Mutex<OwnerState>,
 }
 
@@ -1032,20 +1043,31 @@ impl SanlockSession {
             .client
             .register()
             .map_err(|e| daemon_error(&self.shared.client, "register", &e))?;
-        if let Some((program, dir)) = &helper {
+        let killpath = if let Some((program, dir)) = &helper {
             // Lockspace lost: the daemon runs vmlock's helper, which has the VM's supervisor take
             // the VM's action and release the leases.
-            let args = format!(
-                "--runtime-dir {} lock-failure --uuid {}",
-                dir.display(),
-                self.uuid
-            );
-            conn.killpath(program, &args)
-                .map_err(|e| daemon_error(&self.shared.client, "killpath", &e))?;
-        } else if let Some(pid) = self.pid {
+            Some((
+                program.clone(),
+                vec![
+                    "--runtime-dir".to_owned(),
+                    dir.display().to_string(),
+                    "lock-failure".to_owned(),
+                    "--uuid".to_owned(),
+                    self.uuid.clone(),
+                ],
+            ))
+        } else {
             // Lockspace lost: the daemon runs `kill -KILL GUEST`; the watcher then sees the guest
             // exit and releases, so the daemon has no reason to signal the VM manager.
-            conn.killpath(&self.shared.config.kill_program, &format!("-KILL {pid}"))
+            self.pid.map(|pid| {
+                (
+                    self.shared.config.kill_program.clone(),
+                    vec!["-KILL".to_owned(), pid.to_string()],
+                )
+            })
+        };
+        if let Some((program, args)) = &killpath {
+            conn.killpath(program, &args.join(" "))
                 .map_err(|e| daemon_error(&self.shared.client, "killpath", &e))?;
         }
         let owner = Arc::new(LeaseOwner {
@@ -1053,6 +1075,7 @@ impl SanlockSession {
             name: self.name.clone(),
             guest_pid: self.pid,
             pidfd,
+            killpath,
             state: Mutex::new(OwnerState {
                 conn: Some(conn),
                 held: BTreeMap::new(),
@@ -1066,14 +1089,13 @@ impl SanlockSession {
         if !self.incoming {
             lock_map(&self.shared.owners).insert(self.uuid.clone(), Arc::clone(&owner));
         }
-        if owner.pidfd.is_some() {
-            let shared = Arc::clone(&self.shared);
-            let watched = Arc::clone(&owner);
-            std::thread::Builder::new()
-                .name(format!("sanlock-guest-{}", self.pid.unwrap_or(0)))
-                .spawn(move || watch_guest(&shared, &watched))
-                .map_err(|e| Error::io("starting the guest watcher thread", &e))?;
-        }
+        // Every owner: the guest's exit (pid known) and the daemon's death (always) are watched.
+        let shared = Arc::clone(&self.shared);
+        let watched = Arc::clone(&owner);
+        std::thread::Builder::new()
+            .name(format!("sanlock-guest-{}", self.pid.unwrap_or(0)))
+            .spawn(move || watch_guest(&shared, &watched))
+            .map_err(|e| Error::io("starting the guest watcher thread", &e))?;
         Ok(owner)
     }
 }
@@ -1096,22 +1118,103 @@ fn open_pidfd(pid: u32, vm: &str) -> Result<OwnedFd> {
     })
 }
 
+/// Waits for the guest's exit (when its pid is known), then releases its leases. Meanwhile
+/// watches the registered connection: if the daemon closes it while the owner still uses it (the
+/// daemon died, and its leases with it), runs the VM's kill path itself, and SIGKILLs a guest
+/// still alive [`LOST_KILL_GRACE`] later. Without a guest pid (a supervisor that acquires before
+/// it starts the guest, and shuts down when the guest exits) only the connection is watched, and
+/// the thread ends with it.
 fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
-    if let Some(fd) = &owner.pidfd {
-        loop {
-            let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-            match rustix::event::poll(&mut fds, None) {
-                Ok(n) if n > 0 => break,
-                Ok(_) | Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
-                    tracing::error!(vm = %owner.name, "polling the guest's pidfd failed ({e}); its leases stay until shutdown");
-                    return;
+    let mut link = owner.lock().conn.as_ref().and_then(|c| c.watch_fd().ok());
+    let mut lost_at: Option<Instant> = None;
+    loop {
+        let mut fds = Vec::with_capacity(2);
+        if let Some(fd) = &owner.pidfd {
+            fds.push(rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN));
+        }
+        if let Some(l) = &link {
+            // No events asked: POLLHUP (the connection closed) is always reported.
+            fds.push(rustix::event::PollFd::new(
+                l,
+                rustix::event::PollFlags::empty(),
+            ));
+        }
+        if fds.is_empty() {
+            // No guest to wait for and the connection is gone: whoever closed it released.
+            return;
+        }
+        let timeout = lost_at.map(|t| {
+            let left = LOST_KILL_GRACE.saturating_sub(t.elapsed());
+            rustix::event::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            }
+        });
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) => {
+                let guest_exited = owner.pidfd.is_some() && !fds[0].revents().is_empty();
+                if guest_exited {
+                    break;
                 }
+                let closed = link.is_some() && fds.last().is_some_and(|l| !l.revents().is_empty());
+                drop(fds);
+                if closed {
+                    link = None;
+                    // This side drops its connection (guest exit, shutdown) under the owner's
+                    // lock: one still there was closed by the daemon.
+                    if owner.lock().conn.is_some() {
+                        lost_at = owner.pidfd.as_ref().map(|_| Instant::now());
+                        daemon_gone(owner);
+                    }
+                }
+                if lost_at.is_some_and(|t| t.elapsed() >= LOST_KILL_GRACE) {
+                    lost_at = None;
+                    tracing::error!(vm = %owner.name, "the guest is still running {LOST_KILL_GRACE:?} after its sanlock daemon went away: SIGKILL");
+                    if let Some(fd) = &owner.pidfd {
+                        let _ =
+                            rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+                    }
+                }
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!(vm = %owner.name, "polling the guest's pidfd failed ({e}); its leases stay until shutdown");
+                return;
             }
         }
     }
     owner.finish(shared);
     shared.forget(owner);
+}
+
+/// The daemon closed `owner`'s registered connection: its leases are gone, and no kill path of
+/// the daemon's will run. Runs the VM's kill path (on a thread of its own, which reaps it).
+fn daemon_gone(owner: &LeaseOwner) {
+    tracing::error!(vm = %owner.name, "the sanlock daemon closed the VM's connection (it died): its leases are lost; running the VM's kill path");
+    let Some((program, args)) = owner.killpath.clone() else {
+        return;
+    };
+    let name = owner.name.clone();
+    let spawned = std::thread::Builder::new()
+        .name("sanlock-killpath".into())
+        .spawn(move || {
+            match std::process::Command::new(&program)
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .status()
+            {
+                Ok(s) if s.success() => {}
+                Ok(s) => {
+                    tracing::warn!(vm = %name, "kill path {} exited with {s}", program.display())
+                }
+                Err(e) => {
+                    tracing::error!(vm = %name, "cannot run kill path {}: {e}", program.display())
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(vm = %owner.name, "cannot start the kill path's thread: {e}");
+    }
 }
 
 impl SanlockSession {

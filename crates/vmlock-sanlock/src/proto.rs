@@ -809,13 +809,27 @@ pub struct HostStatus {
     pub state: HostState,
 }
 
-/// A registered connection (a sanlock client owning leases).
+/// A registered connection (a sanlock client owning leases). Dropping it shuts the connection
+/// down, so the daemon sees the client gone (and releases what it holds) even while a copy of its
+/// descriptor ([`Registered::watch_fd`]) is still open.
 #[derive(Debug)]
 pub struct Registered {
     conn: Connection,
 }
 
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let _ = rustix::net::shutdown(&self.conn.stream, rustix::net::Shutdown::Both);
+    }
+}
+
 impl Registered {
+    /// A copy of the connection's descriptor, to watch for its end: `poll` reports `POLLHUP` on it
+    /// once the daemon has closed the connection (it died) or this side dropped it.
+    pub fn watch_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.conn.stream).try_clone_to_owned()
+    }
+
     /// Limits how long a reply may take (`None` waits for ever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> ClientResult<()> {
         self.conn.set_read_timeout(timeout)

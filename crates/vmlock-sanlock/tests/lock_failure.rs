@@ -1,4 +1,4 @@
-//! Losing the lockspace (its storage fails) stops the guest through sanlock's killpath, and the
+//! Losing the lockspace (its storage fails, or the daemon dies) stops the guest through sanlock's killpath, and the
 //! driver then releases the guest's leases, so the daemon never escalates to killing the VM
 //! manager (the registered process: this test binary). Own test binary: if that went wrong,
 //! only this binary would die.
@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 use vmlock::conformance::{disk, vm, Guest, Harness};
-use vmlock::{domain, AcquireOptions, DiskMode, Plugin};
+use vmlock::{domain, AcquireOptions, DiskMode, MigrationOutcome, Plugin};
 
 struct Disks<'a>(&'a std::path::Path, Plugin);
 
@@ -70,5 +70,160 @@ fn lost_lockspace_kills_the_guest_and_releases_its_leases() {
         host.driver
             .wait_released(&vm_a.uuid.to_string(), Duration::from_secs(10)),
         "the dead guest's leases were released"
+    );
+}
+
+/// A sanlock daemon that dies takes the leases of its clients with it, and runs no kill path any
+/// more: the driver sees the daemon close the VM's connection and runs the VM's kill path itself
+/// (here `kill -KILL GUEST`), so the guest does not go on writing without a lease. Found by the
+/// torture campaign against sanlock (`vmlock-torture --driver sanlock`: guests still running 15 s
+/// after their host's daemon was SIGKILLed).
+#[test]
+fn a_dead_daemon_gets_the_guest_killed_and_its_lease_forgotten() {
+    let dir = common::workdir();
+    let mut host = common::Host::start(dir.path(), "host-a", 1);
+    host.wait_joined();
+    let d = disk(
+        &Disks(&dir.path().join("disks"), host.plugin.clone()),
+        "dead-daemon",
+        DiskMode::Exclusive,
+    );
+    let guest = Guest::spawn();
+    let vm_a = vm("vm-a", &guest);
+    let _m =
+        domain::process_start(&host.plugin, vm_a.clone(), [d], &AcquireOptions::default()).unwrap();
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(guest.pid() as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+
+    host.daemon.kill(); // SIGKILL and reap, by pid
+
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 10,
+        tv_nsec: 0,
+    };
+    let ready = rustix::event::poll(&mut fds, Some(&timeout)).unwrap();
+    assert_eq!(
+        ready, 1,
+        "the guest was killed within 10 s of its sanlock daemon's death"
+    );
+    assert!(
+        host.driver
+            .wait_released(&vm_a.uuid.to_string(), Duration::from_secs(10)),
+        "the dead guest's owner was forgotten"
+    );
+}
+
+/// As under `vmlock run`, the VM's leases are acquired before its guest exists (no guest pid,
+/// the kill path is vmlock's helper): the daemon's death still gets the helper run, with the VM's
+/// uuid, so the supervisor stops the guest.
+#[test]
+fn a_dead_daemon_runs_the_helper_for_a_vm_acquired_before_its_guest() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::workdir();
+    let mut daemon = common::Daemon::start(dir.path(), "host-a");
+    let marker = dir.path().join("helper-ran");
+    let helper = dir.path().join("helper.sh");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {}.tmp && mv {0}.tmp {0}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = common::config(dir.path(), &daemon, 1);
+    c.lock_failure_helper = Some((helper, dir.path().join("control")));
+    let driver = std::sync::Arc::new(vmlock_sanlock::SanlockDriver::start(c).unwrap());
+    driver.wait_joined(Duration::from_secs(60)).unwrap();
+    let plugin = Plugin::from_driver(driver);
+    let d = disk(
+        &Disks(&dir.path().join("disks"), plugin.clone()),
+        "before-guest",
+        DiskMode::Exclusive,
+    );
+    let uuid = uuid::Uuid::new_v4();
+    let mut m = vmlock::Manager::new(
+        &plugin,
+        vmlock::VmParams::new(1, uuid, "vm-a").unwrap(),
+        vmlock::StartMode::Start,
+    )
+    .unwrap();
+    m.register_resource(d).unwrap();
+    m.acquire(&AcquireOptions::default()).unwrap();
+
+    daemon.kill(); // SIGKILL and reap, by pid
+
+    // The helper leaves its arguments in the marker (no event to wait on: bounded poll).
+    vmlock_testkit::process::wait_until(
+        "the lock-failure helper to run",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || marker.exists(),
+    );
+    let args = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        args.contains(&format!("lock-failure --uuid {uuid}")),
+        "{args}"
+    );
+}
+
+/// The driver's own end of a VM's connection (a migration destination cancelled while its guest
+/// runs: its connection is closed) is not mistaken for the daemon's death: the guest is left alone.
+#[test]
+fn closing_the_connection_ourselves_is_not_a_dead_daemon() {
+    let dir = common::workdir();
+    let host = common::Host::start(dir.path(), "host-a", 1);
+    host.wait_joined();
+    let d = disk(
+        &Disks(&dir.path().join("disks"), host.plugin.clone()),
+        "own-close",
+        DiskMode::Exclusive,
+    );
+    let source = Guest::spawn();
+    let vm_a = vm("vm-m", &source);
+    let mut src = domain::process_start(
+        &host.plugin,
+        vm_a.clone(),
+        [d.clone()],
+        &AcquireOptions::default(),
+    )
+    .unwrap();
+    let state = domain::migration_begin(&mut src, "vmlock://localhost").unwrap();
+    let dest = Guest::spawn();
+    let mut dst = domain::migration_incoming(
+        &host.plugin,
+        vm_a.with_pid(dest.pid()),
+        [d],
+        &state,
+        &AcquireOptions::default(),
+    )
+    .unwrap();
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(dest.pid() as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    dst.complete_migration(MigrationOutcome::Cancel).unwrap();
+    // The destination's guest must not exit: wait (bounded) for an exit that must not come.
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 2,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        rustix::event::poll(&mut fds, Some(&timeout)).unwrap(),
+        0,
+        "the guest was killed after the driver closed its own connection"
     );
 }
