@@ -1,5 +1,6 @@
 //! The oracle can fail: two guests on one disk without vmlock each see no lock, and one sees the
-//! other's mark; a guest alone on a disk locked by someone else finds nothing.
+//! other's mark; a guest alone on a disk locked by someone else finds nothing; under sanlock, a
+//! guest whose parent holds no lease in its host's daemon sees no lease, and sees the daemon go.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -15,10 +16,15 @@ use vmlock_torture::guest::{log_path, mark, MARK_LEN, MARK_OFFSET};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn guest(dir: &Path, id: u64, disk: &Path) -> KillOnDrop {
+    guest_with(dir, id, disk, &[])
+}
+
+fn guest_with(dir: &Path, id: u64, disk: &Path, extra: &[&std::ffi::OsStr]) -> KillOnDrop {
     KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_vmlock-torture"))
             .args(["guest", "--id", &id.to_string(), "--dir"])
             .arg(dir)
+            .args(extra)
             .arg("--disk")
             .arg(disk)
             .spawn()
@@ -109,4 +115,37 @@ fn a_locked_disk_written_by_one_guest_is_clean() {
     let log = findings(dir.path(), 7);
     assert_eq!(log.lines().count(), 1, "{log}");
     assert!(log.starts_with("exit term"), "{log}");
+}
+
+#[test]
+fn under_sanlock_a_guest_without_its_lease_is_caught_and_sees_its_daemon_go() {
+    // O_DIRECT lease I/O needs a real file system: the test kit's work dir is under /var/tmp.
+    let dir = vmlock_testkit::sanlock::workdir("vmlock-torture-oracle-");
+    let mut daemon = vmlock_testkit::sanlock::SanlockDaemon::start(dir.path(), "host-a");
+    let disk = disk(dir.path());
+    // Its parent (this test) holds no lease of the disk in the daemon.
+    let g = guest_with(
+        dir.path(),
+        5,
+        &disk,
+        &["--sanlock".as_ref(), daemon.run_dir.as_os_str()],
+    );
+    // Bounded poll: the guest's findings appear in its log (no other event exists).
+    wait_until(
+        "the guest's no-lock",
+        WAIT,
+        Duration::from_millis(5),
+        || findings(dir.path(), 5).contains("no-lock"),
+    );
+    daemon.kill(); // SIGKILL and reap, by pid
+    wait_until(
+        "the guest to see its daemon gone",
+        WAIT,
+        Duration::from_millis(5),
+        || findings(dir.path(), 5).contains("lease-service-gone"),
+    );
+    stop(g);
+    let log = findings(dir.path(), 5);
+    assert!(log.contains("exit term"), "{log}");
+    assert!(!log.contains("double-writer"), "{log}");
 }
