@@ -358,7 +358,7 @@ pub struct Report {
     /// sanlock: guests still running a while after their host's sanlock daemon was killed
     /// (running without leases).
     pub unfenced: u64,
-    /// sanlock: leases listed by the daemons of both hosts at once.
+    /// sanlock: leases listed as granted by the daemons of both hosts at once.
     pub double_held: u64,
     /// sanlock: status requests that a daemon the campaign had neither killed nor stopped did
     /// not answer.

@@ -10,7 +10,7 @@
 //!    inode (a miss there while `F_OFD_GETLK` sees the lock is noted as `proc-locks-miss`: a
 //!    `/proc/locks` read is not atomic). Under the `sanlock` driver (`--sanlock RUN_DIR`) it asks
 //!    sanlock instead, every [`SANLOCK_CHECK_EVERY`] rounds: the daemon of its host must list the
-//!    disk's lease as held by its supervisor (its parent, the registered sanlock client)
+//!    disk's lease as granted to its supervisor (its parent, the registered sanlock client)
 //!    ([`crate::sanlock_view`]); a daemon that does not answer is noted once per outage
 //!    (`lease-service-gone`, then `lease-service-back`);
 //! 3. writes its mark again (`pwrite`, and `fsync` now and then).
@@ -178,7 +178,9 @@ impl Guest {
                 Some(Some(
                     leases
                         .into_iter()
-                        .filter(|l| l.pid == supervisor)
+                        .filter(|l| {
+                            l.pid == supervisor && l.state == crate::sanlock_view::LeaseState::Held
+                        })
                         .map(|l| l.name)
                         .collect(),
                 ))

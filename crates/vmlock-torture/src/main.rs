@@ -90,6 +90,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
     );
     let mut opts = vmlock_torture::Options::new(args.seed, args.ops, vmlock, me);
     if args.driver == "sanlock" {
+        anyhow::ensure!(
+            args.etcd.is_empty()
+                && !args.sabotage_stall
+                && !args.idle_burst
+                && !args.no_foreign_holder_probe,
+            "--etcd, --sabotage-stall, --idle-burst and --no-foreign-holder-probe are lockd's (vmlockd's) options"
+        );
         opts.driver = vmlock_torture::Driver::Sanlock;
     }
     if let Some(why) = vmlock_torture::skip_reason(&opts) {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// A lease a daemon lists: `r LOCKSPACE:NAME:PATH:OFFSET:LVER p PID`.
+/// A lease a daemon lists: `r LOCKSPACE:NAME:PATH:OFFSET:LVER p PID [ADD|REM|ORPHAN]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     /// Its lockspace.
@@ -18,6 +18,22 @@ pub struct Lease {
     pub name: String,
     /// The registered client (pid) holding it.
     pub pid: u32,
+    /// Granted, or on its way in or out.
+    pub state: LeaseState,
+}
+
+/// Where a listed lease stands (the word after the pid in `sanlock client status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Granted (no word).
+    Held,
+    /// `ADD`: an acquire is under way (the daemon lists it while its ballot runs, even while
+    /// another host holds the lease); not granted.
+    Acquiring,
+    /// `REM`: a release is under way.
+    Releasing,
+    /// `ORPHAN`: kept after its client exited.
+    Orphan,
 }
 
 /// The lease name the `sanlock` driver gives disk `path`: the first 16 bytes of the SHA-256 of
@@ -47,6 +63,13 @@ pub fn parse_status(text: &str) -> Result<Vec<Lease>, String> {
         let (Some(res), Some("p"), Some(pid)) = (words.next(), words.next(), words.next()) else {
             return Err(format!("unexpected lease line {line:?}"));
         };
+        let state = match words.next() {
+            None => LeaseState::Held,
+            Some("ADD") => LeaseState::Acquiring,
+            Some("REM") => LeaseState::Releasing,
+            Some("ORPHAN") => LeaseState::Orphan,
+            Some(other) => return Err(format!("unexpected lease state {other:?} in {line:?}")),
+        };
         let mut fields = res.split(':');
         let (Some(lockspace), Some(name)) = (fields.next(), fields.next()) else {
             return Err(format!("unexpected lease line {line:?}"));
@@ -58,6 +81,7 @@ pub fn parse_status(text: &str) -> Result<Vec<Lease>, String> {
             lockspace: lockspace.to_owned(),
             name: name.to_owned(),
             pid,
+            state,
         });
     }
     Ok(leases)
@@ -107,22 +131,23 @@ mod tests {
 
     #[test]
     fn parses_a_status() {
-        let text = "daemon host-a\np -1 helper\np 9589 vm1\ns ls:1:/l/ls:0\nr ls:abc:/l/abc:0:7 p 9589\nr ls:abc.gate.src:/l/abc.gate:0:2 p 12\n";
+        let text = "daemon host-a\np -1 helper\np 9589 vm1\ns ls:1:/l/ls:0\nr ls:abc:/l/abc:0:7 p 9589\nr ls:abc.gate.src:/l/abc.gate:0:2 p 12\nr ls:def:/l/def:0:0 p 13 ADD\nr ls:ghi:/l/ghi:0:SH p 14 REM\n";
+        let lease = |name: &str, pid, state| Lease {
+            lockspace: "ls".into(),
+            name: name.into(),
+            pid,
+            state,
+        };
         assert_eq!(
             parse_status(text).unwrap(),
             vec![
-                Lease {
-                    lockspace: "ls".into(),
-                    name: "abc".into(),
-                    pid: 9589
-                },
-                Lease {
-                    lockspace: "ls".into(),
-                    name: "abc.gate.src".into(),
-                    pid: 12
-                }
+                lease("abc", 9589, LeaseState::Held),
+                lease("abc.gate.src", 12, LeaseState::Held),
+                lease("def", 13, LeaseState::Acquiring),
+                lease("ghi", 14, LeaseState::Releasing),
             ]
         );
+        assert!(parse_status("daemon x\nr ls:abc:/l/abc:0:1 p 1 WHAT\n").is_err());
         assert!(parse_status("").is_err());
         assert!(parse_status("daemon x\nr ls:abc p\n").is_err());
     }
