@@ -193,6 +193,9 @@ pub enum Op {
     /// Fault (sanlock): SIGSTOP one host's sanlock daemon for 20–300 ms while a hotplug of a VM of
     /// that host (or a status request) waits on it, then SIGCONT.
     PauseLockService,
+    /// Fault (sanlock): SIGKILL one host's sanlock daemon 0–20 ms into a start or a hotplug on
+    /// that host, then as [`Op::KillLockService`].
+    KillLockServiceMidRequest,
     /// Fault (sanlock): a malformed request on a sanlock daemon's socket (bad magic, unknown
     /// command, oversized length, cut-short header, noise, a registration followed by garbage).
     MalformedLockService,
@@ -246,6 +249,9 @@ impl Op {
             Op::StuckSupervisor => "SIGSTOP/SIGCONT supervisor",
             Op::KillLockService => "SIGKILL sanlock daemon (+ restart)",
             Op::PauseLockService => "SIGSTOP/SIGCONT sanlock daemon",
+            Op::KillLockServiceMidRequest => {
+                "SIGKILL sanlock daemon mid-request (start/hotplug) (+ restart)"
+            }
             Op::MalformedLockService => "malformed request to sanlock's socket",
             Op::MalformedControl => "malformed frame to a supervisor's control socket",
         }
@@ -1169,6 +1175,7 @@ impl Campaign {
             Op::HangStorage => self.hang_storage(),
             Op::StuckSupervisor => self.stop_supervisor(i)?,
             Op::KillLockService
+            | Op::KillLockServiceMidRequest
             | Op::PauseLockService
             | Op::MalformedLockService
             | Op::MalformedControl => {
@@ -1212,6 +1219,11 @@ impl Campaign {
 
     /// Starts a guest in a free slot on 1–2 random disks; false if no slot is free.
     fn start_random(&mut self) -> anyhow::Result<bool> {
+        self.start_random_on(None)
+    }
+
+    /// [`Campaign::start_random`] on `host` (under sanlock; `None`: drawn from the seed).
+    fn start_random_on(&mut self, host: Option<usize>) -> anyhow::Result<bool> {
         let free: Vec<usize> = (0..self.opts.vms)
             .filter(|s| !self.live.iter().any(|l| l.slot == *s))
             .collect();
@@ -1233,7 +1245,7 @@ impl Campaign {
         // Under sanlock, on either host (lockd has one).
         let host = match &self.sanlock {
             Some(hosts) => {
-                let host = self.rng.below(hosts.count() as u64) as usize;
+                let host = host.unwrap_or_else(|| self.rng.below(hosts.count() as u64) as usize);
                 self.log(&format!("start vm{slot} on host {host} on {chosen:?}"));
                 host
             }

@@ -93,9 +93,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
         anyhow::ensure!(
             args.etcd.is_empty()
                 && !args.sabotage_stall
-                && !args.idle_burst
+                && !args.no_idle_burst
                 && !args.no_foreign_holder_probe,
-            "--etcd, --sabotage-stall, --idle-burst and --no-foreign-holder-probe are lockd's (vmlockd's) options"
+            "--etcd, --sabotage-stall, --no-idle-burst and --no-foreign-holder-probe are lockd's (vmlockd's) options"
         );
         opts.driver = vmlock_torture::Driver::Sanlock;
     }

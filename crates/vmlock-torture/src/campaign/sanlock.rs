@@ -47,7 +47,7 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 const LIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The sanlock campaign's operations and their weights.
-const OPS: [(Op, u64); 11] = [
+const OPS: [(Op, u64); 12] = [
     (Op::Start, 300),
     (Op::Stop, 120),
     (Op::Attach, 160),
@@ -56,6 +56,7 @@ const OPS: [(Op, u64); 11] = [
     (Op::KillGuest, 10),
     (Op::KillSupervisorMidRequest, 6),
     (Op::KillLockService, 4),
+    (Op::KillLockServiceMidRequest, 4),
     (Op::PauseLockService, 10),
     (Op::MalformedLockService, 8),
     (Op::MalformedControl, 8),
@@ -64,7 +65,7 @@ const OPS: [(Op, u64); 11] = [
 /// lockd's faults that do not apply to sanlock, and why (the table lists them).
 pub(super) const NOT_APPLICABLE: [(Op, &str); 11] = [
     (Op::KillDaemon, "no vmlockd: SIGKILL of the lock service is \"SIGKILL sanlock daemon\""),
-    (Op::KillDaemonMidRequest, "no vmlockd (a sanlock daemon kill lands under the guests' own status requests)"),
+    (Op::KillDaemonMidRequest, "no vmlockd: see \"SIGKILL sanlock daemon mid-request\""),
     (Op::PauseDaemon, "no vmlockd: SIGSTOP of the lock service is \"SIGSTOP/SIGCONT sanlock daemon\""),
     (Op::DeleteState, "no vmlockd state files (sanlock keeps its state on the shared storage)"),
     (Op::CorruptState, "no vmlockd state files"),
@@ -317,6 +318,7 @@ impl Campaign {
             Op::KillGuest => self.kill_guest(i),
             Op::KillSupervisorMidRequest => self.kill_supervisor_mid_hotplug(i)?,
             Op::KillLockService => self.kill_lock_service()?,
+            Op::KillLockServiceMidRequest => self.kill_lock_service_mid_request()?,
             Op::PauseLockService => self.pause_lock_service()?,
             Op::MalformedLockService => self.malformed_lock_service()?,
             Op::MalformedControl => self.malformed_control(i)?,
@@ -340,11 +342,78 @@ impl Campaign {
             "SIGKILL the sanlock daemon of host {host}; its guests {on_host:?} lose their leases"
         ));
         let killed = Instant::now();
-        for l in self.live.iter_mut().filter(|l| l.host == host) {
-            l.fenced_at = Some(killed);
-        }
         if let Some(hosts) = &mut self.sanlock {
             hosts.daemons[host].kill();
+        }
+        self.after_lock_service_kill(Op::KillLockService, host, killed)
+    }
+
+    /// SIGKILLs one host's daemon 0–20 ms into a start or a hotplug on that host, then goes on as
+    /// [`Campaign::kill_lock_service`].
+    fn kill_lock_service_mid_request(&mut self) -> anyhow::Result<()> {
+        let count = self.hosts()?.count();
+        let host = self.rng.below(count as u64) as usize;
+        let delay = Duration::from_micros(self.rng.range(0, 20_000));
+        let on_host: Vec<usize> = self
+            .eligible()
+            .into_iter()
+            .filter(|i| self.live[*i].host == host)
+            .collect();
+        let hotplug = if on_host.is_empty() || self.rng.below(2) == 0 {
+            None
+        } else {
+            self.rng.pick(&on_host).copied()
+        };
+        let Some(pid) = self.hosts()?.daemons[host].running_pid() else {
+            return Ok(());
+        };
+        let daemon = ProcessHandle::open(pid, None).context("the sanlock daemon's pidfd")?;
+        self.log(&format!(
+            "SIGKILL the sanlock daemon of host {host} {delay:?} into a {}",
+            if hotplug.is_some() {
+                "hotplug"
+            } else {
+                "start"
+            }
+        ));
+        let killer = std::thread::spawn(move || {
+            // Deliberate: the fault lands a random time into the request.
+            std::thread::sleep(delay);
+            let _ = daemon.signal(Signal::KILL);
+            let at = Instant::now();
+            daemon.wait_exit(Some(EXIT_TIMEOUT));
+            at
+        });
+        let request = match hotplug {
+            Some(i) => self.attach(i),
+            None => self.start_random_on(Some(host)).map(|_| ()),
+        };
+        let killed = killer.join().unwrap_or_else(|_| Instant::now());
+        request?;
+        // Reaps the killed daemon (our child).
+        if let Some(hosts) = &mut self.sanlock {
+            hosts.daemons[host].kill();
+        }
+        self.after_lock_service_kill(Op::KillLockServiceMidRequest, host, killed)
+    }
+
+    /// After `host`'s daemon was killed at `killed`: every guest of that host lost its leases and
+    /// must be ended by the lock-failure path (bounded wait); then the daemon is restarted and the
+    /// recovery measured.
+    fn after_lock_service_kill(
+        &mut self,
+        kind: Op,
+        host: usize,
+        killed: Instant,
+    ) -> anyhow::Result<()> {
+        let on_host: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|l| l.host == host && !l.guest_gone())
+            .map(|l| l.id)
+            .collect();
+        for l in self.live.iter_mut().filter(|l| l.host == host) {
+            l.fenced_at = Some(killed);
         }
         for id in on_host {
             let Some(i) = self.live.iter().position(|l| l.id == id) else {
@@ -380,12 +449,12 @@ impl Campaign {
             hosts.daemons[host] = daemon;
         }
         self.log(&format!("sanlock daemon of host {host} restarted"));
-        self.recover_host(host, killed)
+        self.recover_host(kind, host, killed)
     }
 
     /// After `host`'s daemon was killed at `since`: starts the probe VM on that host until one
     /// starts (its driver rejoins the lockspace first), records the time, and stops it.
-    fn recover_host(&mut self, host: usize, since: Instant) -> anyhow::Result<()> {
+    fn recover_host(&mut self, kind: Op, host: usize, since: Instant) -> anyhow::Result<()> {
         let probe_slot = self.opts.vms;
         let probe_disk = self.disks.len();
         loop {
@@ -393,7 +462,7 @@ impl Campaign {
                 Started::Yes(l) => {
                     self.report
                         .recovery
-                        .entry(Op::KillLockService)
+                        .entry(kind)
                         .or_default()
                         .push(since.elapsed());
                     self.live.push(*l);
