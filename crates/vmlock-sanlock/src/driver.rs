@@ -62,6 +62,8 @@ const CONVERT_RETRY: Duration = Duration::from_secs(3);
 /// guest may take to exit before the driver SIGKILLs it (the helper's own SIGTERM-then-SIGKILL
 /// takes up to 10 s).
 pub const LOST_KILL_GRACE: Duration = Duration::from_secs(12);
+/// Meanwhile the kill path is run again this often (sanlock repeats its own too).
+const KILLPATH_REPEAT: Duration = Duration::from_secs(1);
 
 /// The driver's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,6 +264,10 @@ struct LeaseOwner {
     /// The kill path given to the daemon (program and arguments), run by the driver itself when
     /// the daemon is gone.
     killpath: Option<(PathBuf, Vec<String>)>,
+    /// The daemon closed the registered connection: the leases are gone.
+    lost: std::sync::atomic::AtomicBool,
+    /// The guest's pid when it was only known after registration (`guest_started`).
+    late_pid: std::sync::OnceLock<u32>,
     state: Mutex<OwnerState>,
 }
 
@@ -308,6 +314,26 @@ impl LeaseOwner {
             }
             None => false,
         }
+    }
+
+    /// SIGKILLs the guest (its pidfd, or the pid `guest_started` gave).
+    fn kill_guest(&self) {
+        let opened;
+        let fd = match (&self.pidfd, self.late_pid.get()) {
+            (Some(fd), _) => fd,
+            (None, Some(pid)) => match open_pidfd(*pid, &self.name) {
+                Ok(fd) => {
+                    opened = fd;
+                    &opened
+                }
+                Err(e) => {
+                    tracing::error!(vm = %self.name, "cannot SIGKILL the guest: {e}");
+                    return;
+                }
+            },
+            (None, None) => return,
+        };
+        let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
     }
 
     /// Releases everything and closes the registered connection (which would release anyway).
@@ -1076,6 +1102,8 @@ impl SanlockSession {
             guest_pid: self.pid,
             pidfd,
             killpath,
+            lost: std::sync::atomic::AtomicBool::new(false),
+            late_pid: std::sync::OnceLock::new(),
             state: Mutex::new(OwnerState {
                 conn: Some(conn),
                 held: BTreeMap::new(),
@@ -1120,13 +1148,15 @@ fn open_pidfd(pid: u32, vm: &str) -> Result<OwnedFd> {
 
 /// Waits for the guest's exit (when its pid is known), then releases its leases. Meanwhile
 /// watches the registered connection: if the daemon closes it while the owner still uses it (the
-/// daemon died, and its leases with it), runs the VM's kill path itself, and SIGKILLs a guest
-/// still alive [`LOST_KILL_GRACE`] later. Without a guest pid (a supervisor that acquires before
-/// it starts the guest, and shuts down when the guest exits) only the connection is watched, and
-/// the thread ends with it.
+/// daemon died, and its leases with it), marks the owner lost and runs the VM's kill path itself,
+/// again every [`KILLPATH_REPEAT`] until a run succeeds (sanlock repeats its own: the helper
+/// cannot reach a supervisor that has no control socket yet), and SIGKILLs a guest still alive
+/// [`LOST_KILL_GRACE`] later without a successful run (its pid known at registration or from `guest_started`). Without a
+/// guest pid at registration (a supervisor that acquires before it starts the guest, and shuts
+/// down when the guest exits) the thread ends once the owner is finished.
 fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
     let mut link = owner.lock().conn.as_ref().and_then(|c| c.watch_fd().ok());
-    let mut lost_at: Option<Instant> = None;
+    let mut lost: Option<LostLink> = None;
     loop {
         let mut fds = Vec::with_capacity(2);
         if let Some(fd) = &owner.pidfd {
@@ -1139,12 +1169,12 @@ fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
                 rustix::event::PollFlags::empty(),
             ));
         }
-        if fds.is_empty() {
+        if fds.is_empty() && lost.is_none() {
             // No guest to wait for and the connection is gone: whoever closed it released.
             return;
         }
-        let timeout = lost_at.map(|t| {
-            let left = LOST_KILL_GRACE.saturating_sub(t.elapsed());
+        let timeout = lost.as_ref().map(|l| {
+            let left = l.next_step().saturating_duration_since(Instant::now());
             rustix::event::Timespec {
                 tv_sec: left.as_secs() as i64,
                 tv_nsec: i64::from(left.subsec_nanos()),
@@ -1163,16 +1193,17 @@ fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
                     // This side drops its connection (guest exit, shutdown) under the owner's
                     // lock: one still there was closed by the daemon.
                     if owner.lock().conn.is_some() {
-                        lost_at = owner.pidfd.as_ref().map(|_| Instant::now());
-                        daemon_gone(owner);
+                        owner.lost.store(true, Ordering::SeqCst);
+                        tracing::error!(vm = %owner.name, "the sanlock daemon closed the VM's connection (it died): its leases are lost; running the VM's kill path");
+                        lost = Some(LostLink::new(owner));
                     }
                 }
-                if lost_at.is_some_and(|t| t.elapsed() >= LOST_KILL_GRACE) {
-                    lost_at = None;
-                    tracing::error!(vm = %owner.name, "the guest is still running {LOST_KILL_GRACE:?} after its sanlock daemon went away: SIGKILL");
-                    if let Some(fd) = &owner.pidfd {
-                        let _ =
-                            rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+                if let Some(l) = &mut lost {
+                    if !l.step(owner) {
+                        lost = None;
+                        if owner.pidfd.is_none() {
+                            return;
+                        }
                     }
                 }
             }
@@ -1187,33 +1218,92 @@ fn watch_guest(shared: &Shared, owner: &Arc<LeaseOwner>) {
     shared.forget(owner);
 }
 
-/// The daemon closed `owner`'s registered connection: its leases are gone, and no kill path of
-/// the daemon's will run. Runs the VM's kill path (on a thread of its own, which reaps it).
-fn daemon_gone(owner: &LeaseOwner) {
-    tracing::error!(vm = %owner.name, "the sanlock daemon closed the VM's connection (it died): its leases are lost; running the VM's kill path");
-    let Some((program, args)) = owner.killpath.clone() else {
-        return;
-    };
-    let name = owner.name.clone();
-    let spawned = std::thread::Builder::new()
-        .name("sanlock-killpath".into())
-        .spawn(move || {
-            match std::process::Command::new(&program)
-                .args(&args)
-                .stdin(std::process::Stdio::null())
-                .status()
-            {
-                Ok(s) if s.success() => {}
-                Ok(s) => {
-                    tracing::warn!(vm = %name, "kill path {} exited with {s}", program.display())
+/// A VM whose daemon closed its connection: when the loss was seen, the kill path's runs, and
+/// when it is run again.
+struct LostLink {
+    since: Instant,
+    next_run: Instant,
+    running: Arc<std::sync::atomic::AtomicBool>,
+    /// A run of the kill path succeeded: the VM's action was carried out (a guest paused on
+    /// purpose is not SIGKILLed).
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LostLink {
+    fn new(owner: &LeaseOwner) -> Self {
+        let mut l = LostLink {
+            since: Instant::now(),
+            next_run: Instant::now(),
+            running: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            done: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        l.run_killpath(owner);
+        l
+    }
+
+    /// When the watcher must act next: run the kill path again, or SIGKILL.
+    fn next_step(&self) -> Instant {
+        self.next_run.min(self.since + LOST_KILL_GRACE)
+    }
+
+    /// Runs the kill path again when due, SIGKILLs the guest after the grace; false once there
+    /// is nothing more to do (the owner was finished, the kill path succeeded, or the guest was
+    /// SIGKILLed).
+    fn step(&mut self, owner: &LeaseOwner) -> bool {
+        if owner.lock().conn.is_none() {
+            return false; // finished: its supervisor shut it down (the guest ended)
+        }
+        if self.done.load(Ordering::SeqCst) {
+            return false; // the VM's action was carried out
+        }
+        if self.since.elapsed() >= LOST_KILL_GRACE {
+            tracing::error!(vm = %owner.name, "the guest is still running {LOST_KILL_GRACE:?} after its sanlock daemon went away: SIGKILL");
+            owner.kill_guest();
+            return false;
+        }
+        if Instant::now() >= self.next_run {
+            self.run_killpath(owner);
+        }
+        true
+    }
+
+    /// Runs the VM's kill path on a thread of its own, which reaps it (not while a run is still
+    /// going on).
+    fn run_killpath(&mut self, owner: &LeaseOwner) {
+        self.next_run = Instant::now() + KILLPATH_REPEAT;
+        let Some((program, args)) = owner.killpath.clone() else {
+            return;
+        };
+        if self.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (name, running, done) = (
+            owner.name.clone(),
+            Arc::clone(&self.running),
+            Arc::clone(&self.done),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("sanlock-killpath".into())
+            .spawn(move || {
+                match std::process::Command::new(&program)
+                    .args(&args)
+                    .stdin(std::process::Stdio::null())
+                    .status()
+                {
+                    Ok(s) if s.success() => done.store(true, Ordering::SeqCst),
+                    Ok(s) => {
+                        tracing::warn!(vm = %name, "kill path {} exited with {s}", program.display())
+                    }
+                    Err(e) => {
+                        tracing::error!(vm = %name, "cannot run kill path {}: {e}", program.display())
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(vm = %name, "cannot run kill path {}: {e}", program.display())
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(vm = %owner.name, "cannot start the kill path's thread: {e}");
+                running.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.running.store(false, Ordering::SeqCst);
+            tracing::error!(vm = %owner.name, "cannot start the kill path's thread: {e}");
+        }
     }
 }
 
@@ -1744,7 +1834,16 @@ impl Session for SanlockSession {
                 None => failures.push(not_held(r)),
             }
         }
-        if let Some(conn) = st.conn.as_mut() {
+        if owner.lost.load(Ordering::SeqCst) {
+            // The daemon died and its leases with it: nothing is held any more to release (what
+            // lock-failure helpers ask for after stopping the guest).
+            for h in &todo {
+                released.entries.push(StateEntry {
+                    resource: h.resource.clone(),
+                    version: 0,
+                });
+            }
+        } else if let Some(conn) = st.conn.as_mut() {
             let versions = conn
                 .inquire()
                 .map(|s| proto::parse_state(&s))
@@ -1936,6 +2035,25 @@ impl Session for SanlockSession {
                 Ok(())
             }
         }
+    }
+
+    fn guest_started(&mut self, pid: u32) -> Result<()> {
+        let Some(owner) = self.current() else {
+            return Ok(());
+        };
+        // The pid first, then the check: the watcher marks the owner lost first, then reads the
+        // pid, so either this refuses or the watcher can kill the guest.
+        let _ = owner.late_pid.set(pid);
+        if owner.lost.load(Ordering::SeqCst) {
+            return Err(Error::ServiceUnavailable {
+                reason: format!(
+                    "the sanlock daemon at {} died after VM \"{}\" took its leases: they are lost, so its guest must not run",
+                    self.shared.client.socket().display(),
+                    self.name
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn guest_pid(&mut self) -> Result<Option<u32>> {

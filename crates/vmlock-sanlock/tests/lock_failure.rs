@@ -175,6 +175,184 @@ fn a_dead_daemon_runs_the_helper_for_a_vm_acquired_before_its_guest() {
     );
 }
 
+/// A host with a helper that fails (as `vmlock lock-failure` does while the supervisor has no
+/// control socket yet) and counts its runs in `marker`.
+fn host_with_failing_helper(
+    dir: &std::path::Path,
+    marker: &std::path::Path,
+) -> (common::Daemon, Plugin) {
+    use std::os::unix::fs::PermissionsExt;
+    let daemon = common::Daemon::start(dir, "host-a");
+    let helper = dir.join("failing-helper.sh");
+    std::fs::write(
+        &helper,
+        format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", marker.display()),
+    )
+    .expect("write the helper");
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755))
+        .expect("make the helper executable");
+    let mut c = common::config(dir, &daemon, 1);
+    c.lock_failure_helper = Some((helper, dir.join("control")));
+    let driver =
+        std::sync::Arc::new(vmlock_sanlock::SanlockDriver::start(c).expect("driver start"));
+    driver
+        .wait_joined(Duration::from_secs(60))
+        .expect("lockspace joined");
+    (daemon, Plugin::from_driver(driver))
+}
+
+/// A VM manager that acquires, then starts its guest (`vmlock run`'s order): a daemon that died in
+/// between took the leases with it, so the guest's start is refused rather than let it run
+/// without them.
+#[test]
+fn a_guest_started_after_the_daemon_died_is_refused() {
+    let dir = common::workdir();
+    let marker = dir.path().join("helper-runs");
+    let (mut daemon, plugin) = host_with_failing_helper(dir.path(), &marker);
+    let d = disk(
+        &Disks(&dir.path().join("disks"), plugin.clone()),
+        "late-guest",
+        DiskMode::Exclusive,
+    );
+    let mut m = vmlock::Manager::new(
+        &plugin,
+        vmlock::VmParams::new(1, uuid::Uuid::new_v4(), "vm-a").unwrap(),
+        vmlock::StartMode::Start,
+    )
+    .unwrap();
+    m.register_resource(d).unwrap();
+    m.acquire(&AcquireOptions::default()).unwrap();
+    daemon.kill(); // SIGKILL and reap, by pid
+                   // The driver has seen the daemon go once it ran the kill path (bounded poll: no event).
+    vmlock_testkit::process::wait_until(
+        "the kill path to run",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || marker.exists(),
+    );
+    let guest = Guest::spawn();
+    let e = m
+        .guest_started(guest.pid())
+        .expect_err("the leases are gone: the guest must not run");
+    assert!(e.to_string().contains("sanlock daemon"), "{e}");
+}
+
+/// The kill path that cannot reach the supervisor yet (its control socket comes after the
+/// guest's start) is run again, as sanlock repeats its own, and a guest still alive
+/// `LOST_KILL_GRACE` after the daemon's death is SIGKILLed by the driver.
+#[test]
+fn a_failing_kill_path_is_repeated_and_the_guest_killed_after_the_grace() {
+    let dir = common::workdir();
+    let marker = dir.path().join("helper-runs");
+    let (mut daemon, plugin) = host_with_failing_helper(dir.path(), &marker);
+    let d = disk(
+        &Disks(&dir.path().join("disks"), plugin.clone()),
+        "grace",
+        DiskMode::Exclusive,
+    );
+    let mut m = vmlock::Manager::new(
+        &plugin,
+        vmlock::VmParams::new(1, uuid::Uuid::new_v4(), "vm-a").unwrap(),
+        vmlock::StartMode::Start,
+    )
+    .unwrap();
+    m.register_resource(d).unwrap();
+    m.acquire(&AcquireOptions::default()).unwrap();
+    let guest = Guest::spawn();
+    m.guest_started(guest.pid()).unwrap();
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(guest.pid() as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    daemon.kill(); // SIGKILL and reap, by pid
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: vmlock_sanlock::driver::LOST_KILL_GRACE.as_secs() as i64 + 5,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        rustix::event::poll(&mut fds, Some(&timeout)).unwrap(),
+        1,
+        "the guest was SIGKILLed after the grace"
+    );
+    let runs = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(
+        runs.lines().count() >= 2,
+        "the failing kill path was run again: {runs:?}"
+    );
+}
+
+/// A kill path that succeeds carried out the VM's action (`pause` leaves the guest alive on
+/// purpose): it is not run again, the guest is not SIGKILLed after the grace, and a release of
+/// the lost leases (what vmlock's helper asks for) succeeds.
+#[test]
+fn a_successful_kill_path_is_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::workdir();
+    let mut daemon = common::Daemon::start(dir.path(), "host-a");
+    let marker = dir.path().join("helper-runs");
+    let helper = dir.path().join("pausing-helper.sh");
+    std::fs::write(
+        &helper,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", marker.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = common::config(dir.path(), &daemon, 1);
+    c.lock_failure_helper = Some((helper, dir.path().join("control")));
+    let driver = std::sync::Arc::new(vmlock_sanlock::SanlockDriver::start(c).unwrap());
+    driver.wait_joined(Duration::from_secs(60)).unwrap();
+    let plugin = Plugin::from_driver(driver);
+    let d = disk(
+        &Disks(&dir.path().join("disks"), plugin.clone()),
+        "paused",
+        DiskMode::Exclusive,
+    );
+    let mut m = vmlock::Manager::new(
+        &plugin,
+        vmlock::VmParams::new(1, uuid::Uuid::new_v4(), "vm-a").unwrap(),
+        vmlock::StartMode::Start,
+    )
+    .unwrap();
+    m.register_resource(d).unwrap();
+    m.acquire(&AcquireOptions::default()).unwrap();
+    let guest = Guest::spawn();
+    m.guest_started(guest.pid()).unwrap();
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(guest.pid() as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    daemon.kill(); // SIGKILL and reap, by pid
+    vmlock_testkit::process::wait_until(
+        "the kill path to run",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || marker.exists(),
+    );
+    m.release().expect("the lost leases release at once");
+    // The guest must live past the grace: wait (bounded) for an exit that must not come.
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: vmlock_sanlock::driver::LOST_KILL_GRACE.as_secs() as i64 + 2,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        rustix::event::poll(&mut fds, Some(&timeout)).unwrap(),
+        0,
+        "the guest was killed although its kill path succeeded"
+    );
+    let runs = std::fs::read_to_string(&marker).unwrap();
+    assert_eq!(runs.lines().count(), 1, "run once: {runs:?}");
+}
+
 /// The driver's own end of a VM's connection (a migration destination cancelled while its guest
 /// runs: its connection is closed) is not mistaken for the daemon's death: the guest is left alone.
 #[test]
