@@ -255,6 +255,23 @@ impl Store {
         }
     }
 
+    /// At start, a snapshot of everything replayed. When the journal appends switch to is empty
+    /// (the usual case) it is handed out, to be written once the daemon serves: until it is
+    /// written, the old snapshot and journal replay to the same state, and new appends go to the
+    /// empty journal. Otherwise (a crash during a snapshot left lines in both journals) it is
+    /// written now and both are emptied, before anything else appends.
+    pub fn start_snapshot(&mut self, full: Persisted) -> Option<PendingSnapshot> {
+        let next_is_empty = self.journals[1 - self.current]
+            .metadata()
+            .is_ok_and(|m| m.len() == 0);
+        if next_is_empty {
+            self.begin_snapshot(full)
+        } else {
+            self.snapshot_now(full);
+            None
+        }
+    }
+
     /// Writes a full snapshot now and empties both journals (at start, before anything else
     /// appends).
     pub fn snapshot_now(&mut self, full: Persisted) {
@@ -360,6 +377,39 @@ mod tests {
         }
         let (_, again) = Store::open(&runtime).unwrap();
         assert_eq!(again.owners.len(), 1);
+    }
+
+    /// The start snapshot is handed out (to be written while the daemon serves) when appends
+    /// switch to an empty journal; a crash before it is written replays to the same state. When
+    /// both journals hold lines (a crash during a snapshot), it is written at once.
+    #[test]
+    fn the_start_snapshot_waits_only_when_nothing_can_be_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
+        let (mut store, _) = Store::open(&runtime).unwrap();
+        store.record(&uuid_of("a1"), Some(owner("a1")));
+        let (mut store, full) = Store::open(&runtime).unwrap();
+        let pending = store.start_snapshot(full).expect("handed out");
+        store.record(&uuid_of("b2"), Some(owner("b2")));
+        // A crash before it is written: the old journal and the new one.
+        let (_, crashed) = Store::open(&runtime).unwrap();
+        assert_eq!(names(&crashed), vec!["a1", "b2"]);
+        assert!(pending.write());
+        store.snapshot_written();
+        let (_, after) = Store::open(&runtime).unwrap();
+        assert_eq!(names(&after), vec!["a1", "b2"]);
+
+        // Lines in both journals (the b2 line is in the second): written now, nothing handed out.
+        store.record(&uuid_of("c3"), Some(owner("c3")));
+        let paths = journal_paths(&runtime);
+        std::fs::write(&paths[0], std::fs::read(&paths[1]).unwrap()).unwrap();
+        let (mut store, full) = Store::open(&runtime).unwrap();
+        assert!(store.start_snapshot(full).is_none());
+        for path in &paths {
+            assert_eq!(std::fs::metadata(path).unwrap().len(), 0);
+        }
+        let (_, again) = Store::open(&runtime).unwrap();
+        assert_eq!(names(&again), vec!["a1", "b2", "c3"]);
     }
 
     /// Versions never go back: the highest seen per lock survives a replay, whichever VM's line
