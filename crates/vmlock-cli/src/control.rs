@@ -253,6 +253,13 @@ fn ensure(
     state: Option<&str>,
     resources: Vec<Resource>,
 ) -> vmlock::Result<ControlReply> {
+    if manager.phase() == Phase::Held && resources.iter().all(|r| manager.resources().contains(r)) {
+        // Everything is held already (libvirt's CPU start and every resume): answered from this
+        // supervisor's own state, with no round trip to vmlockd. The kernel locks are on the
+        // descriptions this process keeps, and a lost lease reaches it as a push; so a resume
+        // also works while vmlockd restarts.
+        return Ok(ControlReply::Ok);
+    }
     if manager.mode() == StartMode::IncomingMigration
         && matches!(manager.phase(), Phase::Created | Phase::Registered)
     {

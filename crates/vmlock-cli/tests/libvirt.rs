@@ -407,6 +407,18 @@ fn pause_resume_paused_start_and_hotplug_never_leave_the_disk_free() {
         assert_eq!(libvirtd.domstate("vm"), "running");
     }
 
+    // A resume is answered by the domain's holder alone: it works while vmlockd cannot answer
+    // (stopped here; the same holds while it restarts), and the disk stays locked.
+    libvirtd.virsh_ok(&["suspend", "vm"]);
+    let daemon = vmlockd_kit::pid_in(&host.run_dir()).unwrap();
+    let stopped = nix::unistd::Pid::from_raw(daemon as i32);
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let resumed = libvirtd.virsh(&["resume", "vm"]);
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(resumed.status.success(), "resume: {}", text(&resumed));
+    assert_eq!(libvirtd.domstate("vm"), "running");
+    assert_refused(&host, &a, "vm");
+
     // Hotplug takes the new disk before QEMU opens it; unplug frees it.
     attach_scsi(&libvirtd, "vm", &c);
     assert_eq!(host.holder_of(&c).as_deref(), Some("vm"));

@@ -45,6 +45,8 @@ pub enum ControlRequest {
     /// Make sure the VM holds every one of `resources`, taking the missing ones all or nothing
     /// (libvirt's acquire at CPU start, resume and hotplug). A migration destination that has
     /// not taken its leases over yet does so first, with `state` (the source's, version-checked).
+    /// [`ControlReply::Ok`] when everything was held already (answered without vmlockd), else
+    /// [`ControlReply::Held`].
     Ensure {
         /// The source's lock state, for a migration destination.
         state: Option<String>,
