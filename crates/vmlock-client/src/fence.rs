@@ -112,30 +112,25 @@ const LOOK_EVERY: Duration = Duration::from_millis(250);
 /// its supervisor's turn without being renewed. Returns `false` (and starts nothing) when there
 /// is no file: vmlockd holds no cluster locks.
 pub fn watch(runtime_dir: &Path, stop_guest: impl FnOnce() + Send + 'static) -> bool {
-    if read(runtime_dir).is_none() {
+    let Some(first) = read(runtime_dir) else {
         return false;
-    }
+    };
     let dir = runtime_dir.to_path_buf();
     std::thread::Builder::new()
         .name("fence-watch".into())
         .spawn(move || {
-            // The last deadline read: a torn read (a write racing it) keeps it in force.
-            let mut last: Option<FenceDeadline> = None;
+            // The last deadline read stays in force while the file cannot be read (a write
+            // racing the read, or a damaged file): a damaged file never keeps a guest from its
+            // fencing, nor makes this thread spin.
+            let mut last = first;
             loop {
                 let d = match read_file(&dir) {
                     // Removed: the daemon runs without etcd now. Nothing to fence for.
                     Reading::Absent => return,
                     Reading::Deadline(d) => d,
-                    Reading::Unreadable => match last {
-                        Some(d) => d,
-                        None => {
-                            // Look again soon: a write was racing this read.
-                            std::thread::sleep(Duration::from_millis(10));
-                            continue;
-                        }
-                    },
+                    Reading::Unreadable => last,
                 };
-                last = Some(d);
+                last = d;
                 let now = boot_time();
                 let acts_at = d.supervisor_acts_at();
                 if now >= acts_at {
@@ -190,6 +185,33 @@ mod tests {
         );
         std::fs::write(path(dir.path()), b"{\"lease\":1,\"dead").expect("torn");
         assert_eq!(read_file(dir.path()), Reading::Unreadable);
+    }
+
+    /// A damaged file after the watch began: the last deadline read still stops the guest in
+    /// time (before, a watcher that had read nothing yet retried every 10 ms and never acted).
+    #[test]
+    fn a_damaged_file_keeps_the_last_deadline_in_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let deadline = FenceDeadline {
+            lease: 9,
+            deadline_boot_ms: ms(boot_time() + Duration::from_millis(600)),
+            fence_lead_ms: 400,
+        };
+        write(dir.path(), &deadline).expect("write");
+        let (tx, rx) = mpsc::channel();
+        assert!(watch(dir.path(), move || tx
+            .send(boot_time())
+            .unwrap_or(())));
+        std::fs::write(path(dir.path()), b"garbage").expect("damage");
+        let acted = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a damaged file kept the guest from its fencing");
+        assert!(acted >= deadline.supervisor_acts_at(), "acted early");
+        assert!(
+            acted < Duration::from_millis(deadline.deadline_boot_ms),
+            "acted after D itself"
+        );
     }
 
     #[test]
