@@ -17,6 +17,7 @@ pub mod holder;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+mod workers;
 // Crate-internal names for what moved to vmlock-client (the daemon's modules say `crate::proto`).
 use vmlock_client::{proto, qmp, runtime};
 pub mod host;

@@ -11,6 +11,7 @@ use crate::proto::{
 use crate::runtime::RuntimeDir;
 use crate::store::{PendingSnapshot, Store};
 use crate::telemetry::{ActionTaken, EventLog, Metrics, RefusalReason};
+use crate::workers::Workers;
 use rustix::event::{poll, PollFd, PollFlags};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -285,6 +286,15 @@ impl Daemon {
         // of idle connections costs the next real client a few microseconds each, not a thread
         // start each. At most max_clients wait; beyond that the longest-waiting one is closed.
         let mut lobby = Lobby::new(listener, self.idle_timeout, self.max_clients)?;
+        // Each connection that speaks gets a thread of its own, usually one kept from an ended
+        // connection.
+        let daemon = Arc::clone(self);
+        let workers = Workers::new(
+            "client",
+            SPARE_CLIENT_THREADS,
+            SPARE_CLIENT_THREAD_LINGER,
+            move |stream| Arc::clone(&daemon).serve_connection(stream),
+        );
         // Out of descriptors (or memory), accept fails at once as long as the connection waits in
         // the backlog: back off instead of spinning, and say so once per episode, not per try.
         let mut backoff: Option<Duration> = None;
@@ -315,12 +325,8 @@ impl Daemon {
                 backoff = None;
                 tracing::warn!("accepting connections again");
             }
-            let daemon = Arc::clone(self);
-            if let Err(e) = std::thread::Builder::new()
-                .name("client".into())
-                .spawn(move || daemon.serve_connection(stream))
-            {
-                // The connection is dropped (closed) with the closure; the client sees it closed.
+            if let Err(e) = workers.run(stream) {
+                // The connection was dropped (closed); the client sees it closed.
                 tracing::warn!("no thread for a connection: {e}");
             }
         }
@@ -1725,6 +1731,12 @@ fn power_off(process: &ProcessHandle, grace: Duration) {
         let _ = process.signal(rustix::process::Signal::KILL);
     }
 }
+
+/// Threads kept waiting for the next connection once theirs ended (see [`Workers`]).
+const SPARE_CLIENT_THREADS: usize = 4;
+
+/// How long a kept thread waits for a connection before it ends.
+const SPARE_CLIENT_THREAD_LINGER: Duration = Duration::from_secs(30);
 
 /// Bound on a write to a holder: a supervisor that stopped reading fails the push instead of
 /// blocking the daemon.
