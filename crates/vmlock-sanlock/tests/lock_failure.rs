@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 use vmlock::conformance::{disk, vm, Guest, Harness};
 use vmlock::{domain, AcquireOptions, DiskMode, MigrationOutcome, Plugin};
+use vmlock_sys::pidfd::ProcessHandle;
 
 struct Disks<'a>(&'a std::path::Path, Plugin);
 
@@ -34,11 +35,7 @@ fn lost_lockspace_kills_the_guest_and_releases_its_leases() {
     let vm_a = vm("vm-a", &guest);
     let _m =
         domain::process_start(&host.plugin, vm_a.clone(), [d], &AcquireOptions::default()).unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(guest.pid() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
+    let exit = ProcessHandle::open(guest.pid(), None).unwrap();
 
     // The storage of the delta leases "fails": renewals read nothing any more.
     let ls_file = dir
@@ -53,17 +50,8 @@ fn lost_lockspace_kills_the_guest_and_releases_its_leases() {
         .unwrap();
 
     // After 8 × io_timeout without renewal the daemon runs `kill -KILL GUEST`.
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: 40,
-        tv_nsec: 0,
-    };
-    let ready = rustix::event::poll(&mut fds, Some(&timeout)).unwrap();
-    assert_eq!(
-        ready, 1,
+    assert!(
+        exit.wait_exit(Some(Duration::from_secs(40))),
         "the guest was killed within 40 s of losing the lockspace"
     );
     assert!(
@@ -92,25 +80,12 @@ fn a_dead_daemon_gets_the_guest_killed_and_its_lease_forgotten() {
     let vm_a = vm("vm-a", &guest);
     let _m =
         domain::process_start(&host.plugin, vm_a.clone(), [d], &AcquireOptions::default()).unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(guest.pid() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
+    let exit = ProcessHandle::open(guest.pid(), None).unwrap();
 
     host.daemon.kill(); // SIGKILL and reap, by pid
 
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: 10,
-        tv_nsec: 0,
-    };
-    let ready = rustix::event::poll(&mut fds, Some(&timeout)).unwrap();
-    assert_eq!(
-        ready, 1,
+    assert!(
+        exit.wait_exit(Some(Duration::from_secs(10))),
         "the guest was killed within 10 s of its sanlock daemon's death"
     );
     assert!(
@@ -260,23 +235,12 @@ fn a_failing_kill_path_is_repeated_and_the_guest_killed_after_the_grace() {
     m.acquire(&AcquireOptions::default()).unwrap();
     let guest = Guest::spawn();
     m.guest_started(guest.pid()).unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(guest.pid() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
+    let exit = ProcessHandle::open(guest.pid(), None).unwrap();
     daemon.kill(); // SIGKILL and reap, by pid
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: vmlock_sanlock::driver::LOST_KILL_GRACE.as_secs() as i64 + 5,
-        tv_nsec: 0,
-    };
-    assert_eq!(
-        rustix::event::poll(&mut fds, Some(&timeout)).unwrap(),
-        1,
+    assert!(
+        exit.wait_exit(Some(Duration::from_secs(
+            vmlock_sanlock::driver::LOST_KILL_GRACE.as_secs() + 5
+        ))),
         "the guest was SIGKILLed after the grace"
     );
     let runs = std::fs::read_to_string(&marker).unwrap_or_default();
@@ -322,11 +286,7 @@ fn a_successful_kill_path_is_trusted() {
     m.acquire(&AcquireOptions::default()).unwrap();
     let guest = Guest::spawn();
     m.guest_started(guest.pid()).unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(guest.pid() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
+    let exit = ProcessHandle::open(guest.pid(), None).unwrap();
     daemon.kill(); // SIGKILL and reap, by pid
     vmlock_testkit::process::wait_until(
         "the kill path to run",
@@ -336,17 +296,10 @@ fn a_successful_kill_path_is_trusted() {
     );
     m.release().expect("the lost leases release at once");
     // The guest must live past the grace: wait (bounded) for an exit that must not come.
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: vmlock_sanlock::driver::LOST_KILL_GRACE.as_secs() as i64 + 2,
-        tv_nsec: 0,
-    };
-    assert_eq!(
-        rustix::event::poll(&mut fds, Some(&timeout)).unwrap(),
-        0,
+    assert!(
+        !exit.wait_exit(Some(Duration::from_secs(
+            vmlock_sanlock::driver::LOST_KILL_GRACE.as_secs() + 2
+        ))),
         "the guest was killed although its kill path succeeded"
     );
     let runs = std::fs::read_to_string(&marker).unwrap();
@@ -384,24 +337,11 @@ fn closing_the_connection_ourselves_is_not_a_dead_daemon() {
         &AcquireOptions::default(),
     )
     .unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(dest.pid() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
+    let exit = ProcessHandle::open(dest.pid(), None).unwrap();
     dst.complete_migration(MigrationOutcome::Cancel).unwrap();
     // The destination's guest must not exit: wait (bounded) for an exit that must not come.
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: 2,
-        tv_nsec: 0,
-    };
-    assert_eq!(
-        rustix::event::poll(&mut fds, Some(&timeout)).unwrap(),
-        0,
+    assert!(
+        !exit.wait_exit(Some(Duration::from_secs(2))),
         "the guest was killed after the driver closed its own connection"
     );
 }
