@@ -36,6 +36,9 @@ use vmlock_testkit::process::{read_line, wait_child};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long any other `vmlock` command may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a finished migration, rounds of both guests (the destination writing, the source not)
+/// before the source is ended.
+const MIGRATION_OVERLAP_ROUNDS: u32 = 3;
 /// How long a signalled process may take to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -2360,6 +2363,15 @@ impl Campaign {
                 "op {}: migration destination guest {dst_id} did not start writing within {ACK_TIMEOUT:?}",
                 self.report.ops
             ));
+        }
+        // The source lingers a few rounds while the destination writes (as a source QEMU runs
+        // until it is told to quit): each ack is a round of the guest, and a destination's
+        // rounds after its first write re-read its mark, so a source that still wrote would be
+        // seen (by either guest) as a double writer.
+        for _ in 0..MIGRATION_OVERLAP_ROUNDS {
+            if !self.plug(d)? || !self.plug(i)? {
+                break;
+            }
         }
         self.log(&format!("stop migration source guest {src_id}"));
         self.stop(i);
