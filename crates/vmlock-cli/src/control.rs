@@ -157,7 +157,22 @@ impl ControlServer {
         }
         // A migration destination on this host runs beside its source under the same uuid: it
         // must not take the source's socket, so it serves beside it until the source is gone.
-        let path = if UnixStream::connect(&path).is_ok() {
+        // A source that was itself a destination here serves beside already (the VM's own
+        // socket went with its first source): then the destination serves beside too, and
+        // clients reach the oldest, the source (`vmlock_client::control::sockets_beside`).
+        let runtime_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let uuid = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vm-"))
+            .and_then(|n| n.strip_suffix(".sock"))
+            .unwrap_or_default()
+            .to_owned();
+        let served = UnixStream::connect(&path).is_ok()
+            || vmlock_client::control::sockets_beside(&runtime_dir, &uuid)
+                .iter()
+                .any(|p| UnixStream::connect(p).is_ok());
+        let path = if served {
             path.with_extension(format!("{}.sock", std::process::id()))
         } else {
             let _ = std::fs::remove_file(&path);

@@ -88,3 +88,50 @@ fn supervisor_is_taken_back_after_the_journal_lost_its_tail() {
     );
     assert!(ok(&["detach-disk", "--uuid", &uuid, "--disk"], &b));
 }
+
+/// Found by `vmlock-torture --seed 2 --ops 2000` (migrations that failed with no fault in them):
+/// a VM migrated twice on one host. After the first migration its supervisor (the first
+/// destination) serves beside the VM's own socket (`vm-UUID.PID.sock`), which its source freed
+/// when it ended; the second destination found the VM's own socket free and took it, so
+/// `migrate-finish --uuid U` reached the destination ("may only come from its holder") and the
+/// second migration could never finish.
+#[test]
+fn a_vm_migrates_twice_on_one_host() {
+    let env = vmlockd_kit::CliEnv::new(Path::new(env!("CARGO_BIN_EXE_vmlock")));
+    let d = disk(env.dir.path(), "m.img");
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let run = |incoming: Option<&str>| {
+        let mut cmd = env.vmlock();
+        cmd.args(["run", "--name", "vm", "--uuid", &uuid]);
+        if let Some(state) = incoming {
+            cmd.args(["--incoming", state]);
+        }
+        cmd.arg("--disk").arg(&d).args(["--", "sleep", "1000"]);
+        Supervised::spawn(cmd)
+    };
+    let cli = |args: &[&str]| -> String {
+        let out = env.vmlock().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "vmlock {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let mut src = run(None);
+    for hop in 1..=3 {
+        let state = cli(&["migrate-prepare", "--uuid", &uuid]);
+        let dst = run(Some(&state));
+        cli(&["migrate-finish", "--uuid", &uuid]);
+        // The source's guest quits (SIGTERM to its supervisor, forwarded).
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(src.supervisor.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        src.wait(Duration::from_secs(10));
+        assert_eq!(
+            cli(&["pid", "--uuid", &uuid]),
+            dst.guest_pid.to_string(),
+            "migration {hop}: the destination owns the VM"
+        );
+        src = dst;
+    }
+}

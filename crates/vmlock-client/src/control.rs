@@ -135,26 +135,44 @@ pub fn read_one<T: Message>(stream: &UnixStream, what: &str) -> Result<T, Error>
     }
 }
 
-/// The supervisor of VM `uuid`: its own socket, else one that serves beside it (a migration
-/// destination on this host whose source has gone).
+/// The sockets serving beside VM `uuid`'s own (`vm-UUID.PID.sock`: migration destinations on
+/// this host), oldest first: a migration's source was started, and bound its socket, before its
+/// destination, so after one migration on this host the VM's supervisor serves beside and the
+/// next destination beside it too, and the oldest is the VM's current owner.
+pub fn sockets_beside(runtime_dir: &Path, uuid: &str) -> Vec<PathBuf> {
+    let prefix = format!("vm-{uuid}.");
+    let own = format!("vm-{uuid}.sock");
+    let mut beside: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(runtime_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".sock") && n != own)
+        })
+        .map(|e| {
+            let bound = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (bound, e.path())
+        })
+        .collect();
+    beside.sort();
+    beside.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The supervisor of VM `uuid`: its own socket, else the oldest that serves beside it (a
+/// migration destination on this host whose source has gone; see [`sockets_beside`]).
 fn connect(runtime_dir: &Path, uuid: &str) -> Result<UnixStream, Error> {
     let path = socket_path(runtime_dir, uuid);
     let first = match UnixStream::connect(&path) {
         Ok(s) => return Ok(s),
         Err(e) => e,
     };
-    let prefix = format!("vm-{uuid}.");
-    let beside = std::fs::read_dir(runtime_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name().to_str().is_some_and(|n| {
-                n.starts_with(&prefix) && n.ends_with(".sock") && n != format!("vm-{uuid}.sock")
-            })
-        });
-    for entry in beside {
-        if let Ok(s) = UnixStream::connect(entry.path()) {
+    for beside in sockets_beside(runtime_dir, uuid) {
+        if let Ok(s) = UnixStream::connect(beside) {
             return Ok(s);
         }
     }

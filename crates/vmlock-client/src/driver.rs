@@ -420,12 +420,13 @@ impl Session for LockdSession {
         }
     }
 
-    fn complete_migration(&mut self, outcome: MigrationOutcome, _incoming: bool) -> Result<()> {
+    fn complete_migration(&mut self, outcome: MigrationOutcome, incoming: bool) -> Result<()> {
         let success = outcome == MigrationOutcome::Success;
         match self.conn.call(
             &Request::MigrateComplete {
                 uuid: self.vm.uuid.clone(),
                 success,
+                source: !incoming,
             },
             &[],
         )? {

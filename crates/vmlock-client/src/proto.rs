@@ -89,12 +89,18 @@ pub enum Request {
     },
     /// End a migration of VM `uuid`: on success the destination becomes the owner and every
     /// version grows (the source's old state turns stale); on cancel the destination lets go and
-    /// the source keeps everything. Idempotent, so both sides may call it.
+    /// the source keeps everything. A cancel is idempotent, so both sides may call it; so is a
+    /// success from a destination (or a client that does not say), while a success from the
+    /// source (`source`) is refused unless the migration is in progress (a daemon restart
+    /// cancels one).
     MigrateComplete {
         /// The VM.
         uuid: String,
         /// Success or cancel.
         success: bool,
+        /// Sent by the migration's source (false for clients from before this field).
+        #[serde(default)]
+        source: bool,
     },
     /// The guest `guest_pid` is gone: release everything VM `uuid` holds, unless the VM's locks
     /// now belong to another guest (it migrated away), in which case nothing happens.

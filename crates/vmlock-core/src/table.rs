@@ -426,6 +426,16 @@ fn not_migrating(uuid: &str) -> Error {
     )
 }
 
+/// A finish of a migration that is not in progress (see [`LockTable::migrate_complete`]).
+fn not_in_progress(vm: &str) -> Error {
+    Error::invalid_state(
+        "finish the migration",
+        format!(
+            "VM {vm} has no migration in progress (a daemon restart cancels one): the source keeps its leases"
+        ),
+    )
+}
+
 fn not_holder(what: &str, owner_label: &str, caller: Caller, holder: u32) -> Error {
     let caller = caller.pid;
     Error::PermissionDenied {
@@ -1620,15 +1630,43 @@ impl<H: Host> LockTable<H> {
         Ok(held(owner))
     }
 
-    /// Ends a migration, asked by the source's or the destination's holder.
+    /// Ends a migration, asked by the source's holder (or by the destination's, to cancel). A
+    /// success with no migration in progress (never prepared, already ended, or cancelled by a
+    /// daemon restart) is refused: an Ok would tell the VM manager that the destination owns the
+    /// VM, and it would end the source, whose shutdown releases the disks under the destination.
     pub fn migrate_complete(
         &mut self,
         caller: Caller,
         uuid: &str,
         success: bool,
     ) -> (Result<(), Error>, Fx<H>) {
+        self.complete(caller, uuid, success, true)
+    }
+
+    /// [`LockTable::migrate_complete`], where a success with no migration in progress is a no-op:
+    /// a destination confirming a hand-off that the source's finish already carried out (or a
+    /// client that does not say which side it is).
+    pub fn migrate_complete_idempotent(
+        &mut self,
+        caller: Caller,
+        uuid: &str,
+        success: bool,
+    ) -> (Result<(), Error>, Fx<H>) {
+        self.complete(caller, uuid, success, false)
+    }
+
+    fn complete(
+        &mut self,
+        caller: Caller,
+        uuid: &str,
+        success: bool,
+        strict: bool,
+    ) -> (Result<(), Error>, Fx<H>) {
         let mut fx = Fx::<H>::default();
         let Some(owner) = self.owners.get_mut(uuid) else {
+            if success && strict {
+                return (Err(not_in_progress(uuid)), fx);
+            }
             return (Ok(()), fx);
         };
         let is_destination = owner
@@ -1646,6 +1684,10 @@ impl<H: Host> LockTable<H> {
             return (Err(e), fx);
         }
         if owner.migration.is_none() {
+            if success && strict {
+                return (Err(not_in_progress(&owner.label())), fx);
+            }
+            // A cancel is idempotent.
             return (Ok(()), fx);
         }
         // Only the source may say the migration succeeded (it gives up first, see

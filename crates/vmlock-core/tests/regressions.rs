@@ -190,6 +190,28 @@ fn only_the_source_may_finish_a_migration() {
     assert_eq!(table.holder_pid(UUID), Some(20));
 }
 
+/// Found by the torture campaign (issue 13, `vmlock-torture --seed 2 --ops 2000`): vmlockd was
+/// SIGKILLed while a same-host migration waited for its finish. The new daemon knew no migration
+/// (a restart cancels one: the source re-adopts its locks), yet the source's `migrate-finish` was
+/// answered Ok; the VM manager then ended the source, whose shutdown released the disks under the
+/// running destination guest (seen by the guest as no lock). A finish with no migration in
+/// progress must be refused, so the source keeps running and holding; a cancel stays idempotent.
+#[test]
+fn a_finish_with_no_migration_in_progress_is_refused() {
+    let mut host = TinyHost::default();
+    let mut table = running_vm(&mut host, AcquireFlags::default());
+    assert!(
+        table.migrate_complete(who(10), UUID, true).0.is_err(),
+        "a migration that is not in progress (cancelled by a daemon restart) was finished"
+    );
+    assert_eq!(table.holder_pid(UUID), Some(10));
+    table
+        .migrate_complete(who(10), UUID, false)
+        .0
+        .expect("a cancel with no migration in progress is a no-op");
+    assert_eq!(table.holder_pid(UUID), Some(10));
+}
+
 /// Seed 19: a supervisor that got a dead supervisor's pid started the VM again (its record
 /// empty, waiting) with `pause`; the table kept the dead guest's `ignore`.
 #[test]

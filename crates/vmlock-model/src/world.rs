@@ -697,7 +697,7 @@ impl World {
         let Some(table) = self.table.as_mut() else {
             return;
         };
-        let (result, fx) = table.migrate_complete(by.caller(), UUIDS[0], success);
+        let (result, fx) = table.migrate_complete_idempotent(by.caller(), UUIDS[0], success);
         let ok = result.is_ok();
         self.apply(fx);
         let cancelled = if success {

@@ -1705,10 +1705,11 @@ impl World {
             .map(|i| i.guest.pid);
         let before = self.snapshot();
         let daemon = self.daemon.as_mut().expect("checked above");
-        let (result, fx) =
-            daemon
-                .table
-                .migrate_complete(caller_of(&self.kernel, caller), &uuid, success);
+        let (result, fx) = daemon.table.migrate_complete_idempotent(
+            caller_of(&self.kernel, caller),
+            &uuid,
+            success,
+        );
         let owner_guest = daemon.table.guest_of(&uuid).map(|(g, _)| g);
         match result {
             Ok(()) => {
@@ -2010,7 +2011,7 @@ impl World {
             }
             _ => {
                 let success = self.rng.chance(50);
-                let (result, fx) = daemon.table.migrate_complete(
+                let (result, fx) = daemon.table.migrate_complete_idempotent(
                     caller_of(&self.kernel, liar.pid),
                     &uuid,
                     success,
@@ -2104,11 +2105,11 @@ impl World {
         if !taken {
             return Ok(());
         }
-        if let (Ok(()), fx) =
-            daemon
-                .table
-                .migrate_complete(caller_of(&self.kernel, rogue.pid), &uuid, true)
-        {
+        if let (Ok(()), fx) = daemon.table.migrate_complete_idempotent(
+            caller_of(&self.kernel, rogue.pid),
+            &uuid,
+            true,
+        ) {
             self.apply(fx)?;
             let owner = self.daemon.as_ref().and_then(|d| d.table.holder_pid(&uuid));
             if owner == Some(rogue.pid) {

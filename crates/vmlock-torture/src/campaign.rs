@@ -36,6 +36,9 @@ use vmlock_testkit::process::{read_line, wait_child};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long any other `vmlock` command may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a finished migration, rounds of both guests (the destination writing, the source not)
+/// before the source is ended.
+const MIGRATION_OVERLAP_ROUNDS: u32 = 3;
 /// How long a signalled process may take to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -202,10 +205,31 @@ pub enum Op {
     /// Fault (sanlock): a malformed frame on a supervisor's control socket (the frames of
     /// [`Op::MalformedFrame`]).
     MalformedControl,
+    /// A live migration of a guest to a new supervisor and guest on the same host:
+    /// `migrate-prepare`, the destination `vmlock run --incoming STATE` (its guest writes nothing
+    /// yet), the source guest paused, then `migrate-finish` (the destination writes, the source
+    /// is ended) or, one time in four, `migrate-cancel` (the destination is ended, the source
+    /// writes again). Now and then with a fault in it: vmlockd SIGKILLed between two steps, or
+    /// the destination's supervisor SIGKILLed before the finish (see [`MigrationFault`]).
+    Migrate,
+}
+
+/// A fault injected into a migration ([`Op::Migrate`]), drawn from the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationFault {
+    /// SIGKILL vmlockd after `migrate-prepare` (the destination's `vmlock run` starts a new one).
+    KillDaemonAfterPrepare,
+    /// SIGKILL vmlockd once the destination runs (before the pause).
+    KillDaemonAfterDestination,
+    /// SIGKILL vmlockd once the source is paused (before finish or cancel).
+    KillDaemonAfterPause,
+    /// SIGKILL the destination's supervisor before the finish (the source must keep its locks
+    /// and keep running).
+    KillDestination,
 }
 
 impl Op {
-    const ALL: [(Op, u64); 18] = [
+    const ALL: [(Op, u64); 19] = [
         (Op::Start, 300),
         (Op::Stop, 120),
         (Op::Attach, 160),
@@ -224,6 +248,7 @@ impl Op {
         (Op::FillRuntimeFs, 5),
         (Op::HangStorage, 6),
         (Op::StuckSupervisor, 6),
+        (Op::Migrate, 20),
     ];
 
     /// Its name in the table.
@@ -254,12 +279,16 @@ impl Op {
             }
             Op::MalformedLockService => "malformed request to sanlock's socket",
             Op::MalformedControl => "malformed frame to a supervisor's control socket",
+            Op::Migrate => "live migration (same host)",
         }
     }
 
     /// Whether it is a fault.
     pub fn is_fault(self) -> bool {
-        !matches!(self, Op::Start | Op::Stop | Op::Attach | Op::Detach)
+        !matches!(
+            self,
+            Op::Start | Op::Stop | Op::Attach | Op::Detach | Op::Migrate
+        )
     }
 }
 
@@ -376,6 +405,20 @@ pub struct Report {
     pub control_unanswered: u64,
     /// Kinds of fault of the other driver that do not apply to this one, and why.
     pub not_applicable: Vec<(Op, &'static str)>,
+    /// Migrations finished (the destination owns the VM and writes; the source was ended).
+    pub migrations_finished: u64,
+    /// Migrations cancelled by the seed's choice (the source writes again).
+    pub migrations_cancelled: u64,
+    /// Migrations that failed (a step refused or failed, a fault; cancelled, the source writes
+    /// again).
+    pub migrations_failed: u64,
+    /// Migrations that failed with no fault injected in them.
+    pub migrations_failed_unfaulted: u64,
+    /// Faults injected into migrations, by kind.
+    pub migration_faults: BTreeMap<&'static str, u64>,
+    /// Migration sources that stopped running (or were not writing again) after a cancelled or
+    /// failed migration.
+    pub migration_sources_lost: u64,
 }
 
 /// Latencies of the daemon probes.
@@ -487,6 +530,7 @@ impl Report {
             && self.double_held == 0
             && self.lock_service_unanswered == 0
             && self.control_unanswered == 0
+            && self.migration_sources_lost == 0
     }
 
     /// The table (Markdown).
@@ -534,6 +578,24 @@ impl Report {
                 ),
             );
         }
+        row(
+            "migrations finished / cancelled / failed",
+            format!(
+                "{} / {} / {}",
+                self.migrations_finished, self.migrations_cancelled, self.migrations_failed
+            ),
+        );
+        for (k, n) in &self.migration_faults {
+            row(&format!("  migration fault: {k}"), n.to_string());
+        }
+        row(
+            "migrations failed with no fault in them",
+            self.migrations_failed_unfaulted.to_string(),
+        );
+        row(
+            "migration sources not running after cancel or failure (must be 0)",
+            self.migration_sources_lost.to_string(),
+        );
         row(
             "double writers (must be 0)",
             self.double_writers.to_string(),
@@ -693,6 +755,8 @@ struct Live {
     guest_pid: u32,
     disks: Vec<usize>,
     generation: u64,
+    /// It writes its mark (false: a migration destination not yet told to, or a paused source).
+    writing: bool,
     /// The campaign ended (or is ending) it: SIGTERM or SIGKILL to it or its supervisor.
     signalled: bool,
     said: Arc<Mutex<String>>,
@@ -1032,6 +1096,7 @@ impl Campaign {
                 | Op::KillGuest
                 | Op::KillSupervisorMidRequest
                 | Op::StuckSupervisor
+                | Op::Migrate
         );
         // Guests that are stuck (on hung storage, or their supervisor stopped) are left alone.
         let guests = self.eligible();
@@ -1078,6 +1143,7 @@ impl Campaign {
             }
             Op::Attach => self.attach(i)?,
             Op::Detach => self.detach(i)?,
+            Op::Migrate => self.migrate(i)?,
             Op::KillDaemon | Op::DeleteState | Op::CorruptState => {
                 if !self.ensure_daemon() {
                     self.report
@@ -1285,11 +1351,26 @@ impl Campaign {
     /// `vmlock run` of a new guest in `slot` on `host` on `disks` (index `self.disks.len()` is
     /// the probe's).
     fn start(&mut self, slot: usize, host: usize, disks: &[usize]) -> anyhow::Result<Started> {
+        self.start_as(slot, host, disks, None)
+    }
+
+    /// [`Campaign::start`]; with `incoming`, as a migration destination: `vmlock run --incoming
+    /// STATE`, its guest started with `--incoming` (it writes nothing until told to).
+    fn start_as(
+        &mut self,
+        slot: usize,
+        host: usize,
+        disks: &[usize],
+        incoming: Option<&str>,
+    ) -> anyhow::Result<Started> {
         let id = self.next_id;
         self.next_id += 1;
         let mut cmd = self.vmlock_on(host);
         cmd.args(["run", "--name", &format!("vm{slot}"), "--uuid"])
             .arg(&self.uuids[slot]);
+        if let Some(state) = incoming {
+            cmd.args(["--incoming", state]);
+        }
         for d in disks {
             cmd.arg("--disk").arg(self.disk_path(*d));
         }
@@ -1297,6 +1378,9 @@ impl Campaign {
             .arg(&self.opts.guest_program)
             .args(["guest", "--id", &id.to_string(), "--dir"])
             .arg(self.dir.path());
+        if incoming.is_some() {
+            cmd.arg("--incoming");
+        }
         if let Some(hosts) = &self.sanlock {
             cmd.arg("--sanlock").arg(hosts.run_dir(host));
         }
@@ -1362,6 +1446,7 @@ impl Campaign {
             guest_pid,
             disks: disks.to_vec(),
             generation: 0,
+            writing: incoming.is_none(),
             signalled: false,
             said,
         })))
@@ -1460,7 +1545,7 @@ impl Campaign {
     fn plug(&mut self, i: usize) -> anyhow::Result<bool> {
         self.live[i].generation += 1;
         let l = &self.live[i];
-        let mut text = format!("{}\n", l.generation);
+        let mut text = format!("{}\nwrite {}\n", l.generation, u8::from(l.writing));
         for d in &l.disks {
             text.push_str(&format!("{}\n", self.disk_path(*d).display()));
         }
@@ -2161,6 +2246,256 @@ impl Campaign {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Live migration on the same host
+
+    /// Migrates guest `i` to a new supervisor and guest ([`Op::Migrate`]), the way QEMU and a VM
+    /// manager do: prepare, the destination started `--incoming`, the source paused, then finish
+    /// (or cancel), with a [`MigrationFault`] now and then.
+    fn migrate(&mut self, i: usize) -> anyhow::Result<()> {
+        let fault = match self.rng.below(8) {
+            0 => Some(match self.rng.below(3) {
+                0 => MigrationFault::KillDaemonAfterPrepare,
+                1 => MigrationFault::KillDaemonAfterDestination,
+                _ => MigrationFault::KillDaemonAfterPause,
+            }),
+            1 => Some(MigrationFault::KillDestination),
+            _ => None,
+        };
+        let cancel = self.rng.below(4) == 0;
+        let (src_id, slot, host, disks) = {
+            let l = &self.live[i];
+            (l.id, l.slot, l.host, l.disks.clone())
+        };
+        let uuid = self.uuids[slot].clone();
+        self.log(&format!(
+            "migrate guest {src_id} (vm{slot}) on {disks:?}: {}, fault {fault:?}",
+            if cancel { "cancel" } else { "finish" }
+        ));
+        if let Some(f) = fault {
+            *self
+                .report
+                .migration_faults
+                .entry(migration_fault_name(f))
+                .or_default() += 1;
+        }
+        // 1. prepare on the source.
+        let mut cmd = self.vmlock_on(host);
+        cmd.args(["migrate-prepare", "--uuid", &uuid]);
+        let (answer, state) = self.cli_stdout(cmd, "migrate-prepare")?;
+        let state = state.trim().to_owned();
+        if !matches!(answer, Cli::Ok) || state.is_empty() {
+            let why = format!("migrate-prepare: {answer:?}");
+            return self.abort_migration(i, None, None, &why);
+        }
+        if fault == Some(MigrationFault::KillDaemonAfterPrepare) {
+            self.log("SIGKILL vmlockd after migrate-prepare");
+            self.kill_daemon();
+        }
+        // 2. the destination, writing nothing yet.
+        let dst = match self.start_as(slot, host, &disks, Some(&state))? {
+            Started::Yes(l) => *l,
+            Started::Refused => {
+                return self.abort_migration(i, None, fault, "the destination was refused");
+            }
+            Started::TimedOut => {
+                return self.abort_migration(i, None, fault, "the destination timed out");
+            }
+        };
+        self.log(&format!(
+            "destination guest {} of guest {src_id} runs",
+            dst.id
+        ));
+        if fault == Some(MigrationFault::KillDaemonAfterDestination) {
+            self.log("SIGKILL vmlockd with the destination running");
+            self.kill_daemon();
+        }
+        // 3. the source stops writing (acked: no write after this).
+        self.live[i].writing = false;
+        if !self.plug(i)? {
+            return self.abort_migration(i, Some(dst), fault, "the source did not pause");
+        }
+        if fault == Some(MigrationFault::KillDaemonAfterPause) {
+            self.log("SIGKILL vmlockd with the source paused");
+            self.kill_daemon();
+        }
+        if fault == Some(MigrationFault::KillDestination) {
+            let mut dst = dst;
+            self.log(&format!(
+                "SIGKILL destination supervisor of guest {}",
+                dst.id
+            ));
+            dst.signalled = true;
+            let _ = dst.supervisor.kill();
+            self.finish(dst);
+            return self.abort_migration(i, None, fault, "the destination was killed");
+        }
+        if cancel {
+            let mut cmd = self.vmlock_on(host);
+            cmd.args(["migrate-cancel", "--uuid", &uuid]);
+            let answer = self.cli(cmd, "migrate-cancel")?;
+            self.log(&format!("migrate-cancel: {answer:?}"));
+            if !matches!(answer, Cli::Ok) {
+                let why = format!("migrate-cancel: {answer:?}");
+                return self.abort_migration(i, Some(dst), fault, &why);
+            }
+            self.end_destination(dst);
+            if self.resume_source(i)? {
+                self.report.migrations_cancelled += 1;
+            }
+            return Ok(());
+        }
+        // 4. finish: the destination owns the VM and writes, the source is ended.
+        let mut cmd = self.vmlock_on(host);
+        cmd.args(["migrate-finish", "--uuid", &uuid]);
+        let answer = self.cli(cmd, "migrate-finish")?;
+        self.log(&format!("migrate-finish: {answer:?}"));
+        if !matches!(answer, Cli::Ok) {
+            let why = format!("migrate-finish: {answer:?}");
+            return self.abort_migration(i, Some(dst), fault, &why);
+        }
+        let dst_id = dst.id;
+        self.live.push(dst);
+        let d = self.live.len() - 1;
+        self.live[d].writing = true;
+        let resumed = self.plug(d)?;
+        if !resumed && !self.live[d].guest_gone() {
+            self.report.details.push(format!(
+                "op {}: migration destination guest {dst_id} did not start writing within {ACK_TIMEOUT:?}",
+                self.report.ops
+            ));
+        }
+        // The source lingers a few rounds while the destination writes (as a source QEMU runs
+        // until it is told to quit): each ack is a round of the guest, and a destination's
+        // rounds after its first write re-read its mark, so a source that still wrote would be
+        // seen (by either guest) as a double writer.
+        for _ in 0..MIGRATION_OVERLAP_ROUNDS {
+            if !self.plug(d)? || !self.plug(i)? {
+                break;
+            }
+        }
+        self.log(&format!("stop migration source guest {src_id}"));
+        self.stop(i);
+        self.report.migrations_finished += 1;
+        Ok(())
+    }
+
+    /// A migration of guest `i` that did not go through: `migrate-cancel` on the source, the
+    /// destination (if any) ended, the source writing again. `fault`: the one injected, if any.
+    fn abort_migration(
+        &mut self,
+        i: usize,
+        dst: Option<Live>,
+        fault: Option<MigrationFault>,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        self.report.migrations_failed += 1;
+        self.log(&format!(
+            "migration of guest {} failed: {why}",
+            self.live[i].id
+        ));
+        let expected = fault.is_some_and(|f| {
+            f != MigrationFault::KillDestination || why == "the destination was killed"
+        });
+        if !expected {
+            self.report.migrations_failed_unfaulted += 1;
+            self.report.details.push(format!(
+                "op {} (seed {}): migration of guest {} failed with no fault in it: {why}",
+                self.report.ops, self.opts.seed, self.live[i].id
+            ));
+        }
+        let uuid = self.uuids[self.live[i].slot].clone();
+        let mut cmd = self.vmlock_on(self.live[i].host);
+        cmd.args(["migrate-cancel", "--uuid", &uuid]);
+        let answer = self.cli(cmd, "migrate-cancel")?;
+        self.log(&format!("migrate-cancel: {answer:?}"));
+        if let Some(mut dst) = dst {
+            // After a daemon kill vmlock may end the destination itself: expected then.
+            if fault.is_some() {
+                dst.signalled = true;
+            }
+            self.end_destination(dst);
+        }
+        self.resume_source(i)?;
+        Ok(())
+    }
+
+    /// Ends a migration destination that does not take over (SIGTERM to its supervisor).
+    fn end_destination(&mut self, mut dst: Live) {
+        self.log(&format!("end migration destination guest {}", dst.id));
+        if !dst.guest_gone() {
+            dst.signalled = true;
+        }
+        if let Some(pid) = i32::try_from(dst.supervisor.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, Signal::TERM);
+        }
+        self.finish(dst);
+    }
+
+    /// The source of a migration that did not go through writes again; whether it does.
+    fn resume_source(&mut self, i: usize) -> anyhow::Result<bool> {
+        self.live[i].writing = true;
+        if self.plug(i)? {
+            return Ok(true);
+        }
+        self.report.migration_sources_lost += 1;
+        self.report.details.push(format!(
+            "op {}: migration source guest {} did not write again (gone: {})",
+            self.report.ops,
+            self.live[i].id,
+            self.live[i].guest_gone()
+        ));
+        Ok(false)
+    }
+
+    /// [`Campaign::cli`], also returning what the command printed on stdout.
+    fn cli_stdout(&mut self, mut cmd: Command, what: &str) -> anyhow::Result<(Cli, String)> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning vmlock {what}"))?;
+        let status = wait_child(&mut child, CLI_TIMEOUT);
+        let mut out = String::new();
+        if status.is_some() {
+            // It has exited: what it printed is in the pipe (read with a bound all the same).
+            if let Some(mut o) = child.stdout.take() {
+                while let Ok(Some(line)) = read_line(&mut o, Duration::from_secs(1)) {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            }
+        }
+        let answer = match status {
+            Some(s) if s.success() => Cli::Ok,
+            Some(_) => {
+                let mut said = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    while let Ok(Some(line)) = read_line(&mut err, Duration::from_secs(1)) {
+                        said.push_str(&line);
+                        said.push(' ');
+                    }
+                }
+                self.log(&format!("vmlock {what} failed: {}", said.trim()));
+                Cli::Failed(said)
+            }
+            None => {
+                let _ = child.kill();
+                let _ = wait_child(&mut child, EXIT_TIMEOUT);
+                self.report.cli_timeouts += 1;
+                self.report.details.push(format!(
+                    "op {}: vmlock {what} did not end within {CLI_TIMEOUT:?}",
+                    self.report.ops
+                ));
+                Cli::TimedOut
+            }
+        };
+        Ok((answer, out))
+    }
+
+    // -----------------------------------------------------------------------------------------
     // The daemon
 
     /// The daemon's pid, if its pid file names a live process running in our runtime directory
@@ -2632,6 +2967,16 @@ impl Campaign {
                 self.report.details.push(format!("guest {id}: {line}"));
             }
         }
+    }
+}
+
+/// The name of a migration fault in the table.
+fn migration_fault_name(f: MigrationFault) -> &'static str {
+    match f {
+        MigrationFault::KillDaemonAfterPrepare => "SIGKILL vmlockd after prepare",
+        MigrationFault::KillDaemonAfterDestination => "SIGKILL vmlockd, destination running",
+        MigrationFault::KillDaemonAfterPause => "SIGKILL vmlockd, source paused",
+        MigrationFault::KillDestination => "SIGKILL destination supervisor before finish",
     }
 }
 

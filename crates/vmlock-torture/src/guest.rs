@@ -24,6 +24,15 @@
 //! path per line) with a rename; the guest applies it at its next round — opening new disks,
 //! closing removed ones — and then writes the generation to `DIR/g<ID>.ack`. The campaign
 //! attaches a disk before plugging it in and unplugs it (waiting for the ack) before detaching.
+//!
+//! Migration: a guest started with `--incoming` (a migration destination) writes nothing to its
+//! disks — it checks its locks but neither writes nor re-reads its mark — until told to write, as
+//! a destination QEMU writes nothing before the switch-over. A control file line `write 0` stops
+//! a guest's writes (the source paused for the switch-over), `write 1` starts or resumes them;
+//! the ack means the change is in force (no write after a `write 0` ack). A resumed source keeps
+//! re-reading its mark, so a destination that wrote meanwhile is caught as a double writer; a
+//! destination's first write is not preceded by a read, and from then on a source that still
+//! wrote is caught.
 
 use crate::locks::{byte0_locked, locked_files, FileId};
 use std::collections::{BTreeMap, HashSet};
@@ -99,6 +108,9 @@ struct Guest {
     round_no: u64,
     /// Under sanlock: the daemon did not answer at the last check.
     service_gone: bool,
+    /// It writes (and re-reads) its mark; false for a migration destination until told, and for
+    /// a paused migration source.
+    writing: bool,
 }
 
 impl Guest {
@@ -150,7 +162,13 @@ impl Guest {
         if generation <= self.generation {
             return;
         }
-        let wanted: Vec<PathBuf> = lines.map(PathBuf::from).collect();
+        let mut wanted: Vec<PathBuf> = Vec::new();
+        for line in lines {
+            match line.strip_prefix("write ") {
+                Some(w) => self.writing = w.trim() == "1",
+                None => wanted.push(PathBuf::from(line)),
+            }
+        }
         self.disks.retain(|p, _| wanted.contains(p));
         for p in &wanted {
             self.plug(p);
@@ -210,8 +228,9 @@ impl Guest {
         };
         let orphan = nix::unistd::getppid() != self.parent;
         let mut notes = Vec::new();
+        let writing = self.writing;
         for (path, disk) in &mut self.disks {
-            if disk.written {
+            if writing && disk.written {
                 let mut seen = [0u8; MARK_LEN];
                 match disk.file.read_exact_at(&mut seen, MARK_OFFSET) {
                     Ok(()) if seen != self.mark && disk.reported_other != Some(seen) => {
@@ -256,6 +275,9 @@ impl Guest {
                 disk.reported_no_lock = false;
                 notes.push(format!("lock-back {}", path.display()));
             }
+            if !writing {
+                continue;
+            }
             if let Err(e) = disk.file.write_all_at(&self.mark, MARK_OFFSET) {
                 notes.push(format!("error write {}: {e}", path.display()));
                 continue;
@@ -274,16 +296,22 @@ impl Guest {
     }
 }
 
-/// The guest's entry point: `guest --id ID --dir DIR [--sanlock RUN_DIR] [--disk PATH]...` (the
-/// arguments after the program and its `guest` word). Runs until SIGTERM (exit 0) or SIGKILL;
+/// The guest's entry point: `guest --id ID --dir DIR [--incoming] [--sanlock RUN_DIR] [--disk
+/// PATH]...` (the arguments after the program and its `guest` word; `--incoming`: a migration
+/// destination, which writes nothing until its control file says `write 1`). Runs until SIGTERM (exit 0) or SIGKILL;
 /// returns the exit code.
 pub fn main(args: &[String]) -> i32 {
     let mut id = None;
     let mut dir = None;
     let mut sanlock = None;
     let mut disks = Vec::new();
+    let mut incoming = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--incoming" {
+            incoming = true;
+            continue;
+        }
         match (a.as_str(), it.next()) {
             ("--id", Some(v)) => id = v.parse::<u64>().ok(),
             ("--dir", Some(v)) => dir = Some(PathBuf::from(v)),
@@ -291,7 +319,8 @@ pub fn main(args: &[String]) -> i32 {
             ("--disk", Some(v)) => disks.push(PathBuf::from(v)),
             _ => {
                 eprintln!(
-                    "guest: usage: guest --id ID --dir DIR [--sanlock RUN_DIR] [--disk PATH]..."
+                    "guest: usage: guest --id ID --dir DIR [--incoming] [--sanlock RUN_DIR] \
+                     [--disk PATH]..."
                 );
                 return 2;
             }
@@ -340,6 +369,7 @@ pub fn main(args: &[String]) -> i32 {
         sanlock,
         round_no: 0,
         service_gone: false,
+        writing: !incoming,
     };
     for d in &disks {
         guest.plug(d);

@@ -325,7 +325,10 @@ impl Manager {
     /// `Cancel` leaves the source holding everything and the destination nothing.
     pub fn complete_migration(&mut self, outcome: MigrationOutcome) -> Result<()> {
         self.require(self.capabilities.migration, "migration")?;
-        let incoming = self.mode == StartMode::IncomingMigration;
+        // The destination of this migration; a former destination that prepared a migration of
+        // its own (a VM migrated twice on one host) is that migration's source.
+        let incoming =
+            self.mode == StartMode::IncomingMigration && self.phase != Phase::MigratingOut;
         // A manager attached after a VM-manager restart (or a CLI step) may complete a migration
         // that another manager object prepared.
         let allowed: &[Phase] = if incoming {

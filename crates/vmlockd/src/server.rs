@@ -855,7 +855,11 @@ impl Daemon {
                     }
                 }
             }
-            Request::MigrateComplete { uuid, success } => {
+            Request::MigrateComplete {
+                uuid,
+                success,
+                source,
+            } => {
                 // A destination on another host took its keys beside ours: this side's part is
                 // over. The source keeps its grants until its guest exits (QEMU quits after a
                 // migration), and the destination's keys hold the disks from now on.
@@ -869,7 +873,13 @@ impl Daemon {
                         .as_ref()
                         .is_some_and(|c| c.taken_over_elsewhere(&uuid));
                 let reply = self.with_table(|t, _| {
-                    let (result, fx) = t.migrate_complete(caller, &uuid, success && !elsewhere);
+                    // The source's success needs the migration in progress; a destination's (or
+                    // an older client's) is a no-op once the hand-off is done.
+                    let (result, fx) = if source {
+                        t.migrate_complete(caller, &uuid, success && !elsewhere)
+                    } else {
+                        t.migrate_complete_idempotent(caller, &uuid, success && !elsewhere)
+                    };
                     (result.map_or_else(Reply::Error, |()| Reply::Ok), fx)
                 });
                 if let (Reply::Ok, Some(cluster)) = (&reply, &self.cluster) {

@@ -141,6 +141,7 @@ fn only_a_vms_holder_can_change_it() {
             Request::MigrateComplete {
                 uuid: uuid.clone(),
                 success: true,
+                source: true,
             },
             Request::Hold {
                 vm: stranger_vm,

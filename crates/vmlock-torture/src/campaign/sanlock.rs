@@ -63,7 +63,7 @@ const OPS: [(Op, u64); 12] = [
 ];
 
 /// lockd's faults that do not apply to sanlock, and why (the table lists them).
-pub(super) const NOT_APPLICABLE: [(Op, &str); 11] = [
+pub(super) const NOT_APPLICABLE: [(Op, &str); 12] = [
     (Op::KillDaemon, "no vmlockd: SIGKILL of the lock service is \"SIGKILL sanlock daemon\""),
     (Op::KillDaemonMidRequest, "no vmlockd: see \"SIGKILL sanlock daemon mid-request\""),
     (Op::PauseDaemon, "no vmlockd: SIGSTOP of the lock service is \"SIGSTOP/SIGCONT sanlock daemon\""),
@@ -75,6 +75,7 @@ pub(super) const NOT_APPLICABLE: [(Op, &str); 11] = [
     (Op::FillRuntimeFs, "no vmlockd runtime state to write"),
     (Op::HangStorage, "the FUSE storage cannot hold sanlock's leases (O_DIRECT)"),
     (Op::StuckSupervisor, "vmlockd's push of a hotplug to a stopped holder; under sanlock the CLI asks the supervisor itself"),
+    (Op::Migrate, "not built yet: a sanlock migration goes across hosts (two daemons, a destination on the other host)"),
 ];
 
 /// The two hosts: their daemons, the driver configuration `vmlock` is given on each, and the
