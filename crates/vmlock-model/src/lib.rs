@@ -30,8 +30,11 @@
 //! quiet; the daemon kills no guest whose supervisor lives.
 //!
 //! [`sanlock`] is a second, smaller model: the `sanlock` driver's hand-off through shared mode
-//! and its migration gates, as sanlock's rules for the requests the driver sends.
+//! and its migration gates, as sanlock's rules for the requests the driver sends. [`etcd`] is a
+//! third: the `etcd` cluster lock's hand-off between hosts (keys beside keys, fenced by the
+//! secret's hash and the source's revisions), as etcd's rules for the transactions it sends.
 
+pub mod etcd;
 pub mod host;
 pub mod sanlock;
 mod world;
