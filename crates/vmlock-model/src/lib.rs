@@ -67,6 +67,43 @@ pub mod properties {
 use stateright::{Checker, Model};
 use std::time::{Duration, Instant};
 
+/// What a finished check found against a model's properties (every model here reports so).
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// Each safety property (`always`) broken, with the path found to it, one action a line.
+    pub counterexamples: Vec<(&'static str, Vec<String>)>,
+    /// Each reachability property (`sometimes`) never seen.
+    pub unreached: Vec<&'static str>,
+}
+
+/// The [`Findings`] of `checker`, finished, against `properties`.
+pub fn findings<M>(properties: &[stateright::Property<M>], checker: &impl Checker<M>) -> Findings
+where
+    M: Model,
+    M::State: Clone + PartialEq,
+    M::Action: Clone + PartialEq + std::fmt::Debug,
+{
+    let discoveries = checker.discoveries();
+    let mut found = Findings::default();
+    for property in properties {
+        let path = discoveries.get(property.name);
+        match (&property.expectation, path) {
+            (stateright::Expectation::Always, Some(path)) => {
+                let steps = path
+                    .clone()
+                    .into_actions()
+                    .iter()
+                    .map(|a| format!("{a:?}"))
+                    .collect();
+                found.counterexamples.push((property.name, steps));
+            }
+            (stateright::Expectation::Sometimes, None) => found.unreached.push(property.name),
+            _ => {}
+        }
+    }
+    found
+}
+
 /// What one exhaustive check found.
 #[derive(Debug)]
 pub struct Report {
@@ -115,30 +152,10 @@ fn check_once(variant: Variant, bounds: Bounds) -> Report {
         .spawn_bfs()
         .join();
     let elapsed = started.elapsed();
-    let discoveries = checker.discoveries();
-    let mut counterexamples = Vec::new();
-    let mut unreached = Vec::new();
-    for property in &properties {
-        let found = discoveries.get(property.name);
-        match property.expectation {
-            stateright::Expectation::Always => {
-                if let Some(path) = found {
-                    let steps = path
-                        .clone()
-                        .into_actions()
-                        .iter()
-                        .map(|a| format!("{a:?}"))
-                        .collect();
-                    counterexamples.push((property.name, steps));
-                }
-            }
-            _ => {
-                if found.is_none() {
-                    unreached.push(property.name);
-                }
-            }
-        }
-    }
+    let Findings {
+        mut counterexamples,
+        unreached,
+    } = findings(&properties, &checker);
     counterexamples.sort();
     Report {
         states: checker.state_count(),

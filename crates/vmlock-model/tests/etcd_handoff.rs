@@ -4,21 +4,17 @@
 //! stale or forged state; each broken variant is caught. Run with `--nocapture` for counts and
 //! paths.
 
-use stateright::{Checker, Expectation, Model};
+use stateright::{Checker, Model};
 use std::time::Instant;
 use vmlock_model::etcd::{etcd_properties as p, EtcdHandoff, EtcdVariant};
+use vmlock_model::{findings, Findings};
 
-struct Found {
-    counterexamples: Vec<(&'static str, Vec<String>)>,
-    unreached: Vec<&'static str>,
-}
-
-fn check(variant: EtcdVariant, third_tries: u8, crashes: u8) -> Found {
+fn check(variant: EtcdVariant, third_tries: u8, crashes: u8) -> Findings {
     check_to(variant, third_tries, crashes, None)
 }
 
 /// Checks to `depth` actions if given, else the whole state space.
-fn check_to(variant: EtcdVariant, third_tries: u8, crashes: u8, depth: Option<usize>) -> Found {
+fn check_to(variant: EtcdVariant, third_tries: u8, crashes: u8, depth: Option<usize>) -> Findings {
     let model = EtcdHandoff {
         variant,
         prepares: 2,
@@ -40,31 +36,9 @@ fn check_to(variant: EtcdVariant, third_tries: u8, crashes: u8, depth: Option<us
         checker.max_depth(),
         t.elapsed()
     );
-    let discoveries = checker.discoveries();
-    let mut found = Found {
-        counterexamples: Vec::new(),
-        unreached: Vec::new(),
-    };
-    for property in &properties {
-        let d = discoveries.get(property.name);
-        match (&property.expectation, d) {
-            (Expectation::Always, Some(path)) => {
-                let steps: Vec<String> = path
-                    .clone()
-                    .into_actions()
-                    .iter()
-                    .map(|a| format!("{a:?}"))
-                    .collect();
-                println!(
-                    "  counterexample to \"{}\": {}",
-                    property.name,
-                    steps.join(", ")
-                );
-                found.counterexamples.push((property.name, steps));
-            }
-            (Expectation::Sometimes, None) => found.unreached.push(property.name),
-            _ => {}
-        }
+    let found = findings(&properties, &checker);
+    for (property, steps) in &found.counterexamples {
+        println!("  counterexample to \"{property}\": {}", steps.join(", "));
     }
     found
 }
@@ -73,7 +47,7 @@ fn check_to(variant: EtcdVariant, third_tries: u8, crashes: u8, depth: Option<us
 /// is deepened from 1 until it is found (stateright keeps the last path it saw to a discovery,
 /// not the first).
 fn shortest(variant: EtcdVariant, third_tries: u8, crashes: u8, property: &str) -> Vec<String> {
-    let found = |f: &Found| {
+    let found = |f: &Findings| {
         f.counterexamples
             .iter()
             .find(|(name, _)| *name == property)

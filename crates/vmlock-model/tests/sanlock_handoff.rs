@@ -3,16 +3,12 @@
 //! third host hold the disk beside the migrating VM; with no gate, or the source's gate alone,
 //! the checker finds the interleaving that does. Run with `--nocapture` for counts and paths.
 
-use stateright::{Checker, Expectation, Model};
+use stateright::{Checker, Model};
 use std::time::Instant;
 use vmlock_model::sanlock::{sanlock_properties as p, Gates, SanlockHandoff};
+use vmlock_model::{findings, Findings};
 
-struct Found {
-    counterexamples: Vec<(&'static str, Vec<String>)>,
-    unreached: Vec<&'static str>,
-}
-
-fn check(gates: Gates, third_tries: u8, crashes: u8) -> Found {
+fn check(gates: Gates, third_tries: u8, crashes: u8) -> Findings {
     let model = SanlockHandoff {
         gates,
         third_tries,
@@ -28,31 +24,9 @@ fn check(gates: Gates, third_tries: u8, crashes: u8) -> Found {
         checker.max_depth(),
         t.elapsed()
     );
-    let discoveries = checker.discoveries();
-    let mut found = Found {
-        counterexamples: Vec::new(),
-        unreached: Vec::new(),
-    };
-    for property in &properties {
-        let d = discoveries.get(property.name);
-        match (&property.expectation, d) {
-            (Expectation::Always, Some(path)) => {
-                let steps: Vec<String> = path
-                    .clone()
-                    .into_actions()
-                    .iter()
-                    .map(|a| format!("{a:?}"))
-                    .collect();
-                println!(
-                    "  counterexample to \"{}\": {}",
-                    property.name,
-                    steps.join(", ")
-                );
-                found.counterexamples.push((property.name, steps));
-            }
-            (Expectation::Sometimes, None) => found.unreached.push(property.name),
-            _ => {}
-        }
+    let found = findings(&properties, &checker);
+    for (property, steps) in &found.counterexamples {
+        println!("  counterexample to \"{property}\": {}", steps.join(", "));
     }
     found
 }
