@@ -107,6 +107,10 @@ pub struct Options {
     /// Run vmlockd with cluster locks in the etcd cluster at these endpoints (empty: local only).
     /// Every grant then also holds a key; after the campaign no key may be left.
     pub etcd_endpoints: Vec<String>,
+    /// vmlockd (and every `vmlock` the campaign runs) inside this network namespace, reaching
+    /// the etcd cluster through it (the endpoints must be the cluster's addresses as seen from
+    /// it); [`Op::Partition`] cuts it now and then.
+    pub etcd_net: Option<Arc<vmlock_testkit::netns::NetHost>>,
     /// Sabotage, to show the stall row can fail: while something is stuck, the campaign itself
     /// SIGSTOPs vmlockd for 150 ms during each status probe.
     pub sabotage_stall: bool,
@@ -135,6 +139,7 @@ impl Options {
             keep_dir: false,
             verbose: false,
             etcd_endpoints: Vec::new(),
+            etcd_net: None,
             sabotage_stall: false,
             idle_burst: true,
             probe_foreign_holder: true,
@@ -212,7 +217,19 @@ pub enum Op {
     /// writes again). Now and then with a fault in it: vmlockd SIGKILLed between two steps, or
     /// the destination's supervisor SIGKILLed before the finish (see [`MigrationFault`]).
     Migrate,
+    /// Fault (etcd, with [`Options::etcd_net`]): the network between vmlockd and the etcd cluster
+    /// cut for 0.3–3 s (shorter than the lease can outlive: no guest may be fenced), healed by a
+    /// timer whatever the campaign is doing then. Drawn one operation in [`PARTITION_ONE_IN`],
+    /// apart from the weights (so a campaign without it makes the same choices as before).
+    Partition,
 }
+
+/// One operation in this many is an etcd partition (with [`Options::etcd_net`]).
+pub const PARTITION_ONE_IN: u64 = 40;
+
+/// How long after a partition heals a request to etcd may still wait for it: TCP's
+/// retransmission backoff and the client's reconnection.
+const PARTITION_RECOVERY: Duration = Duration::from_secs(5);
 
 /// A fault injected into a migration ([`Op::Migrate`]), drawn from the seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +288,7 @@ impl Op {
             Op::DescriptorFlood => "descriptor flood",
             Op::FillRuntimeFs => "runtime file system full",
             Op::HangStorage => "hung disk storage (FUSE)",
+            Op::Partition => "etcd network partition (0.3-3 s)",
             Op::StuckSupervisor => "SIGSTOP/SIGCONT supervisor",
             Op::KillLockService => "SIGKILL sanlock daemon (+ restart)",
             Op::PauseLockService => "SIGSTOP/SIGCONT sanlock daemon",
@@ -349,6 +367,11 @@ pub struct Report {
     pub hang_skipped: (u64, String),
     /// How long each hang of the storage lasted (wall time).
     pub hang_durations: Vec<Duration>,
+    /// How long each etcd partition lasted (the cut chosen; healed by a timer).
+    pub partitions: Vec<Duration>,
+    /// Acquire probes (acquire + release, the refused one) taken while vmlockd was cut off from
+    /// etcd: they wait for etcd by design, so they are not counted as stalls.
+    pub probes_partitioned: Vec<Duration>,
     /// Hangs during which a live guest held a disk on the hung storage.
     pub hangs_with_guest: u64,
     /// Hangs during which a vmlockd thread was seen waiting in the hung storage (its `wchan`).
@@ -660,6 +683,18 @@ impl Report {
                 v.len()
             )
         };
+        if !self.partitions.is_empty() {
+            row(
+                "etcd partitions: cut for (p50 / p99, n)",
+                p50_p99(&self.partitions),
+            );
+            if !self.probes_partitioned.is_empty() {
+                row(
+                    "acquire probes during a partition (wait for etcd by design; p50 / p99, n)",
+                    p50_p99(&self.probes_partitioned),
+                );
+            }
+        }
         if !self.hang_durations.is_empty() {
             row(
                 "storage hung for (p50 / p99, n)",
@@ -805,6 +840,11 @@ struct Campaign {
     /// The FUSE storage that the last 1–2 disks live on, when it could be mounted (declared
     /// first: dropped, i.e. unmounted, before the directory it is mounted in is removed).
     hang: Option<HangFs>,
+    /// The timer thread that heals the current etcd partition, if one is in force.
+    partition: Option<std::thread::JoinHandle<()>>,
+    /// Until when the last partition may still hold up a request to etcd: its heal plus
+    /// [`PARTITION_RECOVERY`].
+    partition_affects_until: Option<Instant>,
     /// The disks on it.
     hung_disks: Vec<usize>,
     /// While it hangs.
@@ -897,6 +937,8 @@ impl Campaign {
             small_runtime_fs: false,
             filler: None,
             sanlock: None,
+            partition: None,
+            partition_affects_until: None,
         })
     }
 }
@@ -966,9 +1008,16 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         std::fs::write(
             &daemon,
             format!(
-                "host_name = \"torture\"\n[etcd]\nendpoints = [{}]\nprefix = {:?}\n",
+                "host_name = \"torture\"\n[etcd]\nendpoints = [{}]\nprefix = {:?}\n{}",
                 endpoints.join(", "),
-                c.etcd_prefix
+                c.etcd_prefix,
+                // Partitioned, a request gives up in a second rather than five: starts and
+                // hotplugs then are refused quickly, and the campaign's bounds hold.
+                if c.opts.etcd_net.is_some() {
+                    "request_timeout_ms = 1000\nconnect_timeout_ms = 1000\n"
+                } else {
+                    ""
+                }
             ),
         )?;
         let driver = c.dir.path().join("driver.toml");
@@ -1015,6 +1064,9 @@ impl Campaign {
 
     fn vmlock(&self) -> Command {
         let mut c = Command::new(&self.opts.vmlock);
+        if let Some(net) = &self.opts.etcd_net {
+            net.enter(&mut c);
+        }
         if let Some(d) = &self.driver_config {
             c.arg("--driver-config").arg(d);
         }
@@ -1062,13 +1114,24 @@ impl Campaign {
                 self.continue_supervisor();
             }
             self.reap();
-            let op = Op::ALL[self.rng.weighted(&weights)].0;
+            if self.partition.as_ref().is_some_and(|h| h.is_finished()) {
+                self.end_partition();
+            }
+            let op = if self.opts.etcd_net.is_some()
+                && self.partition.is_none()
+                && self.rng.range(0, PARTITION_ONE_IN) == 0
+            {
+                Op::Partition
+            } else {
+                Op::ALL[self.rng.weighted(&weights)].0
+            };
             let done = self.step(op)?;
             self.report.ops += 1;
             *self.report.by_kind.entry(done).or_default() += 1;
             self.probe_daemon();
             if self.report.ops % CHECK_EVERY == 0 {
-                // The checks open every disk: the storage answers again first.
+                // The checks open every disk: the storage answers again first (and etcd).
+                self.end_partition();
                 self.resume_storage();
                 self.continue_supervisor();
                 let when = format!("at op {}", self.report.ops);
@@ -1076,6 +1139,7 @@ impl Campaign {
             }
         }
         self.idle.clear();
+        self.end_partition();
         self.empty_runtime_fs();
         self.resume_storage();
         self.continue_supervisor();
@@ -1239,6 +1303,7 @@ impl Campaign {
             }
             Op::KillSupervisorMidRequest => self.kill_supervisor_mid_hotplug(i)?,
             Op::HangStorage => self.hang_storage(),
+            Op::Partition => self.partition_etcd(),
             Op::StuckSupervisor => self.stop_supervisor(i)?,
             Op::KillLockService
             | Op::KillLockServiceMidRequest
@@ -1804,6 +1869,31 @@ impl Campaign {
         ));
     }
 
+    /// Cuts the network between vmlockd and etcd for 0.3–3 s; a timer thread heals it.
+    fn partition_etcd(&mut self) {
+        let Some(net) = self.opts.etcd_net.clone() else {
+            return;
+        };
+        let cut_for = Duration::from_millis(self.rng.range(300, 3_000));
+        self.log(&format!("etcd partition for {cut_for:?}"));
+        net.cut();
+        self.report.partitions.push(cut_for);
+        self.partition_affects_until = Some(Instant::now() + cut_for + PARTITION_RECOVERY);
+        self.partition = Some(std::thread::spawn(move || {
+            // Deliberate: the partition lasts this long, whatever the campaign does meanwhile.
+            std::thread::sleep(cut_for);
+            net.restore();
+        }));
+    }
+
+    /// Waits for the current partition's heal (its timer), if one is in force.
+    fn end_partition(&mut self) {
+        if let Some(healer) = self.partition.take() {
+            let _ = healer.join();
+            self.log("etcd partition healed");
+        }
+    }
+
     /// Ends a hang (if one is in force): resumes the storage and waits (bounded) until every
     /// guest on it has run a round again.
     fn resume_storage(&mut self) {
@@ -2093,7 +2183,16 @@ impl Campaign {
                 ));
             }
         }
+        // While vmlockd is cut off from etcd, an acquire waits for etcd (up to the configured
+        // request timeout) by design: that wait is the partition's, not a stall.
+        let partitioned = self
+            .partition_affects_until
+            .is_some_and(|t| Instant::now() < t);
         for (what, (took, cpu_wait)) in timings {
+            if partitioned && what != "status" && what != "hold" {
+                self.report.probes_partitioned.push(took);
+                continue;
+            }
             let probes = if stuck.is_some() {
                 &mut self.report.probes_stuck
             } else {
