@@ -119,13 +119,14 @@ mod tests {
     use std::sync::mpsc;
     use std::thread::ThreadId;
 
-    fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ok() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            // Bounded poll of another thread's progress.
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    /// A spare thread's waiting has no event outside the pool: a bounded poll.
+    fn wait_until(what: &str, ok: impl FnMut() -> bool) {
+        vmlock_testkit::process::wait_until(
+            what,
+            Duration::from_secs(10),
+            Duration::from_millis(1),
+            ok,
+        );
     }
 
     #[test]
