@@ -142,7 +142,11 @@ fn reopen(pinned: &OwnedFd, id: Identity, path: &Path, write: bool) -> io::Resul
         .write(write)
         .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32 | nix::libc::O_NOCTTY)
         .open(format!("/proc/self/fd/{}", pinned.as_raw_fd()))?;
-    if check(&file, path)? != id {
+    // The same inode, so the same file system: its identity is all there is to compare (no
+    // second `fstatfs`, one system call less per disk).
+    let st = rustix::fs::fstat(&file)?;
+    #[allow(clippy::unnecessary_cast)] // st_dev/st_ino widths differ between architectures
+    if (st.st_dev as u64, st.st_ino as u64) != (id.dev, id.ino) {
         return Err(refused(path, "changed while it was being opened"));
     }
     clear_nonblock(&file)?;

@@ -199,13 +199,15 @@ impl Store {
         };
         line.push(b'\n');
         let journal = &mut self.journals[self.current];
-        let before = journal.metadata().map(|m| m.len());
-        if let Err(e) = journal.write_all(&line) {
+        if let Err((e, written)) = append(journal, &line) {
             // A full file system (say) may take part of the line: cut it off, or the next
             // append would join it and be lost with it. The change itself is lost here: the
-            // next snapshot (forced) records the whole table again.
-            if let Ok(len) = before {
-                let _ = journal.set_len(len);
+            // next snapshot (forced) records the whole table again. (The length is read only
+            // here, not before every append: one system call less per change.)
+            if written > 0 {
+                if let Ok(m) = journal.metadata() {
+                    let _ = journal.set_len(m.len().saturating_sub(written as u64));
+                }
             }
             self.missed = Some(self.seq);
             tracing::error!("appending to the state journal: {e}; a snapshot will follow");
@@ -327,6 +329,21 @@ impl PendingSnapshot {
             }
         }
     }
+}
+
+/// Appends `line` to `journal` (opened for appending, written only under the store's lock);
+/// on failure, also says how many of its bytes went in.
+fn append(journal: &mut File, line: &[u8]) -> Result<(), (std::io::Error, usize)> {
+    let mut written = 0;
+    while written < line.len() {
+        match journal.write(&line[written..]) {
+            Ok(0) => return Err((std::io::ErrorKind::WriteZero.into(), written)),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((e, written)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

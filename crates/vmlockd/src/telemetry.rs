@@ -349,6 +349,8 @@ struct Ring {
     events: VecDeque<Arc<Event>>,
     /// Events not yet written as tracing lines.
     unlogged: VecDeque<Arc<Event>>,
+    /// Subscribers waiting on `added` now: with none, a flush makes no wake-up call.
+    waiting: usize,
 }
 
 /// A subscriber fell behind: the events it would need next are gone or too far back.
@@ -375,6 +377,7 @@ impl EventLog {
                 next_seq: 1,
                 events: VecDeque::with_capacity(capacity.min(4096)),
                 unlogged: VecDeque::new(),
+                waiting: 0,
             }),
             added: Condvar::new(),
             logging: Mutex::new(()),
@@ -420,11 +423,19 @@ impl EventLog {
     /// fields) for every event recorded since the last flush, and wakes the subscribers.
     pub fn flush(&self) {
         let _order = self.logging.lock().unwrap_or_else(|p| p.into_inner());
-        let batch: Vec<Arc<Event>> = self.ring().unlogged.drain(..).collect();
+        let (batch, waiting) = {
+            let mut ring = self.ring();
+            let batch: Vec<Arc<Event>> = ring.unlogged.drain(..).collect();
+            (batch, ring.waiting)
+        };
         if batch.is_empty() {
             return;
         }
-        self.added.notify_all();
+        // A subscriber that starts waiting after this looked first checks, under the ring's
+        // lock, for the events just recorded, so skipping the call loses no wake-up.
+        if waiting > 0 {
+            self.added.notify_all();
+        }
         for e in batch {
             log_event(&e);
         }
@@ -488,11 +499,13 @@ impl EventLog {
             if left.is_zero() {
                 return Ok(Vec::new());
             }
+            ring.waiting += 1;
             ring = self
                 .added
                 .wait_timeout(ring, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            ring.waiting -= 1;
         }
     }
 
