@@ -33,6 +33,15 @@ struct Cli {
     /// minutes); without it that row prints sanlock's documented figure.
     #[arg(long)]
     slow: bool,
+    /// Only workloads 1 and 2 (the interleaved rounds; with --quick, about 2 s): for tuning the
+    /// request path. The other rows print "not run".
+    #[arg(long)]
+    fast_only: bool,
+    /// Run the bench and every process it starts on this one CPU. On a virtual machine without
+    /// halt polling, a wake-up on the other CPU costs tens of µs, and whether a client and its
+    /// daemon share a CPU unpinned is left to the scheduler (see docs/BENCHMARKS.md).
+    #[arg(long, value_name = "CPU")]
+    pin_cpu: Option<usize>,
     /// Systems to measure, comma-separated: vmlock, virtlockd, sanlock, floor, etcd (the second
     /// table: vmlockd with a 3-member etcd, the bare etcd floor, and the host takeovers, of
     /// sanlock too when it is selected).
@@ -133,6 +142,13 @@ fn main() -> Result<()> {
         Err("not needed".into())
     };
     let fd_limit = raise_fd_limit();
+    if let Some(cpu) = cli.pin_cpu {
+        // Inherited by every thread and child started from here on.
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu)
+            .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set))
+            .with_context(|| format!("pinning the bench to CPU {cpu}"))?;
+    }
     let cfg = if cli.quick {
         Cfg {
             max_samples: 300,
@@ -253,19 +269,28 @@ fn main() -> Result<()> {
         ],
     );
 
+    // `--fast-only` measures nothing more: rows 3-6 and the cluster table are not run.
+    let want_slow = |s: &str| want(s) && !cli.fast_only;
+    let not_run = if cli.fast_only {
+        "not run (--fast-only)"
+    } else {
+        "not selected"
+    };
     stage("workloads 3-6: vmlock");
-    let mut results = vec![if want("vmlock") {
+    let mut results = vec![if want_slow("vmlock") {
         sys_vmlock::run(&cfg, &program, &run_root, &dir.join("vmlock"))
     } else {
-        SysResult::skipped("vmlock", "not selected")
+        SysResult::skipped("vmlock", not_run)
     }];
     stage("workloads 3-6: virtlockd");
     results.push(match &virtlockd_bin {
+        _ if cli.fast_only => SysResult::skipped("virtlockd", not_run),
         Ok(b) => sys_virtlockd::run(&cfg, b, &dir.join("virtlockd")),
         Err(why) => SysResult::skipped("virtlockd", why),
     });
     stage("workloads 3-6: sanlock");
     results.push(match &sanlock_bin {
+        _ if cli.fast_only => SysResult::skipped("sanlock", not_run),
         Ok(b) => sys_sanlock::run(&cfg, b, &dir.join("sanlock")),
         Err(why) => SysResult::skipped("sanlock", why),
     });
@@ -294,7 +319,7 @@ fn main() -> Result<()> {
             Err(why) => format!("etcd: skipped: {why}"),
         });
     }
-    let cluster_results = if want("etcd") {
+    let cluster_results = if want_slow("etcd") {
         let sanlock = results
             .get(2)
             .map(|r| (r.single.clone(), r.concurrent.clone()));
@@ -324,6 +349,17 @@ fn main() -> Result<()> {
         run_root.display()
     );
     println!("open-file limit of the bench (inherited by the daemons): {fd_limit}");
+    println!(
+        "CPUs: {}; idle: {}",
+        match cli.pin_cpu {
+            Some(cpu) => format!("everything pinned to CPU {cpu} (--pin-cpu)"),
+            None => format!(
+                "{} online, not pinned",
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            ),
+        },
+        idle_facts()
+    );
     println!(
         "private mount namespace (/run, /var/log on tmpfs): {}",
         match &namespace {
@@ -543,6 +579,24 @@ fn interleave(
         })
         .collect();
     (singles, concs)
+}
+
+/// How this machine's idle CPUs wake (a wake-up on an idle CPU is the largest part of a
+/// request's time when client and daemon are on different CPUs).
+fn idle_facts() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "?".into())
+    };
+    let driver = read("/sys/devices/system/cpu/cpuidle/current_driver");
+    match driver.as_str() {
+        "haltpoll" => format!(
+            "cpuidle haltpoll, guest_halt_poll_ns {}",
+            read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        ),
+        other => format!("cpuidle {other}"),
+    }
 }
 
 fn loadavg() -> String {
