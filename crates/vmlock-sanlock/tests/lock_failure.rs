@@ -21,21 +21,64 @@ impl Harness for Disks<'_> {
     }
 }
 
-#[test]
-fn lost_lockspace_kills_the_guest_and_releases_its_leases() {
+/// One host with a guest that holds one disk through the driver. Fields drop in this order, as
+/// a test's locals would: the guest's manager and the guest before the host, the directory last.
+struct GuestOnHost {
+    /// Its guest's exit.
+    exit: ProcessHandle,
+    _manager: vmlock::Manager,
+    _guest: Guest,
+    vm: vmlock::VmParams,
+    host: common::Host,
+    dir: tempfile::TempDir,
+}
+
+impl GuestOnHost {
+    /// The guest ends within `within` of `cause`, and the driver forgets its leases.
+    fn assert_killed_and_released(&self, within: Duration, cause: &str) {
+        assert!(
+            self.exit.wait_exit(Some(within)),
+            "the guest was killed within {within:?} of {cause}"
+        );
+        assert!(
+            self.host
+                .driver
+                .wait_released(&self.vm.uuid.to_string(), Duration::from_secs(10)),
+            "the dead guest's leases were released"
+        );
+    }
+}
+
+fn guest_on_host(disk_name: &str) -> GuestOnHost {
     let dir = common::workdir();
     let host = common::Host::start(dir.path(), "host-a", 1);
     host.wait_joined();
     let d = disk(
         &Disks(&dir.path().join("disks"), host.plugin.clone()),
-        "lost",
+        disk_name,
         DiskMode::Exclusive,
     );
     let guest = Guest::spawn();
     let vm_a = vm("vm-a", &guest);
-    let _m =
-        domain::process_start(&host.plugin, vm_a.clone(), [d], &AcquireOptions::default()).unwrap();
-    let exit = ProcessHandle::open(guest.pid(), None).unwrap();
+    let manager =
+        domain::process_start(&host.plugin, vm_a.clone(), [d], &AcquireOptions::default())
+            .expect("the guest's disk acquired");
+    let exit = ProcessHandle::open(guest.pid(), None).expect("a pidfd of the guest");
+    GuestOnHost {
+        dir,
+        host,
+        vm: vm_a,
+        exit,
+        _manager: manager,
+        _guest: guest,
+    }
+}
+
+#[test]
+fn lost_lockspace_kills_the_guest_and_releases_its_leases() {
+    // Bound whole: a destructuring `let` would drop the guest and its manager at once.
+    let g = guest_on_host("lost");
+    let (dir, host) = (&g.dir, &g.host);
 
     // The storage of the delta leases "fails": renewals read nothing any more.
     let ls_file = dir
@@ -50,15 +93,7 @@ fn lost_lockspace_kills_the_guest_and_releases_its_leases() {
         .unwrap();
 
     // After 8 × io_timeout without renewal the daemon runs `kill -KILL GUEST`.
-    assert!(
-        exit.wait_exit(Some(Duration::from_secs(40))),
-        "the guest was killed within 40 s of losing the lockspace"
-    );
-    assert!(
-        host.driver
-            .wait_released(&vm_a.uuid.to_string(), Duration::from_secs(10)),
-        "the dead guest's leases were released"
-    );
+    g.assert_killed_and_released(Duration::from_secs(40), "losing the lockspace");
 }
 
 /// A sanlock daemon that dies takes the leases of its clients with it, and runs no kill path any
@@ -68,31 +103,9 @@ fn lost_lockspace_kills_the_guest_and_releases_its_leases() {
 /// after their host's daemon was SIGKILLed).
 #[test]
 fn a_dead_daemon_gets_the_guest_killed_and_its_lease_forgotten() {
-    let dir = common::workdir();
-    let mut host = common::Host::start(dir.path(), "host-a", 1);
-    host.wait_joined();
-    let d = disk(
-        &Disks(&dir.path().join("disks"), host.plugin.clone()),
-        "dead-daemon",
-        DiskMode::Exclusive,
-    );
-    let guest = Guest::spawn();
-    let vm_a = vm("vm-a", &guest);
-    let _m =
-        domain::process_start(&host.plugin, vm_a.clone(), [d], &AcquireOptions::default()).unwrap();
-    let exit = ProcessHandle::open(guest.pid(), None).unwrap();
-
-    host.daemon.kill(); // SIGKILL and reap, by pid
-
-    assert!(
-        exit.wait_exit(Some(Duration::from_secs(10))),
-        "the guest was killed within 10 s of its sanlock daemon's death"
-    );
-    assert!(
-        host.driver
-            .wait_released(&vm_a.uuid.to_string(), Duration::from_secs(10)),
-        "the dead guest's owner was forgotten"
-    );
+    let mut g = guest_on_host("dead-daemon");
+    g.host.daemon.kill(); // SIGKILL and reap, by pid
+    g.assert_killed_and_released(Duration::from_secs(10), "its sanlock daemon's death");
 }
 
 /// As under `vmlock run`, the VM's leases are acquired before its guest exists (no guest pid,
@@ -100,39 +113,18 @@ fn a_dead_daemon_gets_the_guest_killed_and_its_lease_forgotten() {
 /// uuid, so the supervisor stops the guest.
 #[test]
 fn a_dead_daemon_runs_the_helper_for_a_vm_acquired_before_its_guest() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = common::workdir();
-    let mut daemon = common::Daemon::start(dir.path(), "host-a");
     let marker = dir.path().join("helper-ran");
-    let helper = dir.path().join("helper.sh");
-    std::fs::write(
-        &helper,
-        format!(
+    let (mut daemon, plugin) = host_with_helper(
+        dir.path(),
+        "helper.sh",
+        &format!(
             "#!/bin/sh\necho \"$@\" > {}.tmp && mv {0}.tmp {0}\n",
             marker.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut c = common::config(dir.path(), &daemon, 1);
-    c.lock_failure_helper = Some((helper, dir.path().join("control")));
-    let driver = std::sync::Arc::new(vmlock_sanlock::SanlockDriver::start(c).unwrap());
-    driver.wait_joined(Duration::from_secs(60)).unwrap();
-    let plugin = Plugin::from_driver(driver);
-    let d = disk(
-        &Disks(&dir.path().join("disks"), plugin.clone()),
-        "before-guest",
-        DiskMode::Exclusive,
     );
     let uuid = uuid::Uuid::new_v4();
-    let mut m = vmlock::Manager::new(
-        &plugin,
-        vmlock::VmParams::new(1, uuid, "vm-a").unwrap(),
-        vmlock::StartMode::Start,
-    )
-    .unwrap();
-    m.register_resource(d).unwrap();
-    m.acquire(&AcquireOptions::default()).unwrap();
+    let _m = acquired_before_guest(&plugin, dir.path(), "before-guest", uuid);
 
     daemon.kill(); // SIGKILL and reap, by pid
 
@@ -150,20 +142,37 @@ fn a_dead_daemon_runs_the_helper_for_a_vm_acquired_before_its_guest() {
     );
 }
 
-/// A host with a helper that fails (as `vmlock lock-failure` does while the supervisor has no
-/// control socket yet) and counts its runs in `marker`.
-fn host_with_failing_helper(
+/// A VM whose disk `disk_name` is acquired before its guest exists (`vmlock run`'s order).
+fn acquired_before_guest(
+    plugin: &Plugin,
     dir: &std::path::Path,
-    marker: &std::path::Path,
-) -> (common::Daemon, Plugin) {
+    disk_name: &str,
+    uuid: uuid::Uuid,
+) -> vmlock::Manager {
+    let d = disk(
+        &Disks(&dir.join("disks"), plugin.clone()),
+        disk_name,
+        DiskMode::Exclusive,
+    );
+    let mut m = vmlock::Manager::new(
+        plugin,
+        vmlock::VmParams::new(1, uuid, "vm-a").expect("VM parameters"),
+        vmlock::StartMode::Start,
+    )
+    .expect("a manager for the VM");
+    m.register_resource(d).expect("the disk registered");
+    m.acquire(&AcquireOptions::default())
+        .expect("the disk acquired");
+    m
+}
+
+/// A host whose lock-failure helper (the kill path's program, `vmlock lock-failure` in
+/// production) is the shell script `script`, written as `dir/name`.
+fn host_with_helper(dir: &std::path::Path, name: &str, script: &str) -> (common::Daemon, Plugin) {
     use std::os::unix::fs::PermissionsExt;
     let daemon = common::Daemon::start(dir, "host-a");
-    let helper = dir.join("failing-helper.sh");
-    std::fs::write(
-        &helper,
-        format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", marker.display()),
-    )
-    .expect("write the helper");
+    let helper = dir.join(name);
+    std::fs::write(&helper, script).expect("write the helper");
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755))
         .expect("make the helper executable");
     let mut c = common::config(dir, &daemon, 1);
@@ -176,6 +185,19 @@ fn host_with_failing_helper(
     (daemon, Plugin::from_driver(driver))
 }
 
+/// A host with a helper that fails (as `vmlock lock-failure` does while the supervisor has no
+/// control socket yet) and counts its runs in `marker`.
+fn host_with_failing_helper(
+    dir: &std::path::Path,
+    marker: &std::path::Path,
+) -> (common::Daemon, Plugin) {
+    host_with_helper(
+        dir,
+        "failing-helper.sh",
+        &format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", marker.display()),
+    )
+}
+
 /// A VM manager that acquires, then starts its guest (`vmlock run`'s order): a daemon that died in
 /// between took the leases with it, so the guest's start is refused rather than let it run
 /// without them.
@@ -184,19 +206,7 @@ fn a_guest_started_after_the_daemon_died_is_refused() {
     let dir = common::workdir();
     let marker = dir.path().join("helper-runs");
     let (mut daemon, plugin) = host_with_failing_helper(dir.path(), &marker);
-    let d = disk(
-        &Disks(&dir.path().join("disks"), plugin.clone()),
-        "late-guest",
-        DiskMode::Exclusive,
-    );
-    let mut m = vmlock::Manager::new(
-        &plugin,
-        vmlock::VmParams::new(1, uuid::Uuid::new_v4(), "vm-a").unwrap(),
-        vmlock::StartMode::Start,
-    )
-    .unwrap();
-    m.register_resource(d).unwrap();
-    m.acquire(&AcquireOptions::default()).unwrap();
+    let mut m = acquired_before_guest(&plugin, dir.path(), "late-guest", uuid::Uuid::new_v4());
     daemon.kill(); // SIGKILL and reap, by pid
                    // The driver has seen the daemon go once it ran the kill path (bounded poll: no event).
     vmlock_testkit::process::wait_until(
@@ -220,19 +230,7 @@ fn a_failing_kill_path_is_repeated_and_the_guest_killed_after_the_grace() {
     let dir = common::workdir();
     let marker = dir.path().join("helper-runs");
     let (mut daemon, plugin) = host_with_failing_helper(dir.path(), &marker);
-    let d = disk(
-        &Disks(&dir.path().join("disks"), plugin.clone()),
-        "grace",
-        DiskMode::Exclusive,
-    );
-    let mut m = vmlock::Manager::new(
-        &plugin,
-        vmlock::VmParams::new(1, uuid::Uuid::new_v4(), "vm-a").unwrap(),
-        vmlock::StartMode::Start,
-    )
-    .unwrap();
-    m.register_resource(d).unwrap();
-    m.acquire(&AcquireOptions::default()).unwrap();
+    let mut m = acquired_before_guest(&plugin, dir.path(), "grace", uuid::Uuid::new_v4());
     let guest = Guest::spawn();
     m.guest_started(guest.pid()).unwrap();
     let exit = ProcessHandle::open(guest.pid(), None).unwrap();
@@ -255,35 +253,14 @@ fn a_failing_kill_path_is_repeated_and_the_guest_killed_after_the_grace() {
 /// the lost leases (what vmlock's helper asks for) succeeds.
 #[test]
 fn a_successful_kill_path_is_trusted() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = common::workdir();
-    let mut daemon = common::Daemon::start(dir.path(), "host-a");
     let marker = dir.path().join("helper-runs");
-    let helper = dir.path().join("pausing-helper.sh");
-    std::fs::write(
-        &helper,
-        format!("#!/bin/sh\necho \"$@\" >> {}\n", marker.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut c = common::config(dir.path(), &daemon, 1);
-    c.lock_failure_helper = Some((helper, dir.path().join("control")));
-    let driver = std::sync::Arc::new(vmlock_sanlock::SanlockDriver::start(c).unwrap());
-    driver.wait_joined(Duration::from_secs(60)).unwrap();
-    let plugin = Plugin::from_driver(driver);
-    let d = disk(
-        &Disks(&dir.path().join("disks"), plugin.clone()),
-        "paused",
-        DiskMode::Exclusive,
+    let (mut daemon, plugin) = host_with_helper(
+        dir.path(),
+        "pausing-helper.sh",
+        &format!("#!/bin/sh\necho \"$@\" >> {}\n", marker.display()),
     );
-    let mut m = vmlock::Manager::new(
-        &plugin,
-        vmlock::VmParams::new(1, uuid::Uuid::new_v4(), "vm-a").unwrap(),
-        vmlock::StartMode::Start,
-    )
-    .unwrap();
-    m.register_resource(d).unwrap();
-    m.acquire(&AcquireOptions::default()).unwrap();
+    let mut m = acquired_before_guest(&plugin, dir.path(), "paused", uuid::Uuid::new_v4());
     let guest = Guest::spawn();
     m.guest_started(guest.pid()).unwrap();
     let exit = ProcessHandle::open(guest.pid(), None).unwrap();
