@@ -104,6 +104,36 @@ where
     found
 }
 
+/// Checks `model` breadth-first, to `depth` actions if given, else its whole state space; prints
+/// the counts under the label `what` and every counterexample (a test run with `--nocapture`
+/// shows them).
+pub fn check_exhaustively<M>(model: M, what: &str, depth: Option<usize>) -> Findings
+where
+    M: Model + Send + Sync + 'static,
+    M::State: Clone + PartialEq + std::hash::Hash + std::fmt::Debug + Send + Sync + 'static,
+    M::Action: Clone + PartialEq + std::fmt::Debug,
+{
+    let properties = model.properties();
+    let t = std::time::Instant::now();
+    let mut checker = model.checker();
+    if let Some(depth) = depth {
+        checker = checker.target_max_depth(depth);
+    }
+    let checker = checker.spawn_bfs().join();
+    println!(
+        "{what}: {} states ({} distinct), depth {}, {:.1?}",
+        checker.state_count(),
+        checker.unique_state_count(),
+        checker.max_depth(),
+        t.elapsed()
+    );
+    let found = findings(&properties, &checker);
+    for (property, steps) in &found.counterexamples {
+        println!("  counterexample to \"{property}\": {}", steps.join(", "));
+    }
+    found
+}
+
 /// What one exhaustive check found.
 #[derive(Debug)]
 pub struct Report {

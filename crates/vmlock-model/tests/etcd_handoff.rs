@@ -4,10 +4,8 @@
 //! stale or forged state; each broken variant is caught. Run with `--nocapture` for counts and
 //! paths.
 
-use stateright::{Checker, Model};
-use std::time::Instant;
 use vmlock_model::etcd::{etcd_properties as p, EtcdHandoff, EtcdVariant};
-use vmlock_model::{findings, Findings};
+use vmlock_model::{check_exhaustively, Findings};
 
 fn check(variant: EtcdVariant, third_tries: u8, crashes: u8) -> Findings {
     check_to(variant, third_tries, crashes, None)
@@ -22,25 +20,11 @@ fn check_to(variant: EtcdVariant, third_tries: u8, crashes: u8, depth: Option<us
         third_tries,
         crashes,
     };
-    let properties = model.properties();
-    let t = Instant::now();
-    let mut checker = model.checker();
-    if let Some(depth) = depth {
-        checker = checker.target_max_depth(depth);
-    }
-    let checker = checker.spawn_bfs().join();
-    println!(
-        "{variant:?} ({third_tries} requests of each other VM, {crashes} crashes, depth bound {depth:?}): {} states ({} distinct), depth {}, {:.1?}",
-        checker.state_count(),
-        checker.unique_state_count(),
-        checker.max_depth(),
-        t.elapsed()
-    );
-    let found = findings(&properties, &checker);
-    for (property, steps) in &found.counterexamples {
-        println!("  counterexample to \"{property}\": {}", steps.join(", "));
-    }
-    found
+    check_exhaustively(
+        model,
+        &format!("{variant:?} ({third_tries} requests of each other VM, {crashes} crashes, depth bound {depth:?})"),
+        depth,
+    )
 }
 
 /// A shortest path to a violation of `property`: the full check must find one, then the bound

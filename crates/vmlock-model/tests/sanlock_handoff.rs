@@ -3,10 +3,8 @@
 //! third host hold the disk beside the migrating VM; with no gate, or the source's gate alone,
 //! the checker finds the interleaving that does. Run with `--nocapture` for counts and paths.
 
-use stateright::{Checker, Model};
-use std::time::Instant;
 use vmlock_model::sanlock::{sanlock_properties as p, Gates, SanlockHandoff};
-use vmlock_model::{findings, Findings};
+use vmlock_model::{check_exhaustively, Findings};
 
 fn check(gates: Gates, third_tries: u8, crashes: u8) -> Findings {
     let model = SanlockHandoff {
@@ -14,21 +12,11 @@ fn check(gates: Gates, third_tries: u8, crashes: u8) -> Findings {
         third_tries,
         crashes,
     };
-    let properties = model.properties();
-    let t = Instant::now();
-    let checker = model.checker().spawn_bfs().join();
-    println!(
-        "{gates:?} ({third_tries} requests of the third host, {crashes} crash): {} states ({} distinct), depth {}, {:.1?}",
-        checker.state_count(),
-        checker.unique_state_count(),
-        checker.max_depth(),
-        t.elapsed()
-    );
-    let found = findings(&properties, &checker);
-    for (property, steps) in &found.counterexamples {
-        println!("  counterexample to \"{property}\": {}", steps.join(", "));
-    }
-    found
+    check_exhaustively(
+        model,
+        &format!("{gates:?} ({third_tries} requests of the third host, {crashes} crash)"),
+        None,
+    )
 }
 
 #[test]
