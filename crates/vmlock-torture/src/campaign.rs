@@ -556,6 +556,31 @@ impl Report {
             && self.migration_sources_lost == 0
     }
 
+    /// A test's verdict on campaign `name`: `Err` says why it failed (a must-be-0 row is not 0,
+    /// or no fault was injected, so nothing was tried).
+    pub fn verdict(&self, name: &str) -> Result<(), String> {
+        if !self.passed() {
+            return Err(format!(
+                "{name}: a must-be-0 row is not 0 (seed {})",
+                self.seed
+            ));
+        }
+        if self.faults() == 0 {
+            return Err(format!("{name}: no fault was injected"));
+        }
+        Ok(())
+    }
+
+    /// The table and, after it, the details of every finding.
+    pub fn summary(&self) -> String {
+        let mut out = self.table();
+        for d in &self.details {
+            out.push_str(d);
+            out.push('\n');
+        }
+        out
+    }
+
     /// The table (Markdown).
     pub fn table(&self) -> String {
         if self.driver == Driver::Sanlock {

@@ -113,9 +113,6 @@ fn run(args: Args) -> anyhow::Result<bool> {
     opts.idle_burst = !args.no_idle_burst;
     opts.probe_foreign_holder = !args.no_foreign_holder_probe;
     let report = vmlock_torture::run(opts)?;
-    print!("{}", report.table());
-    for d in &report.details {
-        eprintln!("{d}");
-    }
+    print!("{}", report.summary());
     Ok(report.passed())
 }
