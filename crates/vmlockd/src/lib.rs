@@ -14,7 +14,6 @@
 pub mod cluster;
 pub mod config;
 pub mod holder;
-mod pool;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -5,7 +5,6 @@ use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::holder::HolderLink;
 use crate::host::{self, LinuxHost};
-use crate::pool::{Detach, Pool};
 use crate::proto::{
     write_frame, FrameReader, HeldLock, ReadError, Reply, Request, PROTOCOL_VERSION,
 };
@@ -17,7 +16,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -49,7 +48,7 @@ pub struct Daemon {
     config: Config,
     max_clients: usize,
     /// Open request connections (holder connections are not counted: see `max_clients`).
-    requests: Arc<AtomicUsize>,
+    requests: AtomicUsize,
     idle_timeout: Duration,
     wake: Mutex<File>,
     uid: u32,
@@ -173,7 +172,7 @@ impl Daemon {
             next_link: AtomicU64::new(1),
             config,
             max_clients,
-            requests: Arc::new(AtomicUsize::new(0)),
+            requests: AtomicUsize::new(0),
             idle_timeout,
             wake: Mutex::new(File::from(wake_tx)),
             uid: nix::unistd::geteuid().as_raw(),
@@ -287,28 +286,14 @@ impl Daemon {
         // of idle connections costs the next real client a few microseconds each, not a thread
         // start each. At most max_clients wait; beyond that the longest-waiting one is closed.
         let mut lobby = Lobby::new(listener, self.idle_timeout, self.max_clients)?;
-        // After its Hello a request connection waits for each next request in the pool's epoll
-        // set, without a thread; the pool's threads serve whichever is ready (see [`Pool`]).
-        let threads = REQUEST_THREADS;
-        let (daemon, idle) = (Arc::clone(self), Arc::clone(self));
-        let pool = Pool::new(
-            "requests",
-            threads,
-            threads,
-            SPARE_CLIENT_THREAD_LINGER,
-            self.idle_timeout,
-            move |conn, detach| daemon.serve_requests(conn, Some(detach)),
-            move |conn| idle.close_idle(conn),
-        )?;
-        pool.start()?;
-        // Each connection that speaks gets a thread for its credentials and Hello, usually one
-        // kept from an earlier connection.
+        // Each connection that speaks gets a thread of its own, usually one kept from an ended
+        // connection.
         let daemon = Arc::clone(self);
         let workers = Workers::new(
             "client",
             SPARE_CLIENT_THREADS,
             SPARE_CLIENT_THREAD_LINGER,
-            move |stream| Arc::clone(&daemon).serve_connection(stream, &pool),
+            move |stream| Arc::clone(&daemon).serve_connection(stream),
         );
         // Out of descriptors (or memory), accept fails at once as long as the connection waits in
         // the backlog: back off instead of spinning, and say so once per episode, not per try.
@@ -347,11 +332,9 @@ impl Daemon {
         }
     }
 
-    /// A new connection's credentials and Hello; then it is parked in `pool` (or served on here
-    /// at once if its first request came with the Hello).
-    fn serve_connection(self: Arc<Self>, stream: UnixStream, pool: &Pool<RequestConn>) {
+    fn serve_connection(self: Arc<Self>, stream: UnixStream) {
         // Counted as a request connection until it becomes a holder.
-        let slot = RequestSlot::take(&self.requests);
+        let mut slot = RequestSlot::take(&self.requests);
         // A request connection that sends nothing for idle_timeout is closed (the frame reader
         // reports it as idle); its writes get the same bound, so a client that stops reading its
         // reply frees its thread.
@@ -434,52 +417,15 @@ impl Daemon {
                 return;
             }
         }
-        let conn = RequestConn {
-            stream,
-            reader,
-            caller,
-            restricted: false,
-            first: true,
-            slot,
-        };
-        let conn = if conn.reader.buffered() {
-            match self.serve_requests(conn, None) {
-                Some(conn) => conn,
-                None => return,
-            }
-        } else {
-            conn
-        };
-        if let Err(e) = pool.park(conn) {
-            tracing::warn!("parking a request connection: {e}; closed");
-        }
-    }
-
-    /// Serves the requests of `conn` that are there to read (at least one, or its close); gives
-    /// it back once it has nothing more buffered, to be parked. `None` when the connection is
-    /// done: closed, or it became a holder or an event subscriber and lived on this thread.
-    ///
-    /// `detach` takes the thread out of the pool when the connection goes on to live on it; it
-    /// is `None` on a thread of its own.
-    fn serve_requests(
-        self: &Arc<Self>,
-        mut conn: RequestConn,
-        detach: Option<&Detach<'_, RequestConn>>,
-    ) -> Option<RequestConn> {
-        let caller = conn.caller;
-        let mut again = false;
+        let mut restricted = false;
+        let mut first = true;
         loop {
-            // A frame already read in part (or whole) no longer wakes epoll: it is served now.
-            if std::mem::replace(&mut again, true) && !conn.reader.buffered() {
-                return Some(conn);
-            }
-            let stream = &conn.stream;
-            let (request, fds) = match conn.reader.read::<Request>(stream) {
+            let (request, fds) = match reader.read::<Request>(&stream) {
                 Ok(r) => r,
-                Err(ReadError::Closed) => return None,
+                Err(ReadError::Closed) => return,
                 Err(ReadError::Idle) => {
                     let _ = write_frame(
-                        stream,
+                        &stream,
                         &Reply::Error(Error::ServiceUnavailable {
                             reason: format!(
                                 "connection idle for {:?} (idle_timeout_ms); closed",
@@ -488,30 +434,30 @@ impl Daemon {
                         }),
                         &[],
                     );
-                    return None;
+                    return;
                 }
                 Err(ReadError::Failed(e)) => {
                     // The stream may be out of step now: answer and close.
-                    let _ = write_frame(stream, &Reply::Error(e), &[]);
-                    return None;
+                    let _ = write_frame(&stream, &Reply::Error(e), &[]);
+                    return;
                 }
             };
             // The limit is checked on the first request, once the connection says what it is:
             // a VM's holder (Hold) is never refused by it, so a restarted daemon takes every
             // running VM's locks back however many request connections are open.
-            if std::mem::take(&mut conn.first)
+            if std::mem::take(&mut first)
                 && !matches!(request, Request::Hold { .. })
                 && self.requests.load(Ordering::Acquire) > self.max_clients
             {
                 tracing::warn!(max_clients = self.max_clients, "too many clients");
                 let _ = write_frame(
-                    stream,
+                    &stream,
                     &Reply::Error(Error::ServiceUnavailable {
                         reason: format!("too many clients (max_clients = {})", self.max_clients),
                     }),
                     &[],
                 );
-                return None;
+                return;
             }
             let started = Instant::now();
             let timed = match &request {
@@ -527,13 +473,10 @@ impl Daemon {
                 None => {}
             };
             let (reply, reply_fds) = match request {
-                _ if conn.restricted => (Reply::Error(Error::Restricted), Vec::new()),
+                _ if restricted => (Reply::Error(Error::Restricted), Vec::new()),
                 Request::Events { after, follow } => {
-                    if follow {
-                        detach.inspect(|d| d.detach());
-                    }
-                    if !self.serve_events(stream, after, follow) || follow {
-                        return None;
+                    if !self.serve_events(&stream, after, follow) || follow {
+                        return;
                     }
                     continue;
                 }
@@ -544,8 +487,7 @@ impl Daemon {
                     flags,
                     acquire,
                 } => {
-                    detach.inspect(|d| d.detach());
-                    conn.slot.release();
+                    slot.release();
                     // A holder connection lives as long as its VM: no idle timeout. Pushes to a
                     // holder that stopped reading must fail after a bound, not block forever.
                     if stream.set_read_timeout(None).is_err()
@@ -553,14 +495,14 @@ impl Daemon {
                             .set_write_timeout(Some(HOLDER_WRITE_TIMEOUT))
                             .is_err()
                     {
-                        return None;
+                        return;
                     }
                     let first = acquire.filter(|_| !incoming).map(|resources| FirstAcquire {
                         resources,
                         flags: flags.clone().unwrap_or_default(),
                     });
                     self.serve_holder(
-                        (conn.stream, conn.reader),
+                        (stream, reader),
                         caller,
                         vm,
                         adopt,
@@ -569,13 +511,13 @@ impl Daemon {
                         flags,
                         first,
                     );
-                    return None;
+                    return;
                 }
                 Request::Restrict => {
-                    conn.restricted = true;
+                    restricted = true;
                     (Reply::Ok, Vec::new())
                 }
-                other => match self.dispatch(other, caller, &mut conn.restricted, stream) {
+                other => match self.dispatch(other, caller, &mut restricted, &stream) {
                     Some(answer) => answer,
                     None => {
                         // The reply went out with its descriptors already.
@@ -585,27 +527,10 @@ impl Daemon {
                 },
             };
             let attached: Vec<&OwnedFd> = reply_fds.iter().collect();
-            if write_frame(&conn.stream, &reply, &attached).is_err() {
-                return None;
+            if write_frame(&stream, &reply, &attached).is_err() {
+                return;
             }
             observe(&self.metrics);
-        }
-    }
-
-    /// Closes a request connection that sent nothing for `idle_timeout`, telling its client why
-    /// if that can be done without waiting (a pool thread must never block here).
-    fn close_idle(&self, conn: RequestConn) {
-        if conn.stream.set_nonblocking(true).is_ok() {
-            let _ = write_frame(
-                &conn.stream,
-                &Reply::Error(Error::ServiceUnavailable {
-                    reason: format!(
-                        "connection idle for {:?} (idle_timeout_ms); closed",
-                        self.idle_timeout
-                    ),
-                }),
-                &[],
-            );
         }
     }
 
@@ -1817,13 +1742,6 @@ fn power_off(process: &ProcessHandle, grace: Duration) {
     }
 }
 
-/// Threads of the request pool when nothing is stuck (see [`Pool`]). One, like virtlockd's
-/// event loop: measured on the 2-CPU test machine (vmlock-bench row 2, 16 clients), a second
-/// pool thread is only preempted by the clients it wakes, and took throughput from about 16,500
-/// to 12,000-14,000 pairs/s and p99 from about 2 ms to 5-10 ms; a stuck request gets its thread
-/// replaced by the pool's monitor.
-const REQUEST_THREADS: usize = 1;
-
 /// Threads kept waiting for the next connection once theirs ended (see [`Workers`]).
 const SPARE_CLIENT_THREADS: usize = 4;
 
@@ -1836,38 +1754,16 @@ const HOLDER_WRITE_TIMEOUT: Duration = crate::holder::ACK_TIMEOUT;
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// A request connection after its Hello: parked in the [`Pool`] between requests, with what
-/// its thread-per-connection loop used to keep on its stack.
-struct RequestConn {
-    stream: UnixStream,
-    /// May hold bytes of the next frame: checked before the connection is parked again.
-    reader: FrameReader,
-    caller: Caller,
-    restricted: bool,
-    /// No request served yet (the `max_clients` check is made on the first).
-    first: bool,
-    slot: RequestSlot,
-}
-
-impl AsFd for RequestConn {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
-    }
-}
-
 /// One open request connection, counted while it lives (or until it becomes a holder).
-struct RequestSlot {
-    count: Arc<AtomicUsize>,
+struct RequestSlot<'a> {
+    count: &'a AtomicUsize,
     held: bool,
 }
 
-impl RequestSlot {
-    fn take(count: &Arc<AtomicUsize>) -> Self {
+impl<'a> RequestSlot<'a> {
+    fn take(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Ordering::AcqRel);
-        RequestSlot {
-            count: Arc::clone(count),
-            held: true,
-        }
+        RequestSlot { count, held: true }
     }
 
     fn release(&mut self) {
@@ -1877,7 +1773,7 @@ impl RequestSlot {
     }
 }
 
-impl Drop for RequestSlot {
+impl Drop for RequestSlot<'_> {
     fn drop(&mut self) {
         self.release();
     }
