@@ -483,6 +483,52 @@ fn a_stopped_supervisor_stalls_no_other_vm_and_its_hotplug_leaves_nothing_held()
     drop(stopped_holder);
 }
 
+/// (c2) A request connection whose client sends request after request and never reads a reply:
+/// the daemon's write of a reply blocks once the socket's buffers are full (for as long as the
+/// connection's write timeout, 30 s by default). Only that connection's thread may wait there
+/// (today each request connection has a thread of its own; a design that shares threads between
+/// connections must replace a stuck one): other VMs proceed within [`BOUND`] for
+/// [`STUCK_FOR`].
+#[test]
+fn a_request_client_that_never_reads_its_replies_stalls_no_other_vm() {
+    use vmlock_client::proto::write_frame;
+    let world = World::new(false);
+    let endpoint = world.endpoint();
+    let stuck = common::raw_connection(&world.daemon.runtime().socket());
+    let writer = stuck.try_clone().unwrap();
+    // Its writes block too once the daemon stops reading (stuck in its own write); the thread is
+    // left behind and ends when the daemon is killed and the write fails.
+    let (sent_tx, sent_rx) = channel::<usize>();
+    std::thread::spawn(move || {
+        let mut sent = 0usize;
+        while write_frame(&writer, &Request::Status, &[]).is_ok() {
+            sent += 1;
+            let _ = sent_tx.send(sent);
+        }
+    });
+    // Until the writer stops getting through, the daemon is not stuck yet.
+    let mut last = 0;
+    let stuck_since = loop {
+        match sent_rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(n) => last = n,
+            Err(RecvTimeoutError::Timeout) => break Instant::now(),
+            Err(RecvTimeoutError::Disconnected) => panic!("the writer failed after {last}"),
+        }
+    };
+    assert!(
+        last > 100,
+        "only {last} requests went out before the writes blocked"
+    );
+    others_proceed_while_stuck(&endpoint, world.dir(), stuck_since, || {
+        // Still nothing gets through: the daemon's reply writer on that connection is stuck.
+        match sent_rx.try_recv() {
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(()),
+            other => Err(format!("the stuck client's writes went on: {other:?}")),
+        }
+    });
+    drop(stuck);
+}
+
 /// A holder connection for `vm` that registers and then never reads again.
 fn raw_hold(socket: &Path, vm: &VmIdentity) -> std::os::unix::net::UnixStream {
     use vmlock_client::proto::write_frame;
