@@ -77,7 +77,8 @@ impl Lobby {
 
     /// The next connection with bytes to read or a hang-up to see, blocking until there is one.
     /// The stream is in blocking mode, as `accept` made it. An error is `accept`'s (e.g. out of
-    /// descriptors): nothing is lost, and the caller may back off and call again.
+    /// descriptors) or the epoll set's (the accepted connection could not be watched, and is
+    /// closed): nothing else is lost, and the caller may back off and call again.
     pub fn next_speaker(&mut self) -> io::Result<UnixStream> {
         loop {
             if let Some(stream) = self.ready.pop_front() {
@@ -166,7 +167,15 @@ impl Lobby {
             &stream,
             epoll::EventData::new_u64(token),
             epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
-        )?;
+        )
+        .map_err(|e| {
+            // Not accept's own failure (say, the user's epoll watch limit): say which it is.
+            let e = io::Error::from(e);
+            io::Error::new(
+                e.kind(),
+                format!("watching an accepted connection (epoll_ctl): {e}"),
+            )
+        })?;
         self.waiting.insert(token, stream);
         self.deadlines
             .push_back((Instant::now() + self.timeout, token));
