@@ -1189,15 +1189,19 @@ impl Daemon {
             );
             if let Some((reply, reply_fds)) = answer {
                 let refused = matches!(reply, Reply::Error(_));
-                let attached: Vec<&OwnedFd> = reply_fds.iter().collect();
-                answered = write_frame(&stream, &reply, &attached).is_ok();
                 if refused {
-                    // A start refused leaves nothing registered: the VM manager may retry. The
+                    // A start refused leaves nothing registered: the VM manager may retry. Undone
+                    // before the refusal goes out, so a caller told of it finds nothing left (it
+                    // was seen the other way round, by a status right after the refusal). The
                     // connection ends here; its close is still handled below, so a VM that was
-                    // registered before (and keeps its grants) does not keep a dead link.
+                    // registered before (and keeps its grants) does not keep a dead link. (Marked
+                    // disconnected first: the holder is told nothing more, not `Finished` before
+                    // the refusal.)
+                    link.disconnected();
                     self.with_table(|t, _| ((), t.forget_empty(caller, &uuid)));
-                    answered = false;
                 }
+                let attached: Vec<&OwnedFd> = reply_fds.iter().collect();
+                answered = write_frame(&stream, &reply, &attached).is_ok() && !refused;
             }
         }
         if answered && registered {
