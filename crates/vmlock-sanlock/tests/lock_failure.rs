@@ -126,19 +126,23 @@ fn a_dead_daemon_runs_the_helper_for_a_vm_acquired_before_its_guest() {
     let uuid = uuid::Uuid::new_v4();
     let _m = acquired_before_guest(&plugin, dir.path(), "before-guest", uuid);
 
-    daemon.kill(); // SIGKILL and reap, by pid
-
-    // The helper leaves its arguments in the marker (no event to wait on: bounded poll).
-    vmlock_testkit::process::wait_until(
-        "the lock-failure helper to run",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || marker.exists(),
-    );
+    kill_and_wait_for_helper(&mut daemon, &marker, "the lock-failure helper to run");
     let args = std::fs::read_to_string(&marker).unwrap();
     assert!(
         args.contains(&format!("lock-failure --uuid {uuid}")),
         "{args}"
+    );
+}
+
+/// SIGKILLs the sanlock daemon (and reaps it, by pid), then waits for the driver to run the VM's
+/// kill path, which leaves `marker` (the helper's only trace: a bounded poll, no event).
+fn kill_and_wait_for_helper(daemon: &mut common::Daemon, marker: &std::path::Path, what: &str) {
+    daemon.kill();
+    vmlock_testkit::process::wait_until(
+        what,
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || marker.exists(),
     );
 }
 
@@ -207,14 +211,7 @@ fn a_guest_started_after_the_daemon_died_is_refused() {
     let marker = dir.path().join("helper-runs");
     let (mut daemon, plugin) = host_with_failing_helper(dir.path(), &marker);
     let mut m = acquired_before_guest(&plugin, dir.path(), "late-guest", uuid::Uuid::new_v4());
-    daemon.kill(); // SIGKILL and reap, by pid
-                   // The driver has seen the daemon go once it ran the kill path (bounded poll: no event).
-    vmlock_testkit::process::wait_until(
-        "the kill path to run",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || marker.exists(),
-    );
+    kill_and_wait_for_helper(&mut daemon, &marker, "the kill path to run");
     let guest = Guest::spawn();
     let e = m
         .guest_started(guest.pid())
@@ -264,13 +261,7 @@ fn a_successful_kill_path_is_trusted() {
     let guest = Guest::spawn();
     m.guest_started(guest.pid()).unwrap();
     let exit = ProcessHandle::open(guest.pid(), None).unwrap();
-    daemon.kill(); // SIGKILL and reap, by pid
-    vmlock_testkit::process::wait_until(
-        "the kill path to run",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || marker.exists(),
-    );
+    kill_and_wait_for_helper(&mut daemon, &marker, "the kill path to run");
     m.release().expect("the lost leases release at once");
     // The guest must live past the grace: wait (bounded) for an exit that must not come.
     assert!(
