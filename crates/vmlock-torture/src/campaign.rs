@@ -826,6 +826,16 @@ impl Live {
     fn guest_gone(&self) -> bool {
         self.guest.as_ref().map_or(true, ProcessHandle::has_exited)
     }
+
+    /// SIGTERM to its supervisor (by the pid of our own child, so never another process).
+    fn terminate_supervisor(&self) {
+        if let Some(pid) = i32::try_from(self.supervisor.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, Signal::TERM);
+        }
+    }
 }
 
 enum Started {
@@ -1616,12 +1626,7 @@ impl Campaign {
     fn stop(&mut self, i: usize) {
         let mut l = self.live.swap_remove(i);
         l.signalled = true;
-        if let Some(pid) = i32::try_from(l.supervisor.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process(pid, Signal::TERM);
-        }
+        l.terminate_supervisor();
         self.finish(l);
     }
 
@@ -2549,12 +2554,7 @@ impl Campaign {
         if !dst.guest_gone() {
             dst.signalled = true;
         }
-        if let Some(pid) = i32::try_from(dst.supervisor.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process(pid, Signal::TERM);
-        }
+        dst.terminate_supervisor();
         self.finish(dst);
     }
 
