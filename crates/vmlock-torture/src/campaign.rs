@@ -1787,13 +1787,7 @@ impl Campaign {
             Some(status) if status.success() => Ok(Cli::Ok),
             Some(_) => {
                 // It has exited: what it said is in the pipe (read with a bound all the same).
-                let mut said = String::new();
-                if let Some(mut err) = child.stderr.take() {
-                    while let Ok(Some(line)) = read_line(&mut err, Duration::from_secs(1)) {
-                        said.push_str(&line);
-                        said.push(' ');
-                    }
-                }
+                let said = stderr_said(&mut child);
                 self.log(&format!("vmlock {what} failed: {}", said.trim()));
                 Ok(Cli::Failed(said))
             }
@@ -2595,13 +2589,7 @@ impl Campaign {
         let answer = match status {
             Some(s) if s.success() => Cli::Ok,
             Some(_) => {
-                let mut said = String::new();
-                if let Some(mut err) = child.stderr.take() {
-                    while let Ok(Some(line)) = read_line(&mut err, Duration::from_secs(1)) {
-                        said.push_str(&line);
-                        said.push(' ');
-                    }
-                }
+                let said = stderr_said(&mut child);
                 self.log(&format!("vmlock {what} failed: {}", said.trim()));
                 Cli::Failed(said)
             }
@@ -3125,4 +3113,16 @@ fn drain(mut from: ChildStderr, into: Arc<Mutex<String>>) {
                 }
             }
         });
+}
+
+/// What an exited child wrote to its piped stderr, on one line (each read bounded).
+fn stderr_said(child: &mut Child) -> String {
+    let mut said = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        while let Ok(Some(line)) = read_line(&mut err, Duration::from_secs(1)) {
+            said.push_str(&line);
+            said.push(' ');
+        }
+    }
+    said
 }
