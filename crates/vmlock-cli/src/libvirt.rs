@@ -227,12 +227,6 @@ fn take_over_and_serve(
     );
     let plugin = Plugin::from_driver(Arc::new(driver));
     let (manager, policy) = start(&plugin, args)?;
-    // The plugin started this holder at a lower priority, to keep its start-up off the
-    // domain's start; from now on it serves the domain (lock-failure actions included).
-    // SAFETY: setpriority on this very process; no memory is passed.
-    unsafe {
-        nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 0);
-    }
     let guest = vmlock_sys::pidfd::ProcessHandle::open(args.guest_pid, None)
         .context("watching the guest")?;
     let uuid = manager.vm().uuid.to_string();

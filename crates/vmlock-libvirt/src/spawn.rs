@@ -225,34 +225,21 @@ pub const CONTROL_FD: i32 = READY_FD + 1;
 const HAND_DOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The fast start, in libvirt's pre-exec child: this process (the QEMU-to-be) registers as its
-/// own holder and takes every lease itself, over two connections to vmlockd (a few round trips,
-/// no process start); then it starts the holder, hands the descriptions down to it and returns
-/// without waiting: the holder takes over from its parent (QEMU by then) while libvirt goes on.
-/// Until it has, vmlockd and QEMU keep the descriptions, and vmlockd unlocks when QEMU exits.
+/// own holder and takes every lease itself, in one round trip to vmlockd; then it starts the
+/// holder, hands the descriptions down to it and returns without waiting: the holder takes over
+/// from its parent (QEMU by then) while libvirt goes on. Until it has, vmlockd and QEMU keep the
+/// descriptions, and vmlockd unlocks when QEMU exits.
+///
+/// The holder starts only once vmlockd has answered, and nothing after its start waits: a
+/// holder started earlier ran its start-up (exec, dynamic linking) on this CPU while this
+/// process slept for the reply, and the scheduler let it finish its time slice before this
+/// process ran again, 1.5–3 ms later in about a third of the starts (docs/BENCHMARKS.md).
 pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     let own_pid = std::process::id();
     if request.vm.pid != own_pid {
         return TakeOutcome::UseHolder;
     }
     let Ok((program, argv, env)) = command(request.holder_args) else {
-        return TakeOutcome::UseHolder;
-    };
-    // The holder's control socket, bound under a name of its own: it takes the domain's name
-    // only once the domain is ours (a migration destination's source serves under it).
-    let staged = staged_path(request.control, own_pid);
-    let Ok(listener) = bind_control(&staged) else {
-        return TakeOutcome::UseHolder;
-    };
-    let unstage = || {
-        let _ = std::fs::remove_file(&staged);
-    };
-    let Ok((ours, theirs)) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    ) else {
-        unstage();
         return TakeOutcome::UseHolder;
     };
     // One connection, one round trip: hello, then the registration with its acquire, without
@@ -269,37 +256,36 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         });
     let Ok(sent) = sent else {
         // No daemon: the holder's own start may start one.
-        unstage();
         return TakeOutcome::UseHolder;
     };
-    // While vmlockd works on it, start the holder (it waits for the hand-down).
-    let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
-    let holder = spawn(&program, &argv, &env, &handed);
-    if let Ok(pid) = &holder {
-        // Its start-up is off the critical path: it must not take the CPU from vmlockd, which
-        // is answering this start now, or from QEMU's. It returns to normal once it took over.
-        deprioritise(*pid);
-    }
-    drop(theirs);
-    drop(listener);
-    let stop_holder = || {
-        if let Ok(pid) = &holder {
-            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(*pid, None);
-        }
-        unstage();
+    // While vmlockd works on it: the holder's control socket, bound under a name of its own (it
+    // takes the domain's name only once the domain is ours: a migration destination's source
+    // serves under it), and the hand-down socket.
+    let staged = staged_path(request.control, own_pid);
+    let unstage = || {
+        let _ = std::fs::remove_file(&staged);
     };
+    let sockets = bind_control(&staged).and_then(|listener| {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map(|pair| (listener, pair))
+        .map_err(std::io::Error::from)
+    });
     let (hold, locks, fds) = match sent.finish() {
         Ok(started) => started,
         // The domain is known (a migration destination, or a record being cleaned up): the
         // holder's own start sorts these out and names them.
         Err(StartRefused::Registration(_)) => {
-            stop_holder();
+            unstage();
             return TakeOutcome::UseHolder;
         }
         // Refused (a disk is held): nothing stays registered.
         Err(StartRefused::Acquire(e)) => {
-            stop_holder();
+            unstage();
             // vmlockd forgets a refused start itself; a failure after its acquire (a reply cut
             // short, descriptions that could not be copied) leaves grants for this process,
             // which the shutdown drops at once instead of at its exit.
@@ -307,45 +293,51 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         }
     };
     let fail = |e: vmlock::Error| {
-        stop_holder();
+        unstage();
         refuse(request.runtime, &request.vm, e)
     };
-    if let Err(reason) = &holder {
-        return fail(vmlock::Error::ServiceUnavailable {
-            reason: reason.clone(),
-        });
-    }
+    let (listener, (ours, theirs)) = match sockets {
+        Ok(sockets) => sockets,
+        Err(e) => {
+            return fail(vmlock::Error::io(
+                format!("the domain's control socket {}", staged.display()),
+                &e,
+            ))
+        }
+    };
     if let Err(e) = std::fs::rename(&staged, request.control) {
         return fail(vmlock::Error::io(
             format!("the domain's control socket {}", request.control.display()),
             &e,
         ));
     }
+    let forget_control = || {
+        let _ = std::fs::remove_file(request.control);
+    };
+    let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
+    let holder = match spawn(&program, &argv, &env, &handed) {
+        Ok(pid) => pid,
+        Err(reason) => {
+            forget_control();
+            return fail(vmlock::Error::ServiceUnavailable { reason });
+        }
+    };
+    drop(theirs);
+    drop(listener);
     let ours = UnixStream::from(ours);
+    // Queued in the socket's buffer: the holder reads it once it runs.
     if let Err(e) = vmlock_client::handdown::send(&ours, &locks, &fds, HAND_DOWN_TIMEOUT) {
         // The holder died before it read: QEMU would run with nobody to serve libvirt's later
         // calls. Fail the start instead.
-        let _ = std::fs::remove_file(request.control);
+        let _ = nix::sys::signal::kill(holder, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(holder, None);
+        forget_control();
         return fail(e);
     }
     // The registration connection closes at our exec (close-on-exec); vmlockd keeps the grants
     // for the guest, which is alive, until the holder has taken over.
     drop(hold);
     TakeOutcome::Held(fds)
-}
-
-/// The nice value the holder starts with, until it has taken over.
-pub const HOLDER_START_NICE: i32 = 10;
-
-/// Lowers process `pid`'s priority to [`HOLDER_START_NICE`].
-fn deprioritise(pid: nix::unistd::Pid) {
-    let Ok(who) = nix::libc::id_t::try_from(pid.as_raw()) else {
-        return;
-    };
-    // SAFETY: setpriority on a pid this process just started; no memory is passed.
-    unsafe {
-        nix::libc::setpriority(nix::libc::PRIO_PROCESS, who, HOLDER_START_NICE);
-    }
 }
 
 /// Where the control socket is bound before it takes the domain's name.
