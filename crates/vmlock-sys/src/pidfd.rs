@@ -11,6 +11,8 @@ pub struct ProcessHandle {
     pub pid: u32,
     /// `/proc/PID/stat` start time when the handle was opened.
     pub start_time: u64,
+    /// The parent pid, read with the start time (it changes only if the parent dies).
+    pub ppid: u32,
     fd: OwnedFd,
 }
 
@@ -46,6 +48,7 @@ impl ProcessHandle {
         Ok(ProcessHandle {
             pid,
             start_time: stat.start_time,
+            ppid: stat.ppid,
             fd,
         })
     }

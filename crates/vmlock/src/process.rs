@@ -14,9 +14,27 @@ pub struct ProcStat {
 }
 
 /// Reads `/proc/PID/stat`; `None` when the process does not exist.
+///
+/// One `open` and usually one `read` into a buffer on the stack: the daemon reads this a few
+/// times per registration, and `read_to_string` spent six more system calls each time (a
+/// `statx` for the size, which procfs reports as 0, and reads of 32, 32, 64, 128 and 256 bytes).
 pub fn stat(pid: u32) -> Option<ProcStat> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
+    use std::io::Read;
+    let mut file = fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    // The line is about 300 bytes; a command name is at most 64 bytes, so 1 KiB holds any line.
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    // procfs makes the whole line at the first read; the line ends with a newline, so no read
+    // for the end of file is needed once it came.
+    while len < buf.len() && !buf[..len].ends_with(b"\n") {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    parse_stat(std::str::from_utf8(&buf[..len]).ok()?)
 }
 
 /// Parses the text of `/proc/PID/stat`. The command name (field 2) may contain spaces and
@@ -68,5 +86,32 @@ mod tests {
         assert!(is_running(std::process::id()));
         assert!(stat(std::process::id()).unwrap().start_time > 0);
         assert!(!is_running(u32::MAX - 1));
+    }
+
+    #[test]
+    fn one_short_read_sees_what_a_whole_read_sees() {
+        // A thread (a task with a /proc/TID/stat of its own) named with spaces and parentheses.
+        // The state may change between two reads; the parent and the start time do not.
+        let facts = |s: Option<ProcStat>| s.map(|s| (s.ppid, s.start_time));
+        let whole = fs::read_to_string("/proc/self/stat").unwrap();
+        assert_eq!(facts(stat(std::process::id())), facts(parse_stat(&whole)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let child = std::thread::Builder::new()
+            .name(") x (y) z ) w".into())
+            .spawn(move || {
+                // "PID/task/TID": this thread's own id.
+                let link = fs::read_link("/proc/thread-self").unwrap();
+                let tid: u32 = link.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                tx.send(tid).unwrap();
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        let tid = rx.recv().unwrap();
+        let whole = fs::read_to_string(format!("/proc/{tid}/stat")).unwrap();
+        assert!(whole.contains(") x (y) z ) w"), "{whole}");
+        assert_eq!(facts(stat(tid)), facts(parse_stat(&whole)));
+        drop(done_tx);
+        child.join().unwrap();
     }
 }

@@ -162,16 +162,10 @@ pub fn lease_intact(config: &Config, resource: &Resource, key: LockKey) -> bool 
 pub fn process(pid: u32, expected_start: Option<u64>) -> Result<ProcInfo<ProcessHandle>, Error> {
     let handle = ProcessHandle::open(pid, expected_start)
         .map_err(|e| Error::io(format!("process {pid}"), &e))?;
-    let ppid = vmlock::process::stat(pid).map(|s| s.ppid).ok_or_else(|| {
-        Error::io(
-            format!("process {pid}"),
-            &std::io::Error::from_raw_os_error(nix::libc::ESRCH),
-        )
-    })?;
     Ok(ProcInfo {
         pid,
         start_time: handle.start_time,
-        ppid,
+        ppid: handle.ppid,
         parent_of_caller: false,
         handle,
     })
