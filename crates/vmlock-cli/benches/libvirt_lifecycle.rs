@@ -420,7 +420,8 @@ fn lock_step_in_child(host: &VmlockHost, disk: &Path, step: LockStep) -> f64 {
     }
 }
 
-/// Waits (bounded) until vmlockd names a holder other than `guest` for VM `uuid`.
+/// Waits (bounded) until vmlockd names a holder other than `guest` for VM `uuid`, and that
+/// holder answers on the domain's control socket.
 fn wait_taken_over(runtime: &RuntimeDir, uuid: &str, guest: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -435,7 +436,19 @@ fn wait_taken_over(runtime: &RuntimeDir, uuid: &str, guest: u32) {
                 .and_then(|o| o.holder_pid),
             other => panic!("status: {other:?}"),
         };
-        if holder.is_some_and(|h| h != guest) {
+        // Taken over, and serving its control socket (which it does once it watches the
+        // guest): killing the guest before that would cut the holder's start short.
+        let serves = || {
+            matches!(
+                vmlock_client::control::call(
+                    runtime.path(),
+                    uuid,
+                    &vmlock_client::control::ControlRequest::GuestPid
+                ),
+                Ok(vmlock_client::control::ControlReply::Pid(Some(p))) if p == guest
+            )
+        };
+        if holder.is_some_and(|h| h != guest) && serves() {
             return;
         }
         assert!(

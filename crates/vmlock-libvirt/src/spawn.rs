@@ -87,6 +87,23 @@ fn spawn(
         .map_err(|e| format!("starting {}: {e}", program.to_string_lossy()))
 }
 
+/// Starts the holder that takes over as a clean child, as [`spawn`] does, without waiting for
+/// its exec and at `SCHED_IDLE` until it runs its own code
+/// (`vmlock_sys::child::spawn_unwaited`): this child returns to libvirt at once, and the
+/// holder's start-up never takes the CPU from it.
+fn spawn_taking_over(
+    program: &CString,
+    argv: &[CString],
+    env: &[CString],
+    fds: &[RawFd],
+) -> Result<nix::unistd::Pid, String> {
+    let argv: Vec<&std::ffi::CStr> = argv.iter().map(CString::as_c_str).collect();
+    let env: Vec<&std::ffi::CStr> = env.iter().map(CString::as_c_str).collect();
+    vmlock_sys::child::spawn_unwaited(program, &argv, &env, fds, true)
+        .map(nix::unistd::Pid::from_raw)
+        .map_err(|e| format!("starting {}: {e}", program.to_string_lossy()))
+}
+
 /// Reads the holder's one line: `OK` (with the descriptions it sends along), or `ERR reason`;
 /// end of file without it means the holder died.
 fn read_report(stream: &UnixStream, timeout: Duration) -> Result<Vec<OwnedFd>, String> {
@@ -315,7 +332,7 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         let _ = std::fs::remove_file(request.control);
     };
     let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
-    let holder = match spawn(&program, &argv, &env, &handed) {
+    let holder = match spawn_taking_over(&program, &argv, &env, &handed) {
         Ok(pid) => pid,
         Err(reason) => {
             forget_control();
