@@ -30,7 +30,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // a benchmark program: failures abort it
 
 use std::fs::OpenOptions;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vmlock_client::runtime::{spawn_daemon, RuntimeDir};
@@ -333,8 +333,8 @@ enum LockStep {
 
 /// One pre-exec lock step as libvirt's child runs it, timed inside that child: a forked child
 /// of this (single-threaded) bench becomes the domain's guest-to-be, runs the plugin's own code
-/// for `step` on `disk`, writes its time in microseconds to a pipe, then waits to be killed, as
-/// QEMU would run. The disk must be locked while it waits, and free once it is killed.
+/// for `step` on `disk`, writes its time in microseconds to a pipe, then execs a program that
+/// waits to be killed, as QEMU would run. The disk must be locked while it waits, and free once it is killed.
 fn lock_step_in_child(host: &VmlockHost, disk: &Path, step: LockStep) -> f64 {
     use vmlock_libvirt::spawn::{self, TakeOutcome, TakeRequest};
     let config = vmlock_libvirt::config::Config {
@@ -364,32 +364,44 @@ fn lock_step_in_child(host: &VmlockHost, disk: &Path, step: LockStep) -> f64 {
             domain.pid = std::process::id();
             let action = vmlock::LockFailureAction::Poweroff;
             let t = Instant::now();
-            let ok = match step {
+            let kept = match step {
                 LockStep::TakeAndHandDown => {
                     let (vm, flags) = domain.registration(action);
                     let args = domain.takeover_args(&config, action);
-                    matches!(
-                        spawn::take_and_hand_down(&TakeRequest {
-                            runtime: &runtime,
-                            vm,
-                            resources: domain.resources.clone(),
-                            flags,
-                            holder_args: &args,
-                            control: &control,
-                        }),
-                        TakeOutcome::Held(_)
-                    )
+                    match spawn::take_and_hand_down(&TakeRequest {
+                        runtime: &runtime,
+                        vm,
+                        resources: domain.resources.clone(),
+                        flags,
+                        holder_args: &args,
+                        control: &control,
+                    }) {
+                        TakeOutcome::Held(fds) => Some(fds),
+                        _ => None,
+                    }
                 }
                 LockStep::HolderStart => {
                     spawn::start_holder(&domain.holder_args(&config, action), spawn::READY_TIMEOUT)
-                        .is_ok()
+                        .ok()
                 }
             };
-            let line = format!("{} {}\n", ok, t.elapsed().as_micros());
+            let line = format!("{} {}\n", kept.is_some(), t.elapsed().as_micros());
             let _ = nix::unistd::write(&write_end, line.as_bytes());
-            loop {
-                nix::unistd::pause();
+            // Then QEMU's exec, as libvirt's child makes it: the lock descriptions kept across it
+            // (as the plugin keeps them), everything else of the child's closed by it (the
+            // holder takes over once the hand-down socket closes).
+            for fd in kept.into_iter().flatten() {
+                let _ = nix::fcntl::fcntl(
+                    fd.as_raw_fd(),
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                );
+                let _ = fd.into_raw_fd();
             }
+            let sleep = std::ffi::CString::new("/bin/sleep").unwrap();
+            let hour = std::ffi::CString::new("3600").unwrap();
+            let _ = nix::unistd::execv(&sleep, &[sleep.as_c_str(), hour.as_c_str()]);
+            // SAFETY: the forked child ends here without running the bench's destructors.
+            unsafe { nix::libc::_exit(127) }
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(write_end);

@@ -216,6 +216,40 @@ fn take_over(
     result
 }
 
+/// How long the holder waits for its guest's exec before it takes over anyway.
+const GUEST_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits (at most `timeout`) until the guest's end of the hand-down socket closes: at its exec
+/// of QEMU (the end is close-on-exec), or its exit. Until then libvirt's pre-exec child is still
+/// at work on the domain's start, and the takeover (this holder's work and vmlockd's) would
+/// compete with it for the CPU. The guest holds its leases meanwhile, through vmlockd and its
+/// own descriptions.
+fn wait_for_exec(handed: &std::os::unix::net::UnixStream, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 64];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let mut poll = [rustix::event::PollFd::new(
+            handed,
+            rustix::event::PollFlags::IN,
+        )];
+        let timespec = rustix::time::Timespec::try_from(left).ok();
+        match rustix::event::poll(&mut poll, timespec.as_ref()) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        // End of file (or a reset): the other end is closed. Anything else sent is not ours.
+        match rustix::io::read(handed, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 fn take_over_and_serve(
     runtime_dir: &Path,
     args: &HolderArgs,
@@ -224,6 +258,16 @@ fn take_over_and_serve(
 ) -> anyhow::Result<i32> {
     let (locks, fds) = vmlock_client::handdown::receive(handed, Duration::from_secs(10))
         .context("receiving the lock descriptions")?;
+    wait_for_exec(handed, GUEST_EXEC_TIMEOUT);
+    if nix::unistd::getppid().as_raw() != i32::try_from(args.guest_pid).unwrap_or(-1) {
+        // Libvirt gave the start up before QEMU's exec: the guest and its leases are gone.
+        eprintln!(
+            "vmlock libvirt holder: domain {}: the guest, pid {}, exited before QEMU started; \
+             nothing to hold",
+            args.name, args.guest_pid
+        );
+        return Ok(0);
+    }
     let runtime = vmlock_client::RuntimeDir::resolve(Some(runtime_dir))?;
     let driver = vmlock_client::driver::LockdDriver::taking_over(
         vmlock_client::Endpoint::new(runtime),

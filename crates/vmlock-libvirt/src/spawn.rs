@@ -3,8 +3,10 @@
 //! That child is a fork of the multi-threaded libvirtd: only the calling thread exists, and any
 //! lock another thread held at the fork stays held forever. So nothing here starts a thread or
 //! takes a lock; it allocates (glibc's fork resets the allocator's locks) and makes plain system
-//! calls. The holder starts through `posix_spawn` (`vmlock_sys::child::spawn_clean`), which
-//! copies none of libvirtd's page tables and hands it only the descriptors it needs.
+//! calls. The holder starts through `posix_spawn` (`vmlock_sys::child::spawn_clean`), or, on the
+//! fast start, through a `clone` that does not wait for its exec
+//! (`vmlock_sys::child::spawn_unwaited`); neither copies libvirtd's page tables, and the holder
+//! gets only the descriptors it needs.
 //!
 //! The report travels on a socket pair, so that with its `OK` the holder sends copies of the
 //! lock descriptions it took: the child keeps them open across its exec, and QEMU holds its own
@@ -13,7 +15,7 @@
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -351,6 +353,10 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         forget_control();
         return fail(e);
     }
+    // Our end of the hand-down socket stays open until our exec (it is close-on-exec): its end
+    // tells the holder that libvirt's work in this child is over, and only then does it take
+    // over, so that its work and vmlockd's for it do not compete with this child's.
+    let _ = ours.into_raw_fd();
     // The registration connection closes at our exec (close-on-exec); vmlockd keeps the grants
     // for the guest, which is alive, until the holder has taken over.
     drop(hold);
