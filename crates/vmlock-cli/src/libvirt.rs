@@ -206,6 +206,16 @@ fn take_over(
         );
     }
     let result = take_over_and_serve(runtime_dir, args, &handed, listener);
+    if result.is_err() && guest_gone(args.guest_pid) {
+        // QEMU died while this holder started: nothing is left to hold (vmlockd unlocked when
+        // it exited), and nothing failed that the domain's log should alarm about.
+        eprintln!(
+            "vmlock libvirt holder: domain {}: the guest, pid {}, exited while its holder \
+             started; nothing to hold",
+            args.name, args.guest_pid
+        );
+        return Ok(0);
+    }
     if let Err(e) = &result {
         eprintln!(
             "vmlock libvirt holder: domain {} (uuid {}): could not take over from its guest, \
@@ -214,6 +224,12 @@ fn take_over(
         );
     }
     result
+}
+
+/// Whether the guest (this holder's parent until it exits) is gone or exiting.
+fn guest_gone(guest_pid: u32) -> bool {
+    nix::unistd::getppid().as_raw() != i32::try_from(guest_pid).unwrap_or(-1)
+        || vmlock::process::has_exited_or_exiting(guest_pid)
 }
 
 /// How long the holder waits for its guest's exec before it takes over anyway.
@@ -259,7 +275,9 @@ fn take_over_and_serve(
     let (locks, fds) = vmlock_client::handdown::receive(handed, Duration::from_secs(10))
         .context("receiving the lock descriptions")?;
     wait_for_exec(handed, GUEST_EXEC_TIMEOUT);
-    if nix::unistd::getppid().as_raw() != i32::try_from(args.guest_pid).unwrap_or(-1) {
+    // Its end closes at its exec, or early in its exit (before this holder is reparented): an
+    // exiting guest says so in its kernel flags.
+    if guest_gone(args.guest_pid) {
         // Libvirt gave the start up before QEMU's exec: the guest and its leases are gone.
         eprintln!(
             "vmlock libvirt holder: domain {}: the guest, pid {}, exited before QEMU started; \

@@ -982,3 +982,179 @@ fn a_libvirt_domain_holds_a_cluster_key_when_vmlockd_uses_etcd() {
         || keys(&disk).is_empty(),
     );
 }
+
+/// The guest of [`a_holder_takes_over_after_its_guests_exec_and_leaves_when_it_exits_first`]:
+/// this test binary, run again by that test, as libvirt's pre-exec child. It takes the domain's
+/// leases and starts the holder with the plugin's own code, says `HELD`, then, on a line from its
+/// standard input, execs `sleep` (as libvirt's child execs QEMU) or exits (as when libvirt gives
+/// a start up after the lock step).
+#[test]
+#[ignore = "a guest process run by the test of the holder's takeover"]
+fn pre_exec_guest() {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    use vmlock_libvirt::spawn::{take_and_hand_down, TakeOutcome, TakeRequest};
+    let (Ok(run_dir), Ok(disk), Ok(uuid)) = (
+        std::env::var("VMLOCK_TEST_GUEST_RUN_DIR"),
+        std::env::var("VMLOCK_TEST_GUEST_DISK"),
+        std::env::var("VMLOCK_TEST_GUEST_UUID"),
+    ) else {
+        panic!("run by the takeover test only");
+    };
+    let config = vmlock_libvirt::config::Config {
+        runtime_dir: PathBuf::from(&run_dir),
+        vmlock_binary: PathBuf::from(env!("CARGO_BIN_EXE_vmlock")),
+        ..Default::default()
+    };
+    let domain = vmlock_libvirt::domain::Domain {
+        uuid: uuid.clone(),
+        name: "pre-exec".into(),
+        id: 1,
+        pid: std::process::id(),
+        uri: None,
+        resources: vec![vmlock::Resource::Disk {
+            path: PathBuf::from(disk),
+            mode: vmlock::DiskMode::Exclusive,
+        }],
+    };
+    let action = vmlock::LockFailureAction::Poweroff;
+    let (vm, flags) = domain.registration(action);
+    let outcome = take_and_hand_down(&TakeRequest {
+        runtime: &RuntimeDir::resolve(Some(Path::new(&run_dir))).unwrap(),
+        vm,
+        resources: domain.resources.clone(),
+        flags,
+        holder_args: &domain.takeover_args(&config, action),
+        control: &vmlock_client::control::socket_path(Path::new(&run_dir), &uuid),
+    });
+    let TakeOutcome::Held(descriptions) = outcome else {
+        panic!("the lock step did not hold: {outcome:?}");
+    };
+    println!("HELD");
+    std::io::stdout().flush().unwrap();
+    let mut order = String::new();
+    std::io::stdin().read_line(&mut order).unwrap();
+    if order.trim() == "exec" {
+        // As the plugin does for QEMU: the descriptions stay open across the exec.
+        for fd in descriptions {
+            nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .unwrap();
+            let _ = fd.into_raw_fd();
+        }
+        let sleep = std::ffi::CString::new("/bin/sleep").unwrap();
+        let hour = std::ffi::CString::new("3600").unwrap();
+        let e = nix::unistd::execv(&sleep, &[sleep.as_c_str(), hour.as_c_str()]).unwrap_err();
+        panic!("exec sleep: {e}");
+    }
+    std::process::exit(0);
+}
+
+/// The children of process `parent`, from `/proc` (read only).
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| vmlock::process::stat(*pid).is_some_and(|s| s.ppid == parent))
+        .collect()
+}
+
+#[test]
+fn a_holder_takes_over_after_its_guests_exec_and_leaves_when_it_exits_first() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    use vmlock_sys::pidfd::ProcessHandle;
+    let host = Host::new();
+    for order in ["exec", "exit"] {
+        let disk = host.dir.path().join(format!("{order}.img"));
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let mut guest = Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "pre_exec_guest", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env("VMLOCK_TEST_GUEST_RUN_DIR", host.run_dir())
+            .env("VMLOCK_TEST_GUEST_DISK", &disk)
+            .env("VMLOCK_TEST_GUEST_UUID", &uuid)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = guest.stdout.take().unwrap();
+        loop {
+            match vmlock_testkit::process::read_line(&mut out, SETTLE).unwrap() {
+                // After the harness's "test pre_exec_guest ... ", on the same line.
+                Some(line) if line.ends_with("HELD") => break,
+                Some(_) => {}
+                None => panic!("the guest ended before it held ({order})"),
+            }
+        }
+        // The holder is the guest's child; a pidfd on it outlives the guest's exit.
+        let holders = children_of(guest.id());
+        assert_eq!(holders.len(), 1, "the guest's children: {holders:?}");
+        let holder = ProcessHandle::open(holders[0], None).unwrap();
+        // Until the guest's exec the guest keeps its leases itself: the holder has not taken
+        // over (it waits for the exec, which the guest waits for us to order).
+        assert_eq!(status_holder_pid(&host, &disk), Some(u64::from(guest.id())));
+        let mut stdin = guest.stdin.take().unwrap();
+        writeln!(stdin, "{order}").unwrap();
+        if order == "exec" {
+            wait_until(
+                "the holder's takeover",
+                SETTLE,
+                Duration::from_millis(5),
+                || {
+                    // Taken over, and serving the domain's control socket (it does once it
+                    // watches its guest).
+                    status_holder_pid(&host, &disk) == Some(u64::from(holder.pid))
+                        && matches!(
+                            vmlock_client::control::call(
+                                &host.run_dir(),
+                                &uuid,
+                                &vmlock_client::control::ControlRequest::GuestPid
+                            ),
+                            Ok(vmlock_client::control::ControlReply::Pid(Some(p)))
+                                if p == guest.id()
+                        )
+                },
+            );
+            vmlock_testkit::process::kill_child(&mut guest);
+        } else {
+            assert!(
+                vmlock_testkit::process::wait_child(&mut guest, SETTLE).is_some(),
+                "the guest did not exit"
+            );
+        }
+        // Either way the guest's exit frees the disk and ends the holder.
+        wait_until(
+            "the disk to be free",
+            SETTLE,
+            Duration::from_millis(5),
+            || host.holder_of(&disk).is_none(),
+        );
+        assert!(
+            holder.wait_exit(Some(SETTLE)),
+            "the holder outlived its guest ({order})"
+        );
+        let mut said = String::new();
+        guest
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut said)
+            .unwrap();
+        if order == "exit" {
+            assert!(
+                said.contains("exited before QEMU started; nothing to hold"),
+                "{said}"
+            );
+        } else {
+            assert!(
+                !said.contains("could not take over") && !said.contains("nothing to hold"),
+                "{said}"
+            );
+        }
+    }
+}

@@ -11,7 +11,13 @@ pub struct ProcStat {
     pub ppid: u32,
     /// Start time in clock ticks since boot: with the pid, it names a process uniquely.
     pub start_time: u64,
+    /// The process is exiting (the kernel's `PF_EXITING`): it may still run, closing its files,
+    /// before it becomes a zombie.
+    pub exiting: bool,
 }
+
+/// `PF_EXITING` in the kernel's flags word (field 9 of the stat line).
+const PF_EXITING: u32 = 0x4;
 
 /// Reads `/proc/PID/stat`; `None` when the process does not exist.
 ///
@@ -42,12 +48,20 @@ pub fn stat(pid: u32) -> Option<ProcStat> {
 pub fn parse_stat(text: &str) -> Option<ProcStat> {
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); field 4 = ppid; field 22 = starttime.
+    // rest starts at field 3 (state); field 4 = ppid; field 9 = flags; field 22 = starttime.
+    let flags: u32 = fields.get(6)?.parse().ok()?;
     Some(ProcStat {
         state: fields.first()?.chars().next()?,
         ppid: fields.get(1)?.parse().ok()?,
         start_time: fields.get(19)?.parse().ok()?,
+        exiting: flags & PF_EXITING != 0,
     })
+}
+
+/// Whether `pid` exited or is exiting: gone, a zombie, or past the start of its exit (it may be
+/// closing its files: its descriptors' ends were seen closed, but it is not a zombie yet).
+pub fn has_exited_or_exiting(pid: u32) -> bool {
+    !matches!(stat(pid), Some(s) if !s.exiting && s.state != 'Z' && s.state != 'X')
 }
 
 /// Whether `pid` is a live process (a zombie has closed its files, so it counts as gone).
@@ -76,9 +90,13 @@ mod tests {
             ProcStat {
                 state: 'S',
                 ppid: 1,
-                start_time: 98765
+                start_time: 98765,
+                exiting: false,
             }
         );
+        // The same process past the start of its exit: PF_EXITING (0x4) in its flags.
+        let exiting = line.replace(" 4194560 ", " 4194564 ");
+        assert!(parse_stat(&exiting).unwrap().exiting);
     }
 
     #[test]
