@@ -64,6 +64,33 @@ const CONVERT_RETRY: Duration = Duration::from_secs(3);
 pub const LOST_KILL_GRACE: Duration = Duration::from_secs(12);
 /// Meanwhile the kill path is run again this often (sanlock repeats its own too).
 const KILLPATH_REPEAT: Duration = Duration::from_secs(1);
+/// How long one run of the kill path may take before it is SIGKILLed: by then the driver has
+/// SIGKILLed the guest itself, so a helper still running has nothing left to do.
+const KILLPATH_RUN_LIMIT: Duration = LOST_KILL_GRACE;
+
+/// Runs `program` with `args` and waits for it at most `limit`: its exit status, or `None` if it
+/// was still running then (it is SIGKILLed and reaped, by its pid, so no hung helper stays
+/// behind).
+fn run_bounded(
+    program: &std::path::Path,
+    args: &[String],
+    limit: Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    // Our own unreaped child: its pid cannot be reused before the wait below.
+    let exited = vmlock_sys::pidfd::ProcessHandle::open(child.id(), None)
+        .map(|h| h.wait_exit(Some(limit)))
+        .unwrap_or(true);
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Ok(None);
+    }
+    child.wait().map(Some)
+}
 
 /// The driver's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1285,15 +1312,16 @@ impl LostLink {
         let spawned = std::thread::Builder::new()
             .name("sanlock-killpath".into())
             .spawn(move || {
-                match std::process::Command::new(&program)
-                    .args(&args)
-                    .stdin(std::process::Stdio::null())
-                    .status()
-                {
-                    Ok(s) if s.success() => done.store(true, Ordering::SeqCst),
-                    Ok(s) => {
+                match run_bounded(&program, &args, KILLPATH_RUN_LIMIT) {
+                    Ok(Some(s)) if s.success() => done.store(true, Ordering::SeqCst),
+                    Ok(Some(s)) => {
                         tracing::warn!(vm = %name, "kill path {} exited with {s}", program.display())
                     }
+                    Ok(None) => tracing::error!(
+                        vm = %name,
+                        "kill path {} still running after {KILLPATH_RUN_LIMIT:?}: killed it",
+                        program.display()
+                    ),
                     Err(e) => {
                         tracing::error!(vm = %name, "cannot run kill path {}: {e}", program.display())
                     }

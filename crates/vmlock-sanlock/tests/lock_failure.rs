@@ -245,6 +245,44 @@ fn a_failing_kill_path_is_repeated_and_the_guest_killed_after_the_grace() {
     );
 }
 
+/// A kill path that hangs is not waited for forever: the guest is still SIGKILLed after the
+/// grace, and the hung helper is SIGKILLed too, so none stays behind.
+#[test]
+fn a_hung_kill_path_is_killed_and_the_guest_with_it() {
+    let dir = common::workdir();
+    let marker = dir.path().join("helper-pid");
+    let (mut daemon, plugin) = host_with_helper(
+        dir.path(),
+        "hung-helper.sh",
+        // Its pid first (written whole, then renamed, so a reader never sees half of it).
+        &format!(
+            "#!/bin/sh\necho $$ > {0}.tmp && mv {0}.tmp {0}\nexec sleep 600\n",
+            marker.display()
+        ),
+    );
+    let mut m = acquired_before_guest(&plugin, dir.path(), "hung", uuid::Uuid::new_v4());
+    let guest = Guest::spawn();
+    m.guest_started(guest.pid()).unwrap();
+    let exit = ProcessHandle::open(guest.pid(), None).unwrap();
+    kill_and_wait_for_helper(&mut daemon, &marker, "the kill path to start");
+    let helper: u32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let helper = ProcessHandle::open(helper, None).expect("the hung helper runs");
+    let bound = Duration::from_secs(vmlock_sanlock::driver::LOST_KILL_GRACE.as_secs() + 5);
+    assert!(
+        exit.wait_exit(Some(bound)),
+        "the guest was SIGKILLed after the grace"
+    );
+    let helper_ended = helper.wait_exit(Some(bound));
+    if !helper_ended {
+        vmlock_testkit::process::kill_and_wait(helper.pid);
+    }
+    assert!(helper_ended, "the hung kill path was left running");
+}
+
 /// A kill path that succeeds carried out the VM's action (`pause` leaves the guest alive on
 /// purpose): it is not run again, the guest is not SIGKILLed after the grace, and a release of
 /// the lost leases (what vmlock's helper asks for) succeeds.
