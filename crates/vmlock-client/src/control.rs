@@ -304,18 +304,19 @@ pub fn describe_all(runtime_dir: &Path) -> Vec<ControlReply> {
     let Ok(entries) = std::fs::read_dir(runtime_dir) else {
         return Vec::new();
     };
-    let mut all: Vec<ControlReply> = entries
+    // Each VM once, by uuid, whichever of its sockets serves: its own, or (a migration
+    // destination on this host whose source has gone) the oldest beside it, as `call` picks.
+    let uuids: std::collections::BTreeSet<String> = entries
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let stem = name.strip_prefix("vm-")?.strip_suffix(".sock")?;
-            // Only each VM's own socket: one beside it belongs to the same VM.
-            if stem.contains('.') {
-                return None;
-            }
-            let uuid = stem.to_owned();
-            call(runtime_dir, &uuid, &ControlRequest::Describe).ok()
+            Some(stem.split('.').next()?.to_owned())
         })
+        .collect();
+    let mut all: Vec<ControlReply> = uuids
+        .iter()
+        .filter_map(|uuid| call(runtime_dir, uuid, &ControlRequest::Describe).ok())
         .collect();
     all.sort_by_key(|r| match r {
         ControlReply::Vm { name, uuid, .. } => (name.clone(), uuid.clone()),
@@ -341,6 +342,46 @@ mod tests {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(b"\"Inquire\"\n").unwrap();
         assert!(matches!(read_request(&b), Err(Error::Protocol { .. })));
+    }
+
+    /// A supervisor at `path` that answers one `Describe` as VM `name`.
+    fn describing(path: &Path, name: &str) -> std::thread::JoinHandle<()> {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let request = read_request(&stream).unwrap();
+            assert!(matches!(request, ControlRequest::Describe), "{request:?}");
+            let reply = ControlReply::Vm {
+                name,
+                uuid: String::new(),
+                id: 1,
+                pid: None,
+                state: String::new(),
+                since: 0,
+            };
+            write_frame(&stream, &reply, &[]).unwrap();
+        })
+    }
+
+    #[test]
+    fn every_vm_is_described_once_also_one_served_only_beside_its_own_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        // A VM on its own socket; one whose migration destination on this host serves beside a
+        // socket that is gone (its source exited); and a socket nobody serves.
+        let own = describing(&dir.path().join("vm-aaaa.sock"), "own");
+        let beside = describing(&dir.path().join("vm-bbbb.4242.sock"), "moved");
+        drop(std::os::unix::net::UnixListener::bind(dir.path().join("vm-cccc.sock")).unwrap());
+        let names: Vec<String> = describe_all(dir.path())
+            .into_iter()
+            .map(|r| match r {
+                ControlReply::Vm { name, .. } => name,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(names, ["moved", "own"]);
+        own.join().unwrap();
+        beside.join().unwrap();
     }
 
     #[test]
