@@ -40,7 +40,13 @@ pub fn start_holder(args: &[String], timeout: Duration) -> Result<Vec<OwnedFd>, 
     )
     .map_err(|e| format!("socketpair: {e}"))?;
     let read_end = UnixStream::from(read_end);
-    let child = spawn(&program, &argv, &env, &[write_end.as_raw_fd()])?;
+    let child = spawn(
+        &program,
+        &argv,
+        &env,
+        &[write_end.as_raw_fd()],
+        Wait::ForExec,
+    )?;
     drop(write_end);
     match read_report(&read_end, timeout) {
         Ok(fds) => Ok(fds),
@@ -73,37 +79,36 @@ fn command(args: &[String]) -> Result<(CString, Vec<CString>, [CString; 1]), Str
     Ok((program, argv, env))
 }
 
+/// Whether [`spawn`] returns once the holder's program is loaded (reporting why it could not
+/// be), or at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// `posix_spawn` (`vmlock_sys::child::spawn_clean`): the start waits for the report anyway.
+    ForExec,
+    /// `vmlock_sys::child::spawn_unwaited`, at `SCHED_IDLE` until the holder runs its own code:
+    /// this child returns to libvirt at once, and the holder's start-up never takes the CPU
+    /// from it.
+    No,
+}
+
 /// Starts the holder as a clean child (its own session, no signal blocked or ignored, nothing
-/// of libvirtd's but `fds`, as its descriptors 3, 4, …) through `posix_spawn`: no copy of
-/// libvirtd's page tables, as a fork of this child would make.
+/// of libvirtd's but `fds`, as its descriptors 3, 4, …), with no copy of libvirtd's page tables,
+/// as a fork of this child would make.
 fn spawn(
     program: &CString,
     argv: &[CString],
     env: &[CString],
     fds: &[RawFd],
+    wait: Wait,
 ) -> Result<nix::unistd::Pid, String> {
     let argv: Vec<&std::ffi::CStr> = argv.iter().map(CString::as_c_str).collect();
     let env: Vec<&std::ffi::CStr> = env.iter().map(CString::as_c_str).collect();
-    vmlock_sys::child::spawn_clean(program, &argv, &env, fds)
-        .map(nix::unistd::Pid::from_raw)
-        .map_err(|e| format!("starting {}: {e}", program.to_string_lossy()))
-}
-
-/// Starts the holder that takes over as a clean child, as [`spawn`] does, without waiting for
-/// its exec and at `SCHED_IDLE` until it runs its own code
-/// (`vmlock_sys::child::spawn_unwaited`): this child returns to libvirt at once, and the
-/// holder's start-up never takes the CPU from it.
-fn spawn_taking_over(
-    program: &CString,
-    argv: &[CString],
-    env: &[CString],
-    fds: &[RawFd],
-) -> Result<nix::unistd::Pid, String> {
-    let argv: Vec<&std::ffi::CStr> = argv.iter().map(CString::as_c_str).collect();
-    let env: Vec<&std::ffi::CStr> = env.iter().map(CString::as_c_str).collect();
-    vmlock_sys::child::spawn_unwaited(program, &argv, &env, fds, true)
-        .map(nix::unistd::Pid::from_raw)
-        .map_err(|e| format!("starting {}: {e}", program.to_string_lossy()))
+    match wait {
+        Wait::ForExec => vmlock_sys::child::spawn_clean(program, &argv, &env, fds),
+        Wait::No => vmlock_sys::child::spawn_unwaited(program, &argv, &env, fds, true),
+    }
+    .map(nix::unistd::Pid::from_raw)
+    .map_err(|e| format!("starting {}: {e}", program.to_string_lossy()))
 }
 
 /// Reads the holder's one line: `OK` (with the descriptions it sends along), or `ERR reason`;
@@ -334,7 +339,7 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         let _ = std::fs::remove_file(request.control);
     };
     let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
-    let holder = match spawn_taking_over(&program, &argv, &env, &handed) {
+    let holder = match spawn(&program, &argv, &env, &handed, Wait::No) {
         Ok(pid) => pid,
         Err(reason) => {
             forget_control();

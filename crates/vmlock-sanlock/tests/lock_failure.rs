@@ -118,10 +118,7 @@ fn a_dead_daemon_runs_the_helper_for_a_vm_acquired_before_its_guest() {
     let (mut daemon, plugin) = host_with_helper(
         dir.path(),
         "helper.sh",
-        &format!(
-            "#!/bin/sh\necho \"$@\" > {}.tmp && mv {0}.tmp {0}\n",
-            marker.display()
-        ),
+        &marking_script(&marker, "\"$@\"", ""),
     );
     let uuid = uuid::Uuid::new_v4();
     let _m = acquired_before_guest(&plugin, dir.path(), "before-guest", uuid);
@@ -189,6 +186,15 @@ fn host_with_helper(dir: &std::path::Path, name: &str, script: &str) -> (common:
     (daemon, Plugin::from_driver(driver))
 }
 
+/// A helper script that writes `what` to `marker` (whole: written aside, then renamed, so a
+/// reader never sees half of it), then runs `then`.
+fn marking_script(marker: &std::path::Path, what: &str, then: &str) -> String {
+    format!(
+        "#!/bin/sh\necho {what} > {0}.tmp && mv {0}.tmp {0}\n{then}\n",
+        marker.display()
+    )
+}
+
 /// A host with a helper that fails (as `vmlock lock-failure` does while the supervisor has no
 /// control socket yet) and counts its runs in `marker`.
 fn host_with_failing_helper(
@@ -254,11 +260,7 @@ fn a_hung_kill_path_is_killed_and_the_guest_with_it() {
     let (mut daemon, plugin) = host_with_helper(
         dir.path(),
         "hung-helper.sh",
-        // Its pid first (written whole, then renamed, so a reader never sees half of it).
-        &format!(
-            "#!/bin/sh\necho $$ > {0}.tmp && mv {0}.tmp {0}\nexec sleep 600\n",
-            marker.display()
-        ),
+        &marking_script(&marker, "$$", "exec sleep 600"),
     );
     let mut m = acquired_before_guest(&plugin, dir.path(), "hung", uuid::Uuid::new_v4());
     let guest = Guest::spawn();

@@ -95,28 +95,36 @@ pub fn spawn_clean(
         ));
     }
     let first = 3;
-    let above = first + fds.len() as RawFd;
-    // Copies above every target number, so placing one never overwrites another still to be
-    // placed; close-on-exec, so they end with the exec (dup2 clears it on the targets).
+    let high = copies_above(fds, first + fds.len() as RawFd)?;
+    let result = spawn_placed(program, argv, env, &high[..fds.len()], first);
+    close_copies(&high);
+    result
+}
+
+/// Copies of `fds` above every target number from `above` down, so placing one never
+/// overwrites another still to be placed; close-on-exec, so they end with the exec (`dup2`/
+/// `dup3` clears it on the targets). Unused slots are -1; [`close_copies`] closes them.
+fn copies_above(fds: &[RawFd], above: RawFd) -> io::Result<[RawFd; MAX_HANDED]> {
     let mut high = [-1 as RawFd; MAX_HANDED];
-    let mut result = Ok(0);
     for (slot, fd) in high.iter_mut().zip(fds) {
-        // SAFETY: fcntl on a descriptor number; the copy is closed below.
+        // SAFETY: fcntl on a descriptor number; the copy is closed by `close_copies`.
         let copy = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above) };
         if copy < 0 {
-            result = Err(io::Error::last_os_error());
-            break;
+            let e = io::Error::last_os_error();
+            close_copies(&high);
+            return Err(e);
         }
         *slot = copy;
     }
-    if result.is_ok() {
-        result = spawn_placed(program, argv, env, &high[..fds.len()], first);
-    }
+    Ok(high)
+}
+
+/// Closes the copies [`copies_above`] made.
+fn close_copies(high: &[RawFd]) {
     for copy in high.iter().filter(|c| **c >= 0) {
-        // SAFETY: closes only the copies made above.
+        // SAFETY: closes only copies made by `copies_above`, each once.
         unsafe { libc::close(*copy) };
     }
-    result
 }
 
 /// [`spawn_clean`] once the descriptors are where `dup2` cannot clobber them.
@@ -241,7 +249,7 @@ pub fn spawn_unwaited(
 
 #[cfg(target_arch = "x86_64")]
 mod unwaited {
-    use super::{check, MAX_HANDED};
+    use super::{check, close_copies, copies_above, MAX_HANDED};
     use nix::libc;
     use std::ffi::{c_void, CStr, CString};
     use std::io;
@@ -277,24 +285,7 @@ mod unwaited {
         }
         // SAFETY: access reads the NUL-terminated path only.
         check(unsafe { libc::access(program.as_ptr(), libc::X_OK) })?;
-        let above = FIRST + fds.len() as RawFd;
-        let mut sources = [-1 as RawFd; MAX_HANDED];
-        let close_copies = |sources: &[RawFd]| {
-            for fd in sources.iter().filter(|fd| **fd >= 0) {
-                // SAFETY: closes only copies this call made.
-                unsafe { libc::close(*fd) };
-            }
-        };
-        for (slot, fd) in sources.iter_mut().zip(fds) {
-            // SAFETY: fcntl on a descriptor number; the copy is closed below.
-            let copy = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above) };
-            if copy < 0 {
-                let e = io::Error::last_os_error();
-                close_copies(&sources);
-                return Err(e);
-            }
-            *slot = copy;
-        }
+        let sources = copies_above(fds, FIRST + fds.len() as RawFd)?;
         // The strings and the pointer arrays into them: leaked with the plan.
         let strings: &'static [CString] = Vec::leak(
             argv.iter()
@@ -345,7 +336,7 @@ mod unwaited {
             }
         };
         // The child has copies of its own (its descriptor table is a copy, not shared).
-        close_copies(&plan.sources[..plan.count]);
+        close_copies(&plan.sources);
         pid
     }
 
