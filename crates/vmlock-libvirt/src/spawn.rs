@@ -266,25 +266,11 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     let Ok((program, argv, env)) = command(request.holder_args) else {
         return TakeOutcome::UseHolder;
     };
-    // One connection, one round trip: hello, then the registration with its acquire, without
-    // waiting in between (the daemon answers in order); the descriptions come in the reply.
-    let sent = vmlock_client::Connection::open(request.runtime)
-        .map_err(StartRefused::Registration)
-        .and_then(|opening| {
-            vmlock_client::HoldConnection::send_start(
-                opening,
-                request.vm.clone(),
-                request.resources.clone(),
-                request.flags.clone(),
-            )
-        });
-    let Ok(sent) = sent else {
-        // No daemon: the holder's own start may start one.
-        return TakeOutcome::UseHolder;
-    };
-    // While vmlockd works on it: the holder's control socket, bound under a name of its own (it
-    // takes the domain's name only once the domain is ours: a migration destination's source
-    // serves under it), and the hand-down socket.
+    // First the holder's control socket, bound under a name of its own (it takes the domain's
+    // name only once the domain is ours: a migration destination's source serves under it), and
+    // the hand-down socket; then the request, after which this process only waits. (Made while
+    // vmlockd worked, they delayed it: the scheduler wakes vmlockd's thread on this CPU, the
+    // sender's, expecting the sender to wait at once.)
     let staged = staged_path(request.control, own_pid);
     let unstage = || {
         let _ = std::fs::remove_file(&staged);
@@ -299,6 +285,28 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         .map(|pair| (listener, pair))
         .map_err(std::io::Error::from)
     });
+    let Ok((listener, (ours, theirs))) = sockets else {
+        // The holder's own start binds the socket too, and names what fails.
+        unstage();
+        return TakeOutcome::UseHolder;
+    };
+    // One connection, one round trip: hello, then the registration with its acquire, without
+    // waiting in between (the daemon answers in order); the descriptions come in the reply.
+    let sent = vmlock_client::Connection::open(request.runtime)
+        .map_err(StartRefused::Registration)
+        .and_then(|opening| {
+            vmlock_client::HoldConnection::send_start(
+                opening,
+                request.vm.clone(),
+                request.resources.clone(),
+                request.flags.clone(),
+            )
+        });
+    let Ok(sent) = sent else {
+        // No daemon: the holder's own start may start one.
+        unstage();
+        return TakeOutcome::UseHolder;
+    };
     let (hold, locks, fds) = match sent.finish() {
         Ok(started) => started,
         // The domain is known (a migration destination, or a record being cleaned up): the
@@ -319,15 +327,6 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     let fail = |e: vmlock::Error| {
         unstage();
         refuse(request.runtime, &request.vm, e)
-    };
-    let (listener, (ours, theirs)) = match sockets {
-        Ok(sockets) => sockets,
-        Err(e) => {
-            return fail(vmlock::Error::io(
-                format!("the domain's control socket {}", staged.display()),
-                &e,
-            ))
-        }
     };
     if let Err(e) = std::fs::rename(&staged, request.control) {
         return fail(vmlock::Error::io(
