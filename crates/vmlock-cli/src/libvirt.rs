@@ -176,20 +176,6 @@ fn take_over(
     takeover_fd: RawFd,
     control_fd: RawFd,
 ) -> anyhow::Result<i32> {
-    // The plugin started this holder at SCHED_IDLE, so that its start-up never took the CPU
-    // from libvirt's pre-exec child; from now on it serves the domain, at normal priority.
-    // SAFETY: sched_setscheduler on this very process, with a parameter on the stack.
-    if unsafe {
-        let normal = nix::libc::sched_param { sched_priority: 0 };
-        nix::libc::sched_setscheduler(0, nix::libc::SCHED_OTHER, &normal)
-    } != 0
-    {
-        eprintln!(
-            "vmlock libvirt holder: domain {}: back to normal scheduling: {}",
-            args.name,
-            std::io::Error::last_os_error()
-        );
-    }
     // SAFETY: the plugin passes these two descriptors under these numbers (the hand-down socket
     // and the bound control socket) and nothing else in this process owns them.
     let (handed, listener) = unsafe {

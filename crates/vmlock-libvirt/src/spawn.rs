@@ -85,9 +85,9 @@ fn command(args: &[String]) -> Result<(CString, Vec<CString>, [CString; 1]), Str
 enum Wait {
     /// `posix_spawn` (`vmlock_sys::child::spawn_clean`): the start waits for the report anyway.
     ForExec,
-    /// `vmlock_sys::child::spawn_unwaited`, at `SCHED_IDLE` until the holder runs its own code:
-    /// this child returns to libvirt at once, and the holder's start-up never takes the CPU
-    /// from it.
+    /// `vmlock_sys::child::spawn_unwaited`: this child returns to libvirt at once, and the
+    /// holder execs only after this child's own exec (or exit), so that nothing of its start-up
+    /// runs beside libvirt's remaining work here.
     No,
 }
 
@@ -105,7 +105,14 @@ fn spawn(
     let env: Vec<&std::ffi::CStr> = env.iter().map(CString::as_c_str).collect();
     match wait {
         Wait::ForExec => vmlock_sys::child::spawn_clean(program, &argv, &env, fds),
-        Wait::No => vmlock_sys::child::spawn_unwaited(program, &argv, &env, fds, true),
+        Wait::No => {
+            // The holder execs once this child has (or has exited): its hand-down socket, `fds[0]`,
+            // hangs up then (our end is close-on-exec).
+            let start = vmlock_sys::child::UnwaitedStart {
+                exec_after_hangup: Some((0, READY_TIMEOUT)),
+            };
+            vmlock_sys::child::spawn_unwaited(program, &argv, &env, fds, start)
+        }
     }
     .map(nix::unistd::Pid::from_raw)
     .map_err(|e| format!("starting {}: {e}", program.to_string_lossy()))
@@ -254,10 +261,12 @@ const HAND_DOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// from its parent (QEMU by then) while libvirt goes on. Until it has, vmlockd and QEMU keep the
 /// descriptions, and vmlockd unlocks when QEMU exits.
 ///
-/// The holder starts only once vmlockd has answered, and nothing after its start waits: a
-/// holder started earlier ran its start-up (exec, dynamic linking) on this CPU while this
-/// process slept for the reply, and the scheduler let it finish its time slice before this
-/// process ran again, 1.5–3 ms later in about a third of the starts (docs/BENCHMARKS.md).
+/// Nothing of the holder's start-up runs beside this process (docs/BENCHMARKS.md): it is
+/// cloned once vmlockd has answered (a holder started earlier ran its exec on this CPU while this
+/// process slept for the reply, and the scheduler let it finish its time slice first: 1.5–3 ms
+/// in a third of the starts), nothing waits for its exec, and it execs only once this process
+/// has (or has exited), since a busy CPU beside libvirt's remaining work here (mount namespace
+/// calls that wait for RCU grace periods) cost that work about 1 ms.
 pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     let own_pid = std::process::id();
     if request.vm.pid != own_pid {
@@ -358,8 +367,8 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         return fail(e);
     }
     // Our end of the hand-down socket stays open until our exec (it is close-on-exec): its end
-    // tells the holder that libvirt's work in this child is over, and only then does it take
-    // over, so that its work and vmlockd's for it do not compete with this child's.
+    // tells the holder's clone that libvirt's work in this child is over, and only then does it
+    // exec the holder, which takes over, so that none of that work competes with this child's.
     let _ = ours.into_raw_fd();
     // The registration connection closes at our exec (close-on-exec); vmlockd keeps the grants
     // for the guest, which is alive, until the holder has taken over.
