@@ -370,8 +370,8 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     // tells the holder's clone that libvirt's work in this child is over, and only then does it
     // exec the holder, which takes over, so that none of that work competes with this child's.
     let _ = ours.into_raw_fd();
-    // The registration connection closes at our exec (close-on-exec); vmlockd keeps the grants
-    // for the guest, which is alive, until the holder has taken over.
+    // The registration connection closes now: nobody here would read what vmlockd sent on it.
+    // vmlockd keeps the grants for the guest, which is alive, until the holder has taken over.
     drop(hold);
     TakeOutcome::Held(fds)
 }
