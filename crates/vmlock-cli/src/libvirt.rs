@@ -222,7 +222,9 @@ fn guest_gone(guest_pid: u32) -> bool {
 const GUEST_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Waits (at most `timeout`) until the guest's end of the hand-down socket closes: at its exec
-/// of QEMU (the end is close-on-exec), or its exit. Until then libvirt's pre-exec child is still
+/// of QEMU (the end is close-on-exec), or its exit. (Usually it has: the plugin's clone execs
+/// this holder only then, except for a hand-down too large to wait in the socket, or on a
+/// machine without that clone.) Until then libvirt's pre-exec child is still
 /// at work on the domain's start, and the takeover (this holder's work and vmlockd's) would
 /// compete with it for the CPU. The guest holds its leases meanwhile, through vmlockd and its
 /// own descriptions.

@@ -994,9 +994,9 @@ fn pre_exec_guest() {
     use std::io::Write;
     use std::os::fd::{AsRawFd, IntoRawFd};
     use vmlock_libvirt::spawn::{take_and_hand_down, TakeOutcome, TakeRequest};
-    let (Ok(run_dir), Ok(disk), Ok(uuid)) = (
+    let (Ok(run_dir), Ok(Ok(disks)), Ok(uuid)) = (
         std::env::var("VMLOCK_TEST_GUEST_RUN_DIR"),
-        std::env::var("VMLOCK_TEST_GUEST_DISK"),
+        std::env::var("VMLOCK_TEST_GUEST_DISKS").map(std::fs::read_to_string),
         std::env::var("VMLOCK_TEST_GUEST_UUID"),
     ) else {
         panic!("run by the takeover test only");
@@ -1012,10 +1012,13 @@ fn pre_exec_guest() {
         id: 1,
         pid: std::process::id(),
         uri: None,
-        resources: vec![vmlock::Resource::Disk {
-            path: PathBuf::from(disk),
-            mode: vmlock::DiskMode::Exclusive,
-        }],
+        resources: disks
+            .lines()
+            .map(|disk| vmlock::Resource::Disk {
+                path: PathBuf::from(disk),
+                mode: vmlock::DiskMode::Exclusive,
+            })
+            .collect(),
     };
     let action = vmlock::LockFailureAction::Poweroff;
     let (vm, flags) = domain.registration(action);
@@ -1067,15 +1070,31 @@ fn a_holder_takes_over_after_its_guests_exec_and_leaves_when_it_exits_first() {
     use std::process::Stdio;
     use vmlock_sys::pidfd::ProcessHandle;
     let host = Host::new();
-    for order in ["exec", "exit"] {
-        let disk = host.dir.path().join(format!("{order}.img"));
-        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    // The last: more disks than one message of descriptions carries, with paths of 800 bytes,
+    // a hand-down (about 240 KiB) larger than a socket pair holds until the holder's exec.
+    let deep = (0..4).fold(host.dir.path().to_path_buf(), |p, i| {
+        p.join(format!("{i}{}", "d".repeat(199)))
+    });
+    std::fs::create_dir_all(&deep).unwrap();
+    for (order, count) in [("exec", 1), ("exit", 1), ("exec", 260)] {
+        let dir = if count > 1 { &deep } else { host.dir.path() };
+        let disks: Vec<PathBuf> = (0..count)
+            .map(|i| dir.join(format!("{order}-{count}-{i}.img")))
+            .collect();
+        for disk in &disks {
+            std::fs::write(disk, vec![0u8; 4096]).unwrap();
+        }
+        let disk = &disks[0];
+        // Listed in a file: 260 long paths exceed what one environment variable may hold.
+        let listed: Vec<String> = disks.iter().map(|d| d.display().to_string()).collect();
+        let list = host.dir.path().join(format!("{order}-{count}.disks"));
+        std::fs::write(&list, listed.join("\n")).unwrap();
         let uuid = uuid::Uuid::new_v4().to_string();
         let mut guest = Command::new(std::env::current_exe().unwrap())
             .args(["--ignored", "--exact", "pre_exec_guest", "--nocapture"])
             .args(["--test-threads", "1"])
             .env("VMLOCK_TEST_GUEST_RUN_DIR", host.run_dir())
-            .env("VMLOCK_TEST_GUEST_DISK", &disk)
+            .env("VMLOCK_TEST_GUEST_DISKS", &list)
             .env("VMLOCK_TEST_GUEST_UUID", &uuid)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1097,7 +1116,7 @@ fn a_holder_takes_over_after_its_guests_exec_and_leaves_when_it_exits_first() {
         let holder = ProcessHandle::open(holders[0], None).unwrap();
         // Until the guest's exec the guest keeps its leases itself: the holder has not taken
         // over (it waits for the exec, which the guest waits for us to order).
-        assert_eq!(status_holder_pid(&host, &disk), Some(u64::from(guest.id())));
+        assert_eq!(status_holder_pid(&host, disk), Some(u64::from(guest.id())));
         let mut stdin = guest.stdin.take().unwrap();
         writeln!(stdin, "{order}").unwrap();
         if order == "exec" {
@@ -1108,7 +1127,7 @@ fn a_holder_takes_over_after_its_guests_exec_and_leaves_when_it_exits_first() {
                 || {
                     // Taken over, and serving the domain's control socket (it does once it
                     // watches its guest).
-                    status_holder_pid(&host, &disk) == Some(u64::from(holder.pid))
+                    status_holder_pid(&host, disk) == Some(u64::from(holder.pid))
                         && matches!(
                             vmlock_client::control::call(
                                 &host.run_dir(),
@@ -1119,6 +1138,12 @@ fn a_holder_takes_over_after_its_guests_exec_and_leaves_when_it_exits_first() {
                                 if p == guest.id()
                         )
                 },
+            );
+            let held = host.held();
+            assert_eq!(
+                held.iter().filter(|(_, vm)| vm == "pre-exec").count(),
+                count,
+                "{held:?}"
             );
             vmlock_testkit::process::kill_child(&mut guest);
         } else {
@@ -1132,7 +1157,7 @@ fn a_holder_takes_over_after_its_guests_exec_and_leaves_when_it_exits_first() {
             "the disk to be free",
             SETTLE,
             Duration::from_millis(5),
-            || host.holder_of(&disk).is_none(),
+            || host.holder_of(disk).is_none(),
         );
         assert!(
             holder.wait_exit(Some(SETTLE)),

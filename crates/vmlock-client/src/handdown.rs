@@ -14,6 +14,18 @@ use vmlock::Error;
 /// The longest hand-down line read (a JSON lock is about 200 bytes; 64 MiB is far beyond any VM).
 const MAX_LINE: usize = 64 << 20;
 
+/// The most a hand-down may take of a socket pair's buffer for [`fits_unread`]: a quarter of the
+/// default 208 KiB, leaving room for the kernel's own per-message overhead.
+const UNREAD_LIMIT: usize = 52 * 1024;
+
+/// Whether [`send`] of `locks` completes with nobody reading the other end yet: one message of
+/// descriptions, and a line that fits well within a socket pair's default buffer. (Otherwise the
+/// receiver must be reading while it is sent.)
+pub fn fits_unread(locks: &[HeldLock]) -> bool {
+    locks.len() <= vmlock_sys::fdpass::MAX_FDS
+        && serde_json::to_vec(locks).is_ok_and(|json| json.len() + 8 <= UNREAD_LIMIT)
+}
+
 /// Sends `locks` with their descriptions `fds` (same order), waiting at most `timeout` for room.
 pub fn send(
     stream: &UnixStream,
@@ -136,6 +148,39 @@ mod tests {
             let o = nix::sys::stat::fstat(original.as_raw_fd()).unwrap();
             assert_eq!((r.st_dev, r.st_ino), (o.st_dev, o.st_ino));
         }
+    }
+
+    #[test]
+    fn what_fits_unread_is_sent_with_nobody_reading() {
+        // The largest hand-down `fits_unread` accepts: as many long-named locks as fit.
+        let long = |i: u64| HeldLock {
+            resource: vmlock::Resource::Disk {
+                path: format!("/{}/{i}.qcow2", "d".repeat(1000)).into(),
+                mode: vmlock::DiskMode::Exclusive,
+            },
+            key: LockKey {
+                dev: u64::MAX,
+                ino: u64::MAX - i,
+                byte: u64::MAX,
+            },
+        };
+        let mut locks: Vec<HeldLock> = Vec::new();
+        while fits_unread(&[locks.clone(), vec![long(locks.len() as u64)]].concat()) {
+            locks.push(long(locks.len() as u64));
+        }
+        assert!(locks.len() > 10, "{} locks", locks.len());
+        let files: Vec<OwnedFd> = locks
+            .iter()
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect();
+        let (a, b) = UnixStream::pair().unwrap();
+        // Nobody reads `b` until the send is done: a send that needed a reader times out.
+        send(&a, &locks, &files, Duration::from_millis(500)).unwrap();
+        let (got, fds) = receive(&b, Duration::from_secs(10)).unwrap();
+        assert_eq!((got.len(), fds.len()), (locks.len(), locks.len()));
+        // More descriptions than one message carries do not fit, however short.
+        let many: Vec<HeldLock> = (0..=vmlock_sys::fdpass::MAX_FDS as u64).map(lock).collect();
+        assert!(!fits_unread(&many));
     }
 
     #[test]

@@ -85,10 +85,12 @@ fn command(args: &[String]) -> Result<(CString, Vec<CString>, [CString; 1]), Str
 enum Wait {
     /// `posix_spawn` (`vmlock_sys::child::spawn_clean`): the start waits for the report anyway.
     ForExec,
-    /// `vmlock_sys::child::spawn_unwaited`: this child returns to libvirt at once, and the
-    /// holder execs only after this child's own exec (or exit), so that nothing of its start-up
-    /// runs beside libvirt's remaining work here.
-    No,
+    /// `vmlock_sys::child::spawn_unwaited`: this child returns to libvirt at once. With
+    /// `after_ours`, the holder execs only after this child's own exec (or exit), when its
+    /// hand-down socket, `fds[0]`, hangs up (our end is close-on-exec), so that nothing of its
+    /// start-up runs beside libvirt's remaining work here; without, at once (a hand-down too
+    /// large to wait in the socket needs the holder reading it).
+    No { after_ours: bool },
 }
 
 /// Starts the holder as a clean child (its own session, no signal blocked or ignored, nothing
@@ -105,11 +107,9 @@ fn spawn(
     let env: Vec<&std::ffi::CStr> = env.iter().map(CString::as_c_str).collect();
     match wait {
         Wait::ForExec => vmlock_sys::child::spawn_clean(program, &argv, &env, fds),
-        Wait::No => {
-            // The holder execs once this child has (or has exited): its hand-down socket, `fds[0]`,
-            // hangs up then (our end is close-on-exec).
+        Wait::No { after_ours } => {
             let start = vmlock_sys::child::UnwaitedStart {
-                exec_after_hangup: Some((0, READY_TIMEOUT)),
+                exec_after_hangup: after_ours.then_some((0, READY_TIMEOUT)),
             };
             vmlock_sys::child::spawn_unwaited(program, &argv, &env, fds, start)
         }
@@ -347,7 +347,10 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
         let _ = std::fs::remove_file(request.control);
     };
     let handed = [theirs.as_raw_fd(), listener.as_raw_fd()];
-    let holder = match spawn(&program, &argv, &env, &handed, Wait::No) {
+    let wait = Wait::No {
+        after_ours: vmlock_client::handdown::fits_unread(&locks),
+    };
+    let holder = match spawn(&program, &argv, &env, &handed, wait) {
         Ok(pid) => pid,
         Err(reason) => {
             forget_control();
@@ -357,7 +360,8 @@ pub fn take_and_hand_down(request: &TakeRequest<'_>) -> TakeOutcome {
     drop(theirs);
     drop(listener);
     let ours = UnixStream::from(ours);
-    // Queued in the socket's buffer: the holder reads it once it runs.
+    // Queued in the socket's buffer, where it fits (the holder reads it once it runs), else read
+    // by the holder as it comes.
     if let Err(e) = vmlock_client::handdown::send(&ours, &locks, &fds, HAND_DOWN_TIMEOUT) {
         // The holder died before it read: QEMU would run with nobody to serve libvirt's later
         // calls. Fail the start instead.
