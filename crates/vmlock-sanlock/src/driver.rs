@@ -81,9 +81,23 @@ fn run_bounded(
         .stdin(std::process::Stdio::null())
         .spawn()?;
     // Our own unreaped child: its pid cannot be reused before the wait below.
-    let exited = vmlock_sys::pidfd::ProcessHandle::open(child.id(), None)
-        .map(|h| h.wait_exit(Some(limit)))
-        .unwrap_or(true);
+    let exited = match vmlock_sys::pidfd::ProcessHandle::open(child.id(), None) {
+        Ok(h) => h.wait_exit(Some(limit)),
+        // No pidfd (out of descriptors): poll for the exit instead, still bounded.
+        Err(_) => {
+            let deadline = std::time::Instant::now() + limit;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break true,
+                    Ok(None) if std::time::Instant::now() < deadline => {
+                        // Pacing of the fallback poll: no pidfd to wait on.
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    _ => break false,
+                }
+            }
+        }
+    };
     if !exited {
         let _ = child.kill();
         let _ = child.wait();

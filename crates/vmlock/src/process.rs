@@ -27,7 +27,8 @@ const PF_EXITING: u32 = 0x4;
 pub fn stat(pid: u32) -> Option<ProcStat> {
     use std::io::Read;
     let mut file = fs::File::open(format!("/proc/{pid}/stat")).ok()?;
-    // The line is about 300 bytes; a command name is at most 64 bytes, so 1 KiB holds any line.
+    // The line is about 300 bytes; the fields read (up to the 22nd) are in its first few hundred,
+    // so 1 KiB is enough even should a line be longer.
     let mut buf = [0u8; 1024];
     let mut len = 0;
     // procfs makes the whole line at the first read; the line ends with a newline, so no read
