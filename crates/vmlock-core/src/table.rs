@@ -110,7 +110,8 @@ impl<D> Default for Effects<D> {
 }
 
 impl<D> Effects<D> {
-    fn absorb(&mut self, other: Effects<D>) {
+    /// Adds `other`'s effects to these (two calls under one table lock).
+    pub fn absorb(&mut self, other: Effects<D>) {
         self.close.extend(other.close);
         self.pushes.extend(other.pushes);
         self.kill.extend(other.kill);

@@ -7,8 +7,9 @@
 //! (so `/proc/self/fd/N`, `/proc/PID/fd/N`, `/dev/fd/N` and `/proc/PID/root` cannot hand out the
 //! daemon's own descriptors), then identified with `fstat`/`fstatfs` and refused unless it is a
 //! regular file or a block device outside the kernel's interface filesystems. Only then is that
-//! same inode opened for real, through its `O_PATH` descriptor, with
-//! `O_NONBLOCK | O_NOCTTY | O_CLOEXEC`; `O_NONBLOCK` is cleared afterwards.
+//! same inode opened for real, through its `O_PATH` descriptor (by its number in the process's
+//! `/proc/self/fd`, a directory opened once), with `O_NONBLOCK | O_NOCTTY | O_CLOEXEC`;
+//! `O_NONBLOCK` is cleared afterwards.
 //!
 //! Refusals are `io::ErrorKind::InvalidInput` with a message naming the file type.
 
@@ -16,8 +17,8 @@ use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, CWD};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// Which inode a path reached: what a lock is really on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -132,16 +133,41 @@ pub fn identify(path: &Path) -> io::Result<(OwnedFd, Identity)> {
     Ok((fd, id))
 }
 
+/// This process's `/proc/self/fd`, opened once (a path walk through `/proc` less per disk), with
+/// the pid it was opened by: a forked child opens its own.
+static PROC_SELF_FD: Mutex<Option<(u32, Arc<OwnedFd>)>> = Mutex::new(None);
+
+fn proc_self_fd() -> io::Result<Arc<OwnedFd>> {
+    let pid = std::process::id();
+    let mut cached = PROC_SELF_FD.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((opened_by, dir)) = cached.as_ref() {
+        if *opened_by == pid {
+            return Ok(Arc::clone(dir));
+        }
+    }
+    let dir = Arc::new(rustix::fs::open(
+        "/proc/self/fd",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?);
+    *cached = Some((pid, Arc::clone(&dir)));
+    Ok(dir)
+}
+
 /// Opens the inode `pinned` (an `O_PATH` descriptor from [`identify`]) for reading, and writing
 /// if `write`, without blocking, and checks it is still `id`.
 fn reopen(pinned: &OwnedFd, id: Identity, path: &Path, write: bool) -> io::Result<File> {
     // Reopening through /proc/self/fd/N opens exactly the pinned inode, whatever the path now
     // names.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32 | nix::libc::O_NOCTTY)
-        .open(format!("/proc/self/fd/{}", pinned.as_raw_fd()))?;
+    let mut flags = OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    flags |= if write { OFlags::RDWR } else { OFlags::RDONLY };
+    let name = pinned.as_raw_fd().to_string();
+    let file = File::from(rustix::fs::openat(
+        &*proc_self_fd()?,
+        name.as_str(),
+        flags,
+        Mode::empty(),
+    )?);
     // The same inode, so the same file system: its identity is all there is to compare (no
     // second `fstatfs`, one system call less per disk).
     let st = rustix::fs::fstat(&file)?;
@@ -225,6 +251,27 @@ mod tests {
         let e = bounded(move || open(&p, false)).expect_err("must be refused");
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
         e.to_string()
+    }
+
+    #[test]
+    fn reopens_go_through_one_proc_directory_and_open_the_pinned_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, b"x").unwrap();
+        let (first, id) = open(&disk, true).unwrap();
+        let cached = proc_self_fd().unwrap();
+        // Replaced after the lookup: the reopen still opens what was pinned, not the new file.
+        let (pinned, pinned_id) = identify(&disk).unwrap();
+        std::fs::rename(&disk, dir.path().join("old.img")).unwrap();
+        std::fs::write(&disk, b"y").unwrap();
+        let reopened = reopen(&pinned, pinned_id, &disk, false).unwrap();
+        let st = rustix::fs::fstat(&reopened).unwrap();
+        assert_eq!((st.st_dev as u64, st.st_ino as u64), (id.dev, id.ino));
+        assert!(
+            Arc::ptr_eq(&cached, &proc_self_fd().unwrap()),
+            "opened once per process"
+        );
+        drop(first);
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl Resource {
     /// (`rbd:POOL/IMAGE`, `iscsi:IQN/LUN`, `nbd:HOST/EXPORT`; see [`Resource::network_id`]).
     pub fn disk(path: impl Into<PathBuf>, mode: DiskMode) -> Result<Self> {
         let path = path.into();
-        validate_disk_name(&path, &path.display().to_string())?;
+        validate_disk_name(&path, || path.display().to_string())?;
         Ok(Resource::Disk { path, mode })
     }
 
@@ -96,7 +96,7 @@ impl Resource {
     /// Checks the resource as a lock service receives it.
     pub fn validate(&self) -> Result<()> {
         match self {
-            Resource::Disk { path, .. } => validate_disk_name(path, &self.to_string()),
+            Resource::Disk { path, .. } => validate_disk_name(path, || self.to_string()),
             Resource::Lease(l) => {
                 for (what, value) in [("lockspace", &l.lockspace), ("key", &l.key)] {
                     if value.is_empty() || value.len() > 255 {
@@ -109,7 +109,7 @@ impl Resource {
                         ));
                     }
                 }
-                validate_path(&l.path, &self.to_string())
+                validate_path(&l.path, || self.to_string())
             }
         }
     }
@@ -117,7 +117,12 @@ impl Resource {
     /// The name an error uses for this resource: the disk path, or `lease LOCKSPACE:KEY`.
     pub fn label(&self) -> String {
         match self {
-            Resource::Disk { path, .. } => path.display().to_string(),
+            // Validated paths are UTF-8: a plain copy, not a lossy conversion (every grant and
+            // release names its disks in an event).
+            Resource::Disk { path, .. } => match path.to_str() {
+                Some(p) => p.to_owned(),
+                None => path.display().to_string(),
+            },
             Resource::Lease(l) => format!("lease {}:{}", l.lockspace, l.key),
         }
     }
@@ -227,7 +232,9 @@ fn is_network_name(name: &str) -> bool {
 }
 
 /// A disk: an absolute path, or `SCHEME:IDENTITY` of a network disk.
-fn validate_disk_name(path: &Path, label: &str) -> Result<()> {
+/// `label` names the resource in an error; it is only called on a refusal (a valid request
+/// formats nothing).
+fn validate_disk_name(path: &Path, label: impl FnOnce() -> String) -> Result<()> {
     let Some(name) = path.to_str().filter(|p| is_network_name(p)) else {
         return validate_path(path, label);
     };
@@ -242,12 +249,12 @@ fn validate_disk_name(path: &Path, label: &str) -> Result<()> {
         return Ok(());
     };
     Err(Error::InvalidResource {
-        resource: label.to_owned(),
+        resource: label(),
         reason: reason.to_owned(),
     })
 }
 
-fn validate_path(path: &Path, label: &str) -> Result<()> {
+fn validate_path(path: &Path, label: impl FnOnce() -> String) -> Result<()> {
     let reason = if !path.is_absolute() {
         "path must be absolute (or name a network disk: rbd:POOL/IMAGE, iscsi:IQN/LUN, nbd:HOST/EXPORT)"
     } else if path.as_os_str().len() > 4096 {
@@ -271,7 +278,7 @@ fn validate_path(path: &Path, label: &str) -> Result<()> {
         return Ok(());
     };
     Err(Error::InvalidResource {
-        resource: label.to_owned(),
+        resource: label(),
         reason: reason.to_owned(),
     })
 }

@@ -969,18 +969,32 @@ impl Daemon {
                 o.image = None;
             }
         }
+        // With no cluster keys to take in between, copies that travel in the reply are committed
+        // under the same table lock as their reservation: one lock round and one pass over the
+        // effects per acquire instead of two.
+        let commit_at_once = self.cluster.is_none() && flags.reply_with_fds;
         let reserved = self.with_table(|t, h| {
-            let (r, fx) = t.reserve(h, caller, uuid, opened, flags);
-            let vm = identity(t, uuid);
-            ((r, vm), fx)
+            let (r, mut fx) = t.reserve(h, caller, uuid, opened, flags);
+            let committed = match &r {
+                Ok(Some(reservation)) if commit_at_once && reservation.direct => {
+                    let (c, more) = t.commit(uuid, reservation.ticket);
+                    self.note_grant(t, uuid, &c);
+                    fx.absorb(more);
+                    Some(c)
+                }
+                _ => None,
+            };
+            // The VM's name is copied only where it is used: a refusal, a cluster key's owner.
+            let vm = (r.is_err() || self.cluster.is_some()).then(|| identity(t, uuid));
+            ((r, vm, committed), fx)
         });
-        let (reservation, vm) = match reserved {
-            (Err(refusal), vm) => return refused(Some(vm), refusal.into_error(host::name_holder)),
-            (Ok(None), _) => {
+        let (reservation, vm, committed) = match reserved {
+            (Err(refusal), vm, _) => return refused(vm, refusal.into_error(host::name_holder)),
+            (Ok(None), _, _) => {
                 *restricted = flags.restrict;
                 return Some((Reply::Held(Vec::new()), Vec::new()));
             }
-            (Ok(Some(r)), vm) => (r, vm),
+            (Ok(Some(r)), vm, committed) => (r, vm, committed),
         };
         let ticket = reservation.ticket;
         // The local locks are taken (pending); now the cluster's, in one transaction. Under the
@@ -1003,6 +1017,7 @@ impl Daemon {
                 .iter()
                 .map(|(l, _)| l.resource.clone())
                 .collect();
+            let vm = vm.unwrap_or_else(|| identity(&self.lock_table(), uuid));
             let owner = vmlock_etcd::Owner {
                 host: self.host_name.clone(),
                 vm_name: vm.name.clone(),
@@ -1039,10 +1054,12 @@ impl Daemon {
             // The copies travel in the reply; once it is out they sit in the holder's socket
             // queue, which outlives a daemon crash. The reply carries the committed versions, so
             // commit first; a reply that cannot be delivered releases what the acquire took.
-            let committed = self.with_table(|t, _| {
-                let (r, fx) = t.commit(uuid, ticket);
-                self.note_grant(t, uuid, &r);
-                (r, fx)
+            let committed = committed.unwrap_or_else(|| {
+                self.with_table(|t, _| {
+                    let (r, fx) = t.commit(uuid, ticket);
+                    self.note_grant(t, uuid, &r);
+                    (r, fx)
+                })
             });
             let reply = match committed {
                 Ok(held) => Reply::Kept {
