@@ -9,7 +9,7 @@ use crate::proto::{
     write_frame, FrameReader, HeldLock, ReadError, Reply, Request, PROTOCOL_VERSION,
 };
 use crate::runtime::RuntimeDir;
-use crate::store::{PendingSnapshot, Store};
+use crate::store::{JournalLine, PendingSnapshot, Store};
 use crate::telemetry::{ActionTaken, EventLog, Metrics, RefusalReason};
 use crate::workers::Workers;
 use rustix::event::{poll, PollFd, PollFlags};
@@ -220,16 +220,35 @@ impl Daemon {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records VM `uuid`'s entry. Called with the table locked, after every change to that VM:
-    /// one append to a journal already open. When the journal has outgrown the table, returns a
-    /// snapshot for the caller to write once the table is unlocked.
-    fn persist(&self, table: &LockTable<LinuxHost>, uuid: &str) -> Option<PendingSnapshot> {
+    /// Numbers VM `uuid`'s new entry. Called with the table locked, after every change to that
+    /// VM; the line is appended once the table is unlocked ([`Daemon::append`]). When the journal
+    /// has outgrown the table, also returns a snapshot to write then.
+    fn persist(
+        &self,
+        table: &LockTable<LinuxHost>,
+        uuid: &str,
+    ) -> (JournalLine, Option<PendingSnapshot>) {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.record(uuid, table.persisted_owner(uuid));
-        if store.wants_snapshot(table.owner_count()) {
+        let line = store.record(uuid, table.persisted_owner(uuid));
+        let snapshot = if store.wants_snapshot(table.owner_count()) {
             store.begin_snapshot(table.persisted())
         } else {
             None
+        };
+        (line, snapshot)
+    }
+
+    /// With the table unlocked: appends lines numbered by [`Daemon::persist`]. Holds no lock
+    /// while writing, so a slow journal write does not stall other VMs' requests.
+    fn append(&self, lines: Vec<JournalLine>) {
+        for line in lines {
+            let seq = line.seq();
+            if !line.append() {
+                self.store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .append_failed(seq);
+            }
         }
     }
 
@@ -686,10 +705,10 @@ impl Daemon {
         self.events.flush();
     }
 
-    /// Runs one core call under the table lock, appends what it changed to the journal (still
-    /// under the lock, so the journal follows the table's order), then with the table unlocked
-    /// writes a snapshot if one is due and carries out the call's effects: descriptions closed,
-    /// pushes written, guests killed, the watcher woken.
+    /// Runs one core call under the table lock and numbers what it changed (still under the
+    /// lock, so the journal's numbers follow the table's order), then with the table unlocked
+    /// appends those journal lines, writes a snapshot if one is due and carries out the call's
+    /// effects: descriptions closed, pushes written, guests killed, the watcher woken.
     fn with_table<R>(
         &self,
         call: impl FnOnce(&mut LockTable<LinuxHost>, &mut LinuxHost) -> (R, Effects<OwnedFd>),
@@ -698,11 +717,16 @@ impl Daemon {
         let mut table = self.lock_table();
         let (result, fx) = call(&mut table, &mut host);
         let mut snapshot = None;
+        let mut lines = Vec::with_capacity(fx.changed.len());
         for uuid in &fx.changed {
-            snapshot = snapshot.or(self.persist(&table, uuid));
+            let (line, pending) = self.persist(&table, uuid);
+            lines.push(line);
+            snapshot = snapshot.or(pending);
         }
         self.note_effects(&table, &fx);
         drop(table);
+        // Recorded before the call's answer goes out (the caller writes it after this returns).
+        self.append(lines);
         self.events.flush();
         if let Some(pending) = snapshot {
             self.write_snapshot(pending);

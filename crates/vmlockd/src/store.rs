@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use vmlock_core::types::LockKey;
 use vmlock_core::{Persisted, PersistedOwner};
 
@@ -43,8 +44,9 @@ struct SnapshotFile {
 #[derive(Debug)]
 pub struct Store {
     runtime: RuntimeDir,
-    /// `state.journal` and `state.journal.1`; appends go to `journals[current]`.
-    journals: [File; 2],
+    /// `state.journal` and `state.journal.1`; appends go to `journals[current]`. Shared with the
+    /// lines on their way there ([`JournalLine`]).
+    journals: [Arc<File>; 2],
     current: usize,
     /// The last change numbered.
     seq: u64,
@@ -64,8 +66,10 @@ pub struct PendingSnapshot {
     state: Persisted,
     seq: u64,
     path: PathBuf,
-    /// The journal appends switched away from: every line in it is in the snapshot.
-    old_journal: File,
+    /// The journal appends switched away from: every line in it is in the snapshot. (A line
+    /// numbered before the switch may still be on its way there; emptied or not, the snapshot
+    /// holds it, and the replay skips it by its number.)
+    old_journal: Arc<File>,
 }
 
 fn journal_paths(runtime: &RuntimeDir) -> [PathBuf; 2] {
@@ -170,7 +174,10 @@ impl Store {
             .map(|(key, (uuid, version))| (key, uuid, version))
             .collect();
         persisted.versions.sort_by_key(|(key, _, _)| *key);
-        let journals = [open_journal(&paths[0])?, open_journal(&paths[1])?];
+        let journals = [
+            Arc::new(open_journal(&paths[0])?),
+            Arc::new(open_journal(&paths[1])?),
+        ];
         Ok((
             Store {
                 runtime: runtime.clone(),
@@ -185,34 +192,27 @@ impl Store {
         ))
     }
 
-    /// Records the new entry of VM `uuid` (`None`: it holds nothing any more). Called with the
-    /// table locked, so lines are numbered in the table's order.
-    pub fn record(&mut self, uuid: &str, owner: Option<PersistedOwner>) {
+    /// Numbers the new entry of VM `uuid` (`None`: it holds nothing any more) and picks its
+    /// journal. Called with the table locked, so lines are numbered in the table's order; the
+    /// returned line is encoded and appended with the table unlocked ([`JournalLine::append`]),
+    /// before the request is answered.
+    pub fn record(&mut self, uuid: &str, owner: Option<PersistedOwner>) -> JournalLine {
         self.seq += 1;
-        let mut line = match serde_json::to_vec(&Change {
-            uuid: uuid.to_owned(),
-            owner,
-            seq: self.seq,
-        }) {
-            Ok(l) => l,
-            Err(e) => return tracing::error!("encoding a journal line: {e}"),
-        };
-        line.push(b'\n');
-        let journal = &mut self.journals[self.current];
-        if let Err((e, written)) = append(journal, &line) {
-            // A full file system (say) may take part of the line: cut it off, or the next
-            // append would join it and be lost with it. The change itself is lost here: the
-            // next snapshot (forced) records the whole table again. (The length is read only
-            // here, not before every append: one system call less per change.)
-            if written > 0 {
-                if let Ok(m) = journal.metadata() {
-                    let _ = journal.set_len(m.len().saturating_sub(written as u64));
-                }
-            }
-            self.missed = Some(self.seq);
-            tracing::error!("appending to the state journal: {e}; a snapshot will follow");
-        }
         self.lines += 1;
+        JournalLine {
+            change: Change {
+                uuid: uuid.to_owned(),
+                owner,
+                seq: self.seq,
+            },
+            journal: Arc::clone(&self.journals[self.current]),
+        }
+    }
+
+    /// The append of line `seq` failed: the journals lack it until a snapshot holding it is
+    /// written, so the next change forces one.
+    pub fn append_failed(&mut self, seq: u64) {
+        self.missed = Some(self.missed.map_or(seq, |m| m.max(seq)));
     }
 
     /// Whether the journal has outgrown a table of `owners` VMs (and no snapshot is on its way).
@@ -226,13 +226,7 @@ impl Store {
         if self.snapshot_pending {
             return None;
         }
-        let old_journal = match self.journals[self.current].try_clone() {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!("preparing a state snapshot: {e}");
-                return None;
-            }
-        };
+        let old_journal = Arc::clone(&self.journals[self.current]);
         self.current = 1 - self.current;
         self.lines = 0;
         self.snapshot_pending = true;
@@ -331,19 +325,65 @@ impl PendingSnapshot {
     }
 }
 
-/// Appends `line` to `journal` (opened for appending, written only under the store's lock);
-/// on failure, also says how many of its bytes went in.
-fn append(journal: &mut File, line: &[u8]) -> Result<(), (std::io::Error, usize)> {
-    let mut written = 0;
-    while written < line.len() {
-        match journal.write(&line[written..]) {
-            Ok(0) => return Err((std::io::ErrorKind::WriteZero.into(), written)),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((e, written)),
+/// One change on its way to a journal: numbered under the table lock, encoded and written
+/// without any lock held.
+#[derive(Debug)]
+#[must_use = "a change is recorded only once its line is appended"]
+pub struct JournalLine {
+    change: Change,
+    journal: Arc<File>,
+}
+
+impl JournalLine {
+    /// The change's number.
+    pub fn seq(&self) -> u64 {
+        self.change.seq
+    }
+
+    /// Encodes the line and appends it with one `write` (the journal is opened `O_APPEND`, so
+    /// lines written by several threads at once never interleave; their file order may differ
+    /// from their numbers, which the replay sorts by). Holds no lock: a slow write delays only
+    /// its own request. Returns false if the line did not go in whole; the caller reports that
+    /// ([`Store::append_failed`]) so that a snapshot follows.
+    pub fn append(self) -> bool {
+        let mut line = match serde_json::to_vec(&self.change) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("encoding a journal line: {e}");
+                return false;
+            }
+        };
+        line.push(b'\n');
+        let mut journal = &*self.journal;
+        let result = loop {
+            match journal.write(&line) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        match result {
+            Ok(n) if n == line.len() => true,
+            Ok(n) => {
+                // A full file system (say) took part of the line. Writing the rest could land
+                // after another thread's line, so the part is ended with a newline instead: it
+                // is skipped as unreadable at replay, and the lines after it stand on their own.
+                // (If even that fails the next line may be lost with it; the snapshot that
+                // follows holds both.)
+                if n > 0 {
+                    let _ = journal.write(b"\n");
+                }
+                tracing::error!(
+                    "appending to the state journal: wrote {n} of {} bytes; a snapshot will follow",
+                    line.len()
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!("appending to the state journal: {e}; a snapshot will follow");
+                false
+            }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -378,9 +418,9 @@ mod tests {
         let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
         let (mut store, empty) = Store::open(&runtime).unwrap();
         assert!(empty.owners.is_empty());
-        store.record("a", Some(owner("a1")));
-        store.record("b", Some(owner("b2")));
-        store.record("a", None);
+        assert!(store.record("a", Some(owner("a1"))).append());
+        assert!(store.record("b", Some(owner("b2"))).append());
+        assert!(store.record("a", None).append());
         let (mut store, replayed) = Store::open(&runtime).unwrap();
         assert_eq!(replayed.owners.len(), 1);
         let mut table = LockTable::<LinuxHost>::new(Policy::default(), "h".into());
@@ -404,10 +444,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
         let (mut store, _) = Store::open(&runtime).unwrap();
-        store.record(&uuid_of("a1"), Some(owner("a1")));
+        assert!(store.record(&uuid_of("a1"), Some(owner("a1"))).append());
         let (mut store, full) = Store::open(&runtime).unwrap();
         let pending = store.start_snapshot(full).expect("handed out");
-        store.record(&uuid_of("b2"), Some(owner("b2")));
+        assert!(store.record(&uuid_of("b2"), Some(owner("b2"))).append());
         // A crash before it is written: the old journal and the new one.
         let (_, crashed) = Store::open(&runtime).unwrap();
         assert_eq!(names(&crashed), vec!["a1", "b2"]);
@@ -417,7 +457,7 @@ mod tests {
         assert_eq!(names(&after), vec!["a1", "b2"]);
 
         // Lines in both journals (the b2 line is in the second): written now, nothing handed out.
-        store.record(&uuid_of("c3"), Some(owner("c3")));
+        assert!(store.record(&uuid_of("c3"), Some(owner("c3"))).append());
         let paths = journal_paths(&runtime);
         std::fs::write(&paths[0], std::fs::read(&paths[1]).unwrap()).unwrap();
         let (mut store, full) = Store::open(&runtime).unwrap();
@@ -441,13 +481,19 @@ mod tests {
             o.grants[0].3 = version;
             o
         };
-        store.record(&uuid_of("a1"), Some(with_version("a1", 5)));
-        store.record(&uuid_of("b2"), Some(with_version("b2", 3)));
-        store.record(&uuid_of("b2"), None);
+        assert!(store
+            .record(&uuid_of("a1"), Some(with_version("a1", 5)))
+            .append());
+        assert!(store
+            .record(&uuid_of("b2"), Some(with_version("b2", 3)))
+            .append());
+        assert!(store.record(&uuid_of("b2"), None).append());
         let (_, replayed) = Store::open(&runtime).unwrap();
         let key = owner("a1").grants[0].0;
         assert_eq!(replayed.versions, vec![(key, uuid_of("a1"), 5)]);
-        store.record(&uuid_of("b2"), Some(with_version("b2", 6)));
+        assert!(store
+            .record(&uuid_of("b2"), Some(with_version("b2", 6)))
+            .append());
         let (_, replayed) = Store::open(&runtime).unwrap();
         assert_eq!(replayed.versions, vec![(key, uuid_of("b2"), 6)]);
     }
@@ -459,15 +505,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
         let (mut store, _) = Store::open(&runtime).unwrap();
-        store.record(&uuid_of("a1"), Some(owner("a1")));
+        assert!(store.record(&uuid_of("a1"), Some(owner("a1"))).append());
         let at_switch = Persisted {
             owners: vec![owner("a1")],
             versions: Vec::new(),
         };
         let pending = store.begin_snapshot(at_switch).expect("a snapshot");
         // More changes land before the snapshot is written (the table is unlocked by then).
-        store.record(&uuid_of("b2"), Some(owner("b2")));
-        store.record(&uuid_of("a1"), None);
+        assert!(store.record(&uuid_of("b2"), Some(owner("b2"))).append());
+        assert!(store.record(&uuid_of("a1"), None).append());
         assert!(
             store.begin_snapshot(Persisted::default()).is_none(),
             "one at a time"
@@ -488,5 +534,87 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    /// Lines are numbered under the table lock and appended after it, by several threads: their
+    /// file order may differ from their numbers, and a line numbered before a snapshot switch
+    /// may land in the old journal after the snapshot emptied it. The replay follows the numbers.
+    #[test]
+    fn lines_appended_out_of_order_or_late_replay_by_their_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
+        let (mut store, _) = Store::open(&runtime).unwrap();
+        let first = store.record(&uuid_of("a1"), Some(owner("a1")));
+        let second = store.record(&uuid_of("a1"), None);
+        assert!(second.append());
+        assert!(first.append());
+        let (_, replayed) = Store::open(&runtime).unwrap();
+        assert!(names(&replayed).is_empty(), "the removal came last");
+
+        // Numbered, then the snapshot (holding it) is written and empties its journal; the line
+        // arrives there only afterwards.
+        let late = store.record(&uuid_of("b2"), Some(owner("b2")));
+        let pending = store
+            .begin_snapshot(Persisted {
+                owners: vec![owner("b2")],
+                versions: Vec::new(),
+            })
+            .expect("a snapshot");
+        assert!(store.record(&uuid_of("b2"), None).append());
+        assert!(pending.write());
+        store.snapshot_written();
+        assert!(late.append());
+        let (_, replayed) = Store::open(&runtime).unwrap();
+        assert!(
+            names(&replayed).is_empty(),
+            "the late line is older than the snapshot and the removal: {:?}",
+            names(&replayed)
+        );
+    }
+
+    /// A line cut off part-way (a full file system) and ended with a newline is skipped; the
+    /// lines around it replay.
+    #[test]
+    fn a_cut_off_line_costs_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
+        let (mut store, _) = Store::open(&runtime).unwrap();
+        assert!(store.record(&uuid_of("a1"), Some(owner("a1"))).append());
+        let journal = &journal_paths(&runtime)[0];
+        let mut cut = std::fs::OpenOptions::new()
+            .append(true)
+            .open(journal)
+            .unwrap();
+        cut.write_all(br#"{"uuid":"7c9e6679-7425-40de-944b-e07fc1f90ab2","owner":{"vm""#)
+            .unwrap();
+        cut.write_all(b"\n").unwrap();
+        assert!(store.record(&uuid_of("c3"), Some(owner("c3"))).append());
+        let (_, replayed) = Store::open(&runtime).unwrap();
+        assert_eq!(names(&replayed), vec!["a1", "c3"]);
+    }
+
+    /// A failed append forces a snapshot at the next change, and that snapshot clears it.
+    #[test]
+    fn a_failed_append_forces_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
+        let (mut store, _) = Store::open(&runtime).unwrap();
+        let line = store.record(&uuid_of("a1"), Some(owner("a1")));
+        assert!(!store.wants_snapshot(1));
+        store.append_failed(line.seq());
+        assert!(store.wants_snapshot(1));
+        let pending = store
+            .begin_snapshot(Persisted {
+                owners: vec![owner("a1")],
+                versions: Vec::new(),
+            })
+            .expect("a snapshot");
+        let seq = pending.seq();
+        assert!(pending.write());
+        store.snapshot_written();
+        store.snapshot_succeeded(seq);
+        assert!(!store.wants_snapshot(1));
+        let (_, replayed) = Store::open(&runtime).unwrap();
+        assert_eq!(names(&replayed), vec!["a1"]);
     }
 }
