@@ -524,7 +524,10 @@ impl EventLog {
 fn log_event(e: &Event) {
     let (boot, seq) = (e.boot, e.seq);
     let kind = e.kind.name();
-    let vm = |v: &VmIdentity| (v.name.clone(), v.uuid.clone(), v.pid);
+    // Borrowed, not copied: at the default level most of these lines are filtered out.
+    fn vm(v: &VmIdentity) -> (&str, &str, u32) {
+        (&v.name, &v.uuid, v.pid)
+    }
     match &e.kind {
         EventKind::Acquired { vm: v, resources } | EventKind::Released { vm: v, resources } => {
             let (name, uuid, pid) = vm(v);
