@@ -10,8 +10,10 @@
 use crate::Ctx;
 use serde::Serialize;
 use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::Duration;
 use vmlock::DiskMode;
-use vmlock_client::proto::{OwnerStatus, VmIdentity};
+use vmlock_client::proto::OwnerStatus;
 use vmlock_sys::disk::Identity;
 use vmlock_sys::ofd::{self, LockKind};
 use vmlock_sys::procfs::{self, WritableDisk};
@@ -29,6 +31,11 @@ pub struct AuditArgs {
     /// on stderr and skipped.
     #[arg(long = "pid", value_name = "PID")]
     pids: Vec<u32>,
+    /// How long one disk's storage may take to answer (a `stat`, an open) before the audit
+    /// reports it as not answering, with exit status 1, and goes on with the others: a hung NFS
+    /// or FUSE mount costs its own disks, not the audit.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    storage_timeout_ms: u64,
 }
 
 /// What covers one writable disk of one QEMU.
@@ -45,6 +52,9 @@ pub enum Status {
     Locked,
     /// Nothing: another VM could open the same disk for writing.
     Unprotected,
+    /// Its storage did not answer (`--storage-timeout-ms`): not audited. Only the path, from
+    /// `/proc`, is known.
+    Unanswered,
 }
 
 impl Status {
@@ -102,10 +112,10 @@ pub struct Row {
     pub name: Option<String>,
     /// The disk's path, as the kernel names it in QEMU's mount namespace.
     pub disk: String,
-    /// `st_dev` of the disk.
-    pub dev: u64,
-    /// `st_ino` of the disk.
-    pub ino: u64,
+    /// `st_dev` of the disk (`null` when its storage did not answer).
+    pub dev: Option<u64>,
+    /// `st_ino` of the disk (`null` when its storage did not answer).
+    pub ino: Option<u64>,
     /// For a block device, its `st_rdev`.
     pub block_device: Option<u64>,
     /// The verdict.
@@ -133,6 +143,9 @@ impl Row {
                 "locked at byte 0 but not in vmlockd's table".to_owned()
             }
             (Status::Locked, _) => "locked at byte 0 (vmlockd not consulted)".to_owned(),
+            (Status::Unanswered, _) => {
+                "NOT AUDITED: its storage did not answer (hung mount?)".to_owned()
+            }
             _ if self.byte0_lock == KernelLock::Unknown => {
                 "UNPROTECTED (no lease; byte 0 not checked: path does not reach the open file)"
                     .to_owned()
@@ -212,28 +225,49 @@ fn identity(d: &WritableDisk) -> Identity {
 
 /// vmlockd's held disks, each with the inode its path reaches now. A path that cannot be
 /// identified (removed, storage gone) is skipped: it cannot be what a QEMU has open by inode.
-fn leases(owners: &[OwnerStatus]) -> Vec<Lease> {
-    let lease = |vm: &VmIdentity, r: &vmlock_client::proto::HeldResource| {
-        let vmlock::Resource::Disk { path, mode } = &r.resource else {
-            return None;
-        };
-        if r.resource.network_id().is_some() {
-            return None; // no file on this host for a QEMU to have open
+/// One whose storage does not answer within `timeout` is skipped too, and returned by name.
+fn leases(owners: &[OwnerStatus], timeout: Duration) -> (Vec<Lease>, Vec<String>) {
+    let mut held = Vec::new();
+    for o in owners {
+        for r in &o.resources {
+            let vmlock::Resource::Disk { path, mode } = &r.resource else {
+                continue;
+            };
+            if r.resource.network_id().is_some() {
+                continue; // no file on this host for a QEMU to have open
+            }
+            let lease = Lease {
+                vm_name: o.vm.name.clone(),
+                vm_uuid: o.vm.uuid.clone(),
+                vm_pid: o.vm.pid,
+                mode: mode.to_string(),
+                lost: r.lost,
+                identity: Identity {
+                    dev: 0,
+                    ino: 0,
+                    block_device: None,
+                },
+            };
+            held.push((path.clone(), lease));
         }
-        let (_pinned, identity) = vmlock_sys::disk::identify(path).ok()?;
-        Some(Lease {
-            vm_name: vm.name.clone(),
-            vm_uuid: vm.uuid.clone(),
-            vm_pid: vm.pid,
-            mode: mode.to_string(),
-            lost: r.lost,
-            identity,
-        })
-    };
-    owners
-        .iter()
-        .flat_map(|o| o.resources.iter().filter_map(|r| lease(&o.vm, r)))
-        .collect()
+    }
+    let paths: Vec<PathBuf> = held.iter().map(|(p, _)| p.clone()).collect();
+    let identified = crate::bounded::map(paths, timeout, |path| {
+        vmlock_sys::disk::identify(&path).ok().map(|(_, id)| id)
+    });
+    let mut leases = Vec::new();
+    let mut unanswered = Vec::new();
+    for ((path, mut lease), id) in held.into_iter().zip(identified) {
+        match id {
+            Some(Some(identity)) => {
+                lease.identity = identity;
+                leases.push(lease);
+            }
+            Some(None) => {}
+            None => unanswered.push(path.display().to_string()),
+        }
+    }
+    (leases, unanswered)
 }
 
 /// The lock another description holds on byte 0 of the disk, opened by its path (never through
@@ -269,7 +303,15 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
             (Vec::new(), false)
         }
     };
-    let leases = leases(&owners);
+    let timeout = Duration::from_millis(args.storage_timeout_ms);
+    let (leases, unanswered) = leases(&owners, timeout);
+    for path in unanswered {
+        say!(
+            "vmlock: error: leased disk {path}: its storage did not answer within {timeout:?}; \
+             a QEMU writing it is not matched to its lease"
+        );
+        errors = true;
+    }
 
     let pids = if args.pids.is_empty() {
         procfs::qemu_pids().map_err(|e| anyhow::anyhow!("listing /proc: {e}"))?
@@ -287,7 +329,7 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
 
     let mut rows = Vec::new();
     for pid in pids {
-        let disks = match procfs::writable_disks(pid) {
+        let descriptors = match procfs::read_write_descriptors(pid) {
             Ok(d) => d,
             // Exited since it was listed: nothing left to protect.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -298,8 +340,33 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
             }
         };
         let name = procfs::cmdline(pid).ok().and_then(|a| qemu_name(&a));
+        // Each descriptor's file is stat'ed and its byte 0 probed on a worker, with a bound.
+        let inspected = crate::bounded::map(descriptors.clone(), timeout, |d| {
+            d.inspect().map(|disk| {
+                let byte0 = byte0_lock(&disk);
+                (disk, byte0)
+            })
+        });
+        let mut disks: Vec<WritableDisk> = Vec::new();
+        let mut byte0_of: Vec<((u64, u64), KernelLock)> = Vec::new();
+        let mut stuck: Vec<&procfs::OpenDescriptor> = Vec::new();
+        for (descriptor, result) in descriptors.iter().zip(inspected) {
+            match result {
+                Some(Some((disk, byte0))) => {
+                    if !byte0_of.iter().any(|(k, _)| *k == (disk.dev, disk.ino)) {
+                        byte0_of.push(((disk.dev, disk.ino), byte0));
+                    }
+                    procfs::add_disk(&mut disks, disk);
+                }
+                Some(None) => {}
+                None => stuck.push(descriptor),
+            }
+        }
         for disk in disks {
-            let byte0 = byte0_lock(&disk);
+            let byte0 = byte0_of
+                .iter()
+                .find(|(k, _)| *k == (disk.dev, disk.ino))
+                .map_or(KernelLock::Unknown, |(_, b)| *b);
             let on_disk: Vec<&Lease> = leases
                 .iter()
                 .filter(|l| same_disk(&l.identity, &identity(&disk)))
@@ -309,8 +376,8 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
                 pid,
                 name: name.clone(),
                 disk: disk.path.display().to_string(),
-                dev: disk.dev,
-                ino: disk.ino,
+                dev: Some(disk.dev),
+                ino: Some(disk.ino),
                 block_device: disk.block_device,
                 status,
                 lease: lease.cloned(),
@@ -319,14 +386,40 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
                 qemu_image_locks: disk.qemu_image_locks,
             });
         }
+        for descriptor in stuck {
+            say!(
+                "vmlock: error: QEMU pid {pid}: {} (descriptor {}) did not answer within \
+                 {timeout:?} (hung storage?); not audited",
+                descriptor.path.display(),
+                descriptor.fd
+            );
+            errors = true;
+            rows.push(Row {
+                pid,
+                name: name.clone(),
+                disk: descriptor.path.display().to_string(),
+                dev: None,
+                ino: None,
+                block_device: None,
+                status: Status::Unanswered,
+                lease: None,
+                daemon_checked,
+                byte0_lock: KernelLock::Unknown,
+                qemu_image_locks: false,
+            });
+        }
     }
+    rows.sort_by_key(|r| r.pid);
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print_table(&rows);
     }
-    let unprotected = rows.iter().filter(|r| !r.status.covered()).count();
+    let unprotected = rows
+        .iter()
+        .filter(|r| !r.status.covered() && r.status != Status::Unanswered)
+        .count();
     if unprotected > 0 {
         say!("vmlock: {unprotected} writable disk(s) run without a lease");
         return Ok(UNPROTECTED_EXIT);

@@ -10,6 +10,7 @@ macro_rules! say {
 }
 
 mod audit;
+mod bounded;
 mod control;
 mod libvirt;
 mod supervise;

@@ -147,3 +147,93 @@ fn audit_names_a_hand_started_qemu_and_passes_once_it_is_gone() {
 
     drop(leased); // guest and supervisor SIGKILLed and waited for by pid; then env's daemon
 }
+
+/// A QEMU with one disk on local storage and one on storage that stops answering (a FUSE
+/// filesystem held on command): the audit reports the local disk and names the hung one as not
+/// audited, within its bound, instead of waiting with it.
+#[test]
+fn a_disk_whose_storage_hangs_costs_the_audit_only_that_disk() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::Instant;
+    use vmlock_testkit::fuse::{private_mount_namespace, HangFs, DISK_NAME};
+
+    private_mount_namespace().unwrap();
+    let env = Env::new(Path::new(env!("CARGO_BIN_EXE_vmlock")));
+    let local = qemu::qcow2(env.dir.path(), "local.qcow2");
+    let mountpoint = env.dir.path().join("hung");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let fs = HangFs::mount(&mountpoint).unwrap();
+    let remote = fs.file(DISK_NAME);
+    let line = QemuLine::new(&local).extra(&[
+        "-blockdev".to_owned(),
+        format!("driver=file,filename={},node-name=hf", remote.display()),
+        "-blockdev".to_owned(),
+        "driver=raw,file=hf,node-name=hd".to_owned(),
+        "-device".to_owned(),
+        "virtio-blk-pci,drive=hd".to_owned(),
+    ]);
+    let guest = DaemonizedQemu::start(&line, &env.dir.path().join("q.pid"));
+    fs.hang();
+
+    let started = Instant::now();
+    let mut audit = env
+        .vmlock()
+        .args(["audit", "--json", "--storage-timeout-ms", "500", "--pid"])
+        .arg(guest.pid.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The report is complete at its closing bracket. (The process itself can end only once the
+    // hung request is answered: a FUSE request its server has read waits uninterruptibly.)
+    let stdout = audit.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let end = line == "]";
+            text.push_str(&line);
+            text.push('\n');
+            if end {
+                break;
+            }
+        }
+        let _ = tx.send(text);
+    });
+    let report = rx.recv_timeout(Duration::from_secs(30));
+    let took = started.elapsed();
+    // Answer again before anything waits on the QEMU or the audit.
+    fs.resume();
+    let report =
+        report.expect("the audit printed no report within 30 s: it waited on the hung disk");
+    let status = audit.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut audit.stderr.take().unwrap(), &mut stderr).unwrap();
+    let rows: Vec<Value> = serde_json::from_str(&report).unwrap();
+    let mine = rows_of(&rows, guest.pid);
+    let status_of = |disk: &Path| {
+        mine.iter()
+            .find(|r| r["disk"] == disk_str(disk))
+            .map(|r| r["status"].clone())
+    };
+    assert_eq!(
+        status_of(&local),
+        Some("unprotected".into()),
+        "{rows:?} {stderr}"
+    );
+    assert_eq!(
+        status_of(&remote),
+        Some("unanswered".into()),
+        "{rows:?} {stderr}"
+    );
+    assert!(
+        stderr.contains(remote.to_str().unwrap()) && stderr.contains("did not answer"),
+        "{stderr}"
+    );
+    assert_eq!(status.code(), Some(2), "an unprotected disk runs: {stderr}");
+    assert!(took < Duration::from_secs(10), "the audit took {took:?}");
+    drop(guest);
+    drop(fs);
+}

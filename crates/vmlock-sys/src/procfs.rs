@@ -209,6 +209,34 @@ const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 /// `PermissionDenied` without rights over it). Descriptors closed while being read are skipped.
 pub fn writable_disks(pid: u32) -> io::Result<Vec<WritableDisk>> {
     let mut disks: Vec<WritableDisk> = Vec::new();
+    for candidate in read_write_descriptors(pid)? {
+        if let Some(disk) = candidate.inspect() {
+            add_disk(&mut disks, disk);
+        }
+    }
+    disks.sort_by_key(|d| d.fd);
+    Ok(disks)
+}
+
+/// A descriptor `pid` has open read-write on an absolute path, as `/proc` alone tells it: what
+/// [`writable_disks`] goes on to check on the file itself ([`OpenDescriptor::inspect`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenDescriptor {
+    /// Its process.
+    pub pid: u32,
+    /// Its number.
+    pub fd: u32,
+    /// The path the kernel prints for it.
+    pub path: PathBuf,
+    /// It holds QEMU's image-locking bytes.
+    qemu_image_locks: bool,
+}
+
+/// The read-write descriptors of `pid` on absolute paths outside `/proc`, `/sys`, `/dev/shm`
+/// and memfds. Reads `/proc` only (the descriptor list, each link's text and `fdinfo`), never
+/// the files: it answers even when their storage does not. Errors as [`writable_disks`].
+pub fn read_write_descriptors(pid: u32) -> io::Result<Vec<OpenDescriptor>> {
+    let mut found = Vec::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
         let Some(fd) = entry
@@ -219,18 +247,11 @@ pub fn writable_disks(pid: u32) -> io::Result<Vec<WritableDisk>> {
             continue;
         };
         // Sockets, pipes and anon inodes read "socket:[N]" etc.; memfds "/memfd:NAME (deleted)".
+        // (Reading the link prints the path the kernel keeps; it does not reach the file.)
         let Ok(target) = fs::read_link(entry.path()) else {
             continue;
         };
         if !target.is_absolute() || target.starts_with("/memfd:") || pseudo_path(&target) {
-            continue;
-        }
-        // metadata() follows the magic link to the inode itself.
-        let Ok(meta) = fs::metadata(entry.path()) else {
-            continue;
-        };
-        let kind = meta.file_type();
-        if !(kind.is_file() || kind.is_block_device()) || meta.nlink() == 0 {
             continue;
         }
         let Ok(info) = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
@@ -242,31 +263,59 @@ pub fn writable_disks(pid: u32) -> io::Result<Vec<WritableDisk>> {
         if flags & (rustix::fs::OFlags::ACCMODE.bits()) != rustix::fs::OFlags::RDWR.bits() {
             continue;
         }
-        if let Ok(fs) = rustix::fs::statfs(entry.path()) {
+        found.push(OpenDescriptor {
+            pid,
+            fd,
+            path: target,
+            qemu_image_locks: has_qemu_image_locks(&parse_fdinfo_locks(&info)),
+        });
+    }
+    found.sort_by_key(|d| d.fd);
+    Ok(found)
+}
+
+impl OpenDescriptor {
+    /// The disk it is on, if it is one: a regular file or block device that still has a name,
+    /// not on hugetlbfs. Stats the file through the descriptor's link, so it waits as long as
+    /// the file's storage does (a hung NFS or FUSE mount): callers that must answer bound it.
+    pub fn inspect(&self) -> Option<WritableDisk> {
+        let link = format!("/proc/{}/fd/{}", self.pid, self.fd);
+        // metadata() follows the magic link to the inode itself.
+        let meta = fs::metadata(&link).ok()?;
+        let kind = meta.file_type();
+        if !(kind.is_file() || kind.is_block_device()) || meta.nlink() == 0 {
+            return None;
+        }
+        if let Ok(fs) = rustix::fs::statfs(link.as_str()) {
             #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
             if fs.f_type as i64 == HUGETLBFS_MAGIC {
-                continue;
+                return None;
             }
         }
-        let qemu_image_locks = has_qemu_image_locks(&parse_fdinfo_locks(&info));
-        let (dev, ino) = (meta.dev(), meta.ino());
-        match disks.iter_mut().find(|d| d.dev == dev && d.ino == ino) {
-            Some(d) => {
-                d.fd = d.fd.min(fd);
-                d.qemu_image_locks |= qemu_image_locks;
-            }
-            None => disks.push(WritableDisk {
-                fd,
-                path: target,
-                dev,
-                ino,
-                block_device: kind.is_block_device().then_some(meta.rdev()),
-                qemu_image_locks,
-            }),
-        }
+        Some(WritableDisk {
+            fd: self.fd,
+            path: self.path.clone(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            block_device: kind.is_block_device().then_some(meta.rdev()),
+            qemu_image_locks: self.qemu_image_locks,
+        })
     }
-    disks.sort_by_key(|d| d.fd);
-    Ok(disks)
+}
+
+/// Adds `disk` to `disks`, one entry per inode: a second descriptor on the same inode lowers the
+/// entry's descriptor number and adds its lock bytes.
+pub fn add_disk(disks: &mut Vec<WritableDisk>, disk: WritableDisk) {
+    match disks
+        .iter_mut()
+        .find(|d| d.dev == disk.dev && d.ino == disk.ino)
+    {
+        Some(d) => {
+            d.fd = d.fd.min(disk.fd);
+            d.qemu_image_locks |= disk.qemu_image_locks;
+        }
+        None => disks.push(disk),
+    }
 }
 
 #[cfg(test)]
