@@ -231,7 +231,7 @@ impl Daemon {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let line = store.record(uuid, table.persisted_owner(uuid));
         let snapshot = if store.wants_snapshot(table.owner_count()) {
-            store.begin_snapshot(table.persisted())
+            store.begin_snapshot()
         } else {
             None
         };

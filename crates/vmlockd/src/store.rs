@@ -40,6 +40,22 @@ struct SnapshotFile {
     state: Persisted,
 }
 
+/// A journal line as written: [`Change`]'s fields, borrowed.
+#[derive(Serialize)]
+struct ChangeOut<'a> {
+    uuid: &'a str,
+    owner: Option<&'a PersistedOwner>,
+    seq: u64,
+}
+
+/// `state.json` as written: [`SnapshotFile`]'s fields, borrowed.
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    seq: u64,
+    owners: Vec<&'a PersistedOwner>,
+    versions: Vec<(LockKey, &'a str, u64)>,
+}
+
 /// The snapshot and the journals.
 #[derive(Debug)]
 pub struct Store {
@@ -57,13 +73,19 @@ pub struct Store {
     /// The last change whose append failed: the journals lack it until a snapshot holding it
     /// is written.
     missed: Option<u64>,
+    /// Every VM's entry as the lines numbered so far leave it, and the highest version of every
+    /// lock they named (what a replay of them would give): a snapshot is taken from these,
+    /// sharing the entries, so the table is never copied under its lock.
+    owners: BTreeMap<String, Arc<PersistedOwner>>,
+    versions: HashMap<LockKey, (Arc<str>, u64)>,
 }
 
 /// A snapshot to write with the table unlocked ([`PendingSnapshot::write`]), then
 /// [`Store::snapshot_written`].
 #[derive(Debug)]
 pub struct PendingSnapshot {
-    state: Persisted,
+    owners: Vec<Arc<PersistedOwner>>,
+    versions: Vec<(LockKey, Arc<str>, u64)>,
     seq: u64,
     path: PathBuf,
     /// The journal appends switched away from: every line in it is in the snapshot. (A line
@@ -187,6 +209,8 @@ impl Store {
                 lines: 0,
                 snapshot_pending: false,
                 missed: None,
+                owners: BTreeMap::new(),
+                versions: HashMap::new(),
             },
             persisted,
         ))
@@ -199,14 +223,46 @@ impl Store {
     pub fn record(&mut self, uuid: &str, owner: Option<PersistedOwner>) -> JournalLine {
         self.seq += 1;
         self.lines += 1;
+        let owner = owner.map(Arc::new);
+        self.mirror(uuid, owner.clone());
         JournalLine {
-            change: Change {
-                uuid: uuid.to_owned(),
-                owner,
-                seq: self.seq,
-            },
+            uuid: uuid.to_owned(),
+            owner,
+            seq: self.seq,
             journal: Arc::clone(&self.journals[self.current]),
         }
+    }
+
+    /// Applies one line to the entries a snapshot is taken from, as the replay does.
+    fn mirror(&mut self, uuid: &str, owner: Option<Arc<PersistedOwner>>) {
+        let Some(owner) = owner else {
+            self.owners.remove(uuid);
+            return;
+        };
+        for (key, _, _, version) in &owner.grants {
+            match self.versions.get_mut(key) {
+                Some((_, seen)) if *seen >= *version => {}
+                Some(entry) => *entry = (Arc::from(uuid), *version),
+                None => {
+                    self.versions.insert(*key, (Arc::from(uuid), *version));
+                }
+            }
+        }
+        self.owners.insert(uuid.to_owned(), owner);
+    }
+
+    /// Makes `full` (the table at start) what snapshots are taken from.
+    fn reset(&mut self, full: Persisted) {
+        self.owners = full
+            .owners
+            .into_iter()
+            .map(|o| (o.vm.uuid.clone(), Arc::new(o)))
+            .collect();
+        self.versions = full
+            .versions
+            .into_iter()
+            .map(|(key, uuid, version)| (key, (Arc::from(uuid.as_str()), version)))
+            .collect();
     }
 
     /// The append of line `seq` failed: the journals lack it until a snapshot holding it is
@@ -221,17 +277,25 @@ impl Store {
     }
 
     /// With the table locked: switches appends to the other journal (empty: emptied when the last
-    /// snapshot was written) and returns `full`, the table now, to write with the table unlocked.
-    pub fn begin_snapshot(&mut self, full: Persisted) -> Option<PendingSnapshot> {
+    /// snapshot was written) and returns the state the lines numbered so far leave, to write with
+    /// the table unlocked. Costs a shared reference per VM and per lock, no copy of an entry.
+    pub fn begin_snapshot(&mut self) -> Option<PendingSnapshot> {
         if self.snapshot_pending {
             return None;
         }
+        let owners = self.owners.values().cloned().collect();
+        let versions = self
+            .versions
+            .iter()
+            .map(|(key, (uuid, version))| (*key, Arc::clone(uuid), *version))
+            .collect();
         let old_journal = Arc::clone(&self.journals[self.current]);
         self.current = 1 - self.current;
         self.lines = 0;
         self.snapshot_pending = true;
         Some(PendingSnapshot {
-            state: full,
+            owners,
+            versions,
             seq: self.seq,
             path: self.runtime.state_file(),
             old_journal,
@@ -257,13 +321,14 @@ impl Store {
     /// empty journal. Otherwise (a crash during a snapshot left lines in both journals) it is
     /// written now and both are emptied, before anything else appends.
     pub fn start_snapshot(&mut self, full: Persisted) -> Option<PendingSnapshot> {
+        self.reset(full);
         let next_is_empty = self.journals[1 - self.current]
             .metadata()
             .is_ok_and(|m| m.len() == 0);
         if next_is_empty {
-            self.begin_snapshot(full)
+            self.begin_snapshot()
         } else {
-            self.snapshot_now(full);
+            self.write_now();
             None
         }
     }
@@ -271,7 +336,12 @@ impl Store {
     /// Writes a full snapshot now and empties both journals (at start, before anything else
     /// appends).
     pub fn snapshot_now(&mut self, full: Persisted) {
-        if let Some(pending) = self.begin_snapshot(full) {
+        self.reset(full);
+        self.write_now();
+    }
+
+    fn write_now(&mut self) {
+        if let Some(pending) = self.begin_snapshot() {
             let seq = pending.seq;
             if pending.write() {
                 self.snapshot_succeeded(seq);
@@ -297,9 +367,18 @@ impl PendingSnapshot {
     /// leaves lines the next start skips by their numbers. Returns whether it was written.
     pub fn write(self) -> bool {
         let tmp = self.path.with_extension("tmp");
-        let file = SnapshotFile {
+        let mut owners: Vec<&PersistedOwner> = self.owners.iter().map(|o| &**o).collect();
+        owners.sort_by(|a, b| a.vm.uuid.cmp(&b.vm.uuid));
+        let mut versions: Vec<(LockKey, &str, u64)> = self
+            .versions
+            .iter()
+            .map(|(key, uuid, version)| (*key, &**uuid, *version))
+            .collect();
+        versions.sort();
+        let file = SnapshotOut {
             seq: self.seq,
-            state: self.state,
+            owners,
+            versions,
         };
         let result = serde_json::to_vec(&file)
             .map_err(std::io::Error::other)
@@ -330,14 +409,16 @@ impl PendingSnapshot {
 #[derive(Debug)]
 #[must_use = "a change is recorded only once its line is appended"]
 pub struct JournalLine {
-    change: Change,
+    uuid: String,
+    owner: Option<Arc<PersistedOwner>>,
+    seq: u64,
     journal: Arc<File>,
 }
 
 impl JournalLine {
     /// The change's number.
     pub fn seq(&self) -> u64 {
-        self.change.seq
+        self.seq
     }
 
     /// Encodes the line and appends it with one `write` (the journal is opened `O_APPEND`, so
@@ -346,7 +427,12 @@ impl JournalLine {
     /// its own request. Returns false if the line did not go in whole; the caller reports that
     /// ([`Store::append_failed`]) so that a snapshot follows.
     pub fn append(self) -> bool {
-        let mut line = match serde_json::to_vec(&self.change) {
+        let change = ChangeOut {
+            uuid: &self.uuid,
+            owner: self.owner.as_deref(),
+            seq: self.seq,
+        };
+        let mut line = match serde_json::to_vec(&change) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("encoding a journal line: {e}");
@@ -506,18 +592,11 @@ mod tests {
         let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
         let (mut store, _) = Store::open(&runtime).unwrap();
         assert!(store.record(&uuid_of("a1"), Some(owner("a1"))).append());
-        let at_switch = Persisted {
-            owners: vec![owner("a1")],
-            versions: Vec::new(),
-        };
-        let pending = store.begin_snapshot(at_switch).expect("a snapshot");
+        let pending = store.begin_snapshot().expect("a snapshot");
         // More changes land before the snapshot is written (the table is unlocked by then).
         assert!(store.record(&uuid_of("b2"), Some(owner("b2"))).append());
         assert!(store.record(&uuid_of("a1"), None).append());
-        assert!(
-            store.begin_snapshot(Persisted::default()).is_none(),
-            "one at a time"
-        );
+        assert!(store.begin_snapshot().is_none(), "one at a time");
         // A crash now: the old snapshot (none) plus both journals.
         let (_, crashed_before) = Store::open(&runtime).unwrap();
         assert_eq!(names(&crashed_before), vec!["b2"]);
@@ -527,7 +606,7 @@ mod tests {
         let (_, crashed_after) = Store::open(&runtime).unwrap();
         assert_eq!(names(&crashed_after), vec!["b2"]);
         // The next snapshot switches back to the first journal, emptied by the last one.
-        assert!(store.begin_snapshot(crashed_after).is_some());
+        assert!(store.begin_snapshot().is_some());
         assert_eq!(
             std::fs::metadata(&journal_paths(&runtime)[0])
                 .unwrap()
@@ -554,12 +633,7 @@ mod tests {
         // Numbered, then the snapshot (holding it) is written and empties its journal; the line
         // arrives there only afterwards.
         let late = store.record(&uuid_of("b2"), Some(owner("b2")));
-        let pending = store
-            .begin_snapshot(Persisted {
-                owners: vec![owner("b2")],
-                versions: Vec::new(),
-            })
-            .expect("a snapshot");
+        let pending = store.begin_snapshot().expect("a snapshot");
         assert!(store.record(&uuid_of("b2"), None).append());
         assert!(pending.write());
         store.snapshot_written();
@@ -603,12 +677,7 @@ mod tests {
         assert!(!store.wants_snapshot(1));
         store.append_failed(line.seq());
         assert!(store.wants_snapshot(1));
-        let pending = store
-            .begin_snapshot(Persisted {
-                owners: vec![owner("a1")],
-                versions: Vec::new(),
-            })
-            .expect("a snapshot");
+        let pending = store.begin_snapshot().expect("a snapshot");
         let seq = pending.seq();
         assert!(pending.write());
         store.snapshot_written();
@@ -616,5 +685,43 @@ mod tests {
         assert!(!store.wants_snapshot(1));
         let (_, replayed) = Store::open(&runtime).unwrap();
         assert_eq!(names(&replayed), vec!["a1"]);
+    }
+
+    /// A snapshot is taken from what the numbered lines say, not from the table: written, it
+    /// replays to exactly what replaying the lines themselves gives (entries and versions).
+    #[test]
+    fn a_snapshot_holds_what_replaying_its_lines_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = RuntimeDir::resolve(Some(dir.path())).unwrap();
+        let (mut store, _) = Store::open(&runtime).unwrap();
+        let with = |name: &str, ino: u64, version: u64| {
+            let mut o = owner(name);
+            o.grants[0].0.ino = ino;
+            o.grants[0].3 = version;
+            o
+        };
+        for (name, ino, version) in [("a1", 2, 1), ("b2", 3, 1), ("a1", 3, 2), ("c3", 2, 4)] {
+            assert!(store
+                .record(&uuid_of(name), Some(with(name, ino, version)))
+                .append());
+        }
+        assert!(store.record(&uuid_of("b2"), None).append());
+        let (_, from_lines) = Store::open(&runtime).unwrap();
+        let pending = store.begin_snapshot().expect("a snapshot");
+        assert!(pending.write());
+        store.snapshot_written();
+        for path in journal_paths(&runtime) {
+            std::fs::write(path, b"").unwrap();
+        }
+        let (_, from_snapshot) = Store::open(&runtime).unwrap();
+        assert_eq!(from_snapshot.owners, from_lines.owners);
+        assert_eq!(from_snapshot.versions, from_lines.versions);
+        assert_eq!(names(&from_snapshot), vec!["a1", "c3"]);
+        assert_eq!(
+            from_snapshot.versions.len(),
+            2,
+            "{:?}",
+            from_snapshot.versions
+        );
     }
 }
