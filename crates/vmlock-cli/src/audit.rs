@@ -10,10 +10,10 @@
 use crate::Ctx;
 use serde::Serialize;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vmlock::DiskMode;
-use vmlock_client::proto::OwnerStatus;
+use vmlock_client::proto::{OwnerStatus, VmIdentity};
 use vmlock_sys::disk::Identity;
 use vmlock_sys::ofd::{self, LockKind};
 use vmlock_sys::procfs::{self, WritableDisk};
@@ -58,8 +58,10 @@ pub enum Status {
 }
 
 impl Status {
-    fn covered(self) -> bool {
-        matches!(self, Status::Leased | Status::Locked)
+    /// Another VM could open the disk for writing beside this QEMU (exit status 2). Not said of
+    /// a disk that was not audited.
+    fn unprotected(self) -> bool {
+        matches!(self, Status::Unprotected | Status::LeasedToAnotherVm)
     }
 }
 
@@ -227,42 +229,38 @@ fn identity(d: &WritableDisk) -> Identity {
 /// identified (removed, storage gone) is skipped: it cannot be what a QEMU has open by inode.
 /// One whose storage does not answer within `timeout` is skipped too, and returned by name.
 fn leases(owners: &[OwnerStatus], timeout: Duration) -> (Vec<Lease>, Vec<String>) {
-    let mut held = Vec::new();
-    for o in owners {
-        for r in &o.resources {
-            let vmlock::Resource::Disk { path, mode } = &r.resource else {
-                continue;
-            };
-            if r.resource.network_id().is_some() {
-                continue; // no file on this host for a QEMU to have open
+    let held: Vec<(
+        &VmIdentity,
+        &vmlock_client::proto::HeldResource,
+        &Path,
+        DiskMode,
+    )> = owners
+        .iter()
+        .flat_map(|o| o.resources.iter().map(move |r| (&o.vm, r)))
+        .filter_map(|(vm, r)| match &r.resource {
+            // A network disk has no file on this host for a QEMU to have open.
+            vmlock::Resource::Disk { path, mode } if r.resource.network_id().is_none() => {
+                Some((vm, r, path.as_path(), *mode))
             }
-            let lease = Lease {
-                vm_name: o.vm.name.clone(),
-                vm_uuid: o.vm.uuid.clone(),
-                vm_pid: o.vm.pid,
-                mode: mode.to_string(),
-                lost: r.lost,
-                identity: Identity {
-                    dev: 0,
-                    ino: 0,
-                    block_device: None,
-                },
-            };
-            held.push((path.clone(), lease));
-        }
-    }
-    let paths: Vec<PathBuf> = held.iter().map(|(p, _)| p.clone()).collect();
+            _ => None,
+        })
+        .collect();
+    let paths: Vec<PathBuf> = held.iter().map(|(_, _, p, _)| p.to_path_buf()).collect();
     let identified = crate::bounded::map(paths, timeout, |path| {
         vmlock_sys::disk::identify(&path).ok().map(|(_, id)| id)
     });
     let mut leases = Vec::new();
     let mut unanswered = Vec::new();
-    for ((path, mut lease), id) in held.into_iter().zip(identified) {
+    for ((vm, r, path, mode), id) in held.into_iter().zip(identified) {
         match id {
-            Some(Some(identity)) => {
-                lease.identity = identity;
-                leases.push(lease);
-            }
+            Some(Some(identity)) => leases.push(Lease {
+                vm_name: vm.name.clone(),
+                vm_uuid: vm.uuid.clone(),
+                vm_pid: vm.pid,
+                mode: mode.to_string(),
+                lost: r.lost,
+                identity,
+            }),
             Some(None) => {}
             None => unanswered.push(path.display().to_string()),
         }
@@ -348,25 +346,21 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
             })
         });
         let mut disks: Vec<WritableDisk> = Vec::new();
-        let mut byte0_of: Vec<((u64, u64), KernelLock)> = Vec::new();
+        // Byte 0 of each disk, as probed through its first descriptor (one inode, one answer).
+        let mut byte0_locks: Vec<KernelLock> = Vec::new();
         let mut stuck: Vec<&procfs::OpenDescriptor> = Vec::new();
         for (descriptor, result) in descriptors.iter().zip(inspected) {
             match result {
                 Some(Some((disk, byte0))) => {
-                    if !byte0_of.iter().any(|(k, _)| *k == (disk.dev, disk.ino)) {
-                        byte0_of.push(((disk.dev, disk.ino), byte0));
+                    if procfs::add_disk(&mut disks, disk) {
+                        byte0_locks.push(byte0);
                     }
-                    procfs::add_disk(&mut disks, disk);
                 }
                 Some(None) => {}
                 None => stuck.push(descriptor),
             }
         }
-        for disk in disks {
-            let byte0 = byte0_of
-                .iter()
-                .find(|(k, _)| *k == (disk.dev, disk.ino))
-                .map_or(KernelLock::Unknown, |(_, b)| *b);
+        for (disk, byte0) in disks.into_iter().zip(byte0_locks) {
             let on_disk: Vec<&Lease> = leases
                 .iter()
                 .filter(|l| same_disk(&l.identity, &identity(&disk)))
@@ -409,17 +403,13 @@ pub fn run(ctx: &Ctx, args: &AuditArgs) -> anyhow::Result<i32> {
             });
         }
     }
-    rows.sort_by_key(|r| r.pid);
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print_table(&rows);
     }
-    let unprotected = rows
-        .iter()
-        .filter(|r| !r.status.covered() && r.status != Status::Unanswered)
-        .count();
+    let unprotected = rows.iter().filter(|r| r.status.unprotected()).count();
     if unprotected > 0 {
         say!("vmlock: {unprotected} writable disk(s) run without a lease");
         return Ok(UNPROTECTED_EXIT);

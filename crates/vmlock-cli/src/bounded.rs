@@ -107,8 +107,11 @@ mod tests {
         let started = Instant::now();
         let results = map(vec![1, 2, 3, 4], Duration::from_millis(200), move |n| {
             if n == 2 {
-                // Stuck until the test ends (the sender is dropped then).
-                let _ = release_rx.lock().map(|rx| rx.recv());
+                // Stuck until the test ends (the sender is dropped then), or 10 s at most: a map
+                // that waited for it would then return it, and the test fail rather than hang.
+                let _ = release_rx
+                    .lock()
+                    .map(|rx| rx.recv_timeout(Duration::from_secs(10)));
             }
             n * 10
         });

@@ -194,32 +194,8 @@ fn pseudo_path(path: &Path) -> bool {
 /// hugetlbfs: guest RAM backing files (`memory-backend-file`), never disks.
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
-/// The disk images `pid` has open for writing: descriptors on a regular file or block device,
-/// opened `O_RDWR`, on a file that still has a name, outside `/proc`, `/sys`, `/dev/shm`,
-/// memfds and hugetlbfs. One entry per inode, sorted by descriptor.
-///
-/// Why `O_RDWR` only: QEMU's block layer opens a writable image `O_RDWR` (formats read their
-/// metadata back), while its other writable files — `-pidfile`, the `-D` log, `file:` chardevs,
-/// trace output — are opened `O_WRONLY`; counting those would report every pid file as an
-/// unprotected disk. Why not require QEMU's lock bytes: a QEMU with `locking=off` is exactly
-/// the writer an audit must find. A file without a name (unlinked, such as `-snapshot`'s
-/// temporary overlay) cannot be opened by another VM, so it needs no lease.
-///
-/// Errors: the process's descriptors cannot be listed (`NotFound` when it has exited,
-/// `PermissionDenied` without rights over it). Descriptors closed while being read are skipped.
-pub fn writable_disks(pid: u32) -> io::Result<Vec<WritableDisk>> {
-    let mut disks: Vec<WritableDisk> = Vec::new();
-    for candidate in read_write_descriptors(pid)? {
-        if let Some(disk) = candidate.inspect() {
-            add_disk(&mut disks, disk);
-        }
-    }
-    disks.sort_by_key(|d| d.fd);
-    Ok(disks)
-}
-
-/// A descriptor `pid` has open read-write on an absolute path, as `/proc` alone tells it: what
-/// [`writable_disks`] goes on to check on the file itself ([`OpenDescriptor::inspect`]).
+/// A descriptor `pid` has open read-write on an absolute path, as `/proc` alone tells it; whether
+/// it is a disk is for [`OpenDescriptor::inspect`] to find on the file itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenDescriptor {
     /// Its process.
@@ -233,8 +209,18 @@ pub struct OpenDescriptor {
 }
 
 /// The read-write descriptors of `pid` on absolute paths outside `/proc`, `/sys`, `/dev/shm`
-/// and memfds. Reads `/proc` only (the descriptor list, each link's text and `fdinfo`), never
-/// the files: it answers even when their storage does not. Errors as [`writable_disks`].
+/// and memfds, sorted by number: the first step to the disk images it has open for writing.
+/// Reads `/proc` only (the descriptor list, each link's text and `fdinfo`), never the files: it
+/// answers even when their storage does not.
+///
+/// Why `O_RDWR` only: QEMU's block layer opens a writable image `O_RDWR` (formats read their
+/// metadata back), while its other writable files — `-pidfile`, the `-D` log, `file:` chardevs,
+/// trace output — are opened `O_WRONLY`; counting those would report every pid file as an
+/// unprotected disk. Why not require QEMU's lock bytes: a QEMU with `locking=off` is exactly
+/// the writer an audit must find.
+///
+/// Errors: the process's descriptors cannot be listed (`NotFound` when it has exited,
+/// `PermissionDenied` without rights over it). Descriptors closed while being read are skipped.
 pub fn read_write_descriptors(pid: u32) -> io::Result<Vec<OpenDescriptor>> {
     let mut found = Vec::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
@@ -275,8 +261,9 @@ pub fn read_write_descriptors(pid: u32) -> io::Result<Vec<OpenDescriptor>> {
 }
 
 impl OpenDescriptor {
-    /// The disk it is on, if it is one: a regular file or block device that still has a name,
-    /// not on hugetlbfs. Stats the file through the descriptor's link, so it waits as long as
+    /// The disk it is on, if it is one: a regular file or block device that still has a name
+    /// (an unlinked file, such as `-snapshot`'s temporary overlay, cannot be opened by another
+    /// VM, so it needs no lease), not on hugetlbfs (guest RAM). Stats the file through the descriptor's link, so it waits as long as
     /// the file's storage does (a hung NFS or FUSE mount): callers that must answer bound it.
     pub fn inspect(&self) -> Option<WritableDisk> {
         let link = format!("/proc/{}/fd/{}", self.pid, self.fd);
@@ -304,8 +291,8 @@ impl OpenDescriptor {
 }
 
 /// Adds `disk` to `disks`, one entry per inode: a second descriptor on the same inode lowers the
-/// entry's descriptor number and adds its lock bytes.
-pub fn add_disk(disks: &mut Vec<WritableDisk>, disk: WritableDisk) {
+/// entry's descriptor number and adds its lock bytes. Returns whether the inode was new.
+pub fn add_disk(disks: &mut Vec<WritableDisk>, disk: WritableDisk) -> bool {
     match disks
         .iter_mut()
         .find(|d| d.dev == disk.dev && d.ino == disk.ino)
@@ -313,8 +300,12 @@ pub fn add_disk(disks: &mut Vec<WritableDisk>, disk: WritableDisk) {
         Some(d) => {
             d.fd = d.fd.min(disk.fd);
             d.qemu_image_locks |= disk.qemu_image_locks;
+            false
         }
-        None => disks.push(disk),
+        None => {
+            disks.push(disk);
+            true
+        }
     }
 }
 
@@ -385,6 +376,16 @@ mod tests {
             .unwrap();
         std::fs::remove_file(&gone).unwrap();
 
+        // Both steps, unbounded (the audit bounds the second).
+        let writable_disks = |pid: u32| -> io::Result<Vec<WritableDisk>> {
+            let mut disks = Vec::new();
+            for d in read_write_descriptors(pid)? {
+                if let Some(disk) = d.inspect() {
+                    let _ = add_disk(&mut disks, disk);
+                }
+            }
+            Ok(disks)
+        };
         let mine: Vec<WritableDisk> = writable_disks(std::process::id())
             .unwrap()
             .into_iter()
