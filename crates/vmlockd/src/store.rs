@@ -73,11 +73,73 @@ pub struct Store {
     /// The last change whose append failed: the journals lack it until a snapshot holding it
     /// is written.
     missed: Option<u64>,
-    /// Every VM's entry as the lines numbered so far leave it, and the highest version of every
-    /// lock they named (what a replay of them would give): a snapshot is taken from these,
-    /// sharing the entries, so the table is never copied under its lock.
+    /// What the lines numbered so far say (what a replay of them would give): a snapshot is
+    /// taken from it, sharing the entries, so the table is never copied under its lock.
+    recorded: Recorded,
+}
+
+/// Every VM's entry and the highest version of every lock, as journal lines leave them. The
+/// replay at start and the store's record that snapshots are taken from apply lines here, the
+/// same way.
+#[derive(Debug, Default)]
+struct Recorded {
     owners: BTreeMap<String, Arc<PersistedOwner>>,
+    /// By key: a journal names every grant of a VM on each of its lines, so a search of a list
+    /// per grant made 10,000 recovered grants cost 50 ms.
     versions: HashMap<LockKey, (Arc<str>, u64)>,
+}
+
+impl Recorded {
+    fn from_persisted(full: Persisted) -> Self {
+        Recorded {
+            owners: full
+                .owners
+                .into_iter()
+                .map(|o| (o.vm.uuid.clone(), Arc::new(o)))
+                .collect(),
+            versions: full
+                .versions
+                .into_iter()
+                .map(|(key, uuid, version)| (key, (Arc::from(uuid.as_str()), version)))
+                .collect(),
+        }
+    }
+
+    /// One line: VM `uuid`'s new entry (`None`: it holds nothing any more). Versions never go
+    /// back, whichever VM's line comes last.
+    fn apply(&mut self, uuid: &str, owner: Option<Arc<PersistedOwner>>) {
+        let Some(owner) = owner else {
+            self.owners.remove(uuid);
+            return;
+        };
+        for (key, _, _, version) in &owner.grants {
+            match self.versions.get_mut(key) {
+                Some((_, seen)) if *seen >= *version => {}
+                Some(entry) => *entry = (Arc::from(uuid), *version),
+                None => {
+                    self.versions.insert(*key, (Arc::from(uuid), *version));
+                }
+            }
+        }
+        self.owners.insert(uuid.to_owned(), owner);
+    }
+
+    fn into_persisted(self) -> Persisted {
+        let mut versions: Vec<(LockKey, String, u64)> = self
+            .versions
+            .into_iter()
+            .map(|(key, (uuid, version))| (key, uuid.to_string(), version))
+            .collect();
+        versions.sort_by_key(|(key, _, _)| *key);
+        Persisted {
+            owners: self
+                .owners
+                .into_values()
+                .map(|o| Arc::try_unwrap(o).unwrap_or_else(|shared| (*shared).clone()))
+                .collect(),
+            versions,
+        }
+    }
 }
 
 /// A snapshot to write with the table unlocked ([`PendingSnapshot::write`]), then
@@ -152,50 +214,18 @@ impl Store {
         changes.sort_by_key(|c| c.seq);
         let SnapshotFile {
             seq: snapshot_seq,
-            state: mut persisted,
+            state,
         } = snapshot;
-        let mut owners: BTreeMap<String, PersistedOwner> = persisted
-            .owners
-            .drain(..)
-            .map(|o| (o.vm.uuid.clone(), o))
-            .collect();
-        // The highest version seen per lock, by key: a journal names every grant of a VM on each
-        // of its lines, so a search of a list per grant made 10,000 recovered grants cost 50 ms.
-        let mut versions: HashMap<LockKey, (String, u64)> = persisted
-            .versions
-            .drain(..)
-            .map(|(key, uuid, version)| (key, (uuid, version)))
-            .collect();
+        let mut recorded = Recorded::from_persisted(state);
         let mut seq = snapshot_seq;
         for change in changes {
             if change.seq != 0 && change.seq <= snapshot_seq {
                 continue; // already in the snapshot
             }
             seq = seq.max(change.seq);
-            match change.owner {
-                Some(o) => {
-                    for (key, _, _, version) in &o.grants {
-                        match versions.get_mut(key) {
-                            Some((_, seen)) if *seen >= *version => {}
-                            Some(v) => *v = (o.vm.uuid.clone(), *version),
-                            None => {
-                                versions.insert(*key, (o.vm.uuid.clone(), *version));
-                            }
-                        }
-                    }
-                    owners.insert(change.uuid, o);
-                }
-                None => {
-                    owners.remove(&change.uuid);
-                }
-            }
+            recorded.apply(&change.uuid, change.owner.map(Arc::new));
         }
-        persisted.owners = owners.into_values().collect();
-        persisted.versions = versions
-            .into_iter()
-            .map(|(key, (uuid, version))| (key, uuid, version))
-            .collect();
-        persisted.versions.sort_by_key(|(key, _, _)| *key);
+        let persisted = recorded.into_persisted();
         let journals = [
             Arc::new(open_journal(&paths[0])?),
             Arc::new(open_journal(&paths[1])?),
@@ -209,8 +239,7 @@ impl Store {
                 lines: 0,
                 snapshot_pending: false,
                 missed: None,
-                owners: BTreeMap::new(),
-                versions: HashMap::new(),
+                recorded: Recorded::default(),
             },
             persisted,
         ))
@@ -224,45 +253,13 @@ impl Store {
         self.seq += 1;
         self.lines += 1;
         let owner = owner.map(Arc::new);
-        self.mirror(uuid, owner.clone());
+        self.recorded.apply(uuid, owner.clone());
         JournalLine {
             uuid: uuid.to_owned(),
             owner,
             seq: self.seq,
             journal: Arc::clone(&self.journals[self.current]),
         }
-    }
-
-    /// Applies one line to the entries a snapshot is taken from, as the replay does.
-    fn mirror(&mut self, uuid: &str, owner: Option<Arc<PersistedOwner>>) {
-        let Some(owner) = owner else {
-            self.owners.remove(uuid);
-            return;
-        };
-        for (key, _, _, version) in &owner.grants {
-            match self.versions.get_mut(key) {
-                Some((_, seen)) if *seen >= *version => {}
-                Some(entry) => *entry = (Arc::from(uuid), *version),
-                None => {
-                    self.versions.insert(*key, (Arc::from(uuid), *version));
-                }
-            }
-        }
-        self.owners.insert(uuid.to_owned(), owner);
-    }
-
-    /// Makes `full` (the table at start) what snapshots are taken from.
-    fn reset(&mut self, full: Persisted) {
-        self.owners = full
-            .owners
-            .into_iter()
-            .map(|o| (o.vm.uuid.clone(), Arc::new(o)))
-            .collect();
-        self.versions = full
-            .versions
-            .into_iter()
-            .map(|(key, uuid, version)| (key, (Arc::from(uuid.as_str()), version)))
-            .collect();
     }
 
     /// The append of line `seq` failed: the journals lack it until a snapshot holding it is
@@ -283,8 +280,9 @@ impl Store {
         if self.snapshot_pending {
             return None;
         }
-        let owners = self.owners.values().cloned().collect();
+        let owners = self.recorded.owners.values().cloned().collect();
         let versions = self
+            .recorded
             .versions
             .iter()
             .map(|(key, (uuid, version))| (*key, Arc::clone(uuid), *version))
@@ -321,7 +319,7 @@ impl Store {
     /// empty journal. Otherwise (a crash during a snapshot left lines in both journals) it is
     /// written now and both are emptied, before anything else appends.
     pub fn start_snapshot(&mut self, full: Persisted) -> Option<PendingSnapshot> {
-        self.reset(full);
+        self.recorded = Recorded::from_persisted(full);
         let next_is_empty = self.journals[1 - self.current]
             .metadata()
             .is_ok_and(|m| m.len() == 0);
@@ -336,7 +334,7 @@ impl Store {
     /// Writes a full snapshot now and empties both journals (at start, before anything else
     /// appends).
     pub fn snapshot_now(&mut self, full: Persisted) {
-        self.reset(full);
+        self.recorded = Recorded::from_persisted(full);
         self.write_now();
     }
 
